@@ -1,0 +1,178 @@
+"""The `untrac-ray` command line: it parses, calls the runner, and prints. Nothing more."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from untrac_ray.errors import UntracError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Trace which training datasets shaped a language model's behaviour (UnTrac on Ray).",
+)
+err_console = Console(stderr=True)
+out_console = Console()
+
+JobFile = Annotated[Path, typer.Argument(help="the job spec (YAML)", show_default=False)]
+TrackingUri = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+                 "then the spec's tracking.uri, then sqlite:///mlflow.db)"),
+]
+Address = Annotated[
+    str | None,
+    typer.Option("--address", help="Ray cluster address (default: the spec's, else local Ray)"),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+
+@app.callback()
+def _quiet_libraries() -> None:
+    """Keep library chatter (download bars, store migrations) off the terminal."""
+    import logging
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _fail(err: Exception) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+class _CliReporter:
+    """Progress bars on stderr: training steps, then finished influence cells with an ETA."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+            TimeRemainingColumn(), console=err_console, disable=quiet, transient=False,
+        )
+        self._train = None
+        self._cells = None
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def stage(self, message: str) -> None:
+        if not self.quiet:
+            self.progress.console.print(f"[cyan]>[/] {message}", highlight=False)
+
+    def training_step(self, step: int, total: int, loss: float) -> None:
+        if self._train is None:
+            self._train = self.progress.add_task("training", total=total, info="")
+        self.progress.update(self._train, completed=step, info=f"loss {loss:.3f}")
+
+    def cells_started(self, total: int) -> None:
+        self._cells = self.progress.add_task("influence cells", total=total, info="")
+
+    def cells_done(self, count: int, result) -> None:
+        task = result.task
+        self.progress.update(self._cells, advance=count,
+                             info=f"{task.method}:{task.forget} {result.seconds:.1f}s")
+
+
+def _print_matrices(outcome) -> None:
+    from untrac_ray.results import matrix
+
+    train = list(dict.fromkeys(outcome.table["train_set"]))
+    test = list(dict.fromkeys(outcome.table["test_set"]))
+    for method in dict.fromkeys(outcome.table["method"]):
+        mat = matrix(outcome.table, method, train=train, test=test)
+        table = Table(title=f"{method} at step {mat.attrs['step']}")
+        table.add_column("train \\ test")
+        for t in test:
+            table.add_column(t, justify="right")
+        bound = float(abs(mat.to_numpy()).max()) or 1.0
+        for name, row in mat.iterrows():
+            cells = []
+            for v in row:
+                style = "red" if v > 0.25 * bound else "blue" if v < -0.25 * bound else ""
+                cells.append(f"[{style}]{v:+.4f}[/]" if style else f"{v:+.4f}")
+            table.add_row(str(name), *cells)
+        out_console.print(table)
+    out_console.print("influence = loss after - loss before: positive means the training set "
+                      "helped the model fit the test set")
+
+
+@app.command()
+def validate(job: JobFile) -> None:
+    """Check a job spec and print it resolved (paths absolute, defaults filled in)."""
+    from untrac_ray.spec import load_spec
+
+    try:
+        spec = load_spec(job)
+    except UntracError as err:
+        raise _fail(err) from None
+    sys.stdout.write(spec.to_yaml())
+
+
+@app.command()
+def train(job: JobFile, quiet: Quiet = False) -> None:
+    """Train the job's base model on its training datasets and save it (save_pretrained)."""
+    from untrac_ray.runner import prepare_data, train_model_for
+    from untrac_ray.spec import load_spec
+
+    try:
+        spec = load_spec(job)
+        with _CliReporter(quiet) as reporter:
+            reporter.stage("loading and tokenizing datasets")
+            data = prepare_data(spec)
+            folder = train_model_for(spec, data, reporter)
+    except UntracError as err:
+        raise _fail(err) from None
+    out_console.print(f"model saved to {folder}")
+
+
+@app.command()
+def run(
+    job: JobFile,
+    tracking_uri: TrackingUri = None,
+    address: Address = None,
+    quiet: Quiet = False,
+) -> None:
+    """Run a job: train or reuse the base model, unlearn on Ray actors, log to MLflow."""
+    from untrac_ray.runner import run_job
+    from untrac_ray.spec import load_spec
+
+    try:
+        spec = load_spec(job)
+        with _CliReporter(quiet) as reporter:
+            outcome = run_job(spec, tracking_uri, address, reporter)
+    except UntracError as err:
+        raise _fail(err) from None
+    _print_matrices(outcome)
+    out_console.print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}", highlight=False)
+
+
+if __name__ == "__main__":
+    app()

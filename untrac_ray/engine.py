@@ -1,0 +1,187 @@
+"""Placing work on Ray: a pool of actors, each owning one Workbench, fed tasks as they free up.
+
+The base weights and the tokenized datasets go into Ray's object store once; every actor reads
+them (zero-copy on its node) and keeps its own model. The same code runs on an embedded local
+Ray and on a cluster address.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+
+from untrac_ray.errors import UntracError
+from untrac_ray.modeling import SharedWeights
+from untrac_ray.spec import ResourcesSpec
+from untrac_ray.tokenization import TokenizedSet
+from untrac_ray.workbench import Task, TaskResult, Workbench
+
+
+def ensure_ray(resources: ResourcesSpec, address: str | None = None) -> bool:
+    """Connect to a cluster or start an embedded local Ray; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    address = address or resources.address
+    kwargs: dict[str, Any] = {"logging_level": "ERROR", "configure_logging": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        mem = resources.object_store_memory_mb
+        ray.init(
+            num_cpus=resources.local_cpus or os.cpu_count(),
+            object_store_memory=mem * 2**20 if mem else None,
+            include_dashboard=False,
+            **kwargs,
+        )
+    return True
+
+
+def plan_pool_size(
+    resources: ResourcesSpec, cluster: dict[str, float], max_useful: int
+) -> int:
+    """How many actors to start: the spec's number, else one per GPU (or CPU slot) in `cluster`.
+
+    Never more than `max_useful` (the most tasks that can run at once) and never fewer than one.
+    """
+    if resources.num_actors is not None:
+        n = resources.num_actors
+    elif resources.gpus_per_actor > 0:
+        n = math.floor(cluster.get("GPU", 0) / resources.gpus_per_actor + 1e-9)
+        if n == 0:
+            raise UntracError(
+                f"resources.gpus_per_actor: the job asks for {resources.gpus_per_actor} GPU per "
+                "actor but the Ray cluster has no GPU"
+            )
+    else:
+        n = math.floor(cluster.get("CPU", 1) / resources.cpus_per_actor + 1e-9)
+    return max(1, min(n, max_useful))
+
+
+@ray.remote
+class WorkbenchActor:
+    """A Ray actor around one Workbench; it builds its model from the shared weights once."""
+
+    def __init__(
+        self,
+        refs: dict[str, Any],
+        pad_id: int,
+        eval_indices: dict[str, np.ndarray],
+        eval_batch_size: int,
+        threads: int,
+    ) -> None:
+        torch.set_num_threads(threads)
+        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        # Refs come nested in a dict, so Ray hands them over unresolved and a restarted actor
+        # reads them again from the object store (the driver keeps them alive).
+        weights: SharedWeights = ray.get(refs["weights"])
+        names = list(refs["datasets"])
+        tables = ray.get([refs["datasets"][n] for n in names])
+        datasets = {n: TokenizedSet.from_table(n, t, pad_id) for n, t in zip(names, tables)}
+        self.bench = Workbench(weights, datasets, eval_indices, eval_batch_size, device)
+        self.label = f"{ray.get_runtime_context().get_node_id()[:8]}/pid{os.getpid()}/{device}"
+
+    def run(self, task: Task) -> TaskResult:
+        result = self.bench.run(task)
+        result.worker = self.label
+        return result
+
+
+class Engine:
+    """A pool of WorkbenchActors. Use as a context manager; `map` runs tasks over the pool."""
+
+    def __init__(
+        self,
+        resources: ResourcesSpec,
+        weights: SharedWeights,
+        tables: dict[str, pa.Table],
+        pad_id: int,
+        eval_indices: dict[str, np.ndarray],
+        eval_batch_size: int,
+        max_useful_actors: int,
+    ) -> None:
+        self.resources = resources
+        weights_ref = ray.put(weights)
+        dataset_refs = {name: ray.put(table) for name, table in tables.items()}
+        self.size = plan_pool_size(resources, ray.cluster_resources(), max_useful_actors)
+        threads = max(1, int(resources.cpus_per_actor))
+        options = {
+            "num_cpus": resources.cpus_per_actor,
+            "num_gpus": resources.gpus_per_actor,
+            "max_restarts": resources.max_retries,
+            "max_task_retries": resources.max_retries,
+        }
+        if resources.gpus_per_actor > 0:
+            options["scheduling_strategy"] = "SPREAD"
+        self._make_actor = lambda: WorkbenchActor.options(**options).remote(
+            {"weights": weights_ref, "datasets": dataset_refs}, pad_id, eval_indices,
+            eval_batch_size, threads,
+        )
+        self.actors = [self._make_actor() for _ in range(self.size)]
+        self._refs = [weights_ref, *dataset_refs.values()]
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Kill the actors and release the shared objects."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        self._refs = []
+
+    def map(
+        self, tasks: Sequence[Task], on_result: Callable[[TaskResult], None] | None = None
+    ) -> list[TaskResult]:
+        """Run tasks on the pool as actors free up; results in the order of `tasks`.
+
+        A task whose actor dies is retried by Ray (max_retries); a task that raises an
+        UntracError (such as a NaN loss) stops the run with that error. Results already
+        returned were handed to on_result and are kept.
+        """
+        results: list[TaskResult | None] = [None] * len(tasks)
+        pending = deque(range(len(tasks)))
+        idle = list(self.actors)
+        inflight: dict[ray.ObjectRef, tuple[int, Any]] = {}
+        while pending or inflight:
+            while idle and pending:
+                index = pending.popleft()
+                actor = idle.pop()
+                inflight[actor.run.remote(tasks[index])] = (index, actor)
+            (ready,), _ = ray.wait(list(inflight), num_returns=1)
+            index, actor = inflight.pop(ready)
+            try:
+                result = ray.get(ready)
+            except RayTaskError as err:
+                cause = err.cause
+                if isinstance(cause, UntracError):
+                    raise type(cause)(str(cause)) from None
+                raise UntracError(f"task {describe(tasks[index])} failed: {cause!r}") from None
+            except RayActorError as err:
+                raise UntracError(
+                    f"task {describe(tasks[index])} failed: its actor died "
+                    f"{self.resources.max_retries + 1} times ({str(err).splitlines()[0]})"
+                ) from None
+            results[index] = result
+            if on_result is not None:
+                on_result(result)
+            idle.append(actor)
+        return results  # type: ignore[return-value]
+
+
+def describe(task: Task) -> str:
+    """A short name for a task in messages."""
+    if hasattr(task, "forget"):
+        return f"{task.method}:{task.forget}"
+    return "base-eval:" + ",".join(task.datasets)

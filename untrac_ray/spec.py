@@ -1,0 +1,327 @@
+"""The job spec: one YAML file, validated on load, the single source of truth for a job.
+
+Relative paths in a spec are resolved against the folder of the spec file, so a job runs the
+same from any working directory (and on a cluster, where the file travels with its data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from untrac_ray.errors import SpecError
+
+Optimizer = Literal["adam", "sgd", "adafactor"]
+MethodName = Literal["untrac", "untrac_inv"]
+METHODS: tuple[str, ...] = ("untrac", "untrac_inv")
+DATA_FORMATS = ("csv", "jsonl", "parquet", "hf_disk")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+def is_uri(path: str) -> bool:
+    """True for remote sources such as s3://bucket/key (opened through pyarrow's filesystems)."""
+    return "://" in path
+
+
+class TokenizerSpec(_Strict):
+    """Which tokenizer to use: a byte-level one built in code (no download), or a local folder."""
+
+    kind: Literal["byte", "pretrained"] = "byte"
+    path: str | None = None
+    max_length: int = Field(128, gt=1, description="longest prompt+target row, in tokens")
+    block_size: int = Field(128, gt=1, description="length of packed blocks for text rows")
+
+    @model_validator(mode="after")
+    def _path_for_pretrained(self) -> TokenizerSpec:
+        if self.kind == "pretrained" and not self.path:
+            raise ValueError("kind 'pretrained' needs a path to a local tokenizer folder")
+        return self
+
+
+class TrainingSpec(_Strict):
+    """How the base model is trained on the job's training datasets (`untrac-ray train`)."""
+
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    output_dir: str | None = Field(
+        None, description="where to save the model; default: the cache, keyed by spec hash"
+    )
+
+
+class ModelSpec(_Strict):
+    """The model under study: a local Hugging Face folder, or a config to train from scratch."""
+
+    path: str | None = None
+    config: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of 'path' (a local model folder) or 'config'")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("config needs a 'model_type' (for example gpt2)")
+        return self
+
+
+class DatasetSpec(_Strict):
+    """One named dataset: where its rows come from and what kind of rows they are."""
+
+    name: str = Field(min_length=1)
+    source: str = Field(min_length=1, description="CSV, JSON Lines, Parquet or a datasets folder")
+    format: Literal["csv", "jsonl", "parquet", "hf_disk"] | None = None
+    kind: Literal["text", "prompt_target"] = "prompt_target"
+    subset: str | None = Field(None, description="keep rows whose subset_column equals this")
+    subset_column: str = "dataset"
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    target_column: str = "target"
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if name != name.strip() or "/" in name:
+            raise ValueError(f"name {name!r} must not contain '/' or surrounding spaces")
+        return name
+
+    def resolved_format(self) -> str:
+        """The format given, or the one the source's suffix implies."""
+        if self.format:
+            return self.format
+        lower = self.source.lower().rstrip("/")
+        for suffix, fmt in ((".csv", "csv"), (".jsonl", "jsonl"), (".json", "jsonl"),
+                            (".parquet", "parquet"), (".pq", "parquet")):
+            if lower.endswith(suffix):
+                return fmt
+        if not is_uri(self.source) and Path(self.source).is_dir():
+            return "hf_disk"
+        raise ValueError(
+            f"cannot tell the format of {self.source!r}; set format to one of "
+            + ", ".join(DATA_FORMATS)
+        )
+
+
+class DataSpec(_Strict):
+    train: list[DatasetSpec] = Field(min_length=1)
+    test: list[DatasetSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DataSpec:
+        for role in ("train", "test"):
+            seen: set[str] = set()
+            for ds in getattr(self, role):
+                if ds.name in seen:
+                    raise ValueError(f"{role} dataset name {ds.name!r} is used twice")
+                seen.add(ds.name)
+        both = {d.name for d in self.train} & {d.name for d in self.test}
+        if both:
+            raise ValueError(
+                f"dataset name {sorted(both)[0]!r} is used in both train and test; "
+                "give each dataset its own name"
+            )
+        return self
+
+
+class UnlearnSpec(_Strict):
+    """Gradient-ascent settings of one method (the unlearning loop in unlearning.py)."""
+
+    optimizer: Optimizer = "adam"
+    learning_rate: float = Field(5e-5, ge=0)
+    batch_size: int = Field(1, gt=0)
+    micro_batch_size: int | None = Field(None, gt=0, description="split batches to save memory")
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
+    max_grad_norm: float | None = Field(None, gt=0)
+    eval_steps: list[int] | None = Field(None, description="steps at which to evaluate")
+    eval_every: int | None = Field(None, gt=0)
+    seed: int = 0
+
+    @field_validator("eval_steps")
+    @classmethod
+    def _positive_steps(cls, steps: list[int] | None) -> list[int] | None:
+        if steps is not None:
+            if not steps:
+                raise ValueError("eval_steps must not be empty")
+            if any(s <= 0 for s in steps):
+                raise ValueError("eval_steps must be positive step numbers")
+        return steps
+
+    def total_steps(self, n_rows: int) -> int:
+        """Optimizer steps for a dataset of n_rows: max_steps, else epochs over the rows."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return self.epochs * math.ceil(n_rows / self.batch_size)
+
+    def resolved_eval_steps(self, n_rows: int) -> list[int]:
+        """The sorted steps to evaluate at (never beyond the last step, which is always in)."""
+        total = self.total_steps(n_rows)
+        steps: set[int] = {total}
+        if self.eval_steps:
+            steps.update(s for s in self.eval_steps if s <= total)
+        if self.eval_every:
+            steps.update(range(self.eval_every, total + 1, self.eval_every))
+        return sorted(steps)
+
+
+class MethodsSpec(_Strict):
+    """The methods to run, each with its own unlearning settings."""
+
+    untrac: UnlearnSpec | None = None
+    untrac_inv: UnlearnSpec | None = None
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> MethodsSpec:
+        if not self.enabled():
+            raise ValueError("name at least one method: " + ", ".join(METHODS))
+        return self
+
+    def enabled(self) -> dict[str, UnlearnSpec]:
+        """The requested methods by name, in a fixed order."""
+        return {m: getattr(self, m) for m in METHODS if getattr(self, m) is not None}
+
+
+class EvaluationSpec(_Strict):
+    batch_size: int = Field(32, gt=0)
+    max_examples: int | None = Field(256, gt=0, description="examples sampled per evaluated set")
+    seed: int = 0
+
+
+class ResourcesSpec(_Strict):
+    address: str | None = Field(None, description="Ray cluster address; none = embedded local Ray")
+    num_actors: int | None = Field(None, gt=0, description="default: one per GPU or CPU slot")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    local_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded local Ray")
+    object_store_memory_mb: int | None = Field(None, gt=0)
+    max_retries: int = Field(2, ge=0, description="restarts of a dead actor and its task")
+
+
+class TrackingSpec(_Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db")
+    experiment: str = "untrac-ray"
+
+
+class JobSpec(_Strict):
+    """A whole job. Load it with `load_spec`."""
+
+    name: str = Field(min_length=1)
+    model: ModelSpec
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    training: TrainingSpec = TrainingSpec()
+    data: DataSpec
+    methods: MethodsSpec
+    evaluation: EvaluationSpec = EvaluationSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    cache_dir: str | None = Field(
+        None, description="trained models and tokenized data; default ./.untrac-ray"
+    )
+
+    def model_key(self) -> str:
+        """Hash of everything that decides the trained base model (model, tokenizer, data)."""
+        return spec_hash(
+            self.model.model_dump(),
+            self.tokenizer.model_dump(),
+            self.training.model_dump(exclude={"output_dir"}),
+            [ds.model_dump() for ds in self.data.train],
+            [file_fingerprint(ds.source) for ds in self.data.train],
+        )
+
+    def to_yaml(self) -> str:
+        """The resolved spec (absolute paths, defaults filled in) as YAML."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def spec_hash(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_fingerprint(source: str) -> str:
+    """Content hash of a local file or folder (size and mtime for large ones); URIs as given."""
+    path = Path(source)
+    if is_uri(source) or not path.exists():
+        return source
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        digest.update(str(f.relative_to(path.parent)).encode())
+        if stat.st_size <= 64 * 2**20:
+            digest.update(f.read_bytes())
+        else:
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and e["type"] not in ("model_type",) and not isinstance(
+            e["input"], dict | list
+        ):
+            msg = f"{msg} (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}")
+    return f"{origin}: " + "; ".join(parts)
+
+
+def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
+    def absolute(p: str | None) -> str | None:
+        if p is None or is_uri(p) or Path(p).is_absolute():
+            return p
+        return str((base / p).resolve())
+
+    spec.model.path = absolute(spec.model.path)
+    if spec.tokenizer.path:
+        spec.tokenizer.path = absolute(spec.tokenizer.path)
+    spec.training.output_dir = absolute(spec.training.output_dir)
+    spec.cache_dir = absolute(spec.cache_dir) or str(Path.cwd() / ".untrac-ray")
+    for ds in [*spec.data.train, *spec.data.test]:
+        ds.source = absolute(ds.source) or ds.source
+    return spec
+
+
+def parse_spec(raw: Any, origin: str = "job spec", base_dir: Path | None = None) -> JobSpec:
+    """Validate a spec given as a mapping; raise SpecError naming each bad key."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{origin}: expected a mapping of keys at the top level")
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_format_validation_error(err, origin)) from None
+    if base_dir is not None:
+        spec = _resolve_paths(spec, base_dir)
+    return spec
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a job YAML file. Relative paths in it are taken from its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"job file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    return parse_spec(raw, origin=str(path), base_dir=path.resolve().parent)

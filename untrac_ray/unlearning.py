@@ -1,0 +1,105 @@
+"""The unlearning loop: gradient ascent on one dataset, with a callback at evaluation steps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from untrac_ray.errors import NonFiniteLossError
+from untrac_ray.modeling import token_loss_sum
+from untrac_ray.spec import UnlearnSpec
+from untrac_ray.tokenization import TokenizedSet
+
+
+def make_optimizer(
+    name: str, params, learning_rate: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """adam / adamw / sgd from torch, adafactor from transformers (constant learning rate)."""
+    params = [p for p in params if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate, weight_decay=weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params, lr=learning_rate, scale_parameter=False, relative_step=False,
+            warmup_init=False, weight_decay=weight_decay,
+        )
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def batch_schedule(n_rows: int, batch_size: int, total_steps: int, seed: int) -> Iterator[np.ndarray]:
+    """Row indices of each step: seeded shuffles of the rows, epoch after epoch."""
+    rng = np.random.default_rng(seed)
+    step = 0
+    while True:
+        order = rng.permutation(n_rows)
+        for start in range(0, n_rows, batch_size):
+            if step == total_steps:
+                return
+            yield order[start : start + batch_size]
+            step += 1
+
+
+def ascent_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: TokenizedSet,
+    rows: np.ndarray,
+    micro_batch_size: int | None,
+    max_grad_norm: float | None,
+    device: torch.device | str,
+) -> float:
+    """One optimizer step that *raises* the mean token loss of `rows`; returns that loss."""
+    optimizer.zero_grad(set_to_none=True)
+    micro = micro_batch_size or len(rows)
+    chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
+    batches = [data.batch(c, device) for c in chunks]
+    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    total = 0.0
+    for batch in batches:
+        loss_sum, _ = token_loss_sum(model, batch)
+        (-loss_sum / max(n_tokens, 1)).backward()
+        total += float(loss_sum.detach())
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    return total / max(n_tokens, 1)
+
+
+def unlearn(
+    model: torch.nn.Module,
+    data: TokenizedSet,
+    settings: UnlearnSpec,
+    on_eval: Callable[[int], None],
+    device: torch.device | str = "cpu",
+) -> None:
+    """Gradient ascent on `data`; calls on_eval(step) after each of the settings' eval steps.
+
+    Raises NonFiniteLossError naming the dataset and step when the loss stops being finite.
+    """
+    torch.manual_seed(settings.seed)
+    total = settings.total_steps(len(data))
+    eval_steps = set(settings.resolved_eval_steps(len(data)))
+    optimizer = make_optimizer(settings.optimizer, model.parameters(), settings.learning_rate)
+    model.train()
+    schedule = batch_schedule(len(data), settings.batch_size, total, settings.seed)
+    for step, rows in enumerate(schedule, start=1):
+        loss = ascent_step(
+            model, optimizer, data, rows, settings.micro_batch_size, settings.max_grad_norm, device
+        )
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss} while unlearning dataset {data.name!r} at step {step}; "
+                "lower the learning rate or set max_grad_norm"
+            )
+        if step in eval_steps:
+            on_eval(step)
+    model.eval()
