@@ -85,7 +85,9 @@ class WorkbenchActor:
         weights: SharedWeights = ray.get(refs["weights"])
         names = list(refs["datasets"])
         tables = ray.get([refs["datasets"][n] for n in names])
-        datasets = {n: TokenizedSet.from_table(n, t, pad_id) for n, t in zip(names, tables)}
+        datasets = {
+            n: TokenizedSet.from_table(n, t, pad_id) for n, t in zip(names, tables, strict=True)
+        }
         self.bench = Workbench(weights, datasets, eval_indices, eval_batch_size, device)
         self.label = f"{ray.get_runtime_context().get_node_id()[:8]}/pid{os.getpid()}/{device}"
 

@@ -1,4 +1,4 @@
-"""Models: built from a config or loaded from a local folder; weights as NumPy for the object store."""
+"""Models: built from a config or loaded from a folder; weights as NumPy for the object store."""
 
 from __future__ import annotations
 
@@ -73,7 +73,9 @@ def load_model(path: str) -> PreTrainedModel:
     """A causal LM from a local folder, in float32."""
     check_model_folder(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, local_files_only=True
+        )
     except Exception as err:  # noqa: BLE001
         raise ModelError(f"model.path: cannot load a causal LM from {path}: {err}") from None
 

@@ -46,7 +46,7 @@ def trajectory(table: pd.DataFrame, method: str, train: list[str], test: list[st
     cols = min(3, len(test))
     nrows = math.ceil(len(test) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
-    for ax, test_set in zip(axes.flat, test):
+    for ax, test_set in zip(axes.flat, test, strict=False):
         part = rows[rows["test_set"] == test_set]
         for train_set in train:
             line = part[part["train_set"] == train_set].sort_values("step")

@@ -35,7 +35,9 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def batch_schedule(n_rows: int, batch_size: int, total_steps: int, seed: int) -> Iterator[np.ndarray]:
+def batch_schedule(
+    n_rows: int, batch_size: int, total_steps: int, seed: int
+) -> Iterator[np.ndarray]:
     """Row indices of each step: seeded shuffles of the rows, epoch after epoch."""
     rng = np.random.default_rng(seed)
     step = 0
