@@ -27,6 +27,9 @@ class EvalTask:
 
     datasets: tuple[str, ...]
 
+    def run(self, bench: Workbench) -> dict[int, dict[str, float]]:
+        return {0: bench.evaluate(self.datasets)}
+
 
 @dataclass(frozen=True)
 class UnlearnTask:
@@ -39,6 +42,22 @@ class UnlearnTask:
     forget: str
     evaluate: tuple[str, ...]
     settings: UnlearnSpec
+
+    def run(self, bench: Workbench) -> dict[int, dict[str, float]]:
+        losses: dict[int, dict[str, float]] = {}
+
+        def record(step: int) -> None:
+            at_step = bench.evaluate(self.evaluate)
+            bad = [name for name, value in at_step.items() if not math.isfinite(value)]
+            if bad:
+                raise NonFiniteLossError(
+                    f"loss on {', '.join(bad)} became non-finite after unlearning dataset "
+                    f"{self.forget!r} to step {step}; lower the learning rate"
+                )
+            losses[step] = at_step
+
+        unlearn(bench.model, bench.datasets[self.forget], self.settings, record, bench.device)
+        return losses
 
 
 Task = EvalTask | UnlearnTask
@@ -93,20 +112,5 @@ class Workbench:
         """Run one task from the base weights and return its losses."""
         start = time.perf_counter()
         self.reset()
-        result = TaskResult(task=task)
-        if isinstance(task, EvalTask):
-            result.losses[0] = self.evaluate(task.datasets)
-        else:
-            def record(step: int) -> None:
-                losses = self.evaluate(task.evaluate)
-                bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
-                if bad:
-                    raise NonFiniteLossError(
-                        f"loss on {', '.join(bad)} became non-finite after unlearning dataset "
-                        f"{task.forget!r} to step {step}; lower the learning rate"
-                    )
-                result.losses[step] = losses
-
-            unlearn(self.model, self.datasets[task.forget], task.settings, record, self.device)
-        result.seconds = time.perf_counter() - start
-        return result
+        losses = task.run(self)
+        return TaskResult(task=task, losses=losses, seconds=time.perf_counter() - start)

@@ -1,0 +1,72 @@
+"""Job spec: validation on load, errors that name the key and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from untrac_ray.errors import SpecError
+from untrac_ray.spec import UnlearnSpec, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_job_validates_with_paths_resolved():
+    spec = load_spec(ROOT / "jobs" / "synthetic_a.yaml")
+    assert [d.name for d in spec.data.train] == ["SimSame", "SimDiff", "DisSame", "DisDiff"]
+    assert Path(spec.data.train[0].source).is_file()
+    assert list(spec.methods.enabled()) == ["untrac", "untrac_inv"]
+
+
+def _error(make_job, override) -> str:
+    with pytest.raises(SpecError) as info:
+        load_spec(make_job(override))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_optimizer_names_the_key(make_job):
+    msg = _error(make_job, {"methods": {"untrac": {"optimizer": "rmsprop"}}})
+    assert "methods.untrac.optimizer" in msg and "rmsprop" in msg and "adafactor" in msg
+
+
+def test_dataset_name_used_twice(make_job, tmp_path):
+    spec = yaml.safe_load(make_job().read_text())
+    spec["data"]["train"][1]["name"] = spec["data"]["train"][0]["name"]
+    (tmp_path / "dup.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError, match="'add_one' is used twice"):
+        load_spec(tmp_path / "dup.yaml")
+
+
+def test_unknown_and_missing_keys(make_job):
+    assert "unknown key" in _error(make_job, {"methods": {"untrac": {"lr": 0.1}}})
+    assert "methods.untrac.lr" in _error(make_job, {"methods": {"untrac": {"lr": 0.1}}})
+    assert "data: required key is missing" in _error(make_job, {"data": None})
+
+
+def test_model_needs_exactly_one_source(make_job):
+    msg = _error(make_job, {"model": {"path": "somewhere"}})
+    assert "model" in msg and "exactly one" in msg
+
+
+def test_negative_learning_rate_and_empty_eval_steps(make_job):
+    assert "learning_rate" in _error(make_job, {"methods": {"untrac": {"learning_rate": -1}}})
+    assert "eval_steps" in _error(make_job, {"methods": {"untrac": {"eval_steps": []}}})
+
+
+def test_missing_job_file_and_bad_yaml(tmp_path):
+    with pytest.raises(SpecError, match="job file not found"):
+        load_spec(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+
+
+def test_eval_steps_resolution():
+    s = UnlearnSpec(batch_size=4, epochs=1, eval_every=3, eval_steps=[2, 99])
+    assert s.total_steps(10) == 3
+    assert s.resolved_eval_steps(10) == [2, 3]
+    assert UnlearnSpec(max_steps=7, eval_every=5).resolved_eval_steps(1000) == [5, 7]
