@@ -51,8 +51,9 @@ class UnlearnTask:
             bad = [name for name, value in at_step.items() if not math.isfinite(value)]
             if bad:
                 raise NonFiniteLossError(
-                    f"loss on {', '.join(bad)} became non-finite after unlearning dataset "
-                    f"{self.forget!r} to step {step}; lower the learning rate"
+                    f"loss on {', '.join(bad)} became non-finite while unlearning dataset "
+                    f"{self.forget!r} at step {step}; lower the learning rate or set "
+                    "max_grad_norm"
                 )
             losses[step] = at_step
 
