@@ -21,7 +21,7 @@ def heatmap(table: pd.DataFrame, method: str, train: list[str], test: list[str])
     mat = matrix(table, method, train=train, test=test)
     values = mat.to_numpy(dtype=float)
     bound = float(np.nanmax(np.abs(values))) or 1.0
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(test), 1.2 + 0.55 * len(train)))
+    fig, ax = plt.subplots(figsize=(3.2 + 1.1 * len(test), 1.6 + 0.55 * len(train)))
     image = ax.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
     ax.set_xticks(range(len(test)), test, rotation=30, ha="right")
     ax.set_yticks(range(len(train)), train)
@@ -45,12 +45,14 @@ def trajectory(table: pd.DataFrame, method: str, train: list[str], test: list[st
     rows = table[table["method"] == method]
     cols = min(3, len(test))
     nrows = math.ceil(len(test) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols + 1.8, 3.2 * nrows + 0.5),
+                             squeeze=False, layout="constrained")
     for ax, test_set in zip(axes.flat, test, strict=False):
         part = rows[rows["test_set"] == test_set]
         for train_set in train:
             line = part[part["train_set"] == train_set].sort_values("step")
-            ax.plot(line["step"], line["influence"], marker="o", markersize=3, label=train_set)
+            steps = [0, *line["step"]]  # every trajectory starts at the base model: zero
+            ax.plot(steps, [0.0, *line["influence"]], marker="o", markersize=3, label=train_set)
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_title(f"test set: {test_set}")
         ax.set_xlabel("unlearning step")
@@ -58,7 +60,6 @@ def trajectory(table: pd.DataFrame, method: str, train: list[str], test: list[st
     for ax in list(axes.flat)[len(test):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, title="training set", loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.legend(handles, labels, title="training set", loc="outside right center")
     fig.suptitle(f"{METHOD_TITLES.get(method, method)}: influence along unlearning")
-    fig.tight_layout()
     return fig

@@ -1,0 +1,52 @@
+"""The tidy influence table, its matrices and the figures drawn from it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from untrac_ray import plots
+from untrac_ray.results import influence_rows, influence_table, matrix
+from untrac_ray.spec import UnlearnSpec
+from untrac_ray.workbench import TaskResult, UnlearnTask
+
+TRAIN, TEST = ["a", "b", "c"], ["x", "y"]
+BASE = {"a": 1.0, "b": 2.0, "c": 3.0, "x": 10.0, "y": 20.0}
+
+
+def _table():
+    s = UnlearnSpec()
+    rows = []
+    for k, name in enumerate(TRAIN):  # UnTrac: forget a training set, evaluate test sets
+        losses = {step: {"x": 10.0 + k + step, "y": 20.0 - k * step} for step in (1, 2)}
+        rows += influence_rows(TaskResult(UnlearnTask("untrac", name, tuple(TEST), s), losses),
+                               BASE)
+    for j, name in enumerate(TEST):  # UnTrac-Inv: forget a test set, evaluate training sets
+        losses = {5: {t: BASE[t] + 0.1 * (i + 1) * (j + 1) for i, t in enumerate(TRAIN)}}
+        rows += influence_rows(TaskResult(UnlearnTask("untrac_inv", name, tuple(TRAIN), s),
+                                          losses), BASE)
+    return influence_table(rows, TRAIN, TEST)
+
+
+def test_cells_are_indexed_by_train_and_test_set_for_both_methods():
+    table = _table()
+    untrac = matrix(table, "untrac", 2, TRAIN, TEST)
+    assert untrac.loc["c", "x"] == pytest.approx(2 + 2) and untrac.loc["c", "y"] == -4
+    inv = matrix(table, "untrac_inv", None, TRAIN, TEST)
+    assert inv.attrs["step"] == 5
+    assert inv.loc["b", "y"] == pytest.approx(0.1 * 2 * 2)
+    assert list(inv.index) == TRAIN and list(inv.columns) == TEST
+    with pytest.raises(KeyError, match="no step 7"):
+        matrix(table, "untrac", 7)
+
+
+def test_heatmap_draws_exactly_the_matrix_and_trajectory_a_line_per_training_set():
+    table = _table()
+    fig = plots.heatmap(table, "untrac", TRAIN, TEST)
+    assert np.array_equal(fig.heatmap_values, matrix(table, "untrac", 2, TRAIN, TEST).to_numpy())
+    assert np.array_equal(fig.axes[0].images[0].get_array(), fig.heatmap_values)
+    fig = plots.trajectory(table, "untrac", TRAIN, TEST)
+    panels = [ax for ax in fig.axes if ax.lines]
+    assert len(panels) == len(TEST)
+    first = panels[0].get_lines()[: len(TRAIN)]
+    assert [list(line.get_xdata()) for line in first] == [[0, 1, 2]] * 3
