@@ -37,6 +37,7 @@ def ensure_ray(resources: ResourcesSpec, address: str | None = None) -> bool:
     else:
         mem = resources.object_store_memory_mb
         ray.init(
+            address="local",  # always a new embedded instance, even if `ray start` ran here
             num_cpus=resources.local_cpus or os.cpu_count(),
             object_store_memory=mem * 2**20 if mem else None,
             include_dashboard=False,
