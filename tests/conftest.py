@@ -100,7 +100,7 @@ def tracking_uri(tmp_path: Path) -> str:
 def ray_cluster():
     """A real local Ray cluster with 2 CPUs, started once for the whole test session."""
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20,
-                 logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 object_store_memory=300 * 2**20, logging_level="ERROR")
     yield ray
     ray.shutdown()

@@ -69,7 +69,7 @@ def engine_inputs(make_job):
     config = config_from_dict(spec.model.config, len(data.tokenizer), data.tokenizer.eos_token_id)
     weights = SharedWeights.from_model(build_model(config, seed=0))
     indices = {n: sample_indices(data.tables[n].num_rows, None, 0) for n in data.tables}
-    return spec, data, weights, indices
+    return spec, data, {"base": weights}, indices
 
 
 def test_a_task_whose_actor_dies_is_retried_and_finished_tasks_are_kept(

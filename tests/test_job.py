@@ -150,7 +150,7 @@ class CountingReporter(Reporter):
     def __init__(self) -> None:
         self.tasks: list[str] = []
 
-    def cells_done(self, count, result) -> None:
+    def task_done(self, result, cells) -> None:
         self.tasks.append(f"{result.task.method}:{result.task.forget}")
 
 

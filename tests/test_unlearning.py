@@ -20,7 +20,7 @@ def bench(make_job) -> Workbench:
     weights = SharedWeights.from_model(build_model(config, seed=0))
     sets = {name: data.tokenized(name) for name in data.tables}
     indices = {name: sample_indices(len(s), None, 0) for name, s in sets.items()}
-    return Workbench(weights, sets, indices, eval_batch_size=16)
+    return Workbench({"base": weights}, sets, indices, eval_batch_size=16)
 
 
 def test_gradient_ascent_raises_the_loss_of_the_unlearned_set(bench):

@@ -88,17 +88,23 @@ class _CliReporter:
             self.progress.console.print(f"[cyan]>[/] {message}", highlight=False)
 
     def training_step(self, step: int, total: int, loss: float) -> None:
-        if self._train is None:
+        if self._train is None or step == 1:  # a new training run (pretraining, then base)
             self._train = self.progress.add_task("training", total=total, info="")
         self.progress.update(self._train, completed=step, info=f"loss {loss:.3f}")
 
-    def cells_started(self, total: int) -> None:
-        self._cells = self.progress.add_task("influence cells", total=total, info="")
+    def work_started(self, tasks: int, cells: int) -> None:
+        self._cells_total, self._cells_done = cells, 0
+        self._cells = self.progress.add_task("tasks", total=tasks, info="")
 
-    def cells_done(self, count: int, result) -> None:
-        task = result.task
-        self.progress.update(self._cells, advance=count,
-                             info=f"{task.method}:{task.forget} {result.seconds:.1f}s")
+    def task_done(self, result, cells: int) -> None:
+        from untrac_ray.engine import describe
+
+        self._cells_done += cells
+        self.progress.update(
+            self._cells, advance=1,
+            info=f"cells {self._cells_done}/{self._cells_total}  {describe(result.task)} "
+                 f"{result.seconds:.1f}s",
+        )
 
 
 def _print_matrices(outcome) -> None:
@@ -120,8 +126,26 @@ def _print_matrices(outcome) -> None:
                 cells.append(f"[{style}]{v:+.4f}[/]" if style else f"{v:+.4f}")
             table.add_row(str(name), *cells)
         out_console.print(table)
-    out_console.print("influence = loss after - loss before: positive means the training set "
-                      "helped the model fit the test set")
+    out_console.print("influence: positive means the training set helped the model fit the "
+                      "test set (UnTrac, UnTrac-Inv, LDO: loss after - loss before)")
+    if outcome.score_summary is not None:
+        _print_scores(outcome.score_summary)
+
+
+def _print_scores(summary) -> None:
+    """Method x score against the ground truth, at each method's best step (marked)."""
+    table = Table(title="correlation with leave-dataset-out (ground truth)")
+    for col in ("method", "best step *", "pearson (mean over tests)", "spearman (mean)",
+                "pearson (all cells)", "last step", "pearson at last step"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    order = summary.sort_values("pearson_mean", ascending=False, na_position="last")
+    for r in order.itertuples():
+        table.add_row(r.method, f"{r.best_step}*", f"{r.pearson_mean:+.3f}",
+                      f"{r.spearman_mean:+.3f}", f"{r.pearson_all_cells:+.3f}",
+                      str(r.last_step), f"{r.pearson_mean_last:+.3f}")
+    out_console.print(table)
+    out_console.print("* the unlearning step with the best mean Pearson correlation "
+                      "(0 for methods without steps)")
 
 
 @app.command()
@@ -163,16 +187,22 @@ def run(
     """Run a job: train or reuse the base model, unlearn on Ray actors, log to MLflow."""
     from untrac_ray.runner import run_job
     from untrac_ray.spec import load_spec
+    from untrac_ray.submission import submission_tags
 
     try:
         spec = load_spec(job)
         with _CliReporter(quiet) as reporter:
-            outcome = run_job(spec, tracking_uri, address, reporter)
+            # Inside a Ray job, the run is tagged with its submission id.
+            outcome = run_job(spec, tracking_uri, address, reporter, tags=submission_tags())
     except UntracError as err:
         raise _fail(err) from None
     _print_matrices(outcome)
     out_console.print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}", highlight=False)
 
+
+from untrac_ray.cli_cluster import register as _register_cluster_commands  # noqa: E402
+
+_register_cluster_commands(app)  # submit, status, logs, stop, jobs
 
 if __name__ == "__main__":
     app()

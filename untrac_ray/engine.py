@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,8 +22,9 @@ from ray.exceptions import RayActorError, RayTaskError
 from untrac_ray.errors import UntracError
 from untrac_ray.modeling import SharedWeights
 from untrac_ray.spec import ResourcesSpec
+from untrac_ray.tasks import Task
 from untrac_ray.tokenization import TokenizedSet
-from untrac_ray.workbench import Task, TaskResult, Workbench
+from untrac_ray.workbench import TaskResult, Workbench
 
 
 def ensure_ray(resources: ResourcesSpec, address: str | None = None) -> bool:
@@ -67,6 +68,25 @@ def plan_pool_size(
     return max(1, min(n, max_useful))
 
 
+class _ObjectStoreWeights(Mapping):
+    """Weight sets read from Ray's object store on first use (zero-copy on the node)."""
+
+    def __init__(self, refs: dict[str, ray.ObjectRef]) -> None:
+        self._refs = refs
+        self._loaded: dict[str, SharedWeights] = {}
+
+    def __getitem__(self, name: str) -> SharedWeights:
+        if name not in self._loaded:
+            self._loaded[name] = ray.get(self._refs[name])
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+
 @ray.remote
 class WorkbenchActor:
     """A Ray actor around one Workbench; it builds its model from the shared weights once."""
@@ -83,7 +103,7 @@ class WorkbenchActor:
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         # Refs come nested in a dict, so Ray hands them over unresolved and a restarted actor
         # reads them again from the object store (the driver keeps them alive).
-        weights: SharedWeights = ray.get(refs["weights"])
+        weights = _ObjectStoreWeights(refs["weights"])
         names = list(refs["datasets"])
         tables = ray.get([refs["datasets"][n] for n in names])
         datasets = {
@@ -104,7 +124,7 @@ class Engine:
     def __init__(
         self,
         resources: ResourcesSpec,
-        weights: SharedWeights,
+        weights: dict[str, SharedWeights],
         tables: dict[str, pa.Table],
         pad_id: int,
         eval_indices: dict[str, np.ndarray],
@@ -112,7 +132,9 @@ class Engine:
         max_useful_actors: int,
     ) -> None:
         self.resources = resources
-        weights_ref = ray.put(weights)
+        # Each weight set goes into the object store once, even when several names share it.
+        by_id = {id(w): ray.put(w) for w in weights.values()}
+        weight_refs = {name: by_id[id(w)] for name, w in weights.items()}
         dataset_refs = {name: ray.put(table) for name, table in tables.items()}
         self.size = plan_pool_size(resources, ray.cluster_resources(), max_useful_actors)
         threads = max(1, int(resources.cpus_per_actor))
@@ -125,11 +147,11 @@ class Engine:
         if resources.gpus_per_actor > 0:
             options["scheduling_strategy"] = "SPREAD"
         self._make_actor = lambda: WorkbenchActor.options(**options).remote(
-            {"weights": weights_ref, "datasets": dataset_refs}, pad_id, eval_indices,
+            {"weights": weight_refs, "datasets": dataset_refs}, pad_id, eval_indices,
             eval_batch_size, threads,
         )
         self.actors = [self._make_actor() for _ in range(self.size)]
-        self._refs = [weights_ref, *dataset_refs.values()]
+        self._refs = [*by_id.values(), *dataset_refs.values()]
 
     def __enter__(self) -> Engine:
         return self
@@ -176,6 +198,7 @@ class Engine:
                     f"task {describe(tasks[index])} failed: its actor died "
                     f"{self.resources.max_retries + 1} times ({str(err).splitlines()[0]})"
                 ) from None
+            result.index = index
             results[index] = result
             if on_result is not None:
                 on_result(result)
@@ -187,4 +210,10 @@ def describe(task: Task) -> str:
     """A short name for a task in messages."""
     if hasattr(task, "forget"):
         return f"{task.method}:{task.forget}"
-    return "base-eval:" + ",".join(task.datasets)
+    if hasattr(task, "left_out"):
+        return f"ldo:{task.left_out or '(all)'}:seed{task.seed}"
+    if hasattr(task, "dataset"):
+        return f"gradient:{task.dataset}@{task.weights}"
+    if hasattr(task, "datasets"):
+        return "base-eval:" + ",".join(task.datasets)
+    return type(task).__name__

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from untrac_ray.modeling import token_loss_sum
+from untrac_ray.modeling import token_losses
 from untrac_ray.tokenization import TokenizedSet
 
 
@@ -18,6 +18,28 @@ def sample_indices(n_rows: int, max_examples: int | None, seed: int) -> np.ndarr
 
 
 @torch.no_grad()
+def row_losses(
+    model: torch.nn.Module,
+    data: TokenizedSet,
+    indices: np.ndarray,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> tuple[float, np.ndarray]:
+    """The mean loss over all labelled tokens of the rows `indices` (not a mean of batches),
+    and each row's own mean token loss."""
+    was_training = model.training
+    model.eval()
+    sums, counts = [], []
+    for start in range(0, len(indices), batch_size):
+        s, c = token_losses(model, data.batch(indices[start : start + batch_size], device))
+        sums.append(s.double().cpu())
+        counts.append(c.cpu())
+    model.train(was_training)
+    total, count = torch.cat(sums), torch.cat(counts)
+    mean = float(total.sum() / max(int(count.sum()), 1))
+    return mean, (total / count.clamp(min=1)).numpy()
+
+
 def mean_loss(
     model: torch.nn.Module,
     data: TokenizedSet,
@@ -25,13 +47,5 @@ def mean_loss(
     batch_size: int,
     device: torch.device | str = "cpu",
 ) -> float:
-    """Mean cross-entropy over all labelled tokens of the rows `indices` (not a mean of batches)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(indices), batch_size):
-        loss, n = token_loss_sum(model, data.batch(indices[start : start + batch_size], device))
-        total += float(loss)
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
+    """Mean cross-entropy over all labelled tokens of the rows `indices`."""
+    return row_losses(model, data, indices, batch_size, device)[0]

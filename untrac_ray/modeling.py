@@ -117,15 +117,21 @@ def load_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
             p.copy_(torch.as_tensor(arrays[name]))
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-    """Sum of next-token cross-entropies over labelled tokens, and how many there were."""
+def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """Per row: the sum of next-token cross-entropies over labelled tokens, and their count."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
     logits = logits[:, :-1]
-    loss = F.cross_entropy(
+    losses = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(),
         labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, int((labels != IGNORE_INDEX).sum())
+        reduction="none",
+    ).view(labels.shape)
+    return losses.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """Sum of next-token cross-entropies over labelled tokens, and how many there were."""
+    sums, counts = token_losses(model, batch)
+    return sums.sum(), int(counts.sum())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from untrac_ray.workbench import TaskResult, UnlearnTask
@@ -62,3 +63,31 @@ def matrix(
         out = out.reindex(columns=test)
     out.attrs["step"] = step
     return out
+
+
+def top_examples(
+    base_rows: dict[str, np.ndarray],
+    after_rows: dict[str, dict[str, np.ndarray]],
+    indices: dict[str, np.ndarray],
+    decode,
+    top: int,
+    method: str = "untrac_inv",
+) -> pd.DataFrame:
+    """The drill-down of UnTrac-Inv: per (training set, test set), the training rows whose loss
+    rose most when the test set was unlearned.
+
+    base_rows[train] and after_rows[test][train] hold per-row losses of the evaluated rows
+    `indices[train]`; `decode(train, row)` gives a row's text.
+    """
+    out = []
+    for test_set, by_train in after_rows.items():
+        for train_set, after in by_train.items():
+            change = after - base_rows[train_set]
+            order = np.argsort(-change, kind="stable")[:top]
+            for rank, i in enumerate(order, start=1):
+                row = int(indices[train_set][i])
+                out.append({"method": method, "train_set": train_set, "test_set": test_set,
+                            "rank": rank, "row": row, "text": decode(train_set, row),
+                            "loss_change": float(change[i])})
+    return pd.DataFrame(out, columns=["method", "train_set", "test_set", "rank", "row", "text",
+                                      "loss_change"])

@@ -18,8 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from untrac_ray.errors import SpecError
 
 Optimizer = Literal["adam", "sgd", "adafactor"]
-MethodName = Literal["untrac", "untrac_inv"]
-METHODS: tuple[str, ...] = ("untrac", "untrac_inv")
+METHODS: tuple[str, ...] = ("untrac", "untrac_inv", "ldo", "graddot", "gradcos", "tracin", "ekfac")
+UNLEARNING_METHODS = ("untrac", "untrac_inv")
+GROUND_TRUTH = "ldo"
+KRONFLUENCE_INSTALL = (
+    "pip install --no-deps kronfluence==1.0.1 && pip install accelerate einops einconv opt-einsum"
+)
 DATA_FORMATS = ("csv", "jsonl", "parquet", "hf_disk")
 
 
@@ -59,9 +63,18 @@ class TrainingSpec(_Strict):
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
+    checkpoints: list[int] | None = Field(None, description="steps whose weights are kept")
+    checkpoint_every: int | None = Field(None, gt=0)
     output_dir: str | None = Field(
         None, description="where to save the model; default: the cache, keyed by spec hash"
     )
+
+    def checkpoint_steps(self, total_steps: int) -> list[int]:
+        """Steps at which `train` keeps a checkpoint (for TracIn), within the run."""
+        steps = set(s for s in (self.checkpoints or []) if 0 < s <= total_steps)
+        if self.checkpoint_every:
+            steps.update(range(self.checkpoint_every, total_steps + 1, self.checkpoint_every))
+        return sorted(steps)
 
 
 class ModelSpec(_Strict):
@@ -69,6 +82,14 @@ class ModelSpec(_Strict):
 
     path: str | None = None
     config: dict[str, Any] | None = None
+    finetune: bool = Field(
+        False, description="fine-tune the model at `path` on the training sets before study"
+    )
+
+    @property
+    def trained_by_job(self) -> bool:
+        """True when the studied model is trained by untrac-ray (so it can be retrained: LDO)."""
+        return self.config is not None or self.finetune
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -178,11 +199,56 @@ class UnlearnSpec(_Strict):
         return sorted(steps)
 
 
+class LdoSpec(_Strict):
+    """Leave-dataset-out retraining, the ground truth: one retraining per training set and seed."""
+
+    seeds: list[int] | None = Field(
+        None, description="training seeds; the ground truth is the mean over them "
+        "(default: training.seed)", min_length=1,
+    )
+    keep_models: bool = Field(False, description="save the retrained models")
+
+
+class GradientSpec(_Strict):
+    """GradDot, GradCos and TracIn: dataset-level gradients accumulated over batches."""
+
+    batch_size: int = Field(32, gt=0)
+
+
+class EkfacSpec(_Strict):
+    """Influence functions with EK-FAC (kronfluence)."""
+
+    strategy: Literal["ekfac", "kfac", "diagonal", "identity"] = "ekfac"
+    damping: float | None = Field(None, gt=0, description="default: kronfluence's heuristic")
+    batch_size: int = Field(16, gt=0)
+    max_train_examples: int | None = Field(
+        None, gt=0, description="rows per training set scored (default: all)"
+    )
+
+
 class MethodsSpec(_Strict):
-    """The methods to run, each with its own unlearning settings."""
+    """The methods to run, each with its own settings."""
 
     untrac: UnlearnSpec | None = None
     untrac_inv: UnlearnSpec | None = None
+    ldo: LdoSpec | None = None
+    graddot: GradientSpec | None = None
+    gradcos: GradientSpec | None = None
+    tracin: GradientSpec | None = None
+    ekfac: EkfacSpec | None = None
+
+    @field_validator("ekfac")
+    @classmethod
+    def _kronfluence_installed(cls, value: EkfacSpec | None) -> EkfacSpec | None:
+        if value is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("kronfluence") is None:
+                raise ValueError(
+                    "method ekfac needs the kronfluence library, which is not installed; "
+                    f"install it without its dependencies: {KRONFLUENCE_INSTALL}"
+                )
+        return value
 
     @model_validator(mode="after")
     def _at_least_one(self) -> MethodsSpec:
@@ -190,15 +256,20 @@ class MethodsSpec(_Strict):
             raise ValueError("name at least one method: " + ", ".join(METHODS))
         return self
 
-    def enabled(self) -> dict[str, UnlearnSpec]:
+    def enabled(self) -> dict[str, Any]:
         """The requested methods by name, in a fixed order."""
         return {m: getattr(self, m) for m in METHODS if getattr(self, m) is not None}
+
+    def estimates(self) -> list[str]:
+        """The requested methods other than the ground truth."""
+        return [m for m in self.enabled() if m != GROUND_TRUTH]
 
 
 class EvaluationSpec(_Strict):
     batch_size: int = Field(32, gt=0)
     max_examples: int | None = Field(256, gt=0, description="examples sampled per evaluated set")
     seed: int = 0
+    top_examples: int = Field(10, ge=0, description="drill-down rows kept per cell (UnTrac-Inv)")
 
 
 class ResourcesSpec(_Strict):
@@ -209,6 +280,22 @@ class ResourcesSpec(_Strict):
     local_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded local Ray")
     object_store_memory_mb: int | None = Field(None, gt=0)
     max_retries: int = Field(2, ge=0, description="restarts of a dead actor and its task")
+
+
+class PretrainingSpec(_Strict):
+    """A general stage before the training mixture (run once, cached): the base model and the
+    leave-dataset-out retrainings all start from its result, as the paper's start from a
+    pretrained model."""
+
+    data: list[DatasetSpec] = Field(min_length=1)
+    training: TrainingSpec = TrainingSpec()
+
+
+class GroundTruthSpec(_Strict):
+    """An earlier run whose `ldo` matrix is the ground truth for this job's estimates."""
+
+    run_id: str = Field(min_length=1)
+    tracking_uri: str | None = Field(None, description="default: this job's tracking URI")
 
 
 class TrackingSpec(_Strict):
@@ -222,9 +309,11 @@ class JobSpec(_Strict):
     name: str = Field(min_length=1)
     model: ModelSpec
     tokenizer: TokenizerSpec = TokenizerSpec()
+    pretraining: PretrainingSpec | None = None
     training: TrainingSpec = TrainingSpec()
     data: DataSpec
     methods: MethodsSpec
+    ground_truth: GroundTruthSpec | None = None
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourcesSpec = ResourcesSpec()
     tracking: TrackingSpec = TrackingSpec()
@@ -232,9 +321,41 @@ class JobSpec(_Strict):
         None, description="trained models and tokenized data; default ./.untrac-ray"
     )
 
+    @model_validator(mode="after")
+    def _methods_fit_the_model(self) -> JobSpec:
+        enabled = self.methods.enabled()
+        for method in ("ldo", "tracin"):
+            if method in enabled and not self.model.trained_by_job:
+                raise ValueError(
+                    f"methods.{method}: needs a model that this job trains (model.config, or "
+                    "model.path with finetune: true) so that it can retrain or checkpoint it"
+                )
+        has_checkpoints = self.training.checkpoints or self.training.checkpoint_every
+        if "tracin" in enabled and not has_checkpoints:
+            raise ValueError(
+                "methods.tracin: needs training checkpoints: set training.checkpoints or "
+                "training.checkpoint_every"
+            )
+        if self.pretraining is not None and self.model.config is None:
+            raise ValueError("pretraining: only for a model built from model.config")
+        if self.ground_truth is not None and "ldo" in enabled:
+            raise ValueError("ground_truth: the job computes ldo itself; give one or the other")
+        return self
+
+    def pretrain_key(self) -> str:
+        """Hash of what decides the pretrained starting point (model, tokenizer, pretraining)."""
+        assert self.pretraining is not None
+        return spec_hash(
+            self.model.model_dump(), self.tokenizer.model_dump(),
+            self.pretraining.training.model_dump(exclude={"output_dir"}),
+            [ds.model_dump() for ds in self.pretraining.data],
+            [file_fingerprint(ds.source) for ds in self.pretraining.data],
+        )
+
     def model_key(self) -> str:
         """Hash of everything that decides the trained base model (model, tokenizer, data)."""
         return spec_hash(
+            self.pretrain_key() if self.pretraining else None,
             self.model.model_dump(),
             self.tokenizer.model_dump(),
             self.training.model_dump(exclude={"output_dir"}),
@@ -297,7 +418,8 @@ def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
         spec.tokenizer.path = absolute(spec.tokenizer.path)
     spec.training.output_dir = absolute(spec.training.output_dir)
     spec.cache_dir = absolute(spec.cache_dir) or str(Path.cwd() / ".untrac-ray")
-    for ds in [*spec.data.train, *spec.data.test]:
+    pretraining = spec.pretraining.data if spec.pretraining else []
+    for ds in [*spec.data.train, *spec.data.test, *pretraining]:
         ds.source = absolute(ds.source) or ds.source
     return spec
 

@@ -141,16 +141,35 @@ class JobRun:
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
+    def log_scores(self, scores: pd.DataFrame, summary: pd.DataFrame) -> None:
+        """Correlations with the ground truth: metrics per step, tables, best-score tag."""
+        now = int(time.time() * 1000)
+        metrics = []
+        for r in scores.itertuples():
+            name = {"__mean__": "mean", "__all__": "all"}.get(r.test_set, r.test_set)
+            for stat in ("pearson", "spearman"):
+                value = getattr(r, stat)
+                if value == value:  # not NaN
+                    metrics.append(Metric(metric_key("score", r.method, f"{stat}_{name}"),
+                                          float(value), now, int(r.step)))
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+        self.log_table(scores, "scores")
+        self.log_table(summary, "score_summary")
+        best = ",".join(f"{r.method}={r.pearson_mean:.3f}" for r in summary.itertuples())
+        self.set_tag("best_pearson", best)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
     def log_table(self, table: pd.DataFrame, stem: str) -> None:
-        """A table as Parquet and CSV artifacts."""
+        """A table as Parquet and CSV artifacts (stem may hold a folder: examples/top)."""
+        folder, name = os.path.split(stem)
         with tempfile.TemporaryDirectory() as tmp:
-            table.to_parquet(Path(tmp, f"{stem}.parquet"), index=False)
-            table.to_csv(Path(tmp, f"{stem}.csv"), index=False)
-            self.client.log_artifact(self.run_id, str(Path(tmp, f"{stem}.parquet")))
-            self.client.log_artifact(self.run_id, str(Path(tmp, f"{stem}.csv")))
+            for suffix, write in ((".parquet", table.to_parquet), (".csv", table.to_csv)):
+                path = Path(tmp, name + suffix)
+                write(path, index=False)
+                self.client.log_artifact(self.run_id, str(path), folder or None)
 
     def log_figure(self, fig, artifact_file: str) -> None:
         import matplotlib.pyplot as plt

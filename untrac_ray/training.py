@@ -35,19 +35,32 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def total_training_steps(sets: list[TokenizedSet], cfg: TrainingSpec) -> int:
+    """Optimizer steps of a training run over `sets`: max_steps, else epochs over all rows."""
+    n_rows = sum(len(s) for s in sets)
+    return cfg.max_steps or cfg.epochs * math.ceil(n_rows / cfg.batch_size)
+
+
 def train_model(
     model: PreTrainedModel,
     sets: list[TokenizedSet],
     cfg: TrainingSpec,
     on_step: Callable[[int, int, float], None] | None = None,
+    device: torch.device | str = "cpu",
+    on_checkpoint: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train on the union of `sets` (rows shuffled together); returns the loss of every step."""
+    """Train on the union of `sets` (rows shuffled together); returns the loss of every step.
+
+    on_checkpoint(step, learning_rate) is called after each of cfg's checkpoint steps, with the
+    learning rate that step used (TracIn weighs checkpoints by it).
+    """
     torch.manual_seed(cfg.seed)
     sizes = [len(s) for s in sets]
     owners = np.repeat(np.arange(len(sets)), sizes)  # global row -> set
     local = np.concatenate([np.arange(n) for n in sizes])  # global row -> row in its set
     n_rows = int(sum(sizes))
-    total = cfg.max_steps or cfg.epochs * math.ceil(n_rows / cfg.batch_size)
+    total = total_training_steps(sets, cfg)
+    checkpoints = set(cfg.checkpoint_steps(total)) if on_checkpoint else set()
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.learning_rate,
                                cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -58,7 +71,7 @@ def train_model(
     for step, rows in enumerate(batch_schedule(n_rows, cfg.batch_size, total, cfg.seed), 1):
         optimizer.zero_grad(set_to_none=True)
         parts = [(sets[k], local[rows[owners[rows] == k]]) for k in np.unique(owners[rows])]
-        batches = [data.batch(idx) for data, idx in parts]
+        batches = [data.batch(idx, device) for data, idx in parts]
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         total_loss = 0.0
         for batch in batches:
@@ -70,9 +83,12 @@ def train_model(
             raise NonFiniteLossError(f"training loss became {loss} at step {step}")
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        used_lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         losses.append(loss)
+        if step in checkpoints:
+            on_checkpoint(step, used_lr)
         if on_step is not None:
             on_step(step, total, loss)
     model.eval()
@@ -96,31 +112,106 @@ def find_trained_model(spec: JobSpec) -> Path | None:
     return None
 
 
+def pretrained_dir(spec: JobSpec) -> Path:
+    """Where the general pretraining stage's model is cached."""
+    return Path(spec.cache_dir, "pretrained", f"{spec.name}-{spec.pretrain_key()}")
+
+
+def ensure_pretrained(
+    spec: JobSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> Path:
+    """The model after the spec's pretraining stage: trained once, then reused from the cache."""
+    from untrac_ray.tokenization import tokenized_dataset
+
+    assert spec.pretraining is not None
+    folder = pretrained_dir(spec)
+    record = folder / TRAIN_RECORD
+    if has_weights(folder) and record.is_file():
+        if json.loads(record.read_text()).get("model_key") == spec.pretrain_key():
+            return folder
+    sets = [
+        TokenizedSet.from_table(
+            ds.name, tokenized_dataset(ds, tokenizer, spec.tokenizer, spec.cache_dir),
+            tokenizer.pad_token_id,
+        )
+        for ds in spec.pretraining.data
+    ]
+    config = config_from_dict(spec.model.config, len(tokenizer), tokenizer.eos_token_id)
+    model = build_model(config, seed=spec.pretraining.training.seed)
+    _train_and_save(model, sets, spec.pretraining.training, folder, tokenizer,
+                    spec.pretrain_key(), spec.name, on_step)
+    return folder
+
+
+def initial_model(
+    spec: JobSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> PreTrainedModel:
+    """The weights training starts from: the pretrained stage, the model folder (finetune), or
+    a fresh initialisation from the config with `seed`. Leave-dataset-out starts from here too."""
+    if spec.pretraining is not None:
+        return load_model(str(ensure_pretrained(spec, tokenizer, on_step)))
+    if spec.model.config is None:
+        return load_model(spec.model.path)
+    config = config_from_dict(spec.model.config, len(tokenizer), tokenizer.eos_token_id)
+    return build_model(config, seed=seed)
+
+
+def _train_and_save(
+    model: PreTrainedModel,
+    sets: list[TokenizedSet],
+    cfg: TrainingSpec,
+    folder: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    key: str,
+    job: str,
+    on_step: Callable[[int, int, float], None] | None,
+) -> dict:
+    """Train, save the model, its tokenizer, its checkpoints and a record of the run."""
+    start = time.perf_counter()
+    checkpoints: list[dict] = []
+
+    def keep(step: int, lr: float) -> None:
+        path = folder / "checkpoints" / f"step-{step}"
+        model.save_pretrained(path)
+        checkpoints.append({"step": step, "learning_rate": lr, "path": str(path)})
+
+    losses = train_model(model, sets, cfg, on_step, on_checkpoint=keep)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    record = {
+        "model_key": key,
+        "job": job,
+        "steps": len(losses),
+        "final_loss": float(np.mean(losses[-10:])),
+        "seconds": time.perf_counter() - start,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "checkpoints": checkpoints,
+    }
+    (folder / TRAIN_RECORD).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def read_train_record(folder: str | Path) -> dict:
+    """What `train` recorded about a model folder (steps, loss, checkpoints), or {}."""
+    record = Path(folder, TRAIN_RECORD)
+    return json.loads(record.read_text()) if record.is_file() else {}
+
+
 def train_base_model(
     spec: JobSpec,
     tokenizer: PreTrainedTokenizerBase,
     train_sets: list[TokenizedSet],
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> Path:
-    """Train the job's model (from its config, or continue from its folder) and save it."""
-    if spec.model.config is not None:
-        config = config_from_dict(spec.model.config, len(tokenizer), tokenizer.eos_token_id)
-        model = build_model(config, seed=spec.training.seed)
-    else:
-        model = load_model(spec.model.path)
-    start = time.perf_counter()
-    losses = train_model(model, train_sets, spec.training, on_step)
+    """Train the job's model on its training sets from its initial weights, and save it."""
+    model = initial_model(spec, tokenizer, spec.training.seed, on_step)
     folder = trained_model_dir(spec)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    record = {
-        "model_key": spec.model_key(),
-        "job": spec.name,
-        "steps": len(losses),
-        "final_loss": float(np.mean(losses[-10:])),
-        "seconds": time.perf_counter() - start,
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    (folder / TRAIN_RECORD).write_text(json.dumps(record, indent=2))
+    _train_and_save(model, train_sets, spec.training, folder, tokenizer, spec.model_key(),
+                    spec.name, on_step)
     return folder

@@ -1,117 +1,89 @@
-"""The unit of work of every method, in plain PyTorch: reset the model, unlearn, evaluate.
+"""Where tasks run, in plain PyTorch: one model, the shared weight sets and the datasets.
 
-A `Workbench` holds one model, its pristine weights and the tokenized datasets. The Ray actors
-in engine.py each own one; the benchmark's bare loop uses one directly. Nothing here knows Ray.
+The Ray actors in engine.py each own one Workbench; tests and the benchmark's bare loop use
+one directly. Nothing here knows Ray.
 """
 
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from untrac_ray.errors import NonFiniteLossError
-from untrac_ray.evaluation import mean_loss
+from untrac_ray.evaluation import row_losses
 from untrac_ray.modeling import SharedWeights, load_arrays
-from untrac_ray.spec import UnlearnSpec
+from untrac_ray.tasks import BASE, EvalTask, Output, Task, UnlearnTask
 from untrac_ray.tokenization import TokenizedSet
-from untrac_ray.unlearning import unlearn
 
-
-@dataclass(frozen=True)
-class EvalTask:
-    """Evaluate the unmodified model on some datasets (the base losses)."""
-
-    datasets: tuple[str, ...]
-
-    def run(self, bench: Workbench) -> dict[int, dict[str, float]]:
-        return {0: bench.evaluate(self.datasets)}
-
-
-@dataclass(frozen=True)
-class UnlearnTask:
-    """Unlearn dataset `forget` and evaluate `evaluate` at each of the settings' eval steps.
-
-    UnTrac forgets a training set and evaluates the test sets; UnTrac-Inv the other way round.
-    """
-
-    method: str
-    forget: str
-    evaluate: tuple[str, ...]
-    settings: UnlearnSpec
-
-    def run(self, bench: Workbench) -> dict[int, dict[str, float]]:
-        losses: dict[int, dict[str, float]] = {}
-
-        def record(step: int) -> None:
-            at_step = bench.evaluate(self.evaluate)
-            bad = [name for name, value in at_step.items() if not math.isfinite(value)]
-            if bad:
-                raise NonFiniteLossError(
-                    f"loss on {', '.join(bad)} became non-finite while unlearning dataset "
-                    f"{self.forget!r} at step {step}; lower the learning rate or set "
-                    "max_grad_norm"
-                )
-            losses[step] = at_step
-
-        unlearn(bench.model, bench.datasets[self.forget], self.settings, record, bench.device)
-        return losses
-
-
-Task = EvalTask | UnlearnTask
+__all__ = ["EvalTask", "UnlearnTask", "TaskResult", "Workbench"]
 
 
 @dataclass
 class TaskResult:
-    """Losses a task measured: step -> dataset -> mean loss (step 0 for base losses)."""
+    """A task and what it measured: losses[step][dataset] (step 0: no unlearning), per-row
+    losses for the drill-down, or a payload such as a gradient."""
 
     task: Task
     losses: dict[int, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
     worker: str = ""
+    row_losses: dict[str, np.ndarray] | None = None
+    payload: Any = None
+    index: int = -1  # position in the list of tasks given to Engine.map
 
 
 class Workbench:
-    """One model plus the datasets, able to run any task from the shared weights."""
+    """One model plus the datasets, able to run any task from any shared weight set.
+
+    `weights` maps names to SharedWeights ("base" is the model under study; others are the
+    initial weights of leave-dataset-out retraining and training checkpoints). It may be lazy:
+    the actor reads a set from Ray's object store the first time a task asks for it.
+    """
 
     def __init__(
         self,
-        weights: SharedWeights,
+        weights: Mapping[str, SharedWeights],
         datasets: dict[str, TokenizedSet],
         eval_indices: dict[str, np.ndarray],
         eval_batch_size: int,
         device: torch.device | str = "cpu",
     ) -> None:
         self.device = torch.device(device)
-        self.model = weights.build(self.device)
+        self.weights = weights
+        self.model = weights[BASE].build(self.device)
         self.model.eval()
-        # Keep a pristine copy on the device: resetting is a copy_, not a reload.
+        # Keep a pristine copy of the base weights on the device: resetting is a copy_.
         self.pristine = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.datasets = datasets
         self.eval_indices = eval_indices
         self.eval_batch_size = eval_batch_size
 
-    def reset(self) -> None:
-        """Put the shared base weights back into the model."""
-        load_arrays(self.model, self.pristine)
+    def reset(self, weights: str = BASE) -> None:
+        """Load a shared weight set into the model (the base set from the device copy)."""
+        load_arrays(self.model, self.pristine if weights == BASE else self.weights[weights].arrays)
         self.model.zero_grad(set_to_none=True)
+        self.model.eval()
 
-    def evaluate(self, names: tuple[str, ...]) -> dict[str, float]:
-        """Mean loss of the current model on each named dataset's evaluation rows."""
-        return {
-            name: mean_loss(
+    def evaluate(
+        self, names: tuple[str, ...], per_row: bool = False
+    ) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
+        """Mean loss of the current model on each named dataset's evaluation rows (and, with
+        per_row, each row's loss)."""
+        means, rows = {}, {}
+        for name in names:
+            means[name], rows[name] = row_losses(
                 self.model, self.datasets[name], self.eval_indices[name],
                 self.eval_batch_size, self.device,
             )
-            for name in names
-        }
+        return means, (rows if per_row else None)
 
     def run(self, task: Task) -> TaskResult:
-        """Run one task from the base weights and return its losses."""
+        """Run one task (it resets the model to the weight set it needs) and time it."""
         start = time.perf_counter()
-        self.reset()
-        losses = task.run(self)
-        return TaskResult(task=task, losses=losses, seconds=time.perf_counter() - start)
+        out: Output = task.run(self)
+        return TaskResult(task=task, losses=out.losses, seconds=time.perf_counter() - start,
+                          row_losses=out.row_losses, payload=out.payload)

@@ -1,0 +1,151 @@
+"""Each method as tasks to run and a rule to turn their results into influence cells.
+
+A `MethodPlan` holds a method's tasks and its `assemble` function; the runner pools the tasks
+of all methods on the engine and hands each plan back its results. Every method yields rows of
+the same tidy table (method, step, train_set, test_set, influence, loss_before, loss_after).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from untrac_ray.results import influence_rows
+from untrac_ray.spec import JobSpec
+from untrac_ray.tasks import BASE, EkfacTask, GradientTask, LdoTask, Task, UnlearnTask
+from untrac_ray.workbench import TaskResult
+
+Assemble = Callable[[list[TaskResult], dict[str, float]], list[dict]]
+
+
+@dataclass
+class MethodPlan:
+    """The tasks of one or more methods and how to turn their results into table rows."""
+
+    methods: list[str]
+    tasks: list[Task]
+    assemble: Assemble
+    extras: dict = field(default_factory=dict)  # side results (LDO per seed, drill-down)
+
+
+def _cell(method, step, train, test, influence, before=np.nan, after=np.nan) -> dict:
+    return {"method": method, "step": step, "train_set": train, "test_set": test,
+            "influence": float(influence), "loss_before": float(before),
+            "loss_after": float(after)}
+
+
+def plan_unlearning(spec: JobSpec, method: str, train: list[str], test: list[str]) -> MethodPlan:
+    """UnTrac: one task per training set; UnTrac-Inv: one per test set (with drill-down)."""
+    settings = spec.methods.enabled()[method]
+    inverse = method == "untrac_inv"
+    forget, evaluate = (test, train) if inverse else (train, test)
+    tasks = [UnlearnTask(method, name, tuple(evaluate), settings, per_row=inverse)
+             for name in forget]
+
+    def assemble(results: list[TaskResult], base: dict[str, float]) -> list[dict]:
+        rows: list[dict] = []
+        for r in results:
+            rows += influence_rows(r, base)
+        return rows
+
+    return MethodPlan([method], tasks, assemble)
+
+
+def plan_ldo(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
+    """Leave-dataset-out: per seed, one training on all sets and one without each set."""
+    seeds = spec.methods.ldo.seeds or [spec.training.seed]
+    tasks = [LdoTask(left_out, tuple(train), tuple(test), spec.training, seed)
+             for seed in seeds for left_out in [None, *train]]
+    plan = MethodPlan(["ldo"], tasks, lambda results, base: [])
+
+    def assemble(results: list[TaskResult], base: dict[str, float]) -> list[dict]:
+        per_seed = []
+        for seed in seeds:
+            ours = {r.task.left_out: r.losses[0] for r in results if r.task.seed == seed}
+            for k in train:
+                for j in test:
+                    per_seed.append({"seed": seed, "train_set": k, "test_set": j,
+                                     "loss_full": ours[None][j], "loss_without": ours[k][j]})
+        plan.extras["ldo_seeds"] = per_seed
+        rows = []
+        for k in train:
+            for j in test:
+                cells = [c for c in per_seed if c["train_set"] == k and c["test_set"] == j]
+                full = np.mean([c["loss_full"] for c in cells])
+                without = np.mean([c["loss_without"] for c in cells])
+                rows.append(_cell("ldo", 0, k, j, without - full, full, without))
+        return rows
+
+    plan.assemble = assemble
+    return plan
+
+
+def plan_gradients(
+    spec: JobSpec, train: list[str], test: list[str], checkpoints: list[dict]
+) -> MethodPlan:
+    """GradDot and GradCos at the base weights, TracIn summed over the training checkpoints
+    (weighted by their learning rates); one gradient task per (weights, dataset)."""
+    enabled = spec.methods.enabled()
+    methods = [m for m in ("graddot", "gradcos", "tracin") if m in enabled]
+    batch = max(enabled[m].batch_size for m in methods)
+    weight_sets = []
+    if "graddot" in enabled or "gradcos" in enabled:
+        weight_sets.append(BASE)
+    if "tracin" in enabled:
+        weight_sets += [f"ckpt/{c['step']}" for c in checkpoints]
+    tasks = [GradientTask(w, name, name in train, batch)
+             for w in weight_sets for name in [*train, *test]]
+    lr = {f"ckpt/{c['step']}": c["learning_rate"] for c in checkpoints}
+
+    def assemble(results: list[TaskResult], base: dict[str, float]) -> list[dict]:
+        grads = {(r.task.weights, r.task.dataset): r.payload for r in results}
+        rows = []
+        for k in train:
+            for j in test:
+                if BASE in weight_sets:
+                    gk, gj = grads[(BASE, k)], grads[(BASE, j)]
+                    dot = float(np.dot(gk.astype(np.float64), gj))
+                    norms = float(np.linalg.norm(gk) * np.linalg.norm(gj))
+                    if "graddot" in enabled:
+                        rows.append(_cell("graddot", 0, k, j, dot))
+                    if "gradcos" in enabled:
+                        rows.append(_cell("gradcos", 0, k, j, dot / norms if norms else 0.0))
+                if "tracin" in enabled:
+                    total = sum(lr[w] * float(np.dot(grads[(w, k)].astype(np.float64),
+                                                     grads[(w, j)]))
+                                for w in weight_sets if w != BASE)
+                    rows.append(_cell("tracin", 0, k, j, total))
+        return rows
+
+    return MethodPlan(methods, tasks, assemble)
+
+
+def plan_ekfac(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
+    """Influence functions with EK-FAC: one task (factors are fitted once over all sets)."""
+    task = EkfacTask(tuple(train), tuple(test), spec.methods.ekfac, spec.evaluation.seed)
+
+    def assemble(results: list[TaskResult], base: dict[str, float]) -> list[dict]:
+        scores = results[0].payload
+        return [_cell("ekfac", 0, k, j, scores[(k, j)]) for k in train for j in test]
+
+    return MethodPlan(["ekfac"], [task], assemble)
+
+
+def plan_methods(
+    spec: JobSpec, train: list[str], test: list[str], checkpoints: list[dict]
+) -> list[MethodPlan]:
+    """The plans of every method the spec asks for, the costliest first."""
+    enabled = spec.methods.enabled()
+    plans = []
+    if "ldo" in enabled:
+        plans.append(plan_ldo(spec, train, test))
+    if "ekfac" in enabled:
+        plans.append(plan_ekfac(spec, train, test))
+    if {"graddot", "gradcos", "tracin"} & set(enabled):
+        plans.append(plan_gradients(spec, train, test, checkpoints))
+    for method in ("untrac", "untrac_inv"):
+        if method in enabled:
+            plans.append(plan_unlearning(spec, method, train, test))
+    return plans

@@ -1,0 +1,91 @@
+"""Scoring estimates against the ground truth (leave-dataset-out): Pearson and Spearman
+correlation per test set (over the training sets), their mean, and pooled over all cells, at
+every recorded step of every method."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from untrac_ray.errors import UntracError
+from untrac_ray.spec import GROUND_TRUTH
+
+ALL_CELLS = "__all__"
+MEAN_OVER_TESTS = "__mean__"
+SCORE_COLUMNS = ["method", "step", "test_set", "pearson", "spearman", "n"]
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation; NaN when either side is constant or there are fewer than 2 points."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    return pearson(pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy())
+
+
+def truth_matrix(table: pd.DataFrame) -> pd.DataFrame:
+    """The ground-truth matrix (train x test) from a tidy table holding `ldo` rows."""
+    rows = table[table["method"] == GROUND_TRUTH]
+    if rows.empty:
+        raise UntracError("no leave-dataset-out (ldo) results to score against")
+    return rows.pivot_table(index="train_set", columns="test_set", values="influence")
+
+
+def check_truth_matches(truth: pd.DataFrame, train: list[str], test: list[str],
+                        origin: str) -> None:
+    """Raise when a ground truth covers other training or test sets than the job."""
+    if sorted(truth.index) != sorted(train) or sorted(truth.columns) != sorted(test):
+        raise UntracError(
+            f"{origin}: its ground truth covers train sets {sorted(truth.index)} and test sets "
+            f"{sorted(truth.columns)}, but this job has {sorted(train)} and {sorted(test)}"
+        )
+
+
+def score_table(table: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """Scores of every method other than the ground truth, at every step it recorded."""
+    out = []
+    estimates = table[table["method"] != GROUND_TRUTH]
+    for (method, step), rows in estimates.groupby(["method", "step"], sort=False):
+        est = rows.pivot_table(index="train_set", columns="test_set", values="influence")
+        est = est.reindex(index=truth.index, columns=truth.columns)
+        per_test = []
+        for test_set in truth.columns:
+            x, y = est[test_set].to_numpy(), truth[test_set].to_numpy()
+            p, s = pearson(x, y), spearman(x, y)
+            per_test.append((p, s))
+            out.append([method, int(step), test_set, p, s, len(x)])
+        ps, ss = np.array(per_test, dtype=float).T
+        out.append([method, int(step), MEAN_OVER_TESTS,
+                    float(np.nanmean(ps)) if not np.isnan(ps).all() else np.nan,
+                    float(np.nanmean(ss)) if not np.isnan(ss).all() else np.nan,
+                    len(truth.columns)])
+        x, y = est.to_numpy().ravel(), truth.to_numpy().ravel()
+        out.append([method, int(step), ALL_CELLS, pearson(x, y), spearman(x, y), x.size])
+    return pd.DataFrame(out, columns=SCORE_COLUMNS)
+
+
+def summary(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per method: the best step by mean Pearson (marked), its scores, and the last step's."""
+    rows = []
+    mean = scores[scores["test_set"] == MEAN_OVER_TESTS]
+    pooled = scores[scores["test_set"] == ALL_CELLS].set_index(["method", "step"])
+    for method, part in mean.groupby("method", sort=False):
+        part = part.sort_values("step")
+        valid = part.dropna(subset=["pearson"])
+        best = valid.loc[valid["pearson"].idxmax()] if not valid.empty else part.iloc[-1]
+        last = part.iloc[-1]
+        rows.append({
+            "method": method,
+            "best_step": int(best["step"]),
+            "pearson_mean": best["pearson"],
+            "spearman_mean": best["spearman"],
+            "pearson_all_cells": pooled.loc[(method, int(best["step"])), "pearson"],
+            "last_step": int(last["step"]),
+            "pearson_mean_last": last["pearson"],
+        })
+    return pd.DataFrame(rows)

@@ -1,0 +1,160 @@
+"""The tasks every method is made of. Each runs on a Workbench (plain PyTorch, no Ray) from one
+of the shared weight sets, and returns losses (or gradients) for the driver to assemble.
+
+- EvalTask: base losses.                          - UnlearnTask: UnTrac / UnTrac-Inv.
+- LdoTask: retrain without one training set.      - GradientTask: GradDot, GradCos, TracIn.
+- EkfacTask: influence functions (kronfluence).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from untrac_ray.errors import NonFiniteLossError
+from untrac_ray.spec import EkfacSpec, TrainingSpec, UnlearnSpec
+from untrac_ray.unlearning import unlearn
+
+if TYPE_CHECKING:
+    from untrac_ray.workbench import Workbench
+
+BASE = "base"
+
+
+def init_weights_name(seed: int) -> str:
+    """Name of the weight set that leave-dataset-out training with `seed` starts from."""
+    return f"init/{seed}"
+
+
+@dataclass
+class Output:
+    """What a task measured: losses[step][dataset], per-row losses, or another payload."""
+
+    losses: dict[int, dict[str, float]]
+    row_losses: dict[str, np.ndarray] | None = None
+    payload: Any = None
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """Evaluate the unmodified model on some datasets (the base losses)."""
+
+    datasets: tuple[str, ...]
+    per_row: bool = False
+
+    def run(self, bench: Workbench) -> Output:
+        bench.reset(BASE)
+        losses, rows = bench.evaluate(self.datasets, per_row=self.per_row)
+        return Output({0: losses}, rows)
+
+
+@dataclass(frozen=True)
+class UnlearnTask:
+    """Unlearn dataset `forget` and evaluate `evaluate` at each of the settings' eval steps.
+
+    UnTrac forgets a training set and evaluates the test sets; UnTrac-Inv the other way round.
+    With per_row, each evaluated row's loss after the last step is returned too (drill-down).
+    """
+
+    method: str
+    forget: str
+    evaluate: tuple[str, ...]
+    settings: UnlearnSpec
+    per_row: bool = False
+
+    def run(self, bench: Workbench) -> Output:
+        bench.reset(BASE)
+        out = Output({})
+        last = self.settings.resolved_eval_steps(len(bench.datasets[self.forget]))[-1]
+
+        def record(step: int) -> None:
+            losses, rows = bench.evaluate(self.evaluate, per_row=self.per_row and step == last)
+            bad = [name for name, value in losses.items() if not math.isfinite(value)]
+            if bad:
+                raise NonFiniteLossError(
+                    f"loss on {', '.join(bad)} became non-finite while unlearning dataset "
+                    f"{self.forget!r} at step {step}; lower the learning rate or set "
+                    "max_grad_norm"
+                )
+            out.losses[step] = losses
+            if rows is not None:
+                out.row_losses = rows
+
+        unlearn(bench.model, bench.datasets[self.forget], self.settings, record, bench.device)
+        return out
+
+
+@dataclass(frozen=True)
+class LdoTask:
+    """Train from the initial weights on `train` minus `left_out` (None: all of them) with the
+    base model's schedule and `seed`, then evaluate `evaluate`."""
+
+    left_out: str | None
+    train: tuple[str, ...]
+    evaluate: tuple[str, ...]
+    training: TrainingSpec
+    seed: int
+
+    def run(self, bench: Workbench) -> Output:
+        from untrac_ray.training import train_model
+
+        bench.reset(init_weights_name(self.seed))
+        sets = [bench.datasets[n] for n in self.train if n != self.left_out]
+        cfg = self.training.model_copy(update={"seed": self.seed})
+        train_model(bench.model, sets, cfg, device=bench.device)
+        losses, _ = bench.evaluate(self.evaluate)
+        return Output({0: losses})
+
+
+@dataclass(frozen=True)
+class GradientTask:
+    """The gradient of one dataset's mean loss at one weight set (base, or a checkpoint).
+
+    Training sets use all their rows; test sets the rows they are evaluated on.
+    """
+
+    weights: str
+    dataset: str
+    all_rows: bool
+    batch_size: int
+
+    def run(self, bench: Workbench) -> Output:
+        from untrac_ray.baselines import dataset_gradient
+
+        bench.reset(self.weights)
+        data = bench.datasets[self.dataset]
+        rows = np.arange(len(data)) if self.all_rows else bench.eval_indices[self.dataset]
+        grad = dataset_gradient(bench.model, data, rows, self.batch_size, bench.device)
+        return Output({}, payload=grad)
+
+
+@dataclass(frozen=True)
+class EkfacTask:
+    """EK-FAC influence of every training set on every test set, at the base weights."""
+
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    settings: EkfacSpec
+    seed: int = 0
+
+    def run(self, bench: Workbench) -> Output:
+        from untrac_ray.baselines import ekfac_influence
+        from untrac_ray.evaluation import sample_indices
+
+        bench.reset(BASE)
+        train = {
+            n: (bench.datasets[n], sample_indices(len(bench.datasets[n]),
+                                                  self.settings.max_train_examples, self.seed))
+            for n in self.train
+        }
+        test = {n: (bench.datasets[n], bench.eval_indices[n]) for n in self.test}
+        model = copy.deepcopy(bench.model)  # kronfluence wraps modules in place
+        return Output({}, payload=ekfac_influence(model, train, test, self.settings,
+                                                  bench.device))
+
+
+Task = EvalTask | UnlearnTask | LdoTask | GradientTask | EkfacTask
