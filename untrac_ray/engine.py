@@ -21,6 +21,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from untrac_ray.errors import UntracError
 from untrac_ray.modeling import SharedWeights
+from untrac_ray.placement import actor_slots, alive_node_resources
+from untrac_ray.precision import autocast_forward, configure_tf32
 from untrac_ray.spec import ResourcesSpec
 from untrac_ray.tasks import Task
 from untrac_ray.tokenization import TokenizedSet
@@ -48,21 +50,32 @@ def ensure_ray(resources: ResourcesSpec, address: str | None = None) -> bool:
 
 
 def plan_pool_size(
-    resources: ResourcesSpec, cluster: dict[str, float], max_useful: int
+    resources: ResourcesSpec,
+    cluster: dict[str, float],
+    max_useful: int,
+    nodes: Sequence[Mapping[str, float]] | None = None,
 ) -> int:
     """How many actors to start: the spec's number, else one per GPU (or CPU slot) in `cluster`.
 
+    With `nodes` (each node's resources) actors are counted node by node, as they are placed.
     Never more than `max_useful` (the most tasks that can run at once) and never fewer than one.
     """
     if resources.num_actors is not None:
         n = resources.num_actors
     elif resources.gpus_per_actor > 0:
-        n = math.floor(cluster.get("GPU", 0) / resources.gpus_per_actor + 1e-9)
+        if nodes is not None:
+            n = actor_slots(nodes, resources.cpus_per_actor, resources.gpus_per_actor)
+        else:
+            n = math.floor(cluster.get("GPU", 0) / resources.gpus_per_actor + 1e-9)
         if n == 0:
+            where = "has no GPU" if not cluster.get("GPU") else (
+                "has no node with that many GPUs and cpus_per_actor CPUs free")
             raise UntracError(
                 f"resources.gpus_per_actor: the job asks for {resources.gpus_per_actor} GPU per "
-                "actor but the Ray cluster has no GPU"
+                f"actor but the Ray cluster {where}"
             )
+    elif nodes is not None:
+        n = actor_slots(nodes, resources.cpus_per_actor, 0.0)
     else:
         n = math.floor(cluster.get("CPU", 1) / resources.cpus_per_actor + 1e-9)
     return max(1, min(n, max_useful))
@@ -98,9 +111,12 @@ class WorkbenchActor:
         eval_indices: dict[str, np.ndarray],
         eval_batch_size: int,
         threads: int,
+        precision: str = "fp32",
+        tf32: bool = False,
     ) -> None:
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        configure_tf32(tf32, device)
         # Refs come nested in a dict, so Ray hands them over unresolved and a restarted actor
         # reads them again from the object store (the driver keeps them alive).
         weights = _ObjectStoreWeights(refs["weights"])
@@ -110,6 +126,7 @@ class WorkbenchActor:
             n: TokenizedSet.from_table(n, t, pad_id) for n, t in zip(names, tables, strict=True)
         }
         self.bench = Workbench(weights, datasets, eval_indices, eval_batch_size, device)
+        autocast_forward(self.bench.model, device, precision)  # the model is reused by every task
         self.label = f"{ray.get_runtime_context().get_node_id()[:8]}/pid{os.getpid()}/{device}"
 
     def run(self, task: Task) -> TaskResult:
@@ -136,7 +153,8 @@ class Engine:
         by_id = {id(w): ray.put(w) for w in weights.values()}
         weight_refs = {name: by_id[id(w)] for name, w in weights.items()}
         dataset_refs = {name: ray.put(table) for name, table in tables.items()}
-        self.size = plan_pool_size(resources, ray.cluster_resources(), max_useful_actors)
+        self.size = plan_pool_size(resources, ray.cluster_resources(), max_useful_actors,
+                                   nodes=alive_node_resources())
         threads = max(1, int(resources.cpus_per_actor))
         options = {
             "num_cpus": resources.cpus_per_actor,
@@ -148,7 +166,7 @@ class Engine:
             options["scheduling_strategy"] = "SPREAD"
         self._make_actor = lambda: WorkbenchActor.options(**options).remote(
             {"weights": weight_refs, "datasets": dataset_refs}, pad_id, eval_indices,
-            eval_batch_size, threads,
+            eval_batch_size, threads, precision=resources.precision, tf32=resources.tf32,
         )
         self.actors = [self._make_actor() for _ in range(self.size)]
         self._refs = [*by_id.values(), *dataset_refs.values()]

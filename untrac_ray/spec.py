@@ -280,6 +280,10 @@ class ResourcesSpec(_Strict):
     local_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded local Ray")
     object_store_memory_mb: int | None = Field(None, gt=0)
     max_retries: int = Field(2, ge=0, description="restarts of a dead actor and its task")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="actors' forward passes: float32, or bfloat16 autocast"
+    )
+    tf32: bool = Field(False, description="allow TF32 matmuls on CUDA GPUs")
 
 
 class PretrainingSpec(_Strict):
