@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+# The torch that must still be installed after setup ('any' when TORCH is overridden).
+TORCH_VERSION ?= $(if $(filter torch==2.13.0,$(TORCH)),2.13.0+cpu,any)
 
 .PHONY: setup demo test lint bench clean
 
@@ -15,7 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
-	@$(BIN)/python -c "import torch; assert '+cpu' in torch.__version__ or torch.cuda.is_available(), torch.__version__"
+	# EK-FAC (kronfluence 1.0.1): its metadata asks for torchvision, which it never imports and
+	# which would replace the CPU torch with a CUDA build. Install it without its dependencies.
+	$(BIN)/pip install --quiet --no-deps kronfluence==1.0.1
+	$(BIN)/pip install --quiet accelerate einops einconv opt-einsum
+	@$(BIN)/python -c "import torch, sys; v = torch.__version__; \
+		print('torch', v); sys.exit(0 if v == '$(TORCH_VERSION)' or '$(TORCH_VERSION)' == 'any' \
+		else 'torch was replaced: ' + v)"
 	touch $@
 
 demo: setup

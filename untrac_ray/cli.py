@@ -50,6 +50,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -135,8 +136,8 @@ def _print_matrices(outcome) -> None:
 def _print_scores(summary) -> None:
     """Method x score against the ground truth, at each method's best step (marked)."""
     table = Table(title="correlation with leave-dataset-out (ground truth)")
-    for col in ("method", "best step *", "pearson (mean over tests)", "spearman (mean)",
-                "pearson (all cells)", "last step", "pearson at last step"):
+    for col in ("method", "best step*", "pearson", "spearman", "pearson all cells",
+                "last step", "pearson last"):
         table.add_column(col, justify="left" if col == "method" else "right")
     order = summary.sort_values("pearson_mean", ascending=False, na_position="last")
     for r in order.itertuples():
@@ -144,8 +145,8 @@ def _print_scores(summary) -> None:
                       f"{r.spearman_mean:+.3f}", f"{r.pearson_all_cells:+.3f}",
                       str(r.last_step), f"{r.pearson_mean_last:+.3f}")
     out_console.print(table)
-    out_console.print("* the unlearning step with the best mean Pearson correlation "
-                      "(0 for methods without steps)")
+    out_console.print("pearson, spearman: mean over test sets of the correlation over training "
+                      "sets; * the step with the best mean Pearson (0: a method without steps)")
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -115,6 +116,7 @@ class WorkbenchActor:
         tf32: bool = False,
     ) -> None:
         torch.set_num_threads(threads)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecations
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         configure_tf32(tf32, device)
         # Refs come nested in a dict, so Ray hands them over unresolved and a restarted actor

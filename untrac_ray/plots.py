@@ -13,7 +13,14 @@ import pandas as pd  # noqa: E402
 
 from untrac_ray.results import matrix  # noqa: E402
 
-METHOD_TITLES = {"untrac": "UnTrac", "untrac_inv": "UnTrac-Inv"}
+METHOD_TITLES = {
+    "untrac": "UnTrac", "untrac_inv": "UnTrac-Inv", "ldo": "Leave-dataset-out",
+    "graddot": "GradDot", "gradcos": "GradCos", "tracin": "TracIn", "ekfac": "EK-FAC",
+}
+VALUE_LABELS = {
+    "graddot": "gradient dot product", "gradcos": "gradient cosine",
+    "tracin": "sum over checkpoints of lr x dot", "ekfac": "influence-function score",
+}
 
 
 def heatmap(table: pd.DataFrame, method: str, train: list[str], test: list[str]):
@@ -33,8 +40,9 @@ def heatmap(table: pd.DataFrame, method: str, train: list[str], test: list[str])
                 strong = abs(values[i, j]) > 0.6 * bound
                 ax.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center", fontsize=8,
                         color="white" if strong else "black")
-    ax.set_title(f"{METHOD_TITLES.get(method, method)} influence (step {mat.attrs['step']})")
-    fig.colorbar(image, ax=ax, label="loss after - loss before")
+    step = f" (step {mat.attrs['step']})" if mat.attrs["step"] else ""
+    ax.set_title(f"{METHOD_TITLES.get(method, method)} influence{step}")
+    fig.colorbar(image, ax=ax, label=VALUE_LABELS.get(method, "loss after - loss before"))
     fig.tight_layout()
     fig.heatmap_values = values  # the exact array drawn, for checks
     return fig
@@ -62,4 +70,73 @@ def trajectory(table: pd.DataFrame, method: str, train: list[str], test: list[st
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, title="training set", loc="outside right center")
     fig.suptitle(f"{METHOD_TITLES.get(method, method)}: influence along unlearning")
+    return fig
+
+
+def _drop_overlapping_labels(fig, ax, labels: list) -> None:
+    """Hide labels that would overlap an earlier one or leave the axes (greedy, in order)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    kept = []
+    for text in labels:
+        box = text.get_window_extent(renderer)
+        outside = (box.x0 < inside.x0 or box.x1 > inside.x1
+                   or box.y0 < inside.y0 or box.y1 > inside.y1)
+        if outside or any(box.overlaps(k) for k in kept):
+            text.set_visible(False)
+        else:
+            kept.append(box)
+
+
+def scatter_vs_truth(estimate: pd.DataFrame, truth: pd.DataFrame, method: str, step: int):
+    """An estimate against the ground truth: one point per (training set, test set) cell,
+    x the ground truth, y the estimate, coloured by test set, Pearson r over all cells.
+
+    `estimate` and `truth` are train x test matrices (truth is aligned to the estimate).
+    The figure carries `scatter_points` (train_set, test_set, truth, estimate) and `pearson`.
+    """
+    truth = truth.reindex(index=estimate.index, columns=estimate.columns)
+    points = pd.DataFrame(
+        [(str(tr), str(te), float(truth.loc[tr, te]), float(estimate.loc[tr, te]))
+         for te in estimate.columns for tr in estimate.index],
+        columns=["train_set", "test_set", "truth", "estimate"],
+    )
+    valid = points.dropna(subset=["truth", "estimate"])
+    x, y = valid["truth"].to_numpy(), valid["estimate"].to_numpy()
+    r = (float(np.corrcoef(x, y)[0, 1])
+         if len(x) >= 2 and np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan"))
+    name = METHOD_TITLES.get(method, method)
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), layout="constrained")
+    if len(x) and x.min() <= 0 <= x.max():  # zero lines only where the data cross zero
+        ax.axvline(0, color="lightgrey", linewidth=0.8, zorder=0)
+    if len(y) and y.min() <= 0 <= y.max():
+        ax.axhline(0, color="lightgrey", linewidth=0.8, zorder=0)
+    tests = list(dict.fromkeys(points["test_set"]))
+    cmap = plt.get_cmap("tab10" if len(tests) <= 10 else "tab20")
+    for j, test_set in enumerate(tests):
+        part = valid[valid["test_set"] == test_set]
+        ax.scatter(part["truth"], part["estimate"], s=40, color=cmap(j % cmap.N),
+                   edgecolor="white", linewidth=0.6, label=test_set, zorder=3)
+    if r == r:  # a least-squares line when the correlation is defined
+        slope, intercept = np.polyfit(x, y, 1)
+        xs = np.array([x.min(), x.max()])
+        ax.plot(xs, slope * xs + intercept, "--", color="grey", linewidth=1, zorder=2)
+    ax.margins(0.15)
+    labels = []
+    if len(valid) <= 40:  # name the training set of each point, where it fits
+        for row in valid.itertuples():
+            labels.append(ax.annotate(row.train_set, (row.truth, row.estimate),
+                                      xytext=(4, 4), textcoords="offset points", fontsize=7,
+                                      color="dimgrey"))
+    ax.set_xlabel("ground truth: leave-dataset-out influence")
+    ax.set_ylabel(f"estimate: {name} influence")
+    r_text = f"{r:.3f}" if r == r else "n/a"
+    ax.set_title(f"{name} (step {step}) vs leave-dataset-out\n"
+                 f"Pearson r = {r_text} over {len(valid)} cells (dashed: least-squares fit)")
+    fig.legend(loc="outside right upper", title="test set", fontsize=8)
+    _drop_overlapping_labels(fig, ax, labels)
+    fig.scatter_points = points  # the exact data drawn, for checks
+    fig.pearson = r
     return fig
