@@ -217,22 +217,21 @@ def jobs(
         rows = cluster.jobs(everything=all_jobs)
     except UntracError as err:
         raise _fail(err) from None
-    table = Table(title=f"untrac-ray jobs on {cluster.url}")
-    for column in ("id", "job", "status", "start", "duration", "mlflow run"):
-        table.add_column(column, no_wrap=True, overflow="fold")
-    colors = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow", "RUNNING": "cyan"}
-    for r in rows:
-        color = colors.get(r.status)
-        table.add_row(r.submission_id, r.job_name or "-",
-                      f"[{color}]{r.status}[/]" if color else r.status,
-                      _when(r.start), _took(r.duration), r.mlflow_run or "-")
-    cells = [["id", "job", "status", "start", "duration", "mlflow run"]]
-    cells += [[r.submission_id, r.job_name, r.status, _when(r.start), _took(r.duration),
+    header = ("id", "job", "status", "start", "duration", "mlflow run")
+    cells = [[r.submission_id, r.job_name or "-", r.status, _when(r.start), _took(r.duration),
               r.mlflow_run or "-"] for r in rows]
-    widths = [max([len(c) for c in column] + [10]) for column in zip(*cells, strict=True)]
-    # Piped output gets the width it needs, so ids are never cut.
-    width = None if out_console.is_terminal else sum(widths) + 3 * len(widths) + 4
-    out_console.print(table, width=width)
+    widths = [max(len(c) for c in column) for column in zip(header, *cells, strict=True)]
+    table = Table(title=f"untrac-ray jobs on {cluster.url}")
+    for name, width in zip(header, widths, strict=True):
+        table.add_column(name, no_wrap=True, min_width=width)  # ids are never cut
+    colors = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow", "RUNNING": "cyan"}
+    for row in cells:
+        color = colors.get(row[2])
+        table.add_row(*row[:2], f"[{color}]{row[2]}[/]" if color else row[2], *row[3:])
+    # Piped output (not a terminal) gets the width the table needs.
+    console = out_console if out_console.is_terminal else Console(
+        width=sum(widths) + 3 * len(widths) + 1)
+    console.print(table)
     if not rows:
         _note("no untrac-ray jobs on this cluster yet")
 

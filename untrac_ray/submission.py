@@ -458,7 +458,8 @@ class Cluster:
         command = entrypoint(python, tracking_uri)
         runtime_env: dict[str, Any] = {
             "working_dir": str(staged.folder),
-            "env_vars": {SUBMISSION_ENV: sid},
+            # `stop` interrupts the driver (KeyboardInterrupt), so its MLflow run ends KILLED
+            "env_vars": {SUBMISSION_ENV: sid, "RAY_JOB_STOP_SIGNAL": "SIGINT"},
         }
         if ship_package:
             runtime_env["py_modules"] = [str(package_dir())]

@@ -1,0 +1,517 @@
+"""Clusters: `submit` / `status` / `logs` / `stop` / `jobs` against a real Ray head started with
+`ray start --head` (token authentication on, job server included), staging of a job's files,
+GPU placement with fake resource counts, and bf16 / TF32 options on CPU.
+
+The head uses its own free ports and a temp dir under /tmp (short: Unix socket paths are
+limited), and is stopped by killing its process group, so it never touches another cluster on
+this machine. Run only these with `pytest -m ray_head`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from conftest import merge, tiny_spec
+from untrac_ray import submission as sub
+from untrac_ray.cli import app
+from untrac_ray.engine import plan_pool_size
+from untrac_ray.errors import SpecError, UntracError
+from untrac_ray.placement import actor_slots
+from untrac_ray.precision import autocast_forward, configure_tf32
+from untrac_ray.spec import ResourcesSpec, load_spec
+from untrac_ray.tracking import read_influence
+
+runner = CliRunner()
+VENV_BIN = Path(sys.executable).parent
+HEAD_READY_S = 180  # deadline for the job server of a fresh head to answer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- a real Ray head
+
+
+@dataclass
+class RayHead:
+    """A `ray start --head --block` in its own session, on loopback and free ports."""
+
+    url: str
+    root: Path
+    token: str
+    token_file: Path
+    proc: subprocess.Popen
+    ready_s: float
+
+    def client_env(self, **extra: str | None) -> dict[str, str | None]:
+        """Environment for the CLI: the token by file, nothing pointing elsewhere."""
+        env: dict[str, str | None] = {"RAY_AUTH_TOKEN_PATH": str(self.token_file),
+                                      "RAY_AUTH_TOKEN": None, "RAY_ADDRESS": None,
+                                      "MLFLOW_TRACKING_URI": None}
+        env.update(extra)
+        return env
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+def start_head(root: Path) -> RayHead:
+    token = secrets.token_hex(32)
+    token_file = root / "auth_token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")}
+    # The job's entrypoint runs in the head's environment: its `python` is this venv's.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file),
+               PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
+    dashboard = free_port()
+    ports = {flag: free_port() for flag in (
+        "--port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--node-manager-port",
+        "--object-manager-port", "--metrics-export-port")}
+    low = free_port()
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+           "--node-ip-address", "127.0.0.1", "--include-dashboard", "true",
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+           "--num-cpus", "2", "--num-gpus", "2",  # logical GPUs: placement without hardware
+            "--object-store-memory", str(200 * 2**20),
+           "--temp-dir", str(root / "ray"),
+           "--min-worker-port", str(min(low, 60000)), "--max-worker-port",
+           str(min(low, 60000) + 200)]
+    for flag, port in ports.items():
+        cmd += [flag, str(port)]
+    log = open(root / "head.log", "w")  # noqa: SIM115 - kept open for the head's lifetime
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{dashboard}"
+    head = RayHead(url, root, token, token_file, proc, 0.0)
+    while True:  # poll the job server with a deadline instead of sleeping
+        if proc.poll() is not None:
+            raise RuntimeError("ray start --head exited: "
+                               + (root / "head.log").read_text()[-2000:])
+        try:
+            r = requests.get(f"{url}/api/jobs/", headers=head.headers(), timeout=2)
+            if r.status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if time.monotonic() - start > HEAD_READY_S:
+            stop_head(head)
+            raise RuntimeError(f"the job server did not answer within {HEAD_READY_S} s")
+        time.sleep(0.25)
+    head.ready_s = time.monotonic() - start
+    return head
+
+
+def stop_head(head: RayHead) -> None:
+    """Kill this head only: its process group, then any process still living in its temp
+    dir (a job's driver runs in a session of its own)."""
+    import psutil
+
+    try:
+        os.killpg(head.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    head.proc.wait(timeout=30)
+    root = str(head.root)
+    for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        try:
+            mine = (p.info["cwd"] or "").startswith(root) or any(
+                root in part for part in p.info["cmdline"] or [])
+            if mine and p.pid != os.getpid():
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
+@pytest.fixture(scope="module")
+def head():
+    root = Path(tempfile.mkdtemp(prefix="ur-", dir="/tmp"))
+    head = start_head(root)
+    print(f"\nray head: job server answered {head.ready_s:.1f} s after ray start")
+    yield head
+    stop_head(head)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def cli(*args: str, env: dict | None = None):
+    return runner.invoke(app, list(args), env=env)
+
+
+def write_job(folder: Path, override: dict | None = None, name: str = "job.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = merge(tiny_spec(folder), override or {})
+    path = folder / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_and_cluster(head, tmp_path_factory, ray_cluster):
+    """The tiny job run locally (`run`) and on the head (`submit --follow`)."""
+    tmp = tmp_path_factory.mktemp("cluster-job")
+    job = write_job(tmp / "job")
+    local_uri = f"sqlite:///{tmp / 'local.db'}"
+    local = cli("run", str(job), "--tracking-uri", local_uri, "--quiet")
+    assert local.exit_code == 0, local.output
+    cluster_uri = f"sqlite:///{tmp / 'cluster.db'}"
+    start = time.monotonic()
+    submitted = cli("submit", str(job), "--address", head.url, "--follow",
+                    "--tracking-uri", cluster_uri, env=head.client_env())
+    seconds = time.monotonic() - start
+    print(f"\nsubmit --follow of the tiny job took {seconds:.1f} s")
+    return {"job": job, "local_uri": local_uri, "cluster_uri": cluster_uri, "local": local,
+            "submitted": submitted, "sid": submitted.stdout.splitlines()[0].strip()}
+
+
+def only_run(uri: str, experiment: str = "tests"):
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run
+
+
+@pytest.mark.ray_head
+def test_submit_follow_runs_the_job_on_the_cluster_with_the_same_matrix(head, local_and_cluster):
+    result = local_and_cluster["submitted"]
+    assert result.exit_code == 0, result.output
+    sid = local_and_cluster["sid"]
+    assert sid.startswith("untrac-tiny-")
+    assert "SUCCEEDED" in result.output and "MLflow run" in result.output
+    cluster_run = only_run(local_and_cluster["cluster_uri"])
+    assert cluster_run.info.status == "FINISHED"
+    assert cluster_run.data.tags[sub.SUBMISSION_TAG] == sid
+    local_run = only_run(local_and_cluster["local_uri"])
+    assert sub.SUBMISSION_TAG not in local_run.data.tags
+    on_cluster = read_influence(cluster_run.info.run_id, local_and_cluster["cluster_uri"])
+    here = read_influence(local_run.info.run_id, local_and_cluster["local_uri"])
+    key = ["method", "step", "train_set", "test_set"]
+    on_cluster, here = on_cluster.sort_values(key), here.sort_values(key)
+    assert on_cluster[key].to_numpy().tolist() == here[key].to_numpy().tolist()
+    np.testing.assert_allclose(on_cluster.influence, here.influence, rtol=1e-5, atol=1e-7)
+    assert head.token not in result.output
+
+
+@pytest.mark.ray_head
+def test_status_logs_and_jobs_describe_the_finished_job(head, local_and_cluster):
+    sid = local_and_cluster["sid"]
+    run_id = only_run(local_and_cluster["cluster_uri"]).info.run_id
+    env = head.client_env()
+    status = cli("status", sid, "--address", head.url, env=env)
+    assert status.exit_code == 0, status.output
+    assert "SUCCEEDED" in status.output and run_id in status.output
+    logs = cli("logs", sid, "--address", head.url, env=env)
+    assert logs.exit_code == 0 and f"MLflow run {run_id}" in logs.output
+    followed = cli("logs", sid, "--address", head.url, "--follow", env=env)
+    assert followed.exit_code == 0 and run_id in followed.output
+    # RAY_ADDRESS is the address when --address is not given
+    listed = cli("jobs", env=head.client_env(RAY_ADDRESS=head.url))
+    assert listed.exit_code == 0, listed.output
+    (line,) = [ln for ln in listed.output.splitlines() if sid in ln]
+    assert "tiny" in line and "SUCCEEDED" in line and run_id in line
+    for out in (status.output, logs.output, listed.output):
+        assert head.token not in out
+
+
+@pytest.mark.ray_head
+def test_one_actor_per_gpu_and_stop_ends_a_long_running_job(head, tmp_path, monkeypatch):
+    """On the head's 2 logical GPUs, 3 unlearning tasks get 2 actors (the third queues);
+    `stop` ends the job and its MLflow run is marked KILLED."""
+    job = write_job(tmp_path / "long", {"name": "long", "resources": {
+        "gpus_per_actor": 1, "cpus_per_actor": 0.5}, "methods": {
+        "untrac": {"max_steps": 100000, "eval_every": 100000}, "untrac_inv": None}})
+    env = head.client_env()
+    uri = f"sqlite:///{tmp_path / 'long.db'}"
+    submitted = cli("submit", str(job), "--address", head.url, "--tracking-uri", uri, env=env)
+    assert submitted.exit_code == 0, submitted.output
+    sid = submitted.stdout.splitlines()[0].strip()
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(head.token_file))
+    cluster = sub.Cluster(head.url)
+    run = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until the pool is up (the run's `actors` tag)
+        assert cluster.status(sid) in ("PENDING", "RUNNING"), cluster.logs(sid)[-2000:]
+        if Path(tmp_path / "long.db").exists():
+            with contextlib.suppress(Exception):
+                run = only_run(uri)
+        if run is not None and "untrac_ray.actors" in run.data.tags:
+            break
+        time.sleep(0.5)
+    assert run is not None and run.data.tags["untrac_ray.actors"] == "2"
+    assert run.data.tags[sub.SUBMISSION_TAG] == sid
+    stopped = cli("stop", sid, "--address", head.url, env=env)
+    assert stopped.exit_code == 0, stopped.output
+    assert f"{sid}: STOPPED" in stopped.output
+    again = cli("stop", sid, "--address", head.url, env=env)
+    assert again.exit_code == 0 and "already STOPPED" in again.output
+    followed = cli("logs", sid, "--address", head.url, "--follow", env=env)
+    assert followed.exit_code == 3  # a stopped job
+    listed = cli("jobs", "--address", head.url, env=env)
+    (line,) = [ln for ln in listed.output.splitlines() if sid in ln]
+    assert "long" in line and "STOPPED" in line
+    assert only_run(uri).info.status == "KILLED"
+
+
+@pytest.mark.ray_head
+def test_invalid_spec_is_refused_before_it_reaches_the_cluster(head, tmp_path):
+    before = len(requests.get(f"{head.url}/api/jobs/", headers=head.headers(), timeout=10)
+                 .json())
+    bad = write_job(tmp_path, {"methods": {"untrac": {"learning_rate": -1}}})
+    result = cli("submit", str(bad), "--address", head.url, "--tracking-uri", "sqlite:///x.db",
+                 env=head.client_env())
+    assert result.exit_code == 2
+    assert "methods.untrac.learning_rate" in result.output and "Traceback" not in result.output
+    missing = write_job(tmp_path / "m", {"data": {"test": [
+        {"name": "gone", "source": "nowhere.csv"}]}})
+    result = cli("submit", str(missing), "--address", head.url, "--tracking-uri",
+                 "sqlite:///x.db", env=head.client_env())
+    assert result.exit_code == 2 and "nowhere.csv does not exist here" in result.output
+    after = len(requests.get(f"{head.url}/api/jobs/", headers=head.headers(), timeout=10)
+                .json())
+    assert after == before
+
+
+@pytest.mark.ray_head
+def test_a_missing_or_wrong_token_is_named_plainly_and_never_printed(head, tmp_path):
+    nowhere = {"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": None, "RAY_AUTH_TOKEN": None}
+    result = cli("jobs", "--address", head.url, env=head.client_env(**nowhere))
+    assert result.exit_code == 2
+    assert "requires a token and none was found" in result.output
+    assert "RAY_AUTH_TOKEN" in result.output and "Traceback" not in result.output
+    wrong = "not-the-token-" + secrets.token_hex(8)
+    result = cli("status", "x", "--address", head.url,
+                 env=head.client_env(RAY_AUTH_TOKEN=wrong, RAY_AUTH_TOKEN_PATH=None))
+    assert result.exit_code == 2
+    assert "refused the token from RAY_AUTH_TOKEN" in result.output
+    assert wrong not in result.output and head.token not in result.output
+    unknown = cli("status", "no-such-job", "--address", head.url, env=head.client_env())
+    assert unknown.exit_code == 2 and "no job 'no-such-job'" in unknown.output
+
+
+# ---------------------------------------------------------------- without a head
+
+
+def test_an_unreachable_address_gives_a_clear_error(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    job = write_job(tmp_path)
+    for args in (["jobs"], ["status", "x"], ["logs", "x"], ["stop", "x"],
+                 ["submit", str(job), "--tracking-uri", "sqlite:///x.db"]):
+        result = cli(*args, "--address", url)
+        assert result.exit_code == 2, result.output
+        assert f"no Ray cluster answers at {url}" in result.output
+        assert "Traceback" not in result.output
+    result = cli("jobs", env={"RAY_ADDRESS": None})
+    assert result.exit_code == 2 and "no Ray cluster address" in result.output
+
+
+def test_addresses_come_from_the_option_then_ray_address(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://env-head:8265")
+    assert sub.resolve_address("head:8265") == "http://head:8265"
+    assert sub.resolve_address(None) == "http://env-head:8265"
+    for bad in ("auto", "ray://head:10001"):
+        with pytest.raises(sub.ClusterError, match="dashboard URL"):
+            sub.resolve_address(bad)
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(sub.ClusterError, match="--address"):
+        sub.resolve_address(None)
+
+
+def test_the_token_is_found_the_way_ray_finds_it(tmp_path):
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home-token\n")
+    (tmp_path / "file").write_text("file-token")
+    assert sub.find_token({"RAY_AUTH_TOKEN": "env-token"}, tmp_path).value == "env-token"
+    found = sub.find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "file")}, tmp_path)
+    assert found.value == "file-token" and "file-token" not in repr(found)
+    assert sub.find_token({}, tmp_path).value == "home-token"
+    assert sub.find_token({}, tmp_path / "elsewhere") is None
+    with pytest.raises(sub.ClusterAuthError, match="does not exist"):
+        sub.find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "nope")}, tmp_path)
+    assert sub.auth_headers(found) == {"Authorization": "Bearer file-token"}
+
+
+def test_staging_uploads_local_files_and_keeps_shared_paths_and_uris(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    job = write_job(tmp_path / "job", {"data": {"test": [
+        {"name": "next_number", "source": str(shared / "test.csv"), "subset": "next_number"},
+        {"name": "twice", "source": "s3://bucket/test.parquet", "subset": "twice"}]}})
+    shutil.copy(tmp_path / "job" / "test.csv", shared / "test.csv")
+    staged = sub.stage_job(job, shared=[str(shared)])
+    try:
+        assert list(staged.uploaded.values()) == ["files/0/train.csv"]
+        assert sorted(staged.passed) == sorted([str(shared / "test.csv"),
+                                                "s3://bucket/test.parquet"])
+        moved = load_spec(staged.folder / sub.STAGED_SPEC)
+        assert moved.data.train[0].source == str(staged.folder / "files/0/train.csv")
+        assert moved.data.test[0].source == str(shared / "test.csv")
+        assert moved.data.test[1].source == "s3://bucket/test.parquet"
+        # the cache stays with the job on the cluster, not at this machine's path
+        assert moved.cache_dir == str(Path.cwd() / ".untrac-ray")
+        assert (staged.folder / "files/0/train.csv").read_bytes() == (
+            tmp_path / "job" / "train.csv").read_bytes()
+    finally:
+        staged.cleanup()
+    assert not staged.folder.exists()
+
+
+def test_staging_refuses_files_above_the_upload_limit(tmp_path):
+    job = write_job(tmp_path)
+    with pytest.raises(sub.UploadError, match="--shared PREFIX, or on remote storage"):
+        sub.stage_job(job, limit=1000)
+    with pytest.raises(SpecError):
+        sub.stage_job(tmp_path / "no-such-job.yaml")
+
+
+def test_cluster_tracking_uri_and_entrypoint(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(write_job(tmp_path))
+    with pytest.raises(UntracError, match="--tracking-uri"):
+        sub.cluster_tracking_uri(None, spec)
+    assert sub.cluster_tracking_uri("sqlite:///m.db", spec) == f"sqlite:///{tmp_path}/m.db"
+    assert sub.cluster_tracking_uri("http://mlflow:5000", spec) == "http://mlflow:5000"
+    assert sub.redact_uri("https://me:secret@mlflow:5000/x") == "https://***@mlflow:5000/x"
+    command = sub.entrypoint("/opt/py env/bin/python", "http://mlflow:5000")
+    assert command == ("'/opt/py env/bin/python' -m untrac_ray.cli run job.yaml "
+                       "--address auto --tracking-uri http://mlflow:5000")
+
+
+def test_the_submission_id_reaches_the_mlflow_tags():
+    assert sub.submission_tags({}) == {}
+    assert sub.submission_tags({sub.SUBMISSION_ENV: "untrac-a-1"}) == {
+        sub.SUBMISSION_TAG: "untrac-a-1"}
+    ray_json = '{"metadata": {"job_submission_id": "raysubmit_X"}}'
+    assert sub.submission_tags({"RAY_JOB_CONFIG_JSON_ENV_VAR": ray_json}) == {
+        sub.SUBMISSION_TAG: "raysubmit_X"}
+
+
+# ---------------------------------------------------------------- GPU placement, fake counts
+
+NODES = [{"CPU": 8.0, "GPU": 4.0}, {"CPU": 8.0, "GPU": 4.0}, {"CPU": 32.0}]
+
+
+def totals(nodes):
+    out: dict[str, float] = {}
+    for n in nodes:
+        for k, v in n.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def test_one_actor_per_gpu_across_all_nodes():
+    gpu = ResourcesSpec(gpus_per_actor=1)
+    assert plan_pool_size(gpu, totals(NODES), max_useful=100, nodes=NODES) == 8
+    assert plan_pool_size(gpu, totals(NODES), max_useful=3, nodes=NODES) == 3  # fewer tasks
+    half = ResourcesSpec(gpus_per_actor=0.5, cpus_per_actor=1)
+    assert plan_pool_size(half, totals(NODES), 100, nodes=NODES) == 16
+
+
+def test_actors_are_counted_node_by_node():
+    nodes = [{"CPU": 8.0, "GPU": 3.0}, {"CPU": 8.0, "GPU": 3.0}]
+    two = ResourcesSpec(gpus_per_actor=2)
+    assert plan_pool_size(two, totals(nodes), 100) == 3  # by totals: one would never start
+    assert plan_pool_size(two, totals(nodes), 100, nodes=nodes) == 2
+    assert actor_slots([{"CPU": 2.0, "GPU": 4.0}], cpus_per_actor=1, gpus_per_actor=1) == 2
+    assert actor_slots([{"CPU": 6.0}, {"CPU": 6.0}], cpus_per_actor=4, gpus_per_actor=0) == 2
+    with pytest.raises(UntracError, match="has no GPU"):
+        plan_pool_size(ResourcesSpec(gpus_per_actor=1), {"CPU": 8.0}, 4, nodes=[{"CPU": 8.0}])
+    one_each = [{"CPU": 8.0, "GPU": 1.0}] * 2
+    with pytest.raises(UntracError, match="no node with that many GPUs"):
+        plan_pool_size(two, totals(one_each), 4, nodes=one_each)
+
+
+# ---------------------------------------------------------------- precision options on CPU
+
+
+def tiny_model():
+    from untrac_ray.modeling import build_model, config_from_dict
+
+    config = config_from_dict({"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32,
+                               "n_positions": 32}, vocab_size=64)
+    return build_model(config, seed=0).eval()  # no dropout
+
+
+def test_bf16_autocast_wraps_forward_passes_and_keeps_fp32_weights():
+    model = tiny_model()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    fp32 = model(input_ids=ids).logits
+    autocast_forward(model, "cpu", "bf16")
+    autocast_forward(model, "cpu", "bf16")  # idempotent
+    bf16 = model(input_ids=ids).logits
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not torch.equal(fp32, bf16.float())
+    assert torch.allclose(fp32, bf16.float(), atol=0.1)
+    bf16.float().sum().backward()  # gradients reach the fp32 weights
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ValueError, match="precision"):
+        autocast_forward(tiny_model(), "cpu", "fp16")
+
+
+def test_tf32_is_set_for_cuda_only():
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        configure_tf32(True, "cpu")
+        assert torch.backends.cuda.matmul.fp32_precision == before
+        configure_tf32(True, "cuda")
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        configure_tf32(False, "cuda")
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+        torch.backends.cudnn.conv.fp32_precision = before
+
+
+def test_precision_options_in_the_spec():
+    assert ResourcesSpec().precision == "fp32" and ResourcesSpec().tf32 is False
+    assert ResourcesSpec(precision="bf16", tf32=True).precision == "bf16"
+    from untrac_ray.spec import parse_spec
+
+    with pytest.raises(SpecError, match="resources.precision"):
+        parse_spec(merge(tiny_spec_mapping(), {"resources": {"precision": "fp16"}}))
+
+
+def tiny_spec_mapping() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        return tiny_spec(Path(tmp))
+
+
+def test_a_bf16_job_runs_on_the_actors(tmp_path, ray_cluster):
+    # one folder, one cache: the base model is trained once and used by both runs
+    fp32_job = write_job(tmp_path, {"methods": {"untrac_inv": None}}, name="fp32.yaml")
+    bf16_job = write_job(tmp_path, {"methods": {"untrac_inv": None},
+                                    "resources": {"precision": "bf16"}}, name="bf16.yaml")
+    tables = []
+    for job in (fp32_job, bf16_job):
+        uri = f"sqlite:///{tmp_path / job.stem}.db"
+        result = cli("run", str(job), "--tracking-uri", uri, "--quiet")
+        assert result.exit_code == 0, result.output
+        tables.append(read_influence(only_run(uri).info.run_id, uri))
+    fp32, bf16 = tables
+    assert fp32.shape == bf16.shape and np.isfinite(bf16.influence).all()
+    assert not np.allclose(fp32.loss_before, bf16.loss_before, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(fp32.loss_before, bf16.loss_before, rtol=0.05)
