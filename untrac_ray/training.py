@@ -180,7 +180,11 @@ def _train_and_save(
         model.save_pretrained(path)
         checkpoints.append({"step": step, "learning_rate": lr, "path": str(path)})
 
-    losses = train_model(model, sets, cfg, on_step, on_checkpoint=keep)
+    # On a GPU when there is one (a submitted job's driver given --entrypoint-gpus); else CPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    losses = train_model(model.to(device), sets, cfg, on_step, device=device,
+                         on_checkpoint=keep)
+    model.to("cpu")
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
