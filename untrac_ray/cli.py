@@ -205,5 +205,10 @@ from untrac_ray.cli_cluster import register as _register_cluster_commands  # noq
 
 _register_cluster_commands(app)  # submit, status, logs, stop, jobs
 
+from untrac_ray.cli_browse import register as _register_browse  # noqa: E402
+
+_register_browse(app)  # runs, show, compare, ui
+
+
 if __name__ == "__main__":
     app()

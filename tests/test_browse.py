@@ -1,0 +1,400 @@
+"""Browsing results: `runs`, `show` and `compare` on runs of real tiny jobs (real SQLite store),
+the figures each run logs, `ui`, and the run's page in the MLflow UI in headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from conftest import merge, tiny_spec
+from untrac_ray import plots
+from untrac_ray.cli import app
+from untrac_ray.results import matrix
+from untrac_ray.runner import run_job
+from untrac_ray.spec import load_spec
+from untrac_ray.tracking import read_influence, read_run_table
+
+runner = CliRunner()
+TRAIN, TEST = ["add_one", "double", "spell"], ["next_number", "twice"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, ray_cluster):
+    """Two real runs in one SQLite store: `tiny_full` (UnTrac, UnTrac-Inv and the ground truth,
+    so it has scores, examples and scatter figures) and `tiny_proxy` (UnTrac-Inv only, another
+    learning rate), nested under a `search` parent run as a tune search would."""
+    tmp = tmp_path_factory.mktemp("browse")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    base = tiny_spec(tmp)
+    specs = {
+        "full": merge(base, {"name": "tiny_full", "methods": {"ldo": {}}}),
+        "proxy": merge(base, {"name": "tiny_proxy", "methods": {
+            "untrac": None, "untrac_inv": {"learning_rate": 0.02}}}),
+    }
+    ids = {}
+    for key, spec in specs.items():
+        path = tmp / f"{key}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        ids[key] = run_job(load_spec(path), uri).run_id
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("tests")
+    parent = client.create_run(exp.experiment_id, run_name="search",
+                               tags={"untrac_ray.job": "search"})
+    client.set_terminated(parent.info.run_id)
+    client.set_tag(ids["proxy"], "mlflow.parentRunId", parent.info.run_id)
+    ids["parent"] = parent.info.run_id
+    return SimpleNamespace(
+        uri=uri, tmp=tmp, ids=ids, client=client, experiment_id=exp.experiment_id,
+        table={k: read_influence(ids[k], uri) for k in ("full", "proxy")},
+        scores=read_run_table(ids["full"], uri, "scores"),
+        examples=read_run_table(ids["full"], uri, "examples/top_examples"),
+    )
+
+
+def cli(store, *args: str, code: int = 0):
+    result = runner.invoke(app, [*args, "--tracking-uri", store.uri], env={"COLUMNS": "200"})
+    assert result.exit_code == code, result.output
+    return result
+
+
+def sorted_matrix(table: pd.DataFrame, method: str, step: int | None = None) -> pd.DataFrame:
+    """The matrix as `show` orders it: training sets by mean influence, highest first."""
+    mat = matrix(table, method, step, TRAIN, TEST)
+    return mat.loc[mat.mean(axis=1).sort_values(ascending=False, kind="stable").index]
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+def test_runs_lists_untrac_runs_newest_first_in_text_and_every_format(store, tmp_path):
+    ids = store.ids
+    text = cli(store, "runs").stdout
+    assert text.index(ids["parent"][:12]) < text.index(ids["proxy"][:12]) \
+        < text.index(ids["full"][:12])  # newest first
+    for word in ("tiny_full", "tiny_proxy", "search", "FINISHED", "3 x 2", "gpt2",
+                 "untrac_inv +0.", "└ " + ids["parent"][:8]):
+        assert word in text, word
+
+    frame = pd.read_csv(io.StringIO(cli(store, "runs", "--format", "csv").stdout))
+    assert frame.run_id.tolist() == [ids["parent"], ids["proxy"], ids["full"]]
+    full = frame.set_index("job").loc["tiny_full"]
+    assert full.methods == "untrac,untrac_inv,ldo" and (full.n_train, full.n_test) == (3, 2)
+    best = store.client.get_run(ids["full"]).data.tags["untrac_ray.best_pearson"]
+    expected = max(float(p.split("=")[1]) for p in best.split(","))
+    assert full.best_pearson == pytest.approx(expected) and full.duration_s > 0
+    assert frame.set_index("job").loc["tiny_proxy"].parent_run_id == ids["parent"]
+    assert pd.isna(frame.set_index("job").loc["tiny_proxy"].best_pearson)  # no ground truth
+
+    data = json.loads(cli(store, "runs", "-f", "json").stdout)
+    assert [r["run_id"] for r in data["runs"]] == frame.run_id.tolist()
+    assert data["runs"][2]["methods"] == ["untrac", "untrac_inv", "ldo"]
+    out = tmp_path / "runs.parquet"
+    cli(store, "runs", "-f", "parquet", "-o", str(out))
+    assert pd.read_parquet(out).run_id.tolist() == frame.run_id.tolist()
+
+    only = json.loads(cli(store, "runs", "-f", "json", "--filter",
+                          "tags.`untrac_ray.job` = 'tiny_full'").stdout)
+    assert [r["run_id"] for r in only["runs"]] == [ids["full"]]
+    assert "no experiment 'nope'" in cli(store, "runs", "-e", "nope", code=2).output
+    assert "cannot search runs" in cli(store, "runs", "--filter", "what is this", code=2).output
+
+
+# --- show ----------------------------------------------------------------------------------------
+
+def test_show_prints_sorted_matrices_top_sets_scores_and_examples(store):
+    table = store.table["full"]
+    out = cli(store, "show", store.ids["full"], "--examples").stdout
+    for method, last in (("untrac", 3), ("untrac_inv", 2), ("ldo", 0)):
+        assert f"{method}: influence at step {last}" in out
+    section = out[out.index("untrac_inv: influence at step 2"):]
+    rows = [name for name in TRAIN if name in section[:section.index("top 3")]]
+    order = sorted(rows, key=lambda n: section.index(f"│ {n} "))
+    assert order == list(sorted_matrix(table, "untrac_inv").index)  # rows by influence
+    assert "untrac_inv at step 2 vs leave-dataset-out" in out and "mean over test sets" in out
+    assert "ldo (leave-dataset-out retraining) is the ground truth" in out
+    best = store.examples.sort_values("loss_change").iloc[-1]
+    assert best.text.splitlines()[0] in out  # the drill-down's rows are shown
+    assert "figures: heatmap_ldo.png" in out
+
+    # by a prefix of the id, one method at one step, top-1
+    out = cli(store, "show", store.ids["full"][:10], "-m", "untrac", "-s", "1", "-k", "1").stdout
+    assert "untrac: influence at step 1 (recorded steps: 1, 2, 3)" in out
+    assert "untrac_inv:" not in out and "#2" not in out
+    mat = sorted_matrix(table, "untrac", 1)
+    assert f"{mat.iloc[0, 0]:+.4f}" in out
+
+
+def test_show_formats_hold_the_logged_matrices(store, tmp_path):
+    run, table = store.ids["full"], store.table["full"]
+    cells = pd.read_csv(io.StringIO(cli(store, "show", run, "-m", "untrac_inv",
+                                        "--format", "csv").stdout))
+    assert list(cells.columns) == ["method", "step", "train_set", "test_set", "influence",
+                                   "rank"]
+    assert set(cells.step) == {2}
+    got = cells.pivot(index="train_set", columns="test_set", values="influence")
+    expected = matrix(table, "untrac_inv", 2, TRAIN, TEST)
+    assert np.allclose(got.loc[TRAIN, TEST], expected)
+    for _, part in cells.groupby("test_set"):
+        assert part.sort_values("rank").influence.is_monotonic_decreasing
+
+    data = json.loads(cli(store, "show", run, "-k", "2", "-f", "json", "--examples").stdout)
+    assert [m["method"] for m in data["matrices"]] == ["untrac", "untrac_inv", "ldo"]
+    inv = data["matrices"][1]
+    mat = sorted_matrix(table, "untrac_inv")
+    assert inv["train_sets"] == list(mat.index) and inv["test_sets"] == TEST
+    assert np.allclose(inv["influence"], mat.to_numpy())
+    for test_set in TEST:
+        top = mat[test_set].sort_values(ascending=False).head(2)
+        assert [t["train_set"] for t in inv["top"][test_set]] == list(top.index)
+    logged = store.scores.query("method == 'untrac_inv' and step == 2").set_index("test_set")
+    for row in inv["scores"]:
+        assert row["pearson"] == pytest.approx(logged.loc[row["test_set"], "pearson"])
+    assert data["matrices"][2]["scores"] is None  # ldo is the truth itself
+    assert data["examples"] and all(e["method"] == "untrac_inv" for e in data["examples"])
+    known = set(zip(store.examples.test_set, store.examples.train_set, store.examples.text,
+                    strict=True))
+    assert {(e["test_set"], e["train_set"], e["text"]) for e in data["examples"]} <= known
+
+    out = tmp_path / "cells.parquet"
+    cli(store, "show", run, "-f", "parquet", "--output", str(out))
+    every = pd.read_parquet(out)
+    assert set(every.method) == {"untrac", "untrac_inv", "ldo"} and len(every) == 3 * 6
+    json_file = tmp_path / "show.json"
+    cli(store, "show", run, "-f", "json", "-o", str(json_file))
+    assert json.loads(json_file.read_text())["run"]["run_id"] == run
+
+
+def test_show_says_clearly_what_does_not_exist(store):
+    run = store.ids["full"]
+    missing = "0123456789abcdef0123456789abcdef"
+    assert f"no run {missing}" in cli(store, "show", missing, code=2).output
+    assert "no run 'nope'" in cli(store, "show", "nope", code=2).output
+    out = cli(store, "show", run, "-m", "tracin", code=2).output
+    assert "no results for method 'tracin' (it has: untrac, untrac_inv, ldo)" in out
+    assert "method 'untrac' has no step 9 (steps: 1, 2, 3)" in cli(
+        store, "show", run, "-m", "untrac", "--step", "9", code=2).output
+    assert "no method of the run has step 9" in cli(store, "show", run, "-s", "9",
+                                                    code=2).output
+    assert "give --output FILE" in cli(store, "show", run, "-f", "parquet", code=2).output
+    assert "has no influence table" in cli(store, "show", store.ids["parent"], code=2).output
+    # a run without a ground truth shows no scores, and says so
+    out = cli(store, "show", store.ids["proxy"]).stdout
+    assert "no scores against a ground truth" in out
+
+
+# --- compare -------------------------------------------------------------------------------------
+
+def test_compare_puts_two_matrices_side_by_side_with_their_correlation(store, tmp_path):
+    full, proxy = store.ids["full"], store.ids["proxy"]
+    table = store.table["full"]
+    out = cli(store, "compare", full, full).stdout  # one run: UnTrac vs UnTrac-Inv
+    assert "A: tiny_full" in out and "untrac @ 3" in out and "untrac_inv @ 2" in out
+    a = matrix(table, "untrac", 3, TRAIN, TEST).to_numpy().ravel()
+    b = matrix(table, "untrac_inv", 2, TRAIN, TEST).to_numpy().ravel()
+    r = np.corrcoef(a, b)[0, 1]
+    assert f"Pearson r over 6 shared cells: {r:+.3f}" in out
+
+    data = json.loads(cli(store, "compare", full, proxy, "-m", "untrac_inv", "-f",
+                          "json").stdout)
+    assert (data["a"]["run_id"], data["b"]["run_id"]) == (full, proxy)
+    a = matrix(table, "untrac_inv", 2, TRAIN, TEST)
+    b = matrix(store.table["proxy"], "untrac_inv", 2, TRAIN, TEST)
+    assert data["pearson"] == pytest.approx(np.corrcoef(a.to_numpy().ravel(),
+                                                        b.to_numpy().ravel())[0, 1])
+    cells = pd.read_csv(io.StringIO(cli(store, "compare", full, proxy, "--method-a",
+                                        "untrac_inv", "--step-a", "1", "-f", "csv").stdout))
+    assert len(cells) == 6
+    got = cells.set_index(["train_set", "test_set"])
+    for tr in TRAIN:
+        for te in TEST:
+            assert got.loc[(tr, te), "influence_a"] == pytest.approx(
+                matrix(table, "untrac_inv", 1).loc[tr, te])
+            assert got.loc[(tr, te), "influence_b"] == pytest.approx(b.loc[tr, te])
+    out = tmp_path / "cmp.parquet"
+    cli(store, "compare", full, full, "--method-b", "ldo", "-f", "parquet", "-o", str(out))
+    assert np.allclose(pd.read_parquet(out).influence_b,
+                       matrix(table, "ldo").stack().reindex(
+                           pd.read_parquet(out).set_index(["train_set", "test_set"]).index))
+
+    assert "same matrix" in cli(store, "compare", full, full, "-m", "untrac", code=2).output
+    assert "B (run" in cli(store, "compare", full, proxy, "--method-b", "ldo", code=2).output
+    assert "no run 'nope'" in cli(store, "compare", full, "nope", code=2).output
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", data[16:24])
+
+
+def test_figures_are_logged_non_empty_and_draw_the_matrices(store):
+    run, table = store.ids["full"], store.table["full"]
+    names = {Path(a.path).name for a in store.client.list_artifacts(run, "figures")}
+    assert names >= {"heatmap_untrac.png", "heatmap_untrac_inv.png", "heatmap_ldo.png",
+                     "trajectory_untrac.png", "trajectory_untrac_inv.png",
+                     "scatter_untrac.png", "scatter_untrac_inv.png"}
+    for name in names:
+        local = Path(store.client.download_artifacts(run, f"figures/{name}"))
+        width, height = png_size(local)
+        assert width > 200 and height > 150 and local.stat().st_size > 5000
+    shown = json.loads(cli(store, "show", run, "-f", "json").stdout)
+    for m in shown["matrices"]:
+        fig = plots.heatmap(table, m["method"], TRAIN, TEST)
+        drawn = pd.DataFrame(fig.heatmap_values, index=TRAIN, columns=TEST)
+        assert np.allclose(drawn.loc[m["train_sets"]], m["influence"])  # = what show prints
+    truth = matrix(table, "ldo", 0, TRAIN, TEST)
+    summary = read_run_table(run, store.uri, "score_summary")
+    for r in summary.itertuples():
+        est = matrix(table, r.method, int(r.best_step), TRAIN, TEST)
+        fig = plots.scatter_vs_truth(est, truth, r.method, int(r.best_step))
+        pts = fig.scatter_points.set_index(["train_set", "test_set"])
+        assert np.allclose(pts.estimate, est.stack().reindex(pts.index))
+        assert np.allclose(pts.truth, truth.stack().reindex(pts.index))
+        pooled = store.scores.query("method == @r.method and step == @r.best_step "
+                                    "and test_set == '__all__'").pearson.item()
+        assert fig.pearson == pytest.approx(pooled)
+        assert f"{pooled:.3f}" in fig.axes[0].get_title()
+
+
+def _visible_text_boxes(fig) -> list:
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return [t.get_window_extent(renderer) for t in fig.axes[0].texts if t.get_visible()]
+
+
+def test_scatter_vs_truth_is_readable_with_many_cells():
+    rng = np.random.default_rng(0)
+    train = [f"train_set_{i}" for i in range(6)]
+    test = [f"test_set_{j}" for j in range(4)]
+    truth = pd.DataFrame(rng.normal(size=(6, 4)), index=train, columns=test)
+    est = 0.5 * truth + rng.normal(scale=0.3, size=(6, 4))
+    fig = plots.scatter_vs_truth(est, truth.iloc[::-1], "untrac", 12)  # truth gets aligned
+    assert np.isclose(fig.pearson, np.corrcoef(est.to_numpy().ravel(),
+                                               truth.to_numpy().ravel())[0, 1])
+    ax = fig.axes[0]
+    assert "UnTrac (step 12)" in ax.get_title() and "Pearson r" in ax.get_title()
+    assert ax.get_xlabel().startswith("ground truth") and ax.get_ylabel().startswith("estimate")
+    assert len(ax.collections) == len(test)  # one colour per test set, in the legend
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == test
+    boxes = _visible_text_boxes(fig)  # the points' names: many shown, none overlapping
+    assert len(boxes) >= 12
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    inside = ax.get_window_extent(fig.canvas.get_renderer())
+    assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 for b in boxes)
+    # a constant estimate has no correlation: said, not crashed
+    flat = plots.scatter_vs_truth(est * 0, truth, "untrac_inv", 1)
+    assert np.isnan(flat.pearson) and "n/a" in flat.axes[0].get_title()
+
+
+# --- ui, and the run's page in a browser ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ui_server(store):
+    """`untrac-ray ui --port 0` in a subprocess; yields the address it prints."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "untrac_ray.cli", "ui", "--tracking-uri", store.uri,
+         "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        line = proc.stdout.readline()  # printed once the server answers
+        assert line.startswith("MLflow UI: http://127.0.0.1:"), (line, proc.stderr.read()
+                                                                  if proc.poll() else "")
+        address = line.split()[2]
+        yield address
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the command stops the server it started
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    with pytest.raises(OSError):  # and nothing answers there any more
+        urllib.request.urlopen(f"{address}/health", timeout=2)
+
+
+def test_ui_serves_the_store_on_loopback(store, ui_server):
+    with urllib.request.urlopen(ui_server, timeout=10) as reply:
+        assert reply.status == 200 and b"<html" in reply.read().lower()
+    url = (f"{ui_server}/ajax-api/2.0/mlflow/artifacts/list?run_id={store.ids['full']}"
+           "&path=figures")
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        files = {f["path"] for f in json.load(reply)["files"]}
+    assert "figures/heatmap_untrac.png" in files
+
+
+def test_ui_refuses_a_missing_store_and_a_busy_port(store, tmp_path):
+    result = runner.invoke(app, ["ui", "--tracking-uri", f"sqlite:///{tmp_path / 'no.db'}"])
+    assert result.exit_code == 2 and "no MLflow store" in result.output
+    assert not (tmp_path / "no.db").exists()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["ui", "--tracking-uri", store.uri, "--port", str(port)])
+    assert result.exit_code == 2 and f"port {port} on 127.0.0.1 is in use" in result.output
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.mark.e2e
+def test_run_page_lists_the_heatmap_and_its_image_loads(store, ui_server, tmp_path):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("Chromium is not installed: `make browser` (apt-get install chromium "
+                    "chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the dev extra) "
+                                    "is not installed")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    run = store.ids["full"]
+    local = Path(store.client.download_artifacts(run, "figures/heatmap_untrac.png"))
+    size = png_size(local)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        driver.get(f"{ui_server}/#/experiments/{store.experiment_id}/runs/{run}"
+                   "/artifacts/figures/heatmap_untrac.png")
+        deadline, listed, loaded = time.monotonic() + 60, False, []
+        while time.monotonic() < deadline:  # a React app: poll until it has rendered
+            listed = bool(driver.find_elements(
+                By.XPATH, "//*[normalize-space(text())='heatmap_untrac.png']"))
+            loaded = driver.execute_script(
+                "return Array.from(document.images).filter(i => i.complete && "
+                "i.naturalWidth > 0).map(i => [i.naturalWidth, i.naturalHeight]);")
+            if listed and [*size] in loaded:
+                break
+            time.sleep(0.5)
+        shot = tmp_path / "run_page.png"
+        driver.save_screenshot(str(shot))
+    finally:
+        driver.quit()
+    print(f"screenshot: {shot}")
+    assert shot.stat().st_size > 10_000
+    assert listed, "heatmap_untrac.png is not listed among the run's artifacts"
+    assert [*size] in loaded, f"no loaded image of the heatmap's size {size}: {loaded}"
