@@ -73,20 +73,30 @@ def trajectory(table: pd.DataFrame, method: str, train: list[str], test: list[st
     return fig
 
 
-def _drop_overlapping_labels(fig, ax, labels: list) -> None:
-    """Hide labels that would overlap an earlier one or leave the axes (greedy, in order)."""
+LABEL_OFFSETS = ((4, 4, "left", "bottom"), (4, -4, "left", "top"),
+                 (-4, 4, "right", "bottom"), (-4, -4, "right", "top"))
+
+
+def _place_labels(fig, ax, labels: list) -> None:
+    """Move each label to the first of four spots around its point where it overlaps no
+    earlier label and stays inside the axes; hide it where none is free (greedy, in order)."""
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     inside = ax.get_window_extent(renderer)
     kept = []
     for text in labels:
-        box = text.get_window_extent(renderer)
-        outside = (box.x0 < inside.x0 or box.x1 > inside.x1
-                   or box.y0 < inside.y0 or box.y1 > inside.y1)
-        if outside or any(box.overlaps(k) for k in kept):
-            text.set_visible(False)
+        for dx, dy, ha, va in LABEL_OFFSETS:
+            text.set_position((dx, dy))
+            text.set_ha(ha)
+            text.set_va(va)
+            box = text.get_window_extent(renderer)
+            fits = (inside.x0 <= box.x0 and box.x1 <= inside.x1
+                    and inside.y0 <= box.y0 and box.y1 <= inside.y1)
+            if fits and not any(box.overlaps(k) for k in kept):
+                kept.append(box)
+                break
         else:
-            kept.append(box)
+            text.set_visible(False)
 
 
 def scatter_vs_truth(estimate: pd.DataFrame, truth: pd.DataFrame, method: str, step: int):
@@ -125,7 +135,7 @@ def scatter_vs_truth(estimate: pd.DataFrame, truth: pd.DataFrame, method: str, s
         ax.plot(xs, slope * xs + intercept, "--", color="grey", linewidth=1, zorder=2)
     ax.margins(0.15)
     labels = []
-    if len(valid) <= 40:  # name the training set of each point, where it fits
+    if len(valid) <= 24:  # name the training set of each point, where it fits
         for row in valid.itertuples():
             labels.append(ax.annotate(row.train_set, (row.truth, row.estimate),
                                       xytext=(4, 4), textcoords="offset points", fontsize=7,
@@ -136,7 +146,7 @@ def scatter_vs_truth(estimate: pd.DataFrame, truth: pd.DataFrame, method: str, s
     ax.set_title(f"{name} (step {step}) vs leave-dataset-out\n"
                  f"Pearson r = {r_text} over {len(valid)} cells (dashed: least-squares fit)")
     fig.legend(loc="outside right upper", title="test set", fontsize=8)
-    _drop_overlapping_labels(fig, ax, labels)
+    _place_labels(fig, ax, labels)
     fig.scatter_points = points  # the exact data drawn, for checks
     fig.pearson = r
     return fig
