@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # The torch that must still be installed after setup ('any' when TORCH is overridden).
 TORCH_VERSION ?= $(if $(filter torch==2.13.0,$(TORCH)),2.13.0+cpu,any)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean browser
 
 setup: $(VENV)/.installed
 
@@ -29,8 +29,14 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/untrac-ray run jobs/synthetic_a.yaml
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
+
+# Headless Chromium and its driver for the end-to-end UI test: Debian packages, no download.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }
 
 lint: setup
 	$(BIN)/ruff check .
