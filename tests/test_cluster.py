@@ -10,10 +10,10 @@ this machine. Run only these with `pytest -m ray_head`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +41,6 @@ from untrac_ray.spec import ResourcesSpec, load_spec
 from untrac_ray.tracking import read_influence
 
 runner = CliRunner()
-VENV_BIN = Path(sys.executable).parent
 HEAD_READY_S = 180  # deadline for the job server of a fresh head to answer
 
 
@@ -54,15 +53,18 @@ def free_port() -> int:
 # ---------------------------------------------------------------- a real Ray head
 
 
+REPO = Path(__file__).resolve().parent.parent
+LOCAL_HEAD = REPO / "cluster" / "local_head.py"
+
+
 @dataclass
 class RayHead:
-    """A `ray start --head --block` in its own session, on loopback and free ports."""
+    """A head started by the repo's local recipe, cluster/local_head.py."""
 
     url: str
     root: Path
     token: str
     token_file: Path
-    proc: subprocess.Popen
     ready_s: float
 
     def client_env(self, **extra: str | None) -> dict[str, str | None]:
@@ -77,85 +79,53 @@ class RayHead:
         return {"Authorization": f"Bearer {self.token}"}
 
 
-def start_head(root: Path) -> RayHead:
-    token = secrets.token_hex(32)
-    token_file = root / "auth_token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")}
-    # The job's entrypoint runs in the head's environment: its `python` is this venv's.
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file),
-               PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
-    dashboard = free_port()
-    ports = {flag: free_port() for flag in (
-        "--port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-        "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--node-manager-port",
-        "--object-manager-port", "--metrics-export-port")}
-    low = free_port()
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-           "--node-ip-address", "127.0.0.1", "--include-dashboard", "true",
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-           "--num-cpus", "2", "--num-gpus", "2",  # logical GPUs: placement without hardware
-            "--object-store-memory", str(200 * 2**20),
-           "--temp-dir", str(root / "ray"),
-           "--min-worker-port", str(min(low, 60000)), "--max-worker-port",
-           str(min(low, 60000) + 200)]
-    for flag, port in ports.items():
-        cmd += [flag, str(port)]
-    log = open(root / "head.log", "w")  # noqa: SIM115 - kept open for the head's lifetime
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{dashboard}"
-    head = RayHead(url, root, token, token_file, proc, 0.0)
-    while True:  # poll the job server with a deadline instead of sleeping
-        if proc.poll() is not None:
-            raise RuntimeError("ray start --head exited: "
-                               + (root / "head.log").read_text()[-2000:])
-        try:
-            r = requests.get(f"{url}/api/jobs/", headers=head.headers(), timeout=2)
-            if r.status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if time.monotonic() - start > HEAD_READY_S:
-            stop_head(head)
-            raise RuntimeError(f"the job server did not answer within {HEAD_READY_S} s")
-        time.sleep(0.25)
-    head.ready_s = time.monotonic() - start
-    return head
-
-
-def stop_head(head: RayHead) -> None:
-    """Kill this head only: its process group, then any process still living in its temp
-    dir (a job's driver runs in a session of its own)."""
-    import psutil
-
-    try:
-        os.killpg(head.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    head.proc.wait(timeout=30)
-    root = str(head.root)
-    for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
-        try:
-            mine = (p.info["cwd"] or "").startswith(root) or any(
-                root in part for part in p.info["cmdline"] or [])
-            if mine and p.pid != os.getpid():
-                p.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
+def local_head(command: str, root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(LOCAL_HEAD), command, "--state", str(root), *args],
+        capture_output=True, text=True, timeout=HEAD_READY_S + 60,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
 
 
 @pytest.fixture(scope="module")
 def head():
+    """`ray start --head` on loopback with its own free ports and a short temp dir (Unix
+    socket paths are limited), 2 CPUs and 2 logical GPUs, token authentication on."""
     root = Path(tempfile.mkdtemp(prefix="ur-", dir="/tmp"))
-    head = start_head(root)
-    print(f"\nray head: job server answered {head.ready_s:.1f} s after ray start")
-    yield head
-    stop_head(head)
-    shutil.rmtree(root, ignore_errors=True)
+    started = local_head("start", root, "--free-ports", "--num-cpus", "2", "--num-gpus", "2",
+                         "--object-store-mb", "200", "--timeout", str(HEAD_READY_S))
+    try:
+        assert started.returncode == 0, started.stderr[-3000:]
+        info = json.loads((root / "head.json").read_text())
+        token_file = Path(info["token_file"])
+        head = RayHead(info["url"], root, token_file.read_text().strip(), token_file,
+                       info["ready_seconds"])
+        assert head.token not in started.stdout + started.stderr
+        assert started.stdout.startswith(f"export RAY_ADDRESS={head.url}\n")
+        print(f"\nray head: job server answered {head.ready_s:.1f} s after ray start")
+        yield head
+    finally:
+        stopped = local_head("stop", root)
+        assert stopped.returncode == 0 and "stopped" in stopped.stderr
+        assert not processes_under(root), "the head left processes behind"
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def processes_under(root: Path) -> list[int]:
+    """Processes whose command line or working folder lies under `root`."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if (p.info["cwd"] or "").startswith(str(root)) or any(
+                    str(root) in part for part in p.info["cmdline"] or []):
+                found.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
 
 
 def cli(*args: str, env: dict | None = None):
@@ -186,6 +156,21 @@ def local_and_cluster(head, tmp_path_factory, ray_cluster):
     print(f"\nsubmit --follow of the tiny job took {seconds:.1f} s")
     return {"job": job, "local_uri": local_uri, "cluster_uri": cluster_uri, "local": local,
             "submitted": submitted, "sid": submitted.stdout.splitlines()[0].strip()}
+
+
+def read_tag(db: Path, key: str) -> str | None:
+    """A run tag read straight from an MLflow SQLite file, read-only: an MLflow client here
+    would race the job's driver creating the store."""
+    import sqlite3
+
+    if not db.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            row = con.execute("SELECT value FROM tags WHERE key = ?", (key,)).fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
 
 
 def only_run(uri: str, experiment: str = "tests"):
@@ -250,17 +235,14 @@ def test_one_actor_per_gpu_and_stop_ends_a_long_running_job(head, tmp_path, monk
     sid = submitted.stdout.splitlines()[0].strip()
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(head.token_file))
     cluster = sub.Cluster(head.url)
-    run = None
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # until the pool is up (the run's `actors` tag)
+    actors = None
+    while actors is None and time.monotonic() < deadline:  # until the pool is up
         assert cluster.status(sid) in ("PENDING", "RUNNING"), cluster.logs(sid)[-2000:]
-        if Path(tmp_path / "long.db").exists():
-            with contextlib.suppress(Exception):
-                run = only_run(uri)
-        if run is not None and "untrac_ray.actors" in run.data.tags:
-            break
+        actors = read_tag(tmp_path / "long.db", "untrac_ray.actors")
         time.sleep(0.5)
-    assert run is not None and run.data.tags["untrac_ray.actors"] == "2"
+    assert actors == "2"
+    run = only_run(uri)
     assert run.data.tags[sub.SUBMISSION_TAG] == sid
     stopped = cli("stop", sid, "--address", head.url, env=env)
     assert stopped.exit_code == 0, stopped.output
