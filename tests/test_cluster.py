@@ -360,9 +360,27 @@ def test_staging_uploads_local_files_and_keeps_shared_paths_and_uris(tmp_path):
     assert not staged.folder.exists()
 
 
+def test_shared_folders_can_sit_elsewhere_on_the_cluster(tmp_path):
+    """--shared LOCAL=CLUSTER: files under LOCAL are where the nodes see CLUSTER, unread here."""
+    job = write_job(tmp_path / "job", {
+        "data": {"test": [{"name": "far", "source": "../data/far.csv"}]},
+        "cache_dir": "../data/cache"})
+    staged = sub.stage_job(job, shared=[f"{tmp_path / 'data'}=/mnt/nfs/data"])
+    try:
+        moved = yaml.safe_load((staged.folder / sub.STAGED_SPEC).read_text())
+        assert moved["data"]["test"][0]["source"] == "/mnt/nfs/data/far.csv"
+        assert moved["cache_dir"] == "/mnt/nfs/data/cache"
+        assert staged.passed == ["/mnt/nfs/data/far.csv"]
+    finally:
+        staged.cleanup()
+    assert sub.on_cluster("/a/b/c", sub.shared_prefixes(["/a=/x/"])) == "/x/b/c"
+    assert sub.on_cluster("/a", sub.shared_prefixes(["/a=/x"])) == "/x"
+    assert sub.on_cluster("/ab/c", sub.shared_prefixes(["/a"])) is None
+
+
 def test_staging_refuses_files_above_the_upload_limit(tmp_path):
     job = write_job(tmp_path)
-    with pytest.raises(sub.UploadError, match="--shared PREFIX, or on remote storage"):
+    with pytest.raises(sub.UploadError, match="--shared PREFIX .*, or on remote storage"):
         sub.stage_job(job, limit=1000)
     with pytest.raises(SpecError):
         sub.stage_job(tmp_path / "no-such-job.yaml")

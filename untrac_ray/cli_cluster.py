@@ -82,8 +82,9 @@ def submit(
     ] = None,
     shared: Annotated[
         list[str] | None,
-        typer.Option("--shared", help="a folder the cluster's nodes share (repeatable): paths "
-                     "under it are used in place, not uploaded", show_default=False),
+        typer.Option("--shared", help="a folder on a filesystem the cluster's nodes share "
+                     "(repeatable): PATH, or LOCAL=CLUSTER when the nodes see it elsewhere; "
+                     "paths under it are used in place, not uploaded", show_default=False),
     ] = None,
     python: Annotated[
         str,

@@ -145,7 +145,7 @@ class StagedJob:
     job_file: Path
     spec: JobSpec
     uploaded: dict[str, str]  # local path -> path inside the folder
-    passed: list[str]  # shared paths and URIs left as they are
+    passed: list[str]  # shared paths (as the cluster sees them) and URIs
     size: int
 
     def cleanup(self) -> None:
@@ -174,9 +174,25 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _under(path: str, prefixes: list[str]) -> bool:
+def shared_prefixes(shared: list[str] | tuple[str, ...]) -> list[tuple[Path, str]]:
+    """--shared values as (local prefix, cluster prefix): `PATH` is the same path on both
+    sides, `LOCAL=CLUSTER` maps a local folder to where the nodes see the same files."""
+    out = []
+    for item in shared:
+        local, sep, remote = item.partition("=")
+        prefix = Path(local).expanduser().resolve()
+        out.append((prefix, remote if sep else str(prefix)))
+    return out
+
+
+def on_cluster(path: str, shared: list[tuple[Path, str]]) -> str | None:
+    """Where the cluster finds a local path under a shared prefix (None: not shared)."""
     p = Path(path)
-    return any(p == Path(s) or Path(s) in p.parents for s in prefixes)
+    for local, remote in shared:
+        if p == local or local in p.parents:
+            rel = p.relative_to(local).as_posix()
+            return remote if rel == "." else f"{remote.rstrip('/')}/{rel}"
+    return None
 
 
 def _human(n: float) -> str:
@@ -196,12 +212,13 @@ def stage_job(
     """Validate a job file and stage it with the local files it names.
 
     Local data files, the model and tokenizer folders are copied (keeping their file names, so
-    content fingerprints do not change); paths under a `shared` prefix and URIs are kept.
+    content fingerprints do not change); URIs are kept, and paths under a `shared` prefix
+    (see `shared_prefixes`) become the cluster's paths, without being read here.
     Raises SpecError for a bad spec, UploadError for a missing file or one that would take
     the upload above `limit` bytes (with `extra_bytes` already used, e.g. by the package).
     """
     spec = load_spec(job_file)
-    shared = [str(Path(s).expanduser().resolve()) for s in shared]
+    mapping = shared_prefixes(shared)
     wanted: dict[str, str] = {}  # local path -> key naming it in the spec
     for ds in _datasets(spec):
         wanted.setdefault(ds.source, f"dataset {ds.name!r}")
@@ -210,13 +227,13 @@ def stage_job(
     if spec.tokenizer.path:
         wanted.setdefault(spec.tokenizer.path, "tokenizer.path")
 
-    passed = [p for p in wanted if is_uri(p) or _under(p, shared)]
-    local = [p for p in wanted if p not in passed]
+    remote = {p: p if is_uri(p) else on_cluster(p, mapping) for p in wanted}
+    local = [p for p in wanted if remote[p] is None]
     for p in local:
         if not Path(p).exists():
             raise UploadError(
                 f"{wanted[p]}: {p} does not exist here; a path that exists only on the "
-                "cluster's shared filesystem needs --shared PREFIX"
+                "cluster's shared filesystem needs --shared PREFIX (or LOCAL=CLUSTER)"
             )
     sizes = {p: _size(Path(p)) for p in local}
     total = sum(sizes.values()) + extra_bytes
@@ -226,7 +243,8 @@ def stage_job(
         raise UploadError(
             f"the job's local files come to {_human(total)}, above the {_human(limit)} that "
             f"Ray uploads with a job (largest: {listed}); put them on a filesystem the nodes "
-            "share and pass --shared PREFIX, or on remote storage (s3://, gs://, hdfs://)"
+            "share and pass --shared PREFIX (or LOCAL=CLUSTER), or on remote storage "
+            "(s3://, gs://, hdfs://)"
         )
 
     folder = Path(tempfile.mkdtemp(prefix="untrac-ray-submit-"))
@@ -241,24 +259,27 @@ def stage_job(
             else:
                 shutil.copy2(src, folder / rel)
             uploaded[p] = rel
+        where = {p: uploaded.get(p) or remote[p] for p in wanted}
         staged = spec.model_copy(deep=True)
         for ds in _datasets(staged):
-            ds.source = uploaded.get(ds.source, ds.source)
+            ds.source = where[ds.source]
         if staged.model.path:
-            staged.model.path = uploaded.get(staged.model.path, staged.model.path)
+            staged.model.path = where[staged.model.path]
         if staged.tokenizer.path:
-            staged.tokenizer.path = uploaded.get(staged.tokenizer.path, staged.tokenizer.path)
-        # Outputs and caches stay on the cluster: kept when shared, else in the job's folder.
+            staged.tokenizer.path = where[staged.tokenizer.path]
+        # Outputs and caches stay on the cluster: on the shared filesystem when they are
+        # under a shared prefix, else in the job's own folder there.
         for part in _parts(staged):
             out = getattr(part, "output_dir", None)
-            if isinstance(out, str) and not is_uri(out) and not _under(out, shared):
-                part.output_dir = None
-        if staged.cache_dir and not _under(staged.cache_dir, shared):
-            staged.cache_dir = None
+            if isinstance(out, str) and not is_uri(out):
+                part.output_dir = on_cluster(out, mapping)
+        if staged.cache_dir and not is_uri(staged.cache_dir):
+            staged.cache_dir = on_cluster(staged.cache_dir, mapping)
         (folder / STAGED_SPEC).write_text(staged.to_yaml())
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+    passed = [remote[p] for p in wanted if remote[p] is not None]
     return StagedJob(folder, Path(job_file), spec, uploaded, passed, total)
 
 
