@@ -116,11 +116,18 @@ def _method_key(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
-def cell_style(value: float, bound: float) -> str:
-    """A diverging background for a cell: red for positive, blue for negative, white at zero."""
+def cell_style(value: float, bound: float, basic: bool = False) -> str:
+    """A diverging background for a cell: red for positive, blue for negative, white at zero.
+
+    `basic` (terminals of 8/16 colours): red or blue text, on red or blue when strong.
+    """
     if value != value or bound <= 0:
         return ""
     t = max(-1.0, min(1.0, value / bound))
+    if basic:
+        colour = "red" if t > 0 else "blue"
+        return (f"bold white on {colour}" if abs(t) > 0.5
+                else colour if abs(t) > 0.15 else "")
     end = (178, 24, 43) if t > 0 else (33, 102, 172)
     rgb = [round(255 + (c - 255) * abs(t)) for c in end]
     fg = "white" if abs(t) > 0.55 else "black"
@@ -182,7 +189,7 @@ def runs_table(records: list[RunRecord], title: str) -> Table:
         best_method, best = best_of(r)
         sets = f"{r.n_train if r.n_train is not None else '?'} x " \
                f"{r.n_test if r.n_test is not None else '?'}"
-        cells = [r.run_id[:12] if nested else r.run_id]
+        cells = [r.run_id]
         if nested:
             cells.append(("└ " + r.parent_id[:8]) if r.parent_id else "")
         if len(experiments) > 1:
@@ -297,8 +304,9 @@ def heading(text: str) -> Text:
     return Text(text, style="bold")
 
 
-def matrix_table(v: MatrixView, title: str | None = None) -> Table:
-    """The matrix as a coloured table (red: positive, blue: negative) with a mean column."""
+def matrix_table(v: MatrixView, title: str | None = None, basic: bool = False) -> Table:
+    """The matrix as a coloured table (red: positive, blue: negative) with a mean column;
+    `basic` for terminals of 8/16 colours."""
     mat = v.matrix
     values = mat.to_numpy(dtype=float)
     bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 0.0
@@ -308,7 +316,7 @@ def matrix_table(v: MatrixView, title: str | None = None) -> Table:
         table.add_column(str(t), justify="right")
     table.add_column("mean", justify="right", style="bold")
     for name, row in mat.iterrows():
-        cells = [Text("     -" if x != x else f"{x:+.4f}", style=cell_style(x, bound))
+        cells = [Text("     -" if x != x else f"{x:+.4f}", style=cell_style(x, bound, basic))
                  for x in row.to_numpy(dtype=float)]
         table.add_row(str(name), *cells, f"{np.nanmean(row.to_numpy(dtype=float)):+.4f}")
     return table
@@ -433,7 +441,7 @@ def header(record: RunRecord, figures: list[str] | None = None) -> Group:
 def show_renderables(record: RunRecord, views: list[MatrixView], k: int,
                      scores: pd.DataFrame | None, examples: pd.DataFrame | None,
                      want_examples: bool, n_examples: int, figures: list[str] | None = None,
-                     partial: bool = False) -> list:
+                     partial: bool = False, basic: bool = False) -> list:
     """Everything `show` prints, in order."""
     out: list = [header(record, figures)]
     if partial:
@@ -443,7 +451,7 @@ def show_renderables(record: RunRecord, views: list[MatrixView], k: int,
         out.append(Text(""))
         out.append(heading(f"{v.method}: influence at step {v.step} (recorded steps: "
                            f"{_fmt_steps(v.steps)}), training sets by mean influence"))
-        out.append(matrix_table(v))
+        out.append(matrix_table(v, basic=basic))
         out.append(heading(f"{v.method}: top {k} training sets per test set"))
         out.append(top_table(v, k))
         part = scores_at(scores, v.method, v.step)
@@ -601,14 +609,14 @@ def compare_json(c: Comparison, record_a: RunRecord, record_b: RunRecord) -> dic
     }
 
 
-def compare_renderables(c: Comparison) -> list:
+def compare_renderables(c: Comparison, basic: bool = False) -> list:
     """Both matrices side by side on the shared cells, then their agreement."""
     from rich.columns import Columns
 
     a = MatrixView(c.a.method, c.a.step, c.a.steps, c.a.matrix.loc[c.train, c.test])
     b = MatrixView(c.b.method, c.b.step, c.b.steps, c.b.matrix.loc[c.train, c.test])
-    out: list = [Columns([matrix_table(a, f"A: {c.label_a}"),
-                          matrix_table(b, f"B: {c.label_b}")], padding=(0, 4))]
+    out: list = [Columns([matrix_table(a, f"A: {c.label_a}", basic),
+                          matrix_table(b, f"B: {c.label_b}", basic)], padding=(0, 4))]
     if c.dropped:
         out.append(Text(f"not in both, left out: {', '.join(c.dropped)}", style="yellow"))
     out.append(heading("agreement of A and B"))

@@ -76,6 +76,11 @@ def _print(renderables: list, output: Path | None) -> None:
             console.print(r)
 
 
+def _basic() -> bool:
+    """True on terminals of 8 or 16 colours, where shaded backgrounds would turn yellow."""
+    return out_console.color_system in ("standard", "windows")
+
+
 def _emit(fmt: Format, frame, data, output: Path | None) -> None:
     from untrac_ray.browse import write_output
 
@@ -169,7 +174,7 @@ def show(
         if fmt is Format.text:
             figures = [Path(p).name for p in list_run_artifacts(record.run_id, uri, "figures")]
             _print(browse.show_renderables(record, views, top, scores, drill, examples,
-                                           n_examples, figures, partial), output)
+                                           n_examples, figures, partial, _basic()), output)
             return
         data = browse.show_json(record, views, top, scores, drill, examples, n_examples)
         _emit(fmt, browse.cells_frame(views), data, output)
@@ -218,7 +223,7 @@ def compare(
         label_b = f"{record_b.run_name or record_b.run_id[:8]} {vb.method} @ {vb.step}"
         comparison = browse.compare_views(va, vb, label_a, label_b)
         if fmt is Format.text:
-            _print(browse.compare_renderables(comparison), output)
+            _print(browse.compare_renderables(comparison, _basic()), output)
             return
         _emit(fmt, browse.compare_frame(comparison),
               browse.compare_json(comparison, record_a, record_b), output)
