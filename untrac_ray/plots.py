@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -63,6 +64,7 @@ def trajectory(table: pd.DataFrame, method: str, train: list[str], test: list[st
             ax.plot(steps, [0.0, *line["influence"]], marker="o", markersize=3, label=train_set)
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_title(f"test set: {test_set}")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("unlearning step")
         ax.set_ylabel("influence")
     for ax in list(axes.flat)[len(test):]:
