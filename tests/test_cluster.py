@@ -10,6 +10,7 @@ this machine. Run only these with `pytest -m ray_head`.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import secrets
@@ -515,3 +516,15 @@ def test_a_bf16_job_runs_on_the_actors(tmp_path, ray_cluster):
     assert fp32.shape == bf16.shape and np.isfinite(bf16.influence).all()
     assert not np.allclose(fp32.loss_before, bf16.loss_before, rtol=0, atol=1e-7)
     np.testing.assert_allclose(fp32.loss_before, bf16.loss_before, rtol=0.05)
+
+
+def test_the_gpu_check_runs_on_cpu_in_smoke_mode(capsys):
+    """benchmarks/gpu_check.py: UnTrac's unlearning and evaluation throughput (GPU when lent)."""
+    path = REPO / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--smoke", "--device", "cpu"])
+    assert report["unlearn_tokens_per_s"] > 0 and report["eval_tokens_per_s"] > 0
+    assert 0 < report["unlearn_fraction_of_matmul"] and np.isfinite(report["eval_loss"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["precision"] == "bf16"
