@@ -143,18 +143,21 @@ class Engine:
     def __init__(
         self,
         resources: ResourcesSpec,
-        weights: dict[str, SharedWeights],
-        tables: dict[str, pa.Table],
+        weights: Mapping[str, SharedWeights | ray.ObjectRef],
+        tables: Mapping[str, pa.Table | ray.ObjectRef],
         pad_id: int,
         eval_indices: dict[str, np.ndarray],
         eval_batch_size: int,
         max_useful_actors: int,
+        actor_options: dict[str, Any] | None = None,
     ) -> None:
         self.resources = resources
         # Each weight set goes into the object store once, even when several names share it.
-        by_id = {id(w): ray.put(w) for w in weights.values()}
+        # Values that are ObjectRefs already (put once by a caller that starts several
+        # engines, such as a search's trials) are used as they are.
+        by_id = {id(w): _put(w) for w in weights.values()}
         weight_refs = {name: by_id[id(w)] for name, w in weights.items()}
-        dataset_refs = {name: ray.put(table) for name, table in tables.items()}
+        dataset_refs = {name: _put(table) for name, table in tables.items()}
         self.size = plan_pool_size(resources, ray.cluster_resources(), max_useful_actors,
                                    nodes=alive_node_resources())
         threads = max(1, int(resources.cpus_per_actor))
@@ -166,6 +169,7 @@ class Engine:
         }
         if resources.gpus_per_actor > 0:
             options["scheduling_strategy"] = "SPREAD"
+        options.update(actor_options or {})  # e.g. a trial's placement group
         self._make_actor = lambda: WorkbenchActor.options(**options).remote(
             {"weights": weight_refs, "datasets": dataset_refs}, pad_id, eval_indices,
             eval_batch_size, threads, precision=resources.precision, tf32=resources.tf32,
@@ -224,6 +228,11 @@ class Engine:
                 on_result(result)
             idle.append(actor)
         return results  # type: ignore[return-value]
+
+
+def _put(value: Any) -> ray.ObjectRef:
+    """A value into the object store, unless it is a reference to one already."""
+    return value if isinstance(value, ray.ObjectRef) else ray.put(value)
 
 
 def describe(task: Task) -> str:
