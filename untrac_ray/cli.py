@@ -209,6 +209,10 @@ from untrac_ray.cli_browse import register as _register_browse  # noqa: E402
 
 _register_browse(app)  # runs, show, compare, ui
 
+from untrac_ray.cli_search import register as _register_search  # noqa: E402
+
+_register_search(app)  # tune
+
 
 if __name__ == "__main__":
     app()

@@ -412,3 +412,118 @@ def ui_command(tracking_uri: str, port: int, host: str = "127.0.0.1") -> list[st
 def store_exists(tracking_uri: str) -> bool:
     """False for a SQLite store whose database file does not exist (yet)."""
     return _store_exists(tracking_uri)
+
+
+# --- Searches (`untrac-ray tune`): a parent run per search, one nested child run per trial ---
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+class SearchRun(JobRun):
+    """The parent run of a hyperparameter search (space, objective, best trial, figures).
+
+    With `run_id` it re-opens that run (a resumed search) instead of creating one. Each trial
+    gets a nested child run from `child`; only the driver writes (SQLite dislikes concurrent
+    writers).
+    """
+
+    def __init__(self, spec: JobSpec, tracking_uri: str, tags: dict[str, str] | None = None,
+                 run_id: str | None = None, name: str | None = None) -> None:
+        super().__init__(spec, tracking_uri, {TAG_PREFIX + "kind": "search", **(tags or {})})
+        self._resume_id = run_id
+        self.name = name
+        self.experiment_id = ""
+        self.interrupted = False  # set when trials are left to resume: the run ends KILLED
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self.interrupted and self.client is not None:
+            self.client.set_terminated(self.run_id, "KILLED")
+            return
+        super().__exit__(exc_type, exc, tb)
+
+    def __enter__(self) -> SearchRun:
+        if self._resume_id is None:
+            super().__enter__()
+            if self.name:  # the run is named after the search (its Tune experiment)
+                self.client.set_tag(self.run_id, "mlflow.runName", self.name)
+        else:
+            _prepare_store(self.uri)
+            self.client = MlflowClient(tracking_uri=self.uri)
+            try:
+                self.client.get_run(self._resume_id)
+            except Exception as err:  # noqa: BLE001
+                raise TrackingError(f"the search's MLflow run {self._resume_id} is not in "
+                                    f"{self.uri}: {str(err).splitlines()[0]}") from None
+            self.run_id = self._resume_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        return self
+
+    def child(self, trial_id: str, name: str, params: dict[str, Any],
+              tags: dict[str, str] | None = None) -> JobRun:
+        """A new nested run for one trial (status RUNNING until `end_child`)."""
+        run_tags = {
+            PARENT_TAG: self.run_id,
+            TAG_PREFIX + "job": self.spec.name,
+            TAG_PREFIX + "kind": "trial",
+            TAG_PREFIX + "trial_id": trial_id,
+            TAG_PREFIX + "model": self.spec.model.path or self.spec.model.config["model_type"],
+            TAG_PREFIX + "n_train": str(len(self.spec.data.train)),
+            TAG_PREFIX + "n_test": str(len(self.spec.data.test)),
+            **{TAG_PREFIX + k: v for k, v in (tags or {}).items()},
+        }
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=run_tags)
+        handle = JobRun(self.spec, self.uri)
+        handle.client, handle.run_id = self.client, run.info.run_id
+        flat = [Param(k, v) for k, v in flatten(params).items()]
+        for i in range(0, len(flat), 100):
+            self.client.log_batch(handle.run_id, params=flat[i : i + 100])
+        return handle
+
+    def attach(self, run_id: str) -> JobRun:
+        """A handle on an existing child run."""
+        handle = JobRun(self.spec, self.uri)
+        handle.client, handle.run_id = self.client, run_id
+        return handle
+
+    def end_child(self, child: JobRun, status: str = "FINISHED", error: str | None = None,
+                  tags: dict[str, str] | None = None) -> None:
+        """Close a trial's run: FINISHED, FAILED (with the error as a tag) or KILLED."""
+        for key, value in (tags or {}).items():
+            child.set_tag(key, value)
+        if error:
+            child.set_tag("error", error[:5000])
+        self.client.set_terminated(child.run_id, status)
+
+    def children(self) -> dict[str, tuple[str, str]]:
+        """The live child runs by trial id: (run id, status)."""
+        found: dict[str, tuple[str, str]] = {}
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.run_id}'",
+                max_results=1000, page_token=token, order_by=["attributes.start_time ASC"],
+            )
+            for r in page:
+                trial = r.data.tags.get(TAG_PREFIX + "trial_id")
+                if trial:
+                    found[trial] = (r.info.run_id, r.info.status)
+            token = page.token
+            if not token:
+                return found
+
+    def delete_child(self, run_id: str) -> None:
+        """Drop a trial's run that will be redone (a trial cut off by a killed driver)."""
+        self.client.delete_run(run_id)
+
+
+def read_run_text(run_id: str, tracking_uri: str, artifact_file: str) -> str | None:
+    """A text artifact of a run (e.g. best_job.yaml), or None when the run has none."""
+    folder = os.path.dirname(artifact_file) or None
+    if artifact_file not in list_run_artifacts(run_id, tracking_uri, folder):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_file, dst_path=tmp, tracking_uri=tracking_uri,
+        )
+        return Path(path).read_text()
