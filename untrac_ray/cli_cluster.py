@@ -114,6 +114,10 @@ def submit(
         float | None, typer.Option("--entrypoint-cpus", help="CPUs reserved for the driver",
                                    show_default=False),
     ] = None,
+    command: Annotated[
+        str, typer.Option("--command", help="what the job runs: run, tune (its `search:`) or "
+                          "'tune --resume'"),
+    ] = "run",
 ) -> None:
     """Submit a job to a Ray cluster with its files; print the submission id."""
     from untrac_ray.submission import (
@@ -134,7 +138,7 @@ def submit(
             done = cluster.submit(
                 staged, uri, python=python, ship_package=ship_package, pip=pip or (),
                 submission_id=submission_id, entrypoint_num_gpus=entrypoint_gpus,
-                entrypoint_num_cpus=entrypoint_cpus,
+                entrypoint_num_cpus=entrypoint_cpus, command=command,
             )
         finally:
             staged.cleanup()

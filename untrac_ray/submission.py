@@ -227,6 +227,9 @@ def stage_job(
         wanted.setdefault(spec.model.path, "model.path")
     if spec.tokenizer.path:
         wanted.setdefault(spec.tokenizer.path, "tokenizer.path")
+    metric = spec.search.objective.function if spec.search else None  # a user metric file
+    if metric and metric.split(":")[0].endswith(".py"):
+        wanted.setdefault(metric.split(":")[0], "search.objective.function")
 
     remote = {p: p if is_uri(p) else on_cluster(p, mapping) for p in wanted}
     local = [p for p in wanted if remote[p] is None]
@@ -276,6 +279,12 @@ def stage_job(
                 part.output_dir = on_cluster(out, mapping)
         if staged.cache_dir and not is_uri(staged.cache_dir):
             staged.cache_dir = on_cluster(staged.cache_dir, mapping)
+        if staged.search is not None:  # Tune's storage like a cache; the metric file uploaded
+            s = staged.search
+            if s.storage_path and not is_uri(s.storage_path):
+                s.storage_path = on_cluster(s.storage_path, mapping)
+            if metric and metric.split(":")[0] in where:
+                s.objective.function = f"{where[metric.split(':')[0]]}:{metric.split(':')[1]}"
         (folder / STAGED_SPEC).write_text(staged.to_yaml())
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -324,9 +333,14 @@ def redact_uri(uri: str) -> str:
     return uri
 
 
-def entrypoint(python: str, tracking_uri: str, spec_file: str = STAGED_SPEC) -> str:
-    """The shell command a submitted job runs on the head (its environment, its interpreter)."""
-    parts = [python, "-m", "untrac_ray.cli", "run", spec_file, "--address", "auto",
+def entrypoint(python: str, tracking_uri: str, spec_file: str = STAGED_SPEC,
+               command: str = "run") -> str:
+    """The shell command a submitted job runs on the head (its environment, its interpreter).
+
+    `command` is `run`, `tune` (the job's hyperparameter search) or `tune --resume`."""
+    if command not in ("run", "tune", "tune --resume"):
+        raise UntracError(f"--command: expected run, tune or 'tune --resume' (got {command!r})")
+    parts = [python, "-m", "untrac_ray.cli", *command.split(), spec_file, "--address", "auto",
              "--tracking-uri", tracking_uri]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -477,10 +491,11 @@ class Cluster:
         submission_id: str | None = None,
         entrypoint_num_gpus: float | None = None,
         entrypoint_num_cpus: float | None = None,
+        command: str = "run",
     ) -> Submitted:
         """Submit a staged job (see `stage_job`); the staged folder is uploaded by Ray."""
         sid = submission_id or new_submission_id(staged.spec.name)
-        command = entrypoint(python, tracking_uri)
+        command = entrypoint(python, tracking_uri, command=command)
         runtime_env: dict[str, Any] = {
             "working_dir": str(staged.folder),
             # `stop` interrupts the driver (KeyboardInterrupt), so its MLflow run ends KILLED
