@@ -247,15 +247,16 @@ def test_a_trial_with_two_actors_in_its_placement_group_gives_the_same_objective
 # ------------------------------------------------------------------ early stopping
 
 
-def test_asha_stops_a_poor_trial_early(tmp_path, ray_cluster):
+def test_asha_stops_a_poor_trial_early_and_a_diverging_trial_fails_alone(tmp_path,
+                                                                         ray_cluster):
     (tmp_path / "metric.py").write_text(
         "def moved(table, truth):\n"
         "    return float(table['influence'].abs().mean())\n")
     spec = merge(tiny_spec(tmp_path), {
-        "methods": {"untrac_inv": None,
-                    "untrac": {"batch_size": 4, "eval_every": 1}},  # 6 evaluation rounds
-        "search": {"algorithm": "grid", "max_concurrent": 1,
-                   "space": {"untrac.learning_rate": [1e-2, 1e-8, 3e-3]},
+        "methods": {"untrac_inv": None,  # SGD, 6 evaluation rounds
+                    "untrac": {"optimizer": "sgd", "batch_size": 4, "eval_every": 1}},
+        "search": {"algorithm": "grid", "max_concurrent": 1,  # in this order, one at a time
+                   "space": {"untrac.learning_rate": [1e-2, 1e-8, 1e30]},
                    "objective": {"function": "metric.py:moved"},
                    "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2}},
     })
@@ -269,9 +270,15 @@ def test_asha_stops_a_poor_trial_early(tmp_path, ray_cluster):
     stopped = client.get_run(trials.loc[1e-8, "run_id"])
     assert stopped.data.tags["untrac_ray.trial_status"] == "stopped early"
     assert len(client.get_metric_history(stopped.info.run_id, "objective")) == 1
+    assert trials.loc[1e30, "status"] == "failed"
+    assert "while unlearning dataset 'add_one' at step 1" in trials.loc[1e30, "error"]
+    failed = client.get_run(trials.loc[1e30, "run_id"])
+    assert failed.info.status == "FAILED" and "at step 1" in failed.data.tags["untrac_ray.error"]
     assert outcome.best["config"]["untrac.learning_rate"] == 1e-2
-    figures = {a.path for a in client.list_artifacts(outcome.parent_run_id, "figures")}
-    assert "figures/objective_vs_settings.png" in figures
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_failed"] == 1
+    assert parent.data.metrics["trials_stopped_early"] == 1
 
 
 def test_optuna_tpe_searches_the_space_when_optuna_is_installed(tmp_path, ray_cluster):

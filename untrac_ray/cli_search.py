@@ -124,8 +124,8 @@ def _print_best(outcome, label: str) -> None:
     best = outcome.best
     counts = outcome.trials["status"].value_counts()
     summary = ", ".join(f"{n} {s}" for s, n in counts.items())
-    out_console.print(f"search {outcome.name}: {len(outcome.trials)} trials ({summary})",
-                      highlight=False)
+    out_console.print(f"search {outcome.name}: {len(outcome.trials)} of {outcome.total} "
+                      f"trials ({summary})", highlight=False)
     if best is None:
         out_console.print("no trial ended with a finite objective", highlight=False)
     else:
@@ -172,9 +172,13 @@ def tune(
 ) -> None:
     """Search the unlearning settings on Ray Tune (the job's `search:`); every trial is a
     nested MLflow run, and the best settings are written as a job file."""
+    import os
+
     from untrac_ray.search import SearchInterrupted, _objective_label, run_search
     from untrac_ray.spec import load_spec
     from untrac_ray.submission import submission_tags
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading back
 
     try:
         spec = load_spec(job)

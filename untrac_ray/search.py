@@ -419,6 +419,14 @@ class SearchReporter(Reporter):
         """A trial started, reported a round, or ended."""
 
 
+def _param_value(text: str) -> Any:
+    """A logged param back as a number where it is one."""
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(text)
+    return text
+
+
 def _cells_from(report: dict[str, Any]) -> list[dict]:
     raw = report.get("cells")
     if not isinstance(raw, str) or not raw:
@@ -448,10 +456,23 @@ class _SearchLogger:
         self.reporter = reporter
         self.train, self.test, self.truth = train, test, truth
         self.name = name
-        self.children = run.children()  # trial id -> (run id, status), from before a resume
+        records = run.child_records()  # trials logged before a resume
+        self.children = {t: (r["run_id"], r["status"]) for t, r in records.items()}
         self.views: dict[str, TrialView] = {}
         self.reports: dict[str, list[dict]] = {}
         self.handles: dict[str, Any] = {}
+        self.earlier = [self._earlier_view(t, r) for t, r in records.items()
+                        if r["status"] in ("FINISHED", "FAILED")]
+
+    def _earlier_view(self, trial_id: str, record: dict[str, Any]) -> TrialView:
+        """How a trial that ended before a resume looked (for the live table)."""
+        index = int(trial_id.rsplit("_", 1)[-1]) if "_" in trial_id else 0
+        tags, metrics = record["tags"], record["metrics"]
+        config = {k: _param_value(v) for k, v in record["params"].items()}
+        return TrialView(trial_id, index, config, tags.get("untrac_ray.trial_status", "ended"),
+                         int(metrics.get("rounds_run", 0)), int(metrics.get("rounds_run", 0)),
+                         0, float(metrics.get(OBJECTIVE, float("nan"))), record["run_id"],
+                         tags.get("untrac_ray.error", ""))
 
     def view(self, trial_id: str, config: dict[str, Any]) -> TrialView:
         if trial_id not in self.views:
@@ -559,9 +580,19 @@ class SearchCallback(Callback):
         _LOGGERS[self.key].completed(trial.trial_id, trial.config)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        error = trial.get_error()
-        _LOGGERS[self.key].completed(trial.trial_id, trial.config,
-                                     _error_line(str(error)) if error else "trial failed")
+        _LOGGERS[self.key].completed(trial.trial_id, trial.config, _trial_error(trial))
+
+
+def _trial_error(trial) -> str:
+    """A failed trial's one-line error (its error file is written locally before storage)."""
+    text = None
+    with contextlib.suppress(Exception):
+        local = trial.error_file
+        text = Path(local).read_text() if local and Path(local).is_file() else None
+    if not text:
+        with contextlib.suppress(Exception):
+            text = trial.get_error()
+    return _error_line(str(text)) if text else "trial failed (see Tune's error file)"
 
 
 # ------------------------------------------------------------------ storage and resume
@@ -660,6 +691,7 @@ class SearchOutcome:
     interrupted: bool = False
     resumed: bool = False
     settings: list[str] = field(default_factory=list)
+    total: int = 0  # trials the search runs in all
 
 
 def _driver_tasks(spec: JobSpec, data: PreparedData, compute_truth: bool
@@ -868,6 +900,8 @@ def run_search(
                 )
             reporter.search_started(name, search.num_trials(), list(search.space),
                                     previous is not None)
+            for view in logger.earlier:  # the trials that ended before the interruption
+                reporter.trial_update(view)
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # Tune's own banner
                     grid = tuner.fit()
@@ -891,9 +925,9 @@ class SearchInterrupted(SearchError):
     """The search stopped before every trial ran (Ctrl-C); `--resume` finishes it."""
 
     def __init__(self, outcome: SearchOutcome) -> None:
-        super().__init__(f"the search {outcome.name} was interrupted with "
-                         f"{(outcome.trials['status'] == 'pending').sum()} trial(s) unfinished;"
-                         " finish it with --resume")
+        ended = int((outcome.trials["status"] != "pending").sum())
+        super().__init__(f"the search {outcome.name} was interrupted after {ended} of "
+                         f"{outcome.total} trials; finish it with --resume")
         self.outcome = outcome
 
 
@@ -937,7 +971,11 @@ def _finish(run, spec: JobSpec, logger: _SearchLogger, grid, name: str, path: st
         })
     trials = pd.DataFrame(rows).sort_values("trial_id").reset_index(drop=True)
     trials.attrs["mode"] = search.objective.mode
-    interrupted = bool((trials["status"] == "pending").any())
+    interrupted = bool((trials["status"] == "pending").any()) or len(trials) < (
+        search.num_trials())
+    for trial_id, view in logger.views.items():  # cut off by Ctrl-C: KILLED until resumed
+        if view.status == "running" and trial_id in logger.handles:
+            run.end_child(logger.handles.pop(trial_id), "KILLED")
     best = _best(trials, spec, settings)
     run.log_table(trials, "trials")
     counts = trials["status"].value_counts()
@@ -950,7 +988,7 @@ def _finish(run, spec: JobSpec, logger: _SearchLogger, grid, name: str, path: st
                                          methods)
     _log_search_figures(run, spec, trials)
     return SearchOutcome(name, run.run_id, uri, path, trials, best, best_yaml, best_path, 0,
-                         interrupted=interrupted, settings=settings)
+                         interrupted=interrupted, settings=settings, total=search.num_trials())
 
 
 def _best(trials: pd.DataFrame, spec: JobSpec, settings: list[str]) -> dict[str, Any] | None:

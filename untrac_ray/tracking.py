@@ -497,7 +497,11 @@ class SearchRun(JobRun):
 
     def children(self) -> dict[str, tuple[str, str]]:
         """The live child runs by trial id: (run id, status)."""
-        found: dict[str, tuple[str, str]] = {}
+        return {t: (r["run_id"], r["status"]) for t, r in self.child_records().items()}
+
+    def child_records(self) -> dict[str, dict[str, Any]]:
+        """The live child runs by trial id: run id, status, params, metrics and tags."""
+        found: dict[str, dict[str, Any]] = {}
         token = None
         while True:
             page = self.client.search_runs(
@@ -507,7 +511,9 @@ class SearchRun(JobRun):
             for r in page:
                 trial = r.data.tags.get(TAG_PREFIX + "trial_id")
                 if trial:
-                    found[trial] = (r.info.run_id, r.info.status)
+                    found[trial] = {"run_id": r.info.run_id, "status": r.info.status,
+                                    "params": dict(r.data.params),
+                                    "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)}
             token = page.token
             if not token:
                 return found
