@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,optuna]"
 	# EK-FAC (kronfluence 1.0.1): its metadata asks for torchvision, which it never imports and
 	# which would replace the CPU torch with a CUDA build. Install it without its dependencies.
 	$(BIN)/pip install --quiet --no-deps kronfluence==1.0.1
