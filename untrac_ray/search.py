@@ -719,10 +719,13 @@ def _logged_base_losses(run, uri: str, data: PreparedData) -> dict[str, float] |
 
 
 def _ldo_rows(spec: JobSpec, results: list[TaskResult], train: list[str], test: list[str]
-              ) -> list[dict]:
+              ) -> tuple[list[dict], list[dict]]:
+    """The ground truth's cells (mean over the LDO seeds) and the cells of every seed."""
     from untrac_ray.methods import plan_ldo
 
-    return plan_ldo(spec, train, test).assemble(results, {})
+    plan = plan_ldo(spec, train, test)
+    rows = plan.assemble(results, {})
+    return rows, plan.extras.get("ldo_seeds", [])
 
 
 def _check_fits(spec: JobSpec) -> None:
@@ -850,10 +853,11 @@ def run_search(
                                        "search)")
                         ldo_results = engine.map(ldo_tasks)
             if ldo_tasks:
-                ldo = influence_table(_ldo_rows(spec, ldo_results, data.train, data.test),
-                                      data.train, data.test)
+                rows, per_seed = _ldo_rows(spec, ldo_results, data.train, data.test)
+                ldo = influence_table(rows, data.train, data.test)
                 truth = truth_matrix(ldo)
                 run.log_table(ldo, "influence")  # the parent serves as a ground_truth run
+                run.log_table(pd.DataFrame(per_seed), "ldo_seeds")
             run.log_json(base_losses, "base_losses.json")
             if previous is None:
                 run.log_json({"space": {k: d.model_dump(exclude_none=True)
