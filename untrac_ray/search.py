@@ -486,7 +486,8 @@ class _SearchLogger:
             self.run.delete_child(old[0])
         view = self.view(trial_id, config)
         handle = self.run.child(trial_id, f"{self.name}-{view.index:03d}", flat_config(config),
-                                tags={"search": self.name})
+                                tags={"search": self.name,
+                                      "methods": ",".join(scored_methods(self.spec))})
         self.handles[trial_id] = handle
         self.reports[trial_id] = []
         view.status, view.run_id, view.round = "running", handle.run_id, 0
