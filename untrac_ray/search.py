@@ -643,10 +643,9 @@ def list_searches(uri: str) -> list[dict[str, Any]]:
                 state = json.loads(f.read().decode())
         except (FileNotFoundError, OSError, ValueError):
             continue
-        sep = "/" if uri.endswith("/") or "://" not in uri else ""
         base = uri if "://" in uri else root
-        out.append({**state, "name": info.base_name, "path": f"{base.rstrip('/')}/"
-                    f"{sep and ''}{info.base_name}"})
+        out.append({**state, "name": info.base_name,
+                    "path": f"{base.rstrip('/')}/{info.base_name}"})
     return sorted(out, key=lambda s: s.get("created", 0))
 
 
