@@ -1049,7 +1049,8 @@ def _log_search_figures(run, spec: JobSpec, trials: pd.DataFrame) -> None:
     settings = list(search.space)
     if trials.empty:
         return
-    log_scale = {k: d.kind in ("loguniform", "lograndint") for k, d in search.space.items()}
+    log_scale = {k: d.kind in ("loguniform", "lograndint") or _spans_decades(d.values)
+                 for k, d in search.space.items()}
     run.log_figure(objective_vs_settings(trials, settings, _objective_label(spec), log_scale),
                    "figures/objective_vs_settings.png")
     if search.algorithm == "grid" and len(settings) == 2:
@@ -1057,6 +1058,13 @@ def _log_search_figures(run, spec: JobSpec, trials: pd.DataFrame) -> None:
                                     aggfunc="first", dropna=False)
         run.log_figure(objective_heatmap(values, f"{spec.name}: {OBJECTIVE}",
                                          _objective_label(spec)), "figures/objective_grid.png")
+
+
+def _spans_decades(values: list[Any]) -> bool:
+    """Positive numbers two or more orders of magnitude apart (a log axis suits them)."""
+    numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    return len(numbers) == len(values) and min(numbers, default=0) > 0 and (
+        max(numbers) / min(numbers) >= 100)
 
 
 def _objective_label(spec: JobSpec) -> str:
