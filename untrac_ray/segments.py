@@ -18,7 +18,6 @@ stopping. Search proxies are small by design, so the memory is the cheaper side.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,10 +26,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from untrac_ray.errors import NonFiniteLossError
 from untrac_ray.spec import UnlearnSpec
 from untrac_ray.tasks import BASE, Output
-from untrac_ray.unlearning import ascent_step, batch_schedule, make_optimizer
+from untrac_ray.unlearning import (
+    ascent_step,
+    batch_schedule,
+    check_ascent_loss,
+    check_eval_losses,
+    make_optimizer,
+)
 
 if TYPE_CHECKING:
     from untrac_ray.workbench import Workbench
@@ -120,19 +124,9 @@ class SegmentTask:
             loss = ascent_step(bench.model, state.optimizer, data, rows,
                                self.settings.micro_batch_size, self.settings.max_grad_norm,
                                bench.device)
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss became {loss} while unlearning dataset {self.forget!r} at step "
-                    f"{state.step}; lower the learning rate or set max_grad_norm"
-                )
+            check_ascent_loss(loss, self.forget, state.step)
         losses, _ = bench.evaluate(self.evaluate)
-        bad = [name for name, value in losses.items() if not math.isfinite(value)]
-        if bad:
-            raise NonFiniteLossError(
-                f"loss on {', '.join(bad)} became non-finite while unlearning dataset "
-                f"{self.forget!r} at step {state.step}; lower the learning rate or set "
-                "max_grad_norm"
-            )
+        check_eval_losses(losses, self.forget, state.step)
         bench.model.eval()
         if not self.last:
             _save(bench, state)

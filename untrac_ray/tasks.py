@@ -9,15 +9,13 @@ of the shared weight sets, and returns losses (or gradients) for the driver to a
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from untrac_ray.errors import NonFiniteLossError
 from untrac_ray.spec import EkfacSpec, TrainingSpec, UnlearnSpec
-from untrac_ray.unlearning import unlearn
+from untrac_ray.unlearning import check_eval_losses, unlearn
 
 if TYPE_CHECKING:
     from untrac_ray.workbench import Workbench
@@ -73,13 +71,7 @@ class UnlearnTask:
 
         def record(step: int) -> None:
             losses, rows = bench.evaluate(self.evaluate, per_row=self.per_row and step == last)
-            bad = [name for name, value in losses.items() if not math.isfinite(value)]
-            if bad:
-                raise NonFiniteLossError(
-                    f"loss on {', '.join(bad)} became non-finite while unlearning dataset "
-                    f"{self.forget!r} at step {step}; lower the learning rate or set "
-                    "max_grad_norm"
-                )
+            check_eval_losses(losses, self.forget, step)
             out.losses[step] = losses
             if rows is not None:
                 out.row_losses = rows

@@ -76,6 +76,25 @@ def ascent_step(
     return total / max(n_tokens, 1)
 
 
+def check_ascent_loss(loss: float, forget: str, step: int) -> None:
+    """Raise NonFiniteLossError naming the dataset and step when an ascent loss is not finite."""
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss became {loss} while unlearning dataset {forget!r} at step {step}; "
+            "lower the learning rate or set max_grad_norm"
+        )
+
+
+def check_eval_losses(losses: dict[str, float], forget: str, step: int) -> None:
+    """Raise NonFiniteLossError naming the evaluated sets whose loss is not finite."""
+    bad = [name for name, value in losses.items() if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteLossError(
+            f"loss on {', '.join(bad)} became non-finite while unlearning dataset "
+            f"{forget!r} at step {step}; lower the learning rate or set max_grad_norm"
+        )
+
+
 def unlearn(
     model: torch.nn.Module,
     data: TokenizedSet,
@@ -97,11 +116,7 @@ def unlearn(
         loss = ascent_step(
             model, optimizer, data, rows, settings.micro_batch_size, settings.max_grad_norm, device
         )
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss became {loss} while unlearning dataset {data.name!r} at step {step}; "
-                "lower the learning rate or set max_grad_norm"
-            )
+        check_ascent_loss(loss, data.name, step)
         if step in eval_steps:
             on_eval(step)
     model.eval()
