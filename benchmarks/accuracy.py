@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -59,15 +60,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from untrac_ray.data import load_dataset_rows
 from untrac_ray.evaluation import mean_loss, sample_indices
 from untrac_ray.modeling import load_model
 from untrac_ray.runner import JobOutcome, prepare_data, run_job
 from untrac_ray.scoring import pearson, spearman
-from untrac_ray.spec import JobSpec, load_spec
+from untrac_ray.spec import GroundTruthSpec, JobSpec, load_spec, parse_spec
 from untrac_ray.tokenization import SEPARATOR, load_tokenizer
-from untrac_ray.training import pretrained_dir, read_train_record
+from untrac_ray.training import pretrained_dir, read_train_record, trained_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 PEARSON_TARGET = 0.8
@@ -123,19 +125,31 @@ def greedy_exact_match(model: torch.nn.Module, tokenizer, prompts: list[str],
     return float(np.mean(correct)), answers
 
 
-def test_accuracy(spec: JobSpec, model_dir: Path) -> dict[str, float]:
-    """Exact-match accuracy of the model in `model_dir` on each of the spec's test sets."""
+def copied_from_prompt(answer: str, prompt: str, target: str) -> bool:
+    """A wrong answer that repeats a word or number of the prompt verbatim (e.g. "512" for
+    "What is the number that comes after 512?"): the echo failure of a small model."""
+    answer = answer.strip()
+    return bool(answer) and answer != target.strip() and re.search(
+        rf"(?<!\w){re.escape(answer)}(?!\w)", prompt) is not None
+
+
+def test_accuracy(spec: JobSpec, model_dir: Path) -> dict[str, tuple[float, float]]:
+    """Per test set of the spec, for the model in `model_dir`: exact-match accuracy of greedy
+    decoding and the fraction of answers copied from the prompt (see copied_from_prompt)."""
     tokenizer = load_tokenizer(spec.tokenizer, str(model_dir))
     model = load_model(str(model_dir))
-    acc = {}
+    out = {}
     for ds in spec.data.test:
         rows = load_dataset_rows(ds)
         prompts = [str(p) for p in rows.column(ds.prompt_column).to_pylist()]
         targets = [str(t) for t in rows.column(ds.target_column).to_pylist()]
         keep = sample_indices(len(prompts), spec.evaluation.max_examples, spec.evaluation.seed)
         prompts, targets = [prompts[i] for i in keep], [targets[i] for i in keep]
-        acc[ds.name], _ = greedy_exact_match(model, tokenizer, prompts, targets)
-    return acc
+        acc, answers = greedy_exact_match(model, tokenizer, prompts, targets)
+        copied = np.mean([copied_from_prompt(a, p, t)
+                          for a, p, t in zip(answers, prompts, targets, strict=True)])
+        out[ds.name] = (acc, float(copied))
+    return out
 
 
 def model_test_losses(spec: JobSpec, model_dir: Path) -> dict[str, float]:
@@ -161,7 +175,7 @@ class SeedResult:
     wall_seconds: float
     pretrain_seconds: float
     base_seconds: float
-    accuracy: dict[str, float]
+    accuracy: dict[str, tuple[float, float]]
     ldo_seeds: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
@@ -199,8 +213,41 @@ def seeded_spec(spec: JobSpec, seed: int, ldo_seeds: int | None) -> JobSpec:
     return spec
 
 
-def run_seed(spec: JobSpec, seed: int, uri: str, ldo_seeds: int | None) -> SeedResult:
+def earlier_ldo_run(spec: JobSpec, reuse_uri: str) -> str:
+    """The newest finished run in `reuse_uri` of the same job that computed `ldo` on the same
+    base model (same cached model folder, so same data, training settings and seed) with the
+    same LDO seeds; exits naming what is missing."""
+    from untrac_ray.tracking import get_run_record, list_runs
+
+    wanted = str(spec.methods.ldo.seeds) if spec.methods.ldo else None
+    query = (f"tags.`untrac_ray.job` = '{spec.name}' and attributes.status = 'FINISHED' "
+             f"and params.`training.seed` = '{spec.training.seed}'")
+    for record in list_runs(reuse_uri, filter_string=query, limit=100):
+        run = get_run_record(record.run_id, reuse_uri)
+        if ("ldo" in record.methods
+                and run.tags.get("untrac_ray.model_dir") == str(trained_model_dir(spec))
+                and (wanted is None or _param(record.run_id, reuse_uri, "methods.ldo.seeds")
+                     == wanted)):
+            return record.run_id
+    raise SystemExit(f"--reuse-ldo {reuse_uri}: no finished run of job {spec.name!r} with ldo "
+                     f"seeds {wanted} on the base model of training seed {spec.training.seed}")
+
+
+def _param(run_id: str, uri: str, key: str) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri).get_run(run_id).data.params.get(key)
+
+
+def run_seed(spec: JobSpec, seed: int, uri: str, ldo_seeds: int | None,
+             reuse_uri: str | None = None) -> SeedResult:
     s = seeded_spec(spec, seed, ldo_seeds)
+    truth_run = None
+    if reuse_uri and s.methods.ldo is not None:
+        truth_run = earlier_ldo_run(s, reuse_uri)
+        print(f"seed {seed}: ground truth from run {truth_run}", file=sys.stderr)
+        s.methods.ldo = None
+        s.ground_truth = GroundTruthSpec(run_id=truth_run, tracking_uri=reuse_uri)
     pre_cached = s.pretraining is None or (pretrained_dir(s) / "untrac_train.json").is_file()
     start = time.perf_counter()
     outcome = run_job(s, uri)
@@ -212,6 +259,10 @@ def run_seed(spec: JobSpec, seed: int, uri: str, ldo_seeds: int | None) -> SeedR
     base_seconds = float(read_train_record(outcome.model_dir).get("seconds", 0.0))
     acc = test_accuracy(s, outcome.model_dir)
     ldo = pd.DataFrame(outcome.extras.get("ldo_seeds", []))
+    if truth_run is not None:
+        from untrac_ray.tracking import read_run_table
+
+        ldo = read_run_table(truth_run, reuse_uri, "ldo_seeds")
     if not ldo.empty:
         ldo["influence"] = ldo["loss_without"] - ldo["loss_full"]
         ldo["run_seed"] = seed
@@ -293,7 +344,7 @@ def fmt_spread(values: pd.Series) -> str:
 
 
 def print_report(spec: JobSpec, results: list[SeedResult], choice: dict[str, int],
-                 pre_acc: dict[str, float], pre_loss: dict[str, float]) -> None:
+                 pre_acc: dict[str, tuple[float, float]], pre_loss: dict[str, float]) -> None:
     test = [d.name for d in spec.data.test]
     train = [d.name for d in spec.data.train]
     print(f"\n=== {spec.name}: {len(results)} seeds {[r.seed for r in results]}, "
@@ -303,17 +354,19 @@ def print_report(spec: JobSpec, results: list[SeedResult], choice: dict[str, int
           f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
           "(shared machine: timings are noisy)")
 
-    print("\n-- base model on the test sets (loss = mean token CE of the target; acc = exact "
-          "match, greedy) --")
-    head = "".join(f" {t:>22}" for t in test)
-    print(f"{'model':<22}{head}")
+    print("\n-- base model on the test sets: loss / acc / copied (loss = mean token CE of the "
+          "target; acc = exact match, greedy; copied = wrong answers that repeat words of the "
+          "prompt) --")
+
+    def cell(loss: float, acc: tuple[float, float]) -> str:
+        return f" {f'{loss:.3f} / {acc[0]:.1%} / {acc[1]:.1%}':>26}"
+
+    print(f"{'model':<22}" + "".join(f" {t:>26}" for t in test))
     if pre_loss:
-        cells = "".join(f" {f'{pre_loss[t]:.3f} / {pre_acc[t]:.1%}':>22}" for t in test)
-        print(f"{'pretrained only':<22}{cells}")
+        print(f"{'pretrained only':<22}" + "".join(cell(pre_loss[t], pre_acc[t]) for t in test))
     for r in results:
-        cells = "".join(
-            f" {f'{r.outcome.base_losses[t]:.3f} / {r.accuracy[t]:.1%}':>22}" for t in test)
-        print(f"{f'base, seed {r.seed}':<22}{cells}")
+        print(f"{f'base, seed {r.seed}':<22}"
+              + "".join(cell(r.outcome.base_losses[t], r.accuracy[t]) for t in test))
 
     print("\n-- ground truth: LDO influence per cell (mean over the run's LDO seeds; ± std over "
           "them) --")
@@ -374,6 +427,9 @@ def print_report(spec: JobSpec, results: list[SeedResult], choice: dict[str, int
         for k, v in r.outcome.seconds_by_method.items():
             secs[k] = secs.get(k, 0.0) + v
     ldo_s = secs.get("ldo", math.nan)
+    if "ldo" not in secs:
+        print("(ldo: the ground truth was read from earlier runs (--reuse-ldo); its time is not "
+              "measured here, see those runs)")
     n_ldo = np.mean([r.ldo_seeds["seed"].nunique() for r in results])
     for label, v in secs.items():
         print(f"{label:<24} {v / len(results):8.1f} s/seed   {v / ldo_s:7.3f} x LDO "
@@ -411,6 +467,26 @@ def print_report(spec: JobSpec, results: list[SeedResult], choice: dict[str, int
           "seed only when it was not cached)")
 
 
+def with_settings(spec: JobSpec, items: list[str]) -> JobSpec:
+    """The job with ``KEY.PATH=VALUE`` overrides (VALUE read as YAML), validated again, e.g.
+    ``methods.untrac.learning_rate=3e-5``; an unknown key is an error naming it."""
+    raw = spec.model_dump(mode="json")
+    for item in items:
+        path, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item}: expected KEY.PATH=VALUE")
+        *parents, leaf = path.split(".")
+        node = raw
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                raise SystemExit(f"--set {item}: {path} is not a key of the job")
+            node = node[key]
+        if leaf not in node:
+            raise SystemExit(f"--set {item}: {path} is not a key of the job")
+        node[leaf] = yaml.safe_load(value)
+    return parse_spec(raw, origin=f"{spec.name} with --set")
+
+
 def parse_choice(items: list[str]) -> dict[str, int]:
     out = {}
     for item in items:
@@ -427,6 +503,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="LDO retrainings per run (default: as many as the job lists)")
     parser.add_argument("--fixed-step", nargs="*", default=[], metavar="METHOD=STEP",
                         help="the step scored per method (default: each method's last step)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY.PATH=VALUE",
+                        help="override job settings, e.g. methods.untrac.learning_rate=3e-5")
+    parser.add_argument("--reuse-ldo", metavar="TRACKING_URI", default=None,
+                        help="take each seed's ground truth from an earlier run of this "
+                        "benchmark in that store (same job, base model and LDO seeds) instead "
+                        "of retraining: only the estimates are computed again")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: seeds 1 and 2, one LDO retraining per run")
     parser.add_argument("--threads", type=int, default=1,
@@ -438,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds, ldo_seeds = args.seeds, args.ldo_seeds
     if args.quick:
         seeds, ldo_seeds = seeds[:2], 1
-    spec = load_spec(args.job)
+    spec = with_settings(load_spec(args.job), args.set)
     uri = args.tracking_uri or f"sqlite:///{tempfile.mkdtemp(prefix='accuracy-')}/mlflow.db"
     torch.set_num_threads(args.threads)
     share_pretraining(spec)
@@ -446,17 +528,17 @@ def main(argv: list[str] | None = None) -> None:
     for seed in seeds:
         print(f"[{time.strftime('%H:%M:%S')}] seed {seed}: running {spec.name} ...",
               file=sys.stderr, flush=True)
-        results.append(run_seed(spec, seed, uri, ldo_seeds))
+        results.append(run_seed(spec, seed, uri, ldo_seeds, args.reuse_ldo))
         r = results[-1]
         print(f"[{time.strftime('%H:%M:%S')}] seed {seed}: {r.wall_seconds / 60:.1f} min, run "
               f"{r.outcome.run_id}", file=sys.stderr, flush=True)
-    pre_acc: dict[str, float] = {}
+    pre_acc: dict[str, tuple[float, float]] = {}
     pre_loss: dict[str, float] = {}
     if spec.pretraining is not None:
         folder = pretrained_dir(spec)
         pre_acc = test_accuracy(spec, folder)
         pre_loss = model_test_losses(spec, folder)
-    print(f"job {args.job}, tracking {uri}")
+    print(f"job {args.job}{' with ' + ' '.join(args.set) if args.set else ''}, tracking {uri}")
     print_report(spec, results, parse_choice(args.fixed_step), pre_acc, pre_loss)
 
 
