@@ -23,7 +23,7 @@ correlation moves by that much from noise alone. The report ends with the ground
 signal to noise (its spread over training sets against the seed noise of the LDO mean).
 
     .venv/bin/python benchmarks/sensitivity.py [--job JOB] [--quick] [--ldo-seeds 0,1,2]
-                                               [--ground-truth RUN_ID]
+                                               [--ground-truth RUN_ID] [--inv-batches 8,32,128]
 """
 
 from __future__ import annotations
@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--ground-truth", help="an earlier run (or search) with an ldo matrix")
     parser.add_argument("--ldo-seeds", help="LDO training seeds, e.g. 0,1,2 (default: the "
                         "job's methods.ldo, else its training seed)")
+    parser.add_argument("--inv-batches", help="UnTrac-Inv batch sizes, e.g. 8,32,128 (default "
+                        "8,32,128,256; a batch larger than a test set is the whole set)")
     parser.add_argument("--quick", action="store_true", help="a 2 x 2 grid per method")
     args = parser.parse_args()
 
@@ -151,6 +153,8 @@ def main() -> None:
     lrs = [1e-4, 1e-3] if args.quick else [1e-5, 1e-4, 1e-3]
     untrac_batches = [8, 32] if args.quick else [1, 8, 32]
     inv_batches = [16, 256] if args.quick else [8, 32, 128, 256]
+    if args.inv_batches:
+        inv_batches = [int(x) for x in args.inv_batches.split(",")]
     untrac = {**base["methods"]["untrac"], "optimizer": "adam", "epochs": 1, "max_steps": None,
               "eval_every": 8}
     inv = {**base["methods"]["untrac_inv"], "optimizer": "adam", "max_steps": 20,
