@@ -243,7 +243,7 @@ def run_engine(work: Workload, actors: int) -> Timing:
     ) as engine:
         if engine.size != actors:
             raise RuntimeError(f"asked for {actors} actors, the engine started {engine.size}")
-        ray.get([actor.__ray_ready__.remote() for actor in engine.actors])
+        engine.wait_ready()
         ready = time.perf_counter()
         base = engine.map(work.base_tasks)
         based = time.perf_counter()

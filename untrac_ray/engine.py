@@ -103,11 +103,16 @@ class _ObjectStoreWeights(Mapping):
 
 @ray.remote
 class WorkbenchActor:
-    """A Ray actor around one Workbench; it builds its model from the shared weights once."""
+    """A Ray actor around one Workbench; it builds its model from the shared weights once.
+
+    The object-store references (weights, tokenized tables) reach the actor through method
+    calls, never its constructor: Ray cannot restart an actor whose constructor arguments live
+    in the object store (ray-project/ray#53727). `prepare` builds the Workbench right after
+    start; `run` builds it too when a restarted actor (a crash) gets a retried task first.
+    """
 
     def __init__(
         self,
-        refs: dict[str, Any],
         pad_id: int,
         eval_indices: dict[str, np.ndarray],
         eval_batch_size: int,
@@ -117,21 +122,31 @@ class WorkbenchActor:
     ) -> None:
         torch.set_num_threads(threads)
         warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecations
-        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        configure_tf32(tf32, device)
-        # Refs come nested in a dict, so Ray hands them over unresolved and a restarted actor
-        # reads them again from the object store (the driver keeps them alive).
-        weights = _ObjectStoreWeights(refs["weights"])
-        names = list(refs["datasets"])
-        tables = ray.get([refs["datasets"][n] for n in names])
-        datasets = {
-            n: TokenizedSet.from_table(n, t, pad_id) for n, t in zip(names, tables, strict=True)
-        }
-        self.bench = Workbench(weights, datasets, eval_indices, eval_batch_size, device)
-        autocast_forward(self.bench.model, device, precision)  # the model is reused by every task
-        self.label = f"{ray.get_runtime_context().get_node_id()[:8]}/pid{os.getpid()}/{device}"
+        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        configure_tf32(tf32, self.device)
+        self.pad_id, self.eval_indices, self.eval_batch_size = pad_id, eval_indices, eval_batch_size
+        self.precision = precision
+        self.bench: Workbench | None = None
+        self.label = f"{ray.get_runtime_context().get_node_id()[:8]}/pid{os.getpid()}/{self.device}"
 
-    def run(self, task: Task) -> TaskResult:
+    def prepare(self, shared: dict[str, dict[str, ray.ObjectRef]]) -> None:
+        """Build the Workbench from the shared objects (refs nested in a dict arrive unresolved:
+        the weights are read from the object store on first use, zero-copy on the node)."""
+        if self.bench is not None:
+            return
+        weights = _ObjectStoreWeights(shared["weights"])
+        names = list(shared["datasets"])
+        tables = ray.get([shared["datasets"][n] for n in names])
+        datasets = {
+            n: TokenizedSet.from_table(n, t, self.pad_id)
+            for n, t in zip(names, tables, strict=True)
+        }
+        self.bench = Workbench(weights, datasets, self.eval_indices, self.eval_batch_size,
+                               self.device)
+        autocast_forward(self.bench.model, self.device, self.precision)  # reused by every task
+
+    def run(self, task: Task, shared: dict[str, dict[str, ray.ObjectRef]]) -> TaskResult:
+        self.prepare(shared)
         result = self.bench.run(task)
         result.worker = self.label
         return result
@@ -170,12 +185,16 @@ class Engine:
         if resources.gpus_per_actor > 0:
             options["scheduling_strategy"] = "SPREAD"
         options.update(actor_options or {})  # e.g. a trial's placement group
-        self._make_actor = lambda: WorkbenchActor.options(**options).remote(
-            {"weights": weight_refs, "datasets": dataset_refs}, pad_id, eval_indices,
-            eval_batch_size, threads, precision=resources.precision, tf32=resources.tf32,
-        )
-        self.actors = [self._make_actor() for _ in range(self.size)]
-        self._refs = [*by_id.values(), *dataset_refs.values()]
+        # The driver keeps these references alive as long as the pool (tasks carry them).
+        self._shared = {"weights": weight_refs, "datasets": dataset_refs}
+        self.actors = [
+            WorkbenchActor.options(**options).remote(
+                pad_id, eval_indices, eval_batch_size, threads,
+                precision=resources.precision, tf32=resources.tf32,
+            )
+            for _ in range(self.size)
+        ]
+        self._prepared = [actor.prepare.remote(self._shared) for actor in self.actors]
 
     def __enter__(self) -> Engine:
         return self
@@ -188,7 +207,16 @@ class Engine:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
-        self._refs = []
+        self._prepared = []
+        self._shared = {}
+
+    def wait_ready(self) -> None:
+        """Block until every actor has built its model (start-up done)."""
+        ray.get(self._prepared)
+
+    def submit(self, actor_index: int, task: Task) -> ray.ObjectRef:
+        """Run one task on the given actor (for callers that keep state on an actor)."""
+        return self.actors[actor_index].run.remote(task, self._shared)
 
     def map(
         self, tasks: Sequence[Task], on_result: Callable[[TaskResult], None] | None = None
@@ -207,7 +235,7 @@ class Engine:
             while idle and pending:
                 index = pending.popleft()
                 actor = idle.pop()
-                inflight[actor.run.remote(tasks[index])] = (index, actor)
+                inflight[actor.run.remote(tasks[index], self._shared)] = (index, actor)
             (ready,), _ = ray.wait(list(inflight), num_returns=1)
             index, actor = inflight.pop(ready)
             try:

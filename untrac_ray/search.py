@@ -347,7 +347,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
             def run(pairs: list[tuple[int, SegmentTask]]) -> list[TaskResult]:
                 # A trajectory stays on one actor, where its state is kept between rounds.
-                return _gather([engine.actors[i % engine.size].run.remote(t) for i, t in pairs])
+                return _gather([engine.submit(i % engine.size, t) for i, t in pairs])
 
         for r in range(rounds):
             pairs = [(i, SegmentTask(f"{trial_id}/{i}", p.method, p.forget, p.evaluate,
