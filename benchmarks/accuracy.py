@@ -66,7 +66,7 @@ from untrac_ray.data import load_dataset_rows
 from untrac_ray.evaluation import mean_loss, sample_indices
 from untrac_ray.modeling import load_model
 from untrac_ray.runner import JobOutcome, prepare_data, run_job
-from untrac_ray.scoring import pearson, spearman
+from untrac_ray.scoring import MEAN_OVER_TESTS, ground_truth_noise, score_table
 from untrac_ray.spec import GroundTruthSpec, JobSpec, load_spec, parse_spec
 from untrac_ray.tokenization import SEPARATOR, load_tokenizer
 from untrac_ray.training import pretrained_dir, read_train_record, trained_model_dir
@@ -217,26 +217,18 @@ def earlier_ldo_run(spec: JobSpec, reuse_uri: str) -> str:
     """The newest finished run in `reuse_uri` of the same job that computed `ldo` on the same
     base model (same cached model folder, so same data, training settings and seed) with the
     same LDO seeds; exits naming what is missing."""
-    from untrac_ray.tracking import get_run_record, list_runs
+    from untrac_ray.tracking import list_runs
 
-    wanted = str(spec.methods.ldo.seeds) if spec.methods.ldo else None
     query = (f"tags.`untrac_ray.job` = '{spec.name}' and attributes.status = 'FINISHED' "
-             f"and params.`training.seed` = '{spec.training.seed}'")
+             f"and params.`training.seed` = '{spec.training.seed}' "
+             f"and params.`methods.ldo.seeds` = '{spec.methods.ldo.seeds}'")
     for record in list_runs(reuse_uri, filter_string=query, limit=100):
-        run = get_run_record(record.run_id, reuse_uri)
         if ("ldo" in record.methods
-                and run.tags.get("untrac_ray.model_dir") == str(trained_model_dir(spec))
-                and (wanted is None or _param(record.run_id, reuse_uri, "methods.ldo.seeds")
-                     == wanted)):
+                and record.tags.get("untrac_ray.model_dir") == str(trained_model_dir(spec))):
             return record.run_id
     raise SystemExit(f"--reuse-ldo {reuse_uri}: no finished run of job {spec.name!r} with ldo "
-                     f"seeds {wanted} on the base model of training seed {spec.training.seed}")
-
-
-def _param(run_id: str, uri: str, key: str) -> str | None:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri).get_run(run_id).data.params.get(key)
+                     f"seeds {spec.methods.ldo.seeds} on the base model of training seed "
+                     f"{spec.training.seed}")
 
 
 def run_seed(spec: JobSpec, seed: int, uri: str, ldo_seeds: int | None,
@@ -258,11 +250,12 @@ def run_seed(spec: JobSpec, seed: int, uri: str, ldo_seeds: int | None,
         pre_seconds = 0.0 if pre_cached else float(rec.get("seconds", 0.0))
     base_seconds = float(read_train_record(outcome.model_dir).get("seconds", 0.0))
     acc = test_accuracy(s, outcome.model_dir)
-    ldo = pd.DataFrame(outcome.extras.get("ldo_seeds", []))
     if truth_run is not None:
         from untrac_ray.tracking import read_run_table
 
         ldo = read_run_table(truth_run, reuse_uri, "ldo_seeds")
+    else:
+        ldo = pd.DataFrame(outcome.extras.get("ldo_seeds", []))
     if not ldo.empty:
         ldo["influence"] = ldo["loss_without"] - ldo["loss_full"]
         ldo["run_seed"] = seed
@@ -277,59 +270,25 @@ def truth_from(ldo: pd.DataFrame) -> pd.DataFrame:
                            aggfunc="mean")
 
 
-def noise(ldo: pd.DataFrame) -> dict[str, float]:
-    """Signal (spread of the mean LDO vector over training sets), per-cell seed std, SNRs."""
-    truth = truth_from(ldo)
-    n = ldo["seed"].nunique()
-    signal = float(truth.std(axis=0, ddof=1).mean())
-    if n < 2:
-        return {"signal": signal, "cell_std": math.nan, "snr": math.nan, "snr_mean": math.nan,
-                "n": n}
-    cell_std = ldo.groupby(["train_set", "test_set"])["influence"].std(ddof=1)
-    typical = float(np.sqrt(np.mean(cell_std.to_numpy() ** 2)))
-    snr = signal / typical if typical > 0 else math.inf
-    return {"signal": signal, "cell_std": typical, "snr": snr, "snr_mean": snr * math.sqrt(n),
-            "n": n}
-
-
-def estimate(table: pd.DataFrame, method: str, step: int | None) -> pd.DataFrame:
-    """A method's matrix at `step` (None: its last step)."""
-    rows = table[table["method"] == method]
-    step = int(rows["step"].max()) if step is None else step
-    rows = rows[rows["step"] == step]
-    return rows.pivot_table(index="train_set", columns="test_set", values="influence")
-
-
-def correlate(est: pd.DataFrame, truth: pd.DataFrame) -> tuple[float, float]:
-    """Mean over test sets of the Pearson and Spearman correlation over training sets."""
-    est = est.reindex(index=truth.index, columns=truth.columns)
-    ps = [pearson(est[c].to_numpy(), truth[c].to_numpy()) for c in truth.columns]
-    ss = [spearman(est[c].to_numpy(), truth[c].to_numpy()) for c in truth.columns]
-    return float(np.nanmean(ps)), float(np.nanmean(ss))
-
-
-def fixed_step(table: pd.DataFrame, method: str, choice: dict[str, int]) -> int:
-    steps = table.loc[table["method"] == method, "step"]
-    return choice.get(method, int(steps.max()))
-
-
 def score_seed(r: SeedResult, pooled: pd.DataFrame, choice: dict[str, int]) -> pd.DataFrame:
-    """One row per method: correlations at the fixed and the best step, own and pooled truth."""
-    table = r.outcome.table
-    truth = truth_from(r.ldo_seeds)
+    """One row per method: mean Pearson/Spearman (over test sets) at the fixed step (the last,
+    or `choice[method]`) and at the best step, against the run's own and the pooled truth."""
+
+    def mean_scores(truth: pd.DataFrame) -> pd.DataFrame:
+        scores = score_table(r.outcome.table, truth)
+        return scores[scores["test_set"] == MEAN_OVER_TESTS].set_index(["method", "step"])
+
+    own, vs_pooled = mean_scores(truth_from(r.ldo_seeds)), mean_scores(pooled)
     rows = []
-    methods = [m for m in dict.fromkeys(table["method"]) if m != "ldo"]
-    for method in methods:
-        step = fixed_step(table, method, choice)
-        p, s = correlate(estimate(table, method, step), truth)
-        pp, _ = correlate(estimate(table, method, step), pooled)
-        steps = sorted(table.loc[table["method"] == method, "step"].unique())
-        best = max(((correlate(estimate(table, method, int(st)), truth)[0], int(st))
-                    for st in steps), key=lambda x: -math.inf if math.isnan(x[0]) else x[0])
-        bs = correlate(estimate(table, method, best[1]), truth)[1]
-        rows.append({"seed": r.seed, "method": method, "step": step, "pearson": p,
-                     "spearman": s, "pearson_pooled": pp, "best_step": best[1],
-                     "pearson_best": best[0], "spearman_best": bs})
+    for method, part in own.groupby(level="method", sort=False):
+        step = (method, choice.get(method, int(part.index.get_level_values("step").max())))
+        valid = part.dropna(subset=["pearson"])
+        best = valid["pearson"].idxmax() if not valid.empty else step
+        rows.append({"seed": r.seed, "method": method, "step": step[1],
+                     "pearson": own.loc[step, "pearson"], "spearman": own.loc[step, "spearman"],
+                     "pearson_pooled": vs_pooled.loc[step, "pearson"], "best_step": best[1],
+                     "pearson_best": own.loc[best, "pearson"],
+                     "spearman_best": own.loc[best, "spearman"]})
     return pd.DataFrame(rows)
 
 
@@ -372,7 +331,7 @@ def print_report(spec: JobSpec, results: list[SeedResult], choice: dict[str, int
           "them) --")
     for r in results:
         ldo = r.ldo_seeds
-        n = noise(ldo)
+        n = ground_truth_noise(ldo)
         print(f"seed {r.seed} (LDO seeds {sorted(ldo['seed'].unique().tolist())}): signal "
               f"{n['signal']:.4f}, per-cell seed std {n['cell_std']:.4f}, SNR {n['snr']:.2f}, "
               f"SNRm {n['snr_mean']:.2f}")
@@ -382,7 +341,7 @@ def print_report(spec: JobSpec, results: list[SeedResult], choice: dict[str, int
                               for k in train)
             print(f"    {t}: {cells}")
     everything = pd.concat([r.ldo_seeds for r in results])
-    pooled = noise(everything)
+    pooled = ground_truth_noise(everything)
     stats = everything.groupby(["train_set", "test_set"])["influence"].agg(["mean", "std"])
     print(f"pooled over all {pooled['n']} LDO seeds: signal {pooled['signal']:.4f}, per-cell "
           f"seed std {pooled['cell_std']:.4f}, SNR {pooled['snr']:.2f}, SNRm "
@@ -397,7 +356,7 @@ def print_report(spec: JobSpec, results: list[SeedResult], choice: dict[str, int
 
     pooled_truth = truth_from(everything)
     scores = pd.concat([score_seed(r, pooled_truth, choice) for r in results])
-    snr = {r.seed: noise(r.ldo_seeds)["snr_mean"] for r in results}
+    snr = {r.seed: ground_truth_noise(r.ldo_seeds)["snr_mean"] for r in results}
     scores["snr"] = scores["seed"].map(snr)
     print("\n-- per seed: mean Pearson / Spearman with the run's own ground truth "
           "(SNRm of that ground truth beside) --")

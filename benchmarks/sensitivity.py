@@ -115,22 +115,20 @@ def findings(adam: pd.DataFrame, sgd: pd.DataFrame, inv: pd.DataFrame) -> list[s
 
 def truth_quality(gt: str, uri: str) -> str:
     """How far the ground truth stands above its own seed noise (when it has several seeds)."""
+    from untrac_ray.scoring import ground_truth_noise
     from untrac_ray.tracking import read_influence, read_run_table
 
     seeds = read_run_table(gt, uri, "ldo_seeds")
-    truth = read_influence(gt, uri)
-    truth = truth[truth.method == "ldo"].pivot_table(index="train_set", columns="test_set",
-                                                     values="influence")
-    spread = float(truth.std(axis=0).mean())
     if seeds is None or seeds["seed"].nunique() < 2:
-        return (f"ground truth: spread over training sets {spread:.3f}; one LDO seed, so its "
-                "noise is unknown (--ldo-seeds 0,1,2 measures it)")
-    seeds = seeds.assign(influence=seeds.loss_without - seeds.loss_full)
-    n = seeds["seed"].nunique()
-    noise = float(np.sqrt((seeds.groupby(["train_set", "test_set"]).influence.std() ** 2)
-                          .mean()) / np.sqrt(n))
-    return (f"ground truth: spread over training sets {spread:.3f}, seed noise of its mean "
-            f"over {n} LDO seeds {noise:.3f} (signal/noise {spread / noise:.1f})")
+        truth = read_influence(gt, uri)
+        truth = truth[truth.method == "ldo"].pivot_table(index="train_set", columns="test_set",
+                                                         values="influence")
+        return (f"ground truth: spread over training sets {float(truth.std(axis=0).mean()):.3f}; "
+                "one LDO seed, so its noise is unknown (--ldo-seeds 0,1,2 measures it)")
+    q = ground_truth_noise(seeds.assign(influence=seeds.loss_without - seeds.loss_full))
+    return (f"ground truth: spread over training sets {q['signal']:.3f}, seed noise of its mean "
+            f"over {q['n']} LDO seeds {q['cell_std'] / np.sqrt(q['n']):.3f} (signal/noise "
+            f"{q['snr_mean']:.1f})")
 
 
 def main() -> None:

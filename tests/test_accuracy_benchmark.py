@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import merge, tiny_spec
+from untrac_ray.scoring import ground_truth_noise
 from untrac_ray.spec import load_spec
 from untrac_ray.tracking import read_influence
 
@@ -56,7 +57,7 @@ def test_the_ground_truth_is_the_mean_of_the_ldo_seeds_and_the_jobs_own_matrix(b
         index="train_set", columns="test_set", values="influence")
     np.testing.assert_allclose(truth.loc[logged.index, logged.columns].to_numpy(),
                                logged.to_numpy(), rtol=1e-6, atol=1e-9)
-    noise = acc.noise(r.ldo_seeds)
+    noise = ground_truth_noise(r.ldo_seeds)
     assert noise["n"] == 2 and noise["cell_std"] > 0
     assert noise["snr_mean"] == pytest.approx(noise["snr"] * np.sqrt(2))
 

@@ -36,6 +36,28 @@ def truth_matrix(table: pd.DataFrame) -> pd.DataFrame:
     return rows.pivot_table(index="train_set", columns="test_set", values="influence")
 
 
+def ground_truth_noise(ldo_seeds: pd.DataFrame) -> dict[str, float]:
+    """How far a ground truth averaged over LDO seeds stands above its seed noise.
+
+    `ldo_seeds` has one row per (seed, train_set, test_set) and an `influence` column.
+    signal: the spread of the mean LDO vector over the training sets (std per test set,
+    averaged); cell_std: the typical per-cell std over the seeds (root mean square);
+    snr = signal / cell_std (one seed's noise); snr_mean = snr * sqrt(seeds) (the noise of the
+    mean over the seeds, the ground truth actually scored against); n: the number of seeds.
+    """
+    truth = ldo_seeds.pivot_table(index="train_set", columns="test_set", values="influence",
+                                  aggfunc="mean")
+    n = int(ldo_seeds["seed"].nunique())
+    signal = float(truth.std(axis=0, ddof=1).mean())
+    if n < 2:
+        return {"signal": signal, "cell_std": np.nan, "snr": np.nan, "snr_mean": np.nan, "n": n}
+    cell_std = ldo_seeds.groupby(["train_set", "test_set"])["influence"].std(ddof=1)
+    typical = float(np.sqrt(np.mean(cell_std.to_numpy() ** 2)))
+    snr = signal / typical if typical > 0 else float("inf")
+    return {"signal": signal, "cell_std": typical, "snr": snr, "snr_mean": snr * float(np.sqrt(n)),
+            "n": n}
+
+
 def check_truth_matches(truth: pd.DataFrame, train: list[str], test: list[str],
                         origin: str) -> None:
     """Raise when a ground truth covers other training or test sets than the job."""
