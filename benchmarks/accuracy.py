@@ -26,9 +26,10 @@ What is measured and printed:
    cell, ``SNRm`` the std of the mean over the run's LDO seeds (std / sqrt(seeds)), which is the
    noise of the ground truth actually scored against.
 3. Per method, over the seeds: mean, std and min..max of the mean (over test sets) Pearson and
-   Spearman correlation with the ground truth, (a) at the step chosen in advance (the last step
-   of the trajectory: one epoch of UnTrac, all of UnTrac-Inv's steps, as the paper reports;
-   ``--fixed-step`` changes it) and (b) at the best step in hindsight (an upper bound: it looks
+   Spearman correlation with the ground truth, (a) at the evaluation point chosen in advance
+   (the last point of the trajectory: one epoch of UnTrac, all of UnTrac-Inv's steps, as the
+   paper reports; ``--fixed-point`` changes it) and (b) at the best point in hindsight (an
+   upper bound: it looks
    at the ground truth), each with the SNR of that seed's ground truth beside it. Also the
    correlation against the pooled ground truth (mean over every LDO retraining of every seed).
 4. Per method: actor compute seconds (``JobOutcome.seconds_by_method``; GradDot, GradCos and
@@ -37,7 +38,7 @@ What is measured and printed:
    average is printed.
 
 Targets (printed PASS/MISS): UnTrac and UnTrac-Inv each reach a mean Pearson >= 0.8 with the
-ground truth at the fixed step (and at the best step) and beat every baseline of the same run
+ground truth at the fixed point (and at the best point) and beat every baseline of the same run
 (in the mean over the seeds and in every seed); UnTrac's compute time is at most a tenth of
 LDO's; one seed's job takes under 15 minutes.
 
@@ -271,22 +272,24 @@ def truth_from(ldo: pd.DataFrame) -> pd.DataFrame:
 
 
 def score_seed(r: SeedResult, pooled: pd.DataFrame, choice: dict[str, int]) -> pd.DataFrame:
-    """One row per method: mean Pearson/Spearman (over test sets) at the fixed step (the last,
-    or `choice[method]`) and at the best step, against the run's own and the pooled truth."""
+    """One row per method: mean Pearson/Spearman (over test sets) at the fixed point (the last,
+    or `choice[method]`) and at the best point (hindsight), against the run's own and the
+    pooled truth."""
 
     def mean_scores(truth: pd.DataFrame) -> pd.DataFrame:
         scores = score_table(r.outcome.table, truth)
-        return scores[scores["test_set"] == MEAN_OVER_TESTS].set_index(["method", "step"])
+        return scores[scores["test_set"] == MEAN_OVER_TESTS].set_index(["method", "point"])
 
     own, vs_pooled = mean_scores(truth_from(r.ldo_seeds)), mean_scores(pooled)
     rows = []
     for method, part in own.groupby(level="method", sort=False):
-        step = (method, choice.get(method, int(part.index.get_level_values("step").max())))
+        point = (method, choice.get(method, int(part.index.get_level_values("point").max())))
         valid = part.dropna(subset=["pearson"])
-        best = valid["pearson"].idxmax() if not valid.empty else step
-        rows.append({"seed": r.seed, "method": method, "step": step[1],
-                     "pearson": own.loc[step, "pearson"], "spearman": own.loc[step, "spearman"],
-                     "pearson_pooled": vs_pooled.loc[step, "pearson"], "best_step": best[1],
+        best = valid["pearson"].idxmax() if not valid.empty else point
+        rows.append({"seed": r.seed, "method": method, "point": point[1],
+                     "pearson": own.loc[point, "pearson"],
+                     "spearman": own.loc[point, "spearman"],
+                     "pearson_pooled": vs_pooled.loc[point, "pearson"], "best_point": best[1],
                      "pearson_best": own.loc[best, "pearson"],
                      "spearman_best": own.loc[best, "spearman"]})
     return pd.DataFrame(rows)
@@ -364,16 +367,17 @@ def print_report(spec: JobSpec, results: list[SeedResult], choice: dict[str, int
         part = scores[scores["seed"] == r.seed]
         cells = "  ".join(
             f"{row.method} {row.pearson:+.2f}/{row.spearman:+.2f}"
-            + (f" (best {row.pearson_best:+.2f}@{row.best_step})" if row.method in OURS else "")
+            + (f" (best {row.pearson_best:+.2f}@{row.best_point})" if row.method in OURS
+               else "")
             for row in part.itertuples())
         print(f"seed {r.seed} [SNRm {snr[r.seed]:.2f}]: {cells}")
 
     print("\n-- over the seeds: mean±std [min..max] (SNRm of the ground truths: "
           f"{fmt_spread(pd.Series(list(snr.values())))}) --")
-    print(f"{'method':<11}{'step':>6}  {'Pearson (fixed step)':<28}{'Spearman (fixed)':<28}"
-          f"{'Pearson (best step)':<28}{'vs pooled truth':<28}{'SNRm':>6}")
+    print(f"{'method':<11}{'point':>6}  {'Pearson (fixed point)':<28}{'Spearman (fixed)':<28}"
+          f"{'Pearson (best point)':<28}{'vs pooled truth':<28}{'SNRm':>6}")
     for method, part in scores.groupby("method", sort=False):
-        steps = ",".join(str(s) for s in sorted(part["step"].unique()))
+        steps = ",".join(str(s) for s in sorted(part["point"].unique()))
         print(f"{method:<11}{steps:>6}  {fmt_spread(part['pearson']):<28}"
               f"{fmt_spread(part['spearman']):<28}{fmt_spread(part['pearson_best']):<28}"
               f"{fmt_spread(part['pearson_pooled']):<28}{part['snr'].mean():6.2f}")
@@ -404,7 +408,7 @@ def print_report(spec: JobSpec, results: list[SeedResult], choice: dict[str, int
     for m in OURS:
         if m not in mean.index:
             continue
-        for col, what in (("pearson", "fixed step"), ("pearson_best", "best step")):
+        for col, what in (("pearson", "fixed point"), ("pearson_best", "best point")):
             ok = mean.loc[m, col] >= PEARSON_TARGET
             print(f"{m} mean Pearson ({what}) {mean.loc[m, col]:+.2f} >= {PEARSON_TARGET}: "
                   f"{'PASS' if ok else 'MISS'}")
@@ -413,7 +417,7 @@ def print_report(spec: JobSpec, results: list[SeedResult], choice: dict[str, int
             ok = mean.loc[m, "pearson"] > mean.loc[best_base, "pearson"]
             per_seed = scores.pivot_table(index="seed", columns="method", values="pearson")
             wins = int((per_seed[m].to_numpy()[:, None] > per_seed[base].to_numpy()).all(1).sum())
-            print(f"{m} beats every baseline at the fixed step (best baseline {best_base} "
+            print(f"{m} beats every baseline at the fixed point (best baseline {best_base} "
                   f"{mean.loc[best_base, 'pearson']:+.2f}): {'PASS' if ok else 'MISS'} in the "
                   f"mean; in {wins}/{len(results)} seeds")
     if "untrac" in secs:
@@ -449,8 +453,8 @@ def with_settings(spec: JobSpec, items: list[str]) -> JobSpec:
 def parse_choice(items: list[str]) -> dict[str, int]:
     out = {}
     for item in items:
-        method, _, step = item.partition("=")
-        out[method] = int(step)
+        method, _, point = item.partition("=")
+        out[method] = int(point)
     return out
 
 
@@ -460,8 +464,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--ldo-seeds", type=int, default=None,
                         help="LDO retrainings per run (default: as many as the job lists)")
-    parser.add_argument("--fixed-step", nargs="*", default=[], metavar="METHOD=STEP",
-                        help="the step scored per method (default: each method's last step)")
+    parser.add_argument("--fixed-point", nargs="*", default=[], metavar="METHOD=POINT",
+                        help="the evaluation point scored per method (default: each method's "
+                        "last point)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY.PATH=VALUE",
                         help="override job settings, e.g. methods.untrac.learning_rate=3e-5")
     parser.add_argument("--reuse-ldo", metavar="TRACKING_URI", default=None,
@@ -498,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
         pre_acc = test_accuracy(spec, folder)
         pre_loss = model_test_losses(spec, folder)
     print(f"job {args.job}{' with ' + ' '.join(args.set) if args.set else ''}, tracking {uri}")
-    print_report(spec, results, parse_choice(args.fixed_step), pre_acc, pre_loss)
+    print_report(spec, results, parse_choice(args.fixed_point), pre_acc, pre_loss)
 
 
 if __name__ == "__main__":

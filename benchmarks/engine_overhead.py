@@ -315,7 +315,7 @@ def describe_work(work: Workload, args: argparse.Namespace) -> str:
     settings = work.spec.methods.untrac
     assert settings is not None
     n_rows = work.data.tables[work.tasks[0].forget].num_rows
-    evals = len(settings.resolved_eval_steps(n_rows))
+    evals = len(set(work.tasks[0].schedule))
     n_params = sum(a.size for a in work.weights.arrays.values())
     return (f"work: {len(work.base_tasks)} base-eval tasks + {len(work.tasks)} unlearning tasks; "
             f"each unlearns {n_rows} rows for {settings.total_steps(n_rows)} steps (batch 8) and "

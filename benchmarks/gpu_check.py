@@ -7,7 +7,8 @@ loops get to what the hardware does here.
 
 It uses the project's own pieces: `unlearning.unlearn` (the loop the actors run) and
 `evaluation.mean_loss` on a `TokenizedSet`, with the actors' precision options
-(`precision.autocast_forward` for bf16, `precision.configure_tf32`).
+(`precision.precision_context` for bf16, as the Workbench runs tasks, and
+`precision.configure_tf32`).
 
     .venv/bin/python benchmarks/gpu_check.py                 # GPT-2 small (124M), bf16, on cuda
     .venv/bin/python benchmarks/gpu_check.py --precision fp32 --tf32
@@ -28,7 +29,7 @@ import torch
 
 from untrac_ray.evaluation import mean_loss
 from untrac_ray.modeling import build_model, config_from_dict
-from untrac_ray.precision import autocast_forward, configure_tf32
+from untrac_ray.precision import configure_tf32, precision_context
 from untrac_ray.spec import UnlearnSpec
 from untrac_ray.tokenization import TokenizedSet
 from untrac_ray.unlearning import unlearn
@@ -91,31 +92,31 @@ def main(argv: list[str] | None = None) -> dict:
                                "embd_pdrop": 0.0, "attn_pdrop": 0.0, **shape}, vocab_size=vocab,
                               eos_id=0)
     model = build_model(config, seed=0).to(device)
-    autocast_forward(model, device, args.precision)
     params = sum(p.numel() for p in model.parameters())
     data = synthetic_set(batch * (steps + 1) * 2, seq, vocab)
     rows = np.arange(min(len(data), batch * 8))
 
-    # warm-up (kernels, allocator), untimed
-    unlearn(model, data, UnlearnSpec(optimizer="adam", learning_rate=1e-6, batch_size=batch,
-                                     max_steps=2), lambda step: None, device)
-    mean_loss(model, data, rows[:batch], batch, device)
+    with precision_context(device, args.precision):  # as the Workbench runs tasks
+        # warm-up (kernels, allocator), untimed
+        unlearn(model, data, UnlearnSpec(optimizer="adam", learning_rate=1e-6, batch_size=batch,
+                                         max_steps=2), [], lambda step: None, device)
+        mean_loss(model, data, rows[:batch], batch, device)
 
-    settings = UnlearnSpec(optimizer="adam", learning_rate=1e-6, batch_size=batch,
-                           max_steps=steps, seed=1)
-    sync(device)
-    start = time.perf_counter()
-    unlearn(model, data, settings, lambda step: None, device)
-    sync(device)
-    unlearn_s = time.perf_counter() - start
-    unlearn_tokens = steps * batch * seq
+        settings = UnlearnSpec(optimizer="adam", learning_rate=1e-6, batch_size=batch,
+                               max_steps=steps, seed=1)
+        sync(device)
+        start = time.perf_counter()
+        unlearn(model, data, settings, [], lambda step: None, device)
+        sync(device)
+        unlearn_s = time.perf_counter() - start
+        unlearn_tokens = steps * batch * seq
 
-    sync(device)
-    start = time.perf_counter()
-    loss = mean_loss(model, data, rows, batch, device)
-    sync(device)
-    eval_s = time.perf_counter() - start
-    eval_tokens = len(rows) * seq
+        sync(device)
+        start = time.perf_counter()
+        loss = mean_loss(model, data, rows, batch, device)
+        sync(device)
+        eval_s = time.perf_counter() - start
+        eval_tokens = len(rows) * seq
 
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak = matmul_rate(device, dtype, 512 if smoke or device.type == "cpu" else 8192,

@@ -26,25 +26,42 @@ TEST_GROUPS = {
 }
 
 
-def write_rows(path: Path, groups: dict, n: int) -> None:
-    """A CSV of prompt/target rows with a `dataset` column naming each row's group."""
+# Real data come in sets of different sizes: the fixtures' sets are unequal by default (as
+# fractions of n_train_rows / n_test_rows), and the model has dropout on.
+TRAIN_SHARES = {"add_one": 1.0, "double": 0.25, "spell": 0.5}
+TEST_SHARES = {"next_number": 1.0, "twice": 0.625}
+
+
+def write_rows(path: Path, groups: dict, n: int | dict[str, int]) -> None:
+    """A CSV of prompt/target rows with a `dataset` column naming each row's group (n rows per
+    group, or n[group])."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["prompt", "target", "dataset"])
         for name, make in groups.items():
-            for i in range(n):
+            for i in range(n[name] if isinstance(n, dict) else n):
                 writer.writerow([*make(i), name])
 
 
-def tiny_spec(tmp: Path, n_train_rows: int = 24, n_test_rows: int = 16) -> dict[str, Any]:
-    """A small but complete job spec as a mapping (data files written under tmp)."""
-    write_rows(tmp / "train.csv", TRAIN_GROUPS, n_train_rows)
-    write_rows(tmp / "test.csv", TEST_GROUPS, n_test_rows)
+def group_sizes(shares: dict[str, float], n: int, equal: bool = False) -> dict[str, int]:
+    """Rows per group: n times each group's share (at least 2), or n for all when equal."""
+    return {g: n if equal else max(2, round(n * share)) for g, share in shares.items()}
+
+
+def tiny_spec(tmp: Path, n_train_rows: int = 24, n_test_rows: int = 16,
+              equal_sizes: bool = False) -> dict[str, Any]:
+    """A small but complete job spec as a mapping (data files written under tmp): training
+    sets of 24, 6 and 12 rows and test sets of 16 and 10 by default; a 1-layer GPT-2 with
+    dropout 0.1."""
+    write_rows(tmp / "train.csv", TRAIN_GROUPS, group_sizes(TRAIN_SHARES, n_train_rows,
+                                                            equal_sizes))
+    write_rows(tmp / "test.csv", TEST_GROUPS, group_sizes(TEST_SHARES, n_test_rows,
+                                                          equal_sizes))
     return {
         "name": "tiny",
         "model": {"config": {
             "model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,
         }},
         "tokenizer": {"kind": "byte", "max_length": 64},
         "training": {"learning_rate": 3e-3, "batch_size": 16, "epochs": 2, "seed": 0},
@@ -76,6 +93,27 @@ def merge(base: dict, override: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def run_through_cli(tmp: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """Write a job, run it with `untrac-ray run` (a real local Ray, an MLflow SQLite store in
+    tmp) and read everything back: job, uri, client, run, the CLI's output, the table."""
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from untrac_ray.cli import app
+    from untrac_ray.tracking import read_influence
+
+    job = tmp / "job.yaml"
+    job.write_text(yaml.safe_dump(spec, sort_keys=False))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    result = CliRunner().invoke(app, ["run", str(job), "--tracking-uri", uri, "--quiet"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(
+        spec["tracking"]["experiment"]).experiment_id])
+    return {"job": job, "uri": uri, "client": client, "run": run, "output": result.output,
+            "table": read_influence(run.info.run_id, uri)}
 
 
 @pytest.fixture

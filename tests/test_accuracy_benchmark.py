@@ -86,7 +86,7 @@ def test_the_report_prints_every_section(bench, capsys):
     out = capsys.readouterr().out
     for part in ("base model on the test sets", "ground truth: LDO influence", "per seed:",
                  "over the seeds", "compute time", "-- targets --",
-                 "untrac mean Pearson (fixed step)", "untrac_inv beats every baseline"):
+                 "untrac mean Pearson (fixed point)", "untrac_inv beats every baseline"):
         assert part in out
     assert out.count("PASS") + out.count("MISS") >= 6
     loss = r.outcome.base_losses["next_number"]

@@ -74,9 +74,9 @@ def cli(store, *args: str, code: int = 0):
     return result
 
 
-def sorted_matrix(table: pd.DataFrame, method: str, step: int | None = None) -> pd.DataFrame:
+def sorted_matrix(table: pd.DataFrame, method: str, point: int | None = None) -> pd.DataFrame:
     """The matrix as `show` orders it: training sets by mean influence, highest first."""
-    mat = matrix(table, method, step, TRAIN, TEST)
+    mat = matrix(table, method, point, TRAIN, TEST)
     return mat.loc[mat.mean(axis=1).sort_values(ascending=False, kind="stable").index]
 
 
@@ -87,19 +87,22 @@ def test_runs_lists_untrac_runs_newest_first_in_text_and_every_format(store, tmp
     text = cli(store, "runs").stdout
     assert text.index(ids["parent"][:12]) < text.index(ids["proxy"][:12]) \
         < text.index(ids["full"][:12])  # newest first
+    headline = dict(p.split("=") for p in store.client.get_run(ids["full"]).data.tags[
+        "untrac_ray.headline_pearson"].split(","))
+    top = max(headline, key=lambda m: float(headline[m]))
     for word in ("tiny_full", "tiny_proxy", "search", "FINISHED", "3 x 2", "gpt2",
-                 "untrac_inv +0.", "└ " + ids["parent"][:8]):
+                 f"{top} {float(headline[top]):+.3f}", "└ " + ids["parent"][:8]):
         assert word in text, word
 
     frame = pd.read_csv(io.StringIO(cli(store, "runs", "--format", "csv").stdout))
     assert frame.run_id.tolist() == [ids["parent"], ids["proxy"], ids["full"]]
     full = frame.set_index("job").loc["tiny_full"]
     assert full.methods == "untrac,untrac_inv,ldo" and (full.n_train, full.n_test) == (3, 2)
-    best = store.client.get_run(ids["full"]).data.tags["untrac_ray.best_pearson"]
+    best = store.client.get_run(ids["full"]).data.tags["untrac_ray.headline_pearson"]
     expected = max(float(p.split("=")[1]) for p in best.split(","))
-    assert full.best_pearson == pytest.approx(expected) and full.duration_s > 0
+    assert full.headline_pearson == pytest.approx(expected) and full.duration_s > 0
     assert frame.set_index("job").loc["tiny_proxy"].parent_run_id == ids["parent"]
-    assert pd.isna(frame.set_index("job").loc["tiny_proxy"].best_pearson)  # no ground truth
+    assert pd.isna(frame.set_index("job").loc["tiny_proxy"].headline_pearson)  # no truth
 
     data = json.loads(cli(store, "runs", "-f", "json").stdout)
     assert [r["run_id"] for r in data["runs"]] == frame.run_id.tolist()
@@ -120,21 +123,23 @@ def test_runs_lists_untrac_runs_newest_first_in_text_and_every_format(store, tmp
 def test_show_prints_sorted_matrices_top_sets_scores_and_examples(store):
     table = store.table["full"]
     out = cli(store, "show", store.ids["full"], "--examples").stdout
-    for method, last in (("untrac", 3), ("untrac_inv", 2), ("ldo", 0)):
-        assert f"{method}: influence at step {last}" in out
-    section = out[out.index("untrac_inv: influence at step 2"):]
+    for heading in ("untrac: influence at point 3/3 (steps 1-3)",
+                    "untrac_inv: influence at point 2/2 (step 2)", "ldo: influence, training"):
+        assert heading in out
+    section = out[out.index("untrac_inv: influence at point 2/2"):]
     rows = [name for name in TRAIN if name in section[:section.index("top 3")]]
     order = sorted(rows, key=lambda n: section.index(f"│ {n} "))
     assert order == list(sorted_matrix(table, "untrac_inv").index)  # rows by influence
-    assert "untrac_inv at step 2 vs leave-dataset-out" in out and "mean over test sets" in out
+    assert "untrac_inv at point 2/2 (step 2) vs leave-dataset-out" in out
+    assert "mean over test sets" in out and "best point by mean Pearson, in hindsight" in out
     assert "ldo (leave-dataset-out retraining) is the ground truth" in out
     best = store.examples.sort_values("loss_change").iloc[-1]
     assert best.text.splitlines()[0] in out  # the drill-down's rows are shown
     assert "figures: heatmap_ldo.png" in out
 
-    # by a prefix of the id, one method at one step, top-1
-    out = cli(store, "show", store.ids["full"][:10], "-m", "untrac", "-s", "1", "-k", "1").stdout
-    assert "untrac: influence at step 1 (recorded steps: 1, 2, 3)" in out
+    # by a prefix of the id, one method at one point, top-1
+    out = cli(store, "show", store.ids["full"][:10], "-m", "untrac", "-p", "1", "-k", "1").stdout
+    assert "untrac: influence at point 1/3 (step 1)" in out
     assert "untrac_inv:" not in out and "#2" not in out
     mat = sorted_matrix(table, "untrac", 1)
     assert f"{mat.iloc[0, 0]:+.4f}" in out
@@ -144,9 +149,9 @@ def test_show_formats_hold_the_logged_matrices(store, tmp_path):
     run, table = store.ids["full"], store.table["full"]
     cells = pd.read_csv(io.StringIO(cli(store, "show", run, "-m", "untrac_inv",
                                         "--format", "csv").stdout))
-    assert list(cells.columns) == ["method", "step", "train_set", "test_set", "influence",
+    assert list(cells.columns) == ["method", "point", "train_set", "test_set", "influence",
                                    "rank"]
-    assert set(cells.step) == {2}
+    assert set(cells.point) == {2}
     got = cells.pivot(index="train_set", columns="test_set", values="influence")
     expected = matrix(table, "untrac_inv", 2, TRAIN, TEST)
     assert np.allclose(got.loc[TRAIN, TEST], expected)
@@ -162,7 +167,7 @@ def test_show_formats_hold_the_logged_matrices(store, tmp_path):
     for test_set in TEST:
         top = mat[test_set].sort_values(ascending=False).head(2)
         assert [t["train_set"] for t in inv["top"][test_set]] == list(top.index)
-    logged = store.scores.query("method == 'untrac_inv' and step == 2").set_index("test_set")
+    logged = store.scores.query("method == 'untrac_inv' and point == 2").set_index("test_set")
     for row in inv["scores"]:
         assert row["pearson"] == pytest.approx(logged.loc[row["test_set"], "pearson"])
     assert data["matrices"][2]["scores"] is None  # ldo is the truth itself
@@ -187,10 +192,10 @@ def test_show_says_clearly_what_does_not_exist(store):
     assert "no run 'nope'" in cli(store, "show", "nope", code=2).output
     out = cli(store, "show", run, "-m", "tracin", code=2).output
     assert "no results for method 'tracin' (it has: untrac, untrac_inv, ldo)" in out
-    assert "method 'untrac' has no step 9 (steps: 1, 2, 3)" in cli(
-        store, "show", run, "-m", "untrac", "--step", "9", code=2).output
-    assert "no method of the run has step 9" in cli(store, "show", run, "-s", "9",
-                                                    code=2).output
+    assert "method 'untrac' has no point 9 (points: 1, 2, 3)" in cli(
+        store, "show", run, "-m", "untrac", "--point", "9", code=2).output
+    assert "no method of the run has point 9" in cli(store, "show", run, "-p", "9",
+                                                     code=2).output
     assert "give --output FILE" in cli(store, "show", run, "-f", "parquet", code=2).output
     assert "has no influence table" in cli(store, "show", store.ids["parent"], code=2).output
     # a run without a ground truth shows no scores, and says so
@@ -218,7 +223,7 @@ def test_compare_puts_two_matrices_side_by_side_with_their_correlation(store, tm
     assert data["pearson"] == pytest.approx(np.corrcoef(a.to_numpy().ravel(),
                                                         b.to_numpy().ravel())[0, 1])
     cells = pd.read_csv(io.StringIO(cli(store, "compare", full, proxy, "--method-a",
-                                        "untrac_inv", "--step-a", "1", "-f", "csv").stdout))
+                                        "untrac_inv", "--point-a", "1", "-f", "csv").stdout))
     assert len(cells) == 6
     got = cells.set_index(["train_set", "test_set"])
     for tr in TRAIN:
@@ -263,12 +268,12 @@ def test_figures_are_logged_non_empty_and_draw_the_matrices(store):
     truth = matrix(table, "ldo", 0, TRAIN, TEST)
     summary = read_run_table(run, store.uri, "score_summary")
     for r in summary.itertuples():
-        est = matrix(table, r.method, int(r.best_step), TRAIN, TEST)
-        fig = plots.scatter_vs_truth(est, truth, r.method, int(r.best_step))
+        est = matrix(table, r.method, int(r.point), TRAIN, TEST)  # the headline point
+        fig = plots.scatter_vs_truth(est, truth, r.method)
         pts = fig.scatter_points.set_index(["train_set", "test_set"])
         assert np.allclose(pts.estimate, est.stack().reindex(pts.index))
         assert np.allclose(pts.truth, truth.stack().reindex(pts.index))
-        pooled = store.scores.query("method == @r.method and step == @r.best_step "
+        pooled = store.scores.query("method == @r.method and point == @r.point "
                                     "and test_set == '__all__'").pearson.item()
         assert fig.pearson == pytest.approx(pooled)
         assert f"{pooled:.3f}" in fig.axes[0].get_title()
@@ -286,11 +291,12 @@ def test_scatter_vs_truth_is_readable_with_many_cells():
     test = [f"test_set_{j}" for j in range(4)]
     truth = pd.DataFrame(rng.normal(size=(6, 4)), index=train, columns=test)
     est = 0.5 * truth + rng.normal(scale=0.3, size=(6, 4))
-    fig = plots.scatter_vs_truth(est, truth.iloc[::-1], "untrac", 12)  # truth gets aligned
+    est.attrs.update(point=4, steps=[3, 12])  # as results.matrix labels a matrix
+    fig = plots.scatter_vs_truth(est, truth.iloc[::-1], "untrac")  # truth gets aligned
     assert np.isclose(fig.pearson, np.corrcoef(est.to_numpy().ravel(),
                                                truth.to_numpy().ravel())[0, 1])
     ax = fig.axes[0]
-    assert "UnTrac (step 12)" in ax.get_title() and "Pearson r" in ax.get_title()
+    assert "UnTrac at point 4 (steps 3-12)" in ax.get_title() and "Pearson r" in ax.get_title()
     assert ax.get_xlabel().startswith("ground truth") and ax.get_ylabel().startswith("estimate")
     assert len(ax.collections) == len(test)  # one colour per test set, in the legend
     assert [t.get_text() for t in fig.legends[0].get_texts()] == test
@@ -300,7 +306,7 @@ def test_scatter_vs_truth_is_readable_with_many_cells():
     inside = ax.get_window_extent(fig.canvas.get_renderer())
     assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 for b in boxes)
     # a constant estimate has no correlation: said, not crashed
-    flat = plots.scatter_vs_truth(est * 0, truth, "untrac_inv", 1)
+    flat = plots.scatter_vs_truth(est * 0, truth, "untrac_inv")
     assert np.isnan(flat.pearson) and "n/a" in flat.axes[0].get_title()
 
 

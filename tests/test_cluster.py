@@ -38,7 +38,7 @@ from untrac_ray.cli import app
 from untrac_ray.engine import plan_pool_size
 from untrac_ray.errors import SpecError, UntracError
 from untrac_ray.placement import actor_slots
-from untrac_ray.precision import autocast_forward, configure_tf32
+from untrac_ray.precision import configure_tf32, precision_context
 from untrac_ray.spec import ResourcesSpec, load_spec
 from untrac_ray.tracking import read_influence
 
@@ -205,7 +205,7 @@ def test_submit_follow_runs_the_job_on_the_cluster_with_the_same_matrix(head, lo
     assert sub.SUBMISSION_TAG not in local_run.data.tags
     on_cluster = read_influence(cluster_run.info.run_id, local_and_cluster["cluster_uri"])
     here = read_influence(local_run.info.run_id, local_and_cluster["local_uri"])
-    key = ["method", "step", "train_set", "test_set"]
+    key = ["method", "point", "step", "train_set", "test_set"]
     on_cluster, here = on_cluster.sort_values(key), here.sort_values(key)
     assert on_cluster[key].to_numpy().tolist() == here[key].to_numpy().tolist()
     np.testing.assert_allclose(on_cluster.influence, here.influence, rtol=1e-5, atol=1e-7)
@@ -467,13 +467,15 @@ def tiny_model():
     return build_model(config, seed=0).eval()  # no dropout
 
 
-def test_bf16_autocast_wraps_forward_passes_and_keeps_fp32_weights():
+def test_bf16_precision_context_runs_forward_passes_in_bf16_and_keeps_fp32_weights():
     model = tiny_model()
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
-    fp32 = model(input_ids=ids).logits
-    autocast_forward(model, "cpu", "bf16")
-    autocast_forward(model, "cpu", "bf16")  # idempotent
-    bf16 = model(input_ids=ids).logits
+    with precision_context("cpu", "fp32"):
+        fp32 = model(input_ids=ids).logits
+    with precision_context("cpu", "bf16"):
+        bf16 = model(input_ids=ids).logits
+    assert model(input_ids=ids).logits.dtype == torch.float32  # the model itself is untouched
+    assert "forward" not in vars(model)
     assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not torch.equal(fp32, bf16.float())
@@ -481,7 +483,7 @@ def test_bf16_autocast_wraps_forward_passes_and_keeps_fp32_weights():
     bf16.float().sum().backward()  # gradients reach the fp32 weights
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
     with pytest.raises(ValueError, match="precision"):
-        autocast_forward(tiny_model(), "cpu", "fp16")
+        precision_context("cpu", "fp16")
 
 
 def test_tf32_is_set_for_cuda_only():

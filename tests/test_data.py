@@ -52,6 +52,14 @@ def test_every_source_format_reads_the_same_rows(sources, fmt):
     assert rows.column("target").to_pylist() == ["1", "3", "5", "7", "9"]
 
 
+def test_max_rows_cuts_a_set_after_its_subset(sources):
+    rows = load_dataset_rows(DatasetSpec(name="x", source=str(sources["csv"]), subset="a",
+                                         max_rows=2))
+    assert rows.column("target").to_pylist() == ["1", "3"]
+    whole = load_dataset_rows(DatasetSpec(name="x", source=str(sources["csv"]), max_rows=99))
+    assert whole.num_rows == len(ROWS)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="dataset 'x': file not found"):
         load_dataset_rows(DatasetSpec(name="x", source=str(tmp_path / "none.csv")))

@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import tiny_spec
+from conftest import run_through_cli, tiny_spec
 from untrac_ray.cli import app
 from untrac_ray.evaluation import sample_indices
 from untrac_ray.modeling import SharedWeights, load_model
@@ -29,28 +29,24 @@ runner = CliRunner()
 def demo(tmp_path_factory, ray_cluster):
     """One tiny job run through the CLI; everything is read back from the MLflow store."""
     tmp = tmp_path_factory.mktemp("job")
-    job = tmp / "job.yaml"
-    job.write_text(yaml.safe_dump(tiny_spec(tmp)))
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    result = runner.invoke(app, ["run", str(job), "--tracking-uri", uri, "--quiet"])
-    assert result.exit_code == 0, result.output
-    client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-    return {"job": job, "uri": uri, "client": client, "run": run, "output": result.output,
-            "table": read_influence(run.info.run_id, uri)}
+    return run_through_cli(tmp, tiny_spec(tmp))
 
 
-def test_matrix_has_a_row_per_training_set_and_a_column_per_test_set_at_every_step(demo):
+def test_matrix_has_a_row_per_training_set_and_a_column_per_test_set_at_every_point(demo):
     table = demo["table"]
     train, test = ["add_one", "double", "spell"], ["next_number", "twice"]
-    expected_steps = {"untrac": [1, 2, 3], "untrac_inv": [1, 2]}
-    for method, steps in expected_steps.items():
-        assert sorted(table[table.method == method].step.unique()) == steps
-        for step in steps:
-            mat = matrix(table, method, step, train, test)
+    expected_points = {"untrac": [1, 2, 3], "untrac_inv": [1, 2]}
+    for method, points in expected_points.items():
+        assert sorted(table[table.method == method].point.unique()) == points
+        for point in points:
+            mat = matrix(table, method, point, train, test)
             assert mat.shape == (3, 2) and not mat.isna().any().any()
+    # 24, 6 and 12 rows at batch 8: each set ends at its own last step
+    last = table[(table.method == "untrac") & (table.point == 3)]
+    assert last.groupby("train_set").step.max().to_dict() == {"add_one": 3, "double": 1,
+                                                              "spell": 2}
     assert np.allclose(table.influence, table.loss_after - table.loss_before)
-    assert "untrac at step 3" in demo["output"] and "add_one" in demo["output"]
+    assert "untrac at point 3/3 (steps 1-3)" in demo["output"] and "add_one" in demo["output"]
 
 
 def test_mlflow_run_holds_params_metrics_and_artifacts(demo):
@@ -65,7 +61,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(demo):
     table = demo["table"]
     cells = table[(table.method == "untrac") & (table.train_set == "double")
                   & (table.test_set == "twice")]
-    assert [m.step for m in history] == cells.step.tolist()
+    assert [m.step for m in history] == cells.point.tolist()  # MLflow steps are points
     assert np.allclose([m.value for m in history], cells.influence)
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"influence.parquet", "influence.csv", "job.yaml", "figures"} <= names
@@ -80,7 +76,8 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(demo):
 
 
 def _plain_loss(model, data, rows) -> float:
-    """Mean target-token cross-entropy, computed directly."""
+    """Mean target-token cross-entropy, computed directly (in eval mode: no dropout)."""
+    model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for i in rows:
@@ -94,7 +91,9 @@ def _plain_loss(model, data, rows) -> float:
 
 
 def _plain_ascent(model, data, optimizer, batch_size, steps, seed) -> None:
-    """Gradient ascent with a hand-written loop: seeded shuffle, mean token loss, one step."""
+    """Gradient ascent with a hand-written loop: seeded shuffle, mean token loss, one step
+    (torch seeded too: the same dropout masks)."""
+    torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     batches = []
     while len(batches) < steps:  # a fresh shuffle per epoch
@@ -123,14 +122,14 @@ def test_untrac_and_untrac_inv_cells_equal_a_plain_single_process_computation(de
         d = data.tokenized(name)
         return d, sample_indices(len(d), spec.evaluation.max_examples, spec.evaluation.seed)
 
-    # UnTrac: unlearn "spell" (24 rows, 3 Adam steps of 8), measure "twice".
+    # UnTrac: unlearn "add_one" (24 rows, 3 Adam steps of 8), measure "twice".
     test_set, rows = sets("twice")
     model = weights.build()
     before = _plain_loss(model, test_set, rows)
-    _plain_ascent(model, data.tokenized("spell"),
+    _plain_ascent(model, data.tokenized("add_one"),
                   torch.optim.Adam(model.parameters(), lr=1e-3), 8, 3, seed=0)
     expected = _plain_loss(model, test_set, rows) - before
-    got = table.query("method == 'untrac' and step == 3 and train_set == 'spell' "
+    got = table.query("method == 'untrac' and step == 3 and train_set == 'add_one' "
                       "and test_set == 'twice'").influence.item()
     assert got == pytest.approx(expected, abs=1e-5)
 
@@ -193,3 +192,38 @@ def test_train_command_saves_a_model_that_run_reuses(make_job, tracking_uri, ray
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     first, second = (read_influence(r.info.run_id, tracking_uri) for r in runs)
     assert np.allclose(first.influence, second.influence, atol=1e-6)
+
+
+def test_finetune_trains_the_given_folder_further_and_tracin_finds_its_checkpoints(
+        make_job, tracking_uri, ray_cluster, tmp_path):
+    start = tmp_path / "pretrained"
+    job = make_job({"training": {"output_dir": str(start)}, "methods": {"untrac_inv": None}})
+    assert runner.invoke(app, ["train", str(job), "--quiet"]).exit_code == 0
+    tuned = make_job({"model": {"config": None, "path": str(start), "finetune": True},
+                      "training": {"epochs": 1, "checkpoint_every": 1},
+                      "methods": {"untrac_inv": None, "ldo": {}, "tracin": {}}},
+                     name="finetune.yaml")
+    result = runner.invoke(app, ["run", str(tuned), "--tracking-uri", tracking_uri, "-q"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(tracking_uri=tracking_uri)
+    (run,) = [r for r in client.search_runs(
+        [client.get_experiment_by_name("tests").experiment_id])
+        if r.data.params.get("model.finetune") == "True"]
+    studied = Path(run.data.tags["untrac_ray.model_dir"])
+    assert studied != start and studied.is_dir()
+    before = SharedWeights.from_model(load_model(str(start))).arrays
+    after = SharedWeights.from_model(load_model(str(studied))).arrays
+    assert set(before) == set(after)
+    assert any(not np.allclose(before[n], after[n]) for n in before)  # trained further
+    table = read_influence(run.info.run_id, tracking_uri)
+    assert {"untrac", "ldo", "tracin"} <= set(table.method)
+    assert np.isfinite(matrix(table, "tracin").to_numpy()).all()
+    # the folder's weights are part of the key: other weights, another fine-tuned model
+    spec = load_spec(tuned)
+    key = spec.model_key()
+    torch.manual_seed(1)
+    model = load_model(str(start))
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(start)
+    assert load_spec(tuned).model_key() != key

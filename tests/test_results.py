@@ -19,12 +19,12 @@ def _table():
     rows = []
     for k, name in enumerate(TRAIN):  # UnTrac: forget a training set, evaluate test sets
         losses = {step: {"x": 10.0 + k + step, "y": 20.0 - k * step} for step in (1, 2)}
-        rows += influence_rows(TaskResult(UnlearnTask("untrac", name, tuple(TEST), s), losses),
-                               BASE)
+        rows += influence_rows(
+            TaskResult(UnlearnTask("untrac", name, tuple(TEST), s, (1, 2)), losses), BASE)
     for j, name in enumerate(TEST):  # UnTrac-Inv: forget a test set, evaluate training sets
         losses = {5: {t: BASE[t] + 0.1 * (i + 1) * (j + 1) for i, t in enumerate(TRAIN)}}
-        rows += influence_rows(TaskResult(UnlearnTask("untrac_inv", name, tuple(TRAIN), s),
-                                          losses), BASE)
+        rows += influence_rows(
+            TaskResult(UnlearnTask("untrac_inv", name, tuple(TRAIN), s, (5,)), losses), BASE)
     return influence_table(rows, TRAIN, TEST)
 
 
@@ -33,10 +33,10 @@ def test_cells_are_indexed_by_train_and_test_set_for_both_methods():
     untrac = matrix(table, "untrac", 2, TRAIN, TEST)
     assert untrac.loc["c", "x"] == pytest.approx(2 + 2) and untrac.loc["c", "y"] == -4
     inv = matrix(table, "untrac_inv", None, TRAIN, TEST)
-    assert inv.attrs["step"] == 5
+    assert inv.attrs["point"] == 1 and inv.attrs["steps"] == [5]
     assert inv.loc["b", "y"] == pytest.approx(0.1 * 2 * 2)
     assert list(inv.index) == TRAIN and list(inv.columns) == TEST
-    with pytest.raises(KeyError, match="no step 7"):
+    with pytest.raises(KeyError, match="no point 7"):
         matrix(table, "untrac", 7)
 
 

@@ -26,6 +26,7 @@ from untrac_ray.errors import SpecError
 from untrac_ray.evaluation import sample_indices
 from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
 from untrac_ray.runner import prepare_data, run_job
+from untrac_ray.schedule import eval_schedules
 from untrac_ray.search import run_search, tune_space
 from untrac_ray.segments import SegmentTask
 from untrac_ray.spec import load_spec, parse_spec
@@ -122,15 +123,16 @@ def test_segments_interleaved_equal_one_unlearning_run_and_recompute_when_state_
     rows = {n: sample_indices(len(s), 20, 0) for n, s in sets.items()}
     bench = Workbench(weights, sets, rows, 16)
     settings = spec.methods.untrac.model_copy(update={"batch_size": 4, "eval_every": 2})
-    steps = settings.resolved_eval_steps(len(sets["add_one"]))
-    assert steps == [2, 4, 6]
-    whole = {n: UnlearnTask("untrac", n, tuple(TEST), settings).run(bench).losses
-             for n in ("add_one", "double")}
+    names = ("add_one", "double")  # 24 and 6 rows: 6 and 2 steps
+    schedules = eval_schedules(settings, {n: len(sets[n]) for n in names})
+    assert schedules == {"add_one": (2, 4, 6), "double": (1, 2, 2)}
+    whole = {n: UnlearnTask("untrac", n, tuple(TEST), settings, schedules[n]).run(bench).losses
+             for n in names}
     pieces: dict[str, dict] = {"add_one": {}, "double": {}}
-    for i, step in enumerate(steps):
-        for name in ("add_one", "double"):  # two trajectories interleaved on one model
-            out = SegmentTask(f"t/{name}", "untrac", name, tuple(TEST), settings, step,
-                              last=i == len(steps) - 1).run(bench)
+    for i in range(3):
+        for name in names:  # two trajectories interleaved on one model
+            out = SegmentTask(f"t/{name}", "untrac", name, tuple(TEST), settings,
+                              schedules[name][i], last=i == 2).run(bench)
             pieces[name].update(out.losses)
     assert pieces == whole
     fresh = SegmentTask("other/add_one", "untrac", "add_one", tuple(TEST), settings, 4,
@@ -170,7 +172,7 @@ def test_a_four_trial_search_logs_a_parent_with_four_nested_trial_runs(searched)
             child.data.params)
         history = client.get_metric_history(child.info.run_id, "objective")
         rounds = 3 if child.data.params["untrac.batch_size"] == "8" else 2  # 24 rows
-        assert [m.step for m in history] == list(range(1, rounds + 1))  # one per eval step
+        assert [m.step for m in history] == list(range(1, rounds + 1))  # one per eval point
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"influence.parquet", "scores.parquet"} <= names
     parent = client.get_run(outcome.parent_run_id)
@@ -205,7 +207,7 @@ def test_the_best_configuration_job_file_loads_and_runs_to_the_same_numbers(sear
     assert spec.search is None and spec.methods.ldo is None
     assert spec.ground_truth.run_id == outcome.parent_run_id  # LDO reused, not retrained
     job = run_job(spec, uri)
-    last = job.score_summary.set_index("method")["pearson_mean_last"]
+    last = job.score_summary.set_index("method")["pearson_mean"]  # at the last point
     assert float(last.mean()) == pytest.approx(outcome.best["objective"], abs=1e-9)
     trial = read_influence(outcome.best["run_id"], uri)
     ours = job.table[job.table.method.isin(["untrac", "untrac_inv"])].reset_index(drop=True)
@@ -224,9 +226,9 @@ def test_the_ground_truth_is_computed_once_per_search(searched):
         reports = [json.loads(line) for line in result.read_text().splitlines()]
         spec = load_spec(searched["job"])
         bs = reports[0]["config"]["untrac"]["batch_size"]
-        untrac_rounds = len(spec.methods.untrac.model_copy(
-            update={"batch_size": bs}).resolved_eval_steps(24))
-        expected = len(TRAIN) * untrac_rounds + len(TEST) * 2
+        settings = spec.methods.untrac.model_copy(update={"batch_size": bs})
+        untrac_rounds = len(eval_schedules(settings, {"add_one": 24})["add_one"])
+        expected = len(TRAIN) * untrac_rounds + len(TEST) * 2  # every set, every round
         assert sum(r["tasks"] for r in reports) == expected
         assert all(math.isfinite(r["objective"]) for r in reports)
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from untrac_ray.errors import SpecError
+from untrac_ray.schedule import eval_schedules
 from untrac_ray.spec import UnlearnSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,5 +69,12 @@ def test_missing_job_file_and_bad_yaml(tmp_path):
 def test_eval_steps_resolution():
     s = UnlearnSpec(batch_size=4, epochs=1, eval_every=3, eval_steps=[2, 99])
     assert s.total_steps(10) == 3
-    assert s.resolved_eval_steps(10) == [2, 3]
-    assert UnlearnSpec(max_steps=7, eval_every=5).resolved_eval_steps(1000) == [5, 7]
+    assert eval_schedules(s, {"a": 10}) == {"a": (2, 3)}
+    assert eval_schedules(UnlearnSpec(max_steps=7, eval_every=5), {"a": 1000}) == {"a": (5, 7)}
+
+
+def test_eval_points_exclude_absolute_steps_and_bound_score_point(make_job):
+    both = {"methods": {"untrac": {"eval_points": 4, "eval_every": 2}}}
+    assert "give either eval_points" in _error(make_job, both)
+    beyond = {"methods": {"untrac": {"eval_points": 4, "eval_every": None, "score_point": 5}}}
+    assert "score_point: 5 is beyond the last of 4" in _error(make_job, beyond)

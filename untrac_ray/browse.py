@@ -22,37 +22,22 @@ from rich.table import Table
 from rich.text import Text
 
 from untrac_ray.errors import UntracError
+from untrac_ray.results import point_label, points_of
+from untrac_ray.scoring import ALL_CELLS, MEAN_OVER_TESTS, pearson, spearman
 from untrac_ray.spec import GROUND_TRUTH
 
 if TYPE_CHECKING:
     from untrac_ray.tracking import RunRecord
 
 FORMATS = ("text", "csv", "json", "parquet")
-ALL_CELLS, MEAN_OVER_TESTS = "__all__", "__mean__"
 METHOD_ORDER = ("untrac", "untrac_inv", "ldo")
 
 
 class BrowseError(UntracError):
-    """A run, method or step asked for does not exist, or an output cannot be written."""
+    """A run, method or point asked for does not exist, or an output cannot be written."""
 
 
 # --- small helpers -----------------------------------------------------------------------------
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation; NaN with fewer than 2 points or a constant side."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    keep = ~(np.isnan(x) | np.isnan(y))
-    x, y = x[keep], y[keep]
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    return pearson(pd.Series(x, dtype=float).rank().to_numpy(),
-                   pd.Series(y, dtype=float).rank().to_numpy())
-
 
 def _num(value: Any) -> Any:
     """JSON-safe numbers: NaN and infinities become None, NumPy scalars Python ones."""
@@ -137,11 +122,12 @@ def cell_style(value: float, bound: float, basic: bool = False) -> str:
 # --- runs --------------------------------------------------------------------------------------
 
 def best_of(record: RunRecord) -> tuple[str | None, float | None]:
-    """The method with the best correlation with the ground truth, and that correlation."""
-    if not record.best_pearson:
+    """The method whose headline correlation with the ground truth (at its point fixed in
+    advance) is highest, and that correlation."""
+    if not record.headline_pearson:
         return None, None
-    method = max(record.best_pearson, key=lambda m: record.best_pearson[m])
-    return method, record.best_pearson[method]
+    method = max(record.headline_pearson, key=lambda m: record.headline_pearson[m])
+    return method, record.headline_pearson[method]
 
 
 def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
@@ -153,15 +139,15 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
             "run_id": r.run_id, "run_name": r.run_name, "experiment": r.experiment,
             "job": r.job, "methods": ",".join(r.methods), "model": r.model,
             "n_train": r.n_train, "n_test": r.n_test, "status": r.status,
-            "best_method": best_method, "best_pearson": best,
+            "top_method": best_method, "headline_pearson": best,
             "start_time": fmt_time(r.start_ms), "duration_s": duration_s(r),
             "parent_run_id": r.parent_id,
         })
     columns = ["run_id", "run_name", "experiment", "job", "methods", "model", "n_train",
-               "n_test", "status", "best_method", "best_pearson", "start_time", "duration_s",
+               "n_test", "status", "top_method", "headline_pearson", "start_time", "duration_s",
                "parent_run_id"]
     frame = pd.DataFrame(rows, columns=columns)
-    return frame.astype({"n_train": "Int64", "n_test": "Int64", "best_pearson": "float64",
+    return frame.astype({"n_train": "Int64", "n_test": "Int64", "headline_pearson": "float64",
                          "duration_s": "float64"})
 
 
@@ -182,7 +168,7 @@ def runs_table(records: list[RunRecord], title: str) -> Table:
         table.add_column(name)
     table.add_column("train x test", justify="right")
     table.add_column("status")
-    table.add_column("best r vs truth", justify="right")
+    table.add_column("r vs truth (top method)", justify="right")
     table.add_column("start", no_wrap=True)
     table.add_column("duration", justify="right", no_wrap=True)
     for r in records:
@@ -206,12 +192,18 @@ def runs_table(records: list[RunRecord], title: str) -> Table:
 
 @dataclass
 class MatrixView:
-    """One method's train x test matrix at one step, rows sorted by mean influence."""
+    """One method's train x test matrix at one evaluation point, rows sorted by mean
+    influence; `steps` are the absolute steps of its cells (sets of different sizes differ)."""
 
     method: str
-    step: int
+    point: int
+    points: list[int]
     steps: list[int]
     matrix: pd.DataFrame
+
+    def where(self) -> str:
+        """'point 3/8 (step 24)', or '' for a method without a trajectory."""
+        return point_label(self.point, self.steps, max(self.points))
 
 
 def methods_of(table: pd.DataFrame) -> list[str]:
@@ -219,27 +211,25 @@ def methods_of(table: pd.DataFrame) -> list[str]:
     return sorted(dict.fromkeys(table["method"]), key=_method_key)
 
 
-def _steps(table: pd.DataFrame, method: str) -> list[int]:
-    return sorted(int(s) for s in table.loc[table["method"] == method, "step"].unique())
+def _fmt_points(points: list[int]) -> str:
+    if len(points) > 8:
+        return f"{', '.join(map(str, points[:3]))}, ..., {', '.join(map(str, points[-3:]))}"
+    return ", ".join(map(str, points))
 
 
-def _fmt_steps(steps: list[int]) -> str:
-    if len(steps) > 8:
-        return f"{', '.join(map(str, steps[:3]))}, ..., {', '.join(map(str, steps[-3:]))}"
-    return ", ".join(map(str, steps))
-
-
-def view(table: pd.DataFrame, method: str, step: int | None = None) -> MatrixView:
-    """A method's matrix at a step (default: its last), rows sorted by mean influence."""
+def view(table: pd.DataFrame, method: str, point: int | None = None) -> MatrixView:
+    """A method's matrix at an evaluation point (default: its last), rows sorted by mean
+    influence."""
     if method not in set(table["method"]):
         raise BrowseError(f"the run has no results for method {method!r} "
                           f"(it has: {', '.join(methods_of(table))})")
-    steps = _steps(table, method)
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise BrowseError(f"method {method!r} has no step {step} (steps: {_fmt_steps(steps)})")
-    rows = table[(table["method"] == method) & (table["step"] == step)]
+    points = points_of(table, method)
+    if point is None:
+        point = points[-1]
+    elif point not in points:
+        raise BrowseError(f"method {method!r} has no point {point} "
+                          f"(points: {_fmt_points(points)})")
+    rows = table[(table["method"] == method) & (table["point"] == point)]
     train = list(dict.fromkeys(table["train_set"]))
     test = list(dict.fromkeys(table["test_set"]))
     mat = rows.pivot_table(index="train_set", columns="test_set", values="influence",
@@ -249,27 +239,28 @@ def view(table: pd.DataFrame, method: str, step: int | None = None) -> MatrixVie
     order = mat.mean(axis=1).sort_values(ascending=False, kind="stable").index
     mat = mat.loc[order]
     mat.index.name, mat.columns.name = "train_set", "test_set"
-    return MatrixView(method, int(step), steps, mat)
+    steps = sorted(int(s) for s in rows["step"].unique())
+    return MatrixView(method, int(point), points, steps, mat)
 
 
 def pick_views(table: pd.DataFrame, method: str | None = None,
-               step: int | None = None) -> list[MatrixView]:
+               point: int | None = None) -> list[MatrixView]:
     """The matrices `show` prints: the method asked for, or every method of the run.
 
-    With a step and no method, the methods that recorded that step.
+    With a point and no method, the methods that recorded that point.
     """
     if table.empty:
         raise BrowseError("the run's influence table is empty")
     if method is not None:
-        return [view(table, method, step)]
+        return [view(table, method, point)]
     methods = methods_of(table)
-    if step is None:
+    if point is None:
         return [view(table, m) for m in methods]
-    having = [m for m in methods if step in _steps(table, m)]
+    having = [m for m in methods if point in points_of(table, m)]
     if not having:
-        known = "; ".join(f"{m}: {_fmt_steps(_steps(table, m))}" for m in methods)
-        raise BrowseError(f"no method of the run has step {step} (steps: {known})")
-    return [view(table, m, step) for m in having]
+        known = "; ".join(f"{m}: {_fmt_points(points_of(table, m))}" for m in methods)
+        raise BrowseError(f"no method of the run has point {point} (points: {known})")
+    return [view(table, m, point) for m in having]
 
 
 def top_k(v: MatrixView, k: int) -> pd.DataFrame:
@@ -284,7 +275,7 @@ def top_k(v: MatrixView, k: int) -> pd.DataFrame:
 
 
 def cells_frame(views: list[MatrixView]) -> pd.DataFrame:
-    """Every shown cell, tidy: method, step, train_set, test_set, influence, and its rank
+    """Every shown cell, tidy: method, point, train_set, test_set, influence, and its rank
     among the training sets of its test set (1 = most influential)."""
     frames = []
     for v in views:
@@ -292,11 +283,11 @@ def cells_frame(views: list[MatrixView]) -> pd.DataFrame:
                                            value_name="influence")
         long["rank"] = (long.groupby("test_set")["influence"]
                         .rank(ascending=False, method="first").astype("Int64"))
-        long.insert(0, "step", v.step)
+        long.insert(0, "point", v.point)
         long.insert(0, "method", v.method)
         frames.append(long)
     out = pd.concat(frames, ignore_index=True)
-    return out[["method", "step", "train_set", "test_set", "influence", "rank"]]
+    return out[["method", "point", "train_set", "test_set", "influence", "rank"]]
 
 
 def heading(text: str) -> Text:
@@ -335,11 +326,11 @@ def top_table(v: MatrixView, k: int) -> Table:
     return table
 
 
-def scores_at(scores: pd.DataFrame | None, method: str, step: int) -> pd.DataFrame | None:
-    """A method's scores against the ground truth at a step: per test set, mean, all cells."""
+def scores_at(scores: pd.DataFrame | None, method: str, point: int) -> pd.DataFrame | None:
+    """A method's scores against the ground truth at a point: per test set, mean, all cells."""
     if scores is None or scores.empty:
         return None
-    part = scores[(scores["method"] == method) & (scores["step"] == step)]
+    part = scores[(scores["method"] == method) & (scores["point"] == point)]
     if part.empty:
         return None
     special = {MEAN_OVER_TESTS: 1, ALL_CELLS: 2}
@@ -347,8 +338,9 @@ def scores_at(scores: pd.DataFrame | None, method: str, step: int) -> pd.DataFra
     return part.sort_values("_order", kind="stable").drop(columns="_order")
 
 
-def best_step(scores: pd.DataFrame | None, method: str) -> tuple[int, float] | None:
-    """The step with the best mean Pearson correlation, and that correlation."""
+def best_point(scores: pd.DataFrame | None, method: str) -> tuple[int, float] | None:
+    """The point with the best mean Pearson correlation, and that correlation (hindsight:
+    chosen on the ground truth it is scored against)."""
     if scores is None or scores.empty:
         return None
     mean = scores[(scores["method"] == method) & (scores["test_set"] == MEAN_OVER_TESTS)]
@@ -356,7 +348,7 @@ def best_step(scores: pd.DataFrame | None, method: str) -> tuple[int, float] | N
     if mean.empty:
         return None
     best = mean.loc[mean["pearson"].idxmax()]
-    return int(best["step"]), float(best["pearson"])
+    return int(best["point"]), float(best["pearson"])
 
 
 def scores_table(part: pd.DataFrame, v: MatrixView) -> Table:
@@ -426,8 +418,8 @@ def header(record: RunRecord, figures: list[str] | None = None) -> Group:
         Text.assemble("status ", (record.status, STATUS_STYLE.get(record.status, "")),
                       f"  started {fmt_time(record.start_ms)}  "
                       f"duration {fmt_duration(duration_s(record))}"
-                      + (f"  best r vs truth {best_method} {best:+.3f}" if best is not None
-                         else "")),
+                      + (f"  r vs truth (top method) {best_method} {best:+.3f}"
+                         if best is not None else "")),
     ]
     if record.parent_id:
         lines.append(Text(f"parent run {record.parent_id}"))
@@ -449,23 +441,29 @@ def show_renderables(record: RunRecord, views: list[MatrixView], k: int,
                         "(influence_partial)", style="yellow"))
     for v in views:
         out.append(Text(""))
-        out.append(heading(f"{v.method}: influence at step {v.step} (recorded steps: "
-                           f"{_fmt_steps(v.steps)}), training sets by mean influence"))
+        at = f" at {v.where()}" if v.point else ""
+        out.append(heading(f"{v.method}: influence{at}, training sets by mean influence"))
         out.append(matrix_table(v, basic=basic))
         out.append(heading(f"{v.method}: top {k} training sets per test set"))
         out.append(top_table(v, k))
-        part = scores_at(scores, v.method, v.step)
+        part = scores_at(scores, v.method, v.point)
         if v.method == GROUND_TRUTH:
             out.append(Text("ldo (leave-dataset-out retraining) is the ground truth",
                             style="dim"))
         elif part is not None:
-            out.append(heading(f"{v.method} at step {v.step} vs leave-dataset-out "
-                               "(ground truth)"))
+            out.append(heading(f"{v.method}{at} vs leave-dataset-out (ground truth)"))
             out.append(scores_table(part, v))
-            best = best_step(scores, v.method)
-            if best is not None:
-                out.append(Text(f"best step by mean Pearson: {best[0]} ({best[1]:+.3f})",
-                                style="dim"))
+            undefined = part[~part["test_set"].isin([MEAN_OVER_TESTS, ALL_CELLS])
+                             & part["pearson"].isna()]
+            if not undefined.empty:
+                out.append(Text("correlation undefined on test set(s) "
+                                f"{', '.join(map(str, undefined['test_set']))} (a constant "
+                                "estimate or ground truth); the mean is over the others",
+                                style="yellow"))
+            best = best_point(scores, v.method)
+            if best is not None and v.point:
+                out.append(Text(f"best point by mean Pearson, in hindsight: {best[0]} "
+                                f"({best[1]:+.3f})", style="dim"))
         elif scores is None:
             out.append(Text("no scores against a ground truth in this run (add methods.ldo or "
                             "ground_truth to the job)", style="dim"))
@@ -488,10 +486,10 @@ def show_json(record: RunRecord, views: list[MatrixView], k: int,
     """`show` for scripts: the run, each matrix with its top-k and scores, the examples."""
     matrices = []
     for v in views:
-        part = scores_at(scores, v.method, v.step)
+        part = scores_at(scores, v.method, v.point)
         top = top_k(v, k)
         matrices.append({
-            "method": v.method, "step": v.step, "steps": v.steps,
+            "method": v.method, "point": v.point, "points": v.points, "steps": v.steps,
             "train_sets": [str(t) for t in v.matrix.index],
             "test_sets": [str(t) for t in v.matrix.columns],
             "influence": [[_num(x) for x in row] for row in v.matrix.to_numpy(dtype=float)],
@@ -595,7 +593,7 @@ def compare_frame(c: Comparison) -> pd.DataFrame:
 
 def _side(record: RunRecord, v: MatrixView) -> dict:
     return {"run_id": record.run_id, "run_name": record.run_name, "job": record.job,
-            "model": record.model, "method": v.method, "step": v.step}
+            "model": record.model, "method": v.method, "point": v.point}
 
 
 def compare_json(c: Comparison, record_a: RunRecord, record_b: RunRecord) -> dict:
@@ -613,8 +611,10 @@ def compare_renderables(c: Comparison, basic: bool = False) -> list:
     """Both matrices side by side on the shared cells, then their agreement."""
     from rich.columns import Columns
 
-    a = MatrixView(c.a.method, c.a.step, c.a.steps, c.a.matrix.loc[c.train, c.test])
-    b = MatrixView(c.b.method, c.b.step, c.b.steps, c.b.matrix.loc[c.train, c.test])
+    a = MatrixView(c.a.method, c.a.point, c.a.points, c.a.steps,
+                   c.a.matrix.loc[c.train, c.test])
+    b = MatrixView(c.b.method, c.b.point, c.b.points, c.b.steps,
+                   c.b.matrix.loc[c.train, c.test])
     out: list = [Columns([matrix_table(a, f"A: {c.label_a}", basic),
                           matrix_table(b, f"B: {c.label_b}", basic)], padding=(0, 4))]
     if c.dropped:

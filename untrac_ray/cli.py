@@ -109,13 +109,15 @@ class _CliReporter:
 
 
 def _print_matrices(outcome) -> None:
-    from untrac_ray.results import matrix
+    from untrac_ray.results import matrix, point_label, points_of
 
     train = list(dict.fromkeys(outcome.table["train_set"]))
     test = list(dict.fromkeys(outcome.table["test_set"]))
     for method in dict.fromkeys(outcome.table["method"]):
         mat = matrix(outcome.table, method, train=train, test=test)
-        table = Table(title=f"{method} at step {mat.attrs['step']}")
+        where = point_label(mat.attrs["point"], mat.attrs["steps"],
+                            len(points_of(outcome.table, method)))
+        table = Table(title=f"{method} at {where}" if where else method)
         table.add_column("train \\ test")
         for t in test:
             table.add_column(t, justify="right")
@@ -134,28 +136,39 @@ def _print_matrices(outcome) -> None:
 
 
 def _print_scores(summary) -> None:
-    """Method x score against the ground truth, at each method's best step (marked)."""
+    """Method x score against the ground truth at each method's point fixed in advance (the
+    headline), with the best point in hindsight beside it."""
     table = Table(title="correlation with leave-dataset-out (ground truth)")
-    for col in ("method", "best step*", "pearson", "spearman", "pearson all cells",
-                "last step", "pearson last"):
+    for col in ("method", "pearson", "spearman", "pearson all cells", "at point",
+                "best point (hindsight)"):
         table.add_column(col, justify="left" if col == "method" else "right")
     order = summary.sort_values("pearson_mean", ascending=False, na_position="last")
     for r in order.itertuples():
-        table.add_row(r.method, f"{r.best_step}*", f"{r.pearson_mean:+.3f}",
-                      f"{r.spearman_mean:+.3f}", f"{r.pearson_all_cells:+.3f}",
-                      str(r.last_step), f"{r.pearson_mean_last:+.3f}")
+        hindsight = "-" if r.point == 0 else f"{r.pearson_mean_best:+.3f} @ {r.best_point}"
+        table.add_row(r.method, f"{r.pearson_mean:+.3f}", f"{r.spearman_mean:+.3f}",
+                      f"{r.pearson_all_cells:+.3f}", str(r.point) if r.point else "-",
+                      hindsight)
     out_console.print(table)
     out_console.print("pearson, spearman: mean over test sets of the correlation over training "
-                      "sets; * the step with the best mean Pearson (0: a method without steps)")
+                      "sets, at the point fixed in advance (the last, or score_point); the best "
+                      "point is chosen on the ground truth itself, so it flatters")
+    for r in summary.itertuples():
+        if r.undefined:
+            out_console.print(f"[yellow]warning:[/] {r.method}: correlation undefined on test "
+                              f"set(s) {r.undefined} (a constant estimate or ground truth); "
+                              "the mean is over the other test sets", highlight=False)
 
 
 @app.command()
 def validate(job: JobFile) -> None:
-    """Check a job spec and print it resolved (paths absolute, defaults filled in)."""
+    """Check a job spec and what it names (data, columns, subsets, model folder, cache_dir),
+    then print it resolved (paths absolute, defaults filled in)."""
+    from untrac_ray.preflight import check_job
     from untrac_ray.spec import load_spec
 
     try:
         spec = load_spec(job)
+        check_job(spec)
     except UntracError as err:
         raise _fail(err) from None
     sys.stdout.write(spec.to_yaml())

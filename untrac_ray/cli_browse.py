@@ -144,8 +144,9 @@ def show(
     run: RunArg,
     method: Annotated[str | None, typer.Option(
         "--method", "-m", help="only this method (default: every method of the run)")] = None,
-    step: Annotated[int | None, typer.Option(
-        "--step", "-s", help="unlearning step (default: each method's last)")] = None,
+    point: Annotated[int | None, typer.Option(
+        "--point", "-p", help="evaluation point of the unlearning trajectories (default: "
+        "each method's last)")] = None,
     top: Annotated[int, typer.Option(
         "--top", "-k", min=1, help="training sets listed per test set")] = 3,
     examples: Annotated[bool, typer.Option(
@@ -165,7 +166,7 @@ def show(
     try:
         record, table, partial = _load(run, uri)
         try:
-            views = browse.pick_views(table, method, step)
+            views = browse.pick_views(table, method, point)
         except browse.BrowseError as err:
             raise browse.BrowseError(f"run {record.run_id}: {err}") from None
         scores = read_run_table(record.run_id, uri, "scores")
@@ -189,10 +190,10 @@ def compare(
         "--method", "-m", help="the method of both runs")] = None,
     method_a: Annotated[str | None, typer.Option("--method-a", help="the method of A")] = None,
     method_b: Annotated[str | None, typer.Option("--method-b", help="the method of B")] = None,
-    step_a: Annotated[int | None, typer.Option(
-        "--step-a", help="step of A (default: last)")] = None,
-    step_b: Annotated[int | None, typer.Option(
-        "--step-b", help="step of B (default: last)")] = None,
+    point_a: Annotated[int | None, typer.Option(
+        "--point-a", help="evaluation point of A (default: last)")] = None,
+    point_b: Annotated[int | None, typer.Option(
+        "--point-b", help="evaluation point of B (default: last)")] = None,
     tracking_uri: TrackingUri = None,
     fmt: FormatOption = Format.text,
     output: Output = None,
@@ -209,18 +210,18 @@ def compare(
         ma, mb = browse.compare_methods(browse.methods_of(table_a), browse.methods_of(table_b),
                                         same, method, method_a, method_b)
         try:
-            va = browse.view(table_a, ma, step_a)
+            va = browse.view(table_a, ma, point_a)
         except browse.BrowseError as err:
             raise browse.BrowseError(f"A (run {record_a.run_id}): {err}") from None
         try:
-            vb = browse.view(table_b, mb, step_b)
+            vb = browse.view(table_b, mb, point_b)
         except browse.BrowseError as err:
             raise browse.BrowseError(f"B (run {record_b.run_id}): {err}") from None
-        if same and va.method == vb.method and va.step == vb.step:
-            raise browse.BrowseError(f"A and B are the same matrix ({ma} at step {va.step}); "
-                                     "pick another run, --method-b or --step-b")
-        label_a = f"{record_a.run_name or record_a.run_id[:8]} {va.method} @ {va.step}"
-        label_b = f"{record_b.run_name or record_b.run_id[:8]} {vb.method} @ {vb.step}"
+        if same and va.method == vb.method and va.point == vb.point:
+            raise browse.BrowseError(f"A and B are the same matrix ({ma} at point {va.point}); "
+                                     "pick another run, --method-b or --point-b")
+        label_a = f"{record_a.run_name or record_a.run_id[:8]} {va.method} @ {va.point}"
+        label_b = f"{record_b.run_name or record_b.run_id[:8]} {vb.method} @ {vb.point}"
         comparison = browse.compare_views(va, vb, label_a, label_b)
         if fmt is Format.text:
             _print(browse.compare_renderables(comparison, _basic()), output)

@@ -36,7 +36,7 @@ def _live_trials(quiet: bool):
 
     class _LiveTrials(SearchReporter):
         """Stages and training progress first (as `run` shows them), then a live table of trials
-        on stderr, redrawn as trials start, report an evaluation step, and end."""
+        on stderr, redrawn as trials start, report an evaluation point, and end."""
 
         def __init__(self, quiet: bool) -> None:
             from untrac_ray.cli import _CliReporter
@@ -98,7 +98,7 @@ def _live_trials(quiet: bool):
             table.add_column("status", no_wrap=True)
             for key in self.settings:
                 table.add_column(key, justify="right", no_wrap=True)
-            for col in ("round", "step", "objective", "MLflow run"):
+            for col in ("point", "objective", "MLflow run"):
                 table.add_column(col, justify="right" if col != "MLflow run" else "left",
                                  no_wrap=True)
             finite = [v for v in self.views.values() if not math.isnan(v.objective)
@@ -110,7 +110,7 @@ def _live_trials(quiet: bool):
                 objective = _value(v.objective) + (" *" if v.trial_id == best else "")
                 table.add_row(str(v.index), status, *[_value(v.config.get(k, "")) for k in
                                                       self.settings],
-                              f"{v.round}/{v.rounds}" if v.rounds else "-", str(v.step or "-"),
+                              f"{v.round}/{v.rounds}" if v.rounds else "-",
                               objective, v.run_id[:8])
             ended = sum(v.status in ("completed", "stopped early", "failed")
                         for v in self.views.values())

@@ -71,13 +71,52 @@ def required_columns(ds: DatasetSpec) -> list[str]:
     return [ds.prompt_column, ds.target_column]
 
 
-def _check_columns(ds: DatasetSpec, table: pa.Table, columns: list[str]) -> None:
+def _check_columns(ds: DatasetSpec, table: pa.Table | list[str], columns: list[str]) -> None:
+    names = table if isinstance(table, list) else table.column_names
     for col in columns:
-        if col not in table.column_names:
+        if col not in names:
             raise DataError(
                 f"dataset {ds.name!r}: column {col!r} not found in {ds.source} "
-                f"(columns: {', '.join(table.column_names)})"
+                f"(columns: {', '.join(names)})"
             )
+
+
+def check_dataset_header(ds: DatasetSpec) -> None:
+    """Cheap checks of a dataset (at a URI or a local path) without reading its rows (raise
+    DataError).
+
+    The file (or folder) must exist; the columns are checked where a header is cheap to read:
+    a Parquet file's footer, a CSV file's first block. Rows (empty sets, subsets) are not
+    read here: that needs the whole file, which `load_dataset_rows` reads when the job runs.
+    """
+    from pyarrow import fs
+
+    try:
+        fmt = ds.resolved_format()
+    except ValueError as err:
+        raise DataError(f"dataset {ds.name!r}: {err}") from None
+    try:
+        filesystem, path = fs.FileSystem.from_uri(ds.source)
+        info = filesystem.get_file_info(path)
+    except Exception as err:  # noqa: BLE001 - an unknown scheme, missing credentials, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"dataset {ds.name!r}: cannot open {ds.source}: {first}") from None
+    if info.type == fs.FileType.NotFound:
+        raise DataError(f"dataset {ds.name!r}: file not found: {ds.source}")
+    if fmt not in ("parquet", "csv") or info.type != fs.FileType.File:
+        return
+    try:
+        if fmt == "parquet":
+            with filesystem.open_input_file(path) as f:
+                names = pq.read_schema(f).names
+        else:
+            with filesystem.open_input_stream(path) as f:
+                names = pacsv.open_csv(f).schema.names
+    except Exception as err:  # noqa: BLE001 - any reader error becomes one clear line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"dataset {ds.name!r}: cannot read {ds.source} as {fmt}: {first}") from None
+    needed = ([ds.subset_column] if ds.subset is not None else []) + required_columns(ds)
+    _check_columns(ds, names, needed)
 
 
 def load_dataset_rows(ds: DatasetSpec) -> pa.Table:
@@ -100,6 +139,8 @@ def load_dataset_rows(ds: DatasetSpec) -> pa.Table:
     table = table.select(columns)
     if table.num_rows == 0:
         raise DataError(f"dataset {ds.name!r}: no rows in {ds.source}")
+    if ds.max_rows is not None:
+        table = table.slice(0, ds.max_rows)
     out = {}
     for col in columns:
         values = table.column(col)

@@ -23,7 +23,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from untrac_ray.errors import UntracError
 from untrac_ray.modeling import SharedWeights
 from untrac_ray.placement import actor_slots, alive_node_resources
-from untrac_ray.precision import autocast_forward, configure_tf32
+from untrac_ray.precision import configure_tf32
 from untrac_ray.spec import ResourcesSpec
 from untrac_ray.tasks import Task
 from untrac_ray.tokenization import TokenizedSet
@@ -142,8 +142,7 @@ class WorkbenchActor:
             for n, t in zip(names, tables, strict=True)
         }
         self.bench = Workbench(weights, datasets, self.eval_indices, self.eval_batch_size,
-                               self.device)
-        autocast_forward(self.bench.model, self.device, self.precision)  # reused by every task
+                               self.device, precision=self.precision)  # every task's numerics
 
     def run(self, task: Task, shared: dict[str, dict[str, ray.ObjectRef]]) -> TaskResult:
         self.prepare(shared)

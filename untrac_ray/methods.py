@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from untrac_ray.errors import SpecError
 from untrac_ray.results import influence_rows
+from untrac_ray.schedule import eval_schedules, headline_point
 from untrac_ray.spec import JobSpec
 from untrac_ray.tasks import BASE, EkfacTask, GradientTask, LdoTask, Task, UnlearnTask
 from untrac_ray.workbench import TaskResult
@@ -28,20 +30,32 @@ class MethodPlan:
     tasks: list[Task]
     assemble: Assemble
     extras: dict = field(default_factory=dict)  # side results (LDO per seed, drill-down)
+    headline: dict[str, int] = field(default_factory=dict)  # method -> point scored, fixed
 
 
-def _cell(method, step, train, test, influence, before=np.nan, after=np.nan) -> dict:
-    return {"method": method, "step": step, "train_set": train, "test_set": test,
+def _cell(method, train, test, influence, before=np.nan, after=np.nan) -> dict:
+    """A cell of a method without a trajectory (point 0, step 0)."""
+    return {"method": method, "point": 0, "step": 0, "train_set": train, "test_set": test,
             "influence": float(influence), "loss_before": float(before),
             "loss_after": float(after)}
 
 
-def plan_unlearning(spec: JobSpec, method: str, train: list[str], test: list[str]) -> MethodPlan:
-    """UnTrac: one task per training set; UnTrac-Inv: one per test set (with drill-down)."""
+def plan_unlearning(spec: JobSpec, method: str, train: list[str], test: list[str],
+                    n_rows: dict[str, int]) -> MethodPlan:
+    """UnTrac: one task per training set; UnTrac-Inv: one per test set (with drill-down).
+
+    Every trajectory is evaluated at the same points of its own schedule (schedule.py);
+    n_rows gives each unlearned set's size, which sets its number of steps."""
     settings = spec.methods.enabled()[method]
     inverse = method == "untrac_inv"
     forget, evaluate = (test, train) if inverse else (train, test)
-    tasks = [UnlearnTask(method, name, tuple(evaluate), settings, per_row=inverse)
+    schedules = eval_schedules(settings, {name: n_rows[name] for name in forget})
+    try:
+        headline = headline_point(settings, len(next(iter(schedules.values()))))
+    except ValueError as err:
+        raise SpecError(f"methods.{method}.{err}") from None
+    tasks = [UnlearnTask(method, name, tuple(evaluate), settings, schedules[name],
+                         per_row=inverse)
              for name in forget]
 
     def assemble(results: list[TaskResult], base: dict[str, float]) -> list[dict]:
@@ -50,7 +64,7 @@ def plan_unlearning(spec: JobSpec, method: str, train: list[str], test: list[str
             rows += influence_rows(r, base)
         return rows
 
-    return MethodPlan([method], tasks, assemble)
+    return MethodPlan([method], tasks, assemble, headline={method: headline})
 
 
 def plan_ldo(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
@@ -75,7 +89,7 @@ def plan_ldo(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
                 cells = [c for c in per_seed if c["train_set"] == k and c["test_set"] == j]
                 full = np.mean([c["loss_full"] for c in cells])
                 without = np.mean([c["loss_without"] for c in cells])
-                rows.append(_cell("ldo", 0, k, j, without - full, full, without))
+                rows.append(_cell("ldo", k, j, without - full, full, without))
         return rows
 
     plan.assemble = assemble
@@ -86,16 +100,19 @@ def plan_gradients(
     spec: JobSpec, train: list[str], test: list[str], checkpoints: list[dict]
 ) -> MethodPlan:
     """GradDot and GradCos at the base weights, TracIn summed over the training checkpoints
-    (weighted by their learning rates); one gradient task per (weights, dataset)."""
+    (weighted by their learning rates); one gradient task per (weights, dataset). Training
+    sets' gradients follow each method's `aggregate` (GradCos: scale-free, so either)."""
     enabled = spec.methods.enabled()
     methods = [m for m in ("graddot", "gradcos", "tracin") if m in enabled]
     batch = max(enabled[m].batch_size for m in methods)
-    weight_sets = []
+    reduction: dict[str, str] = {}  # weight set -> how training sets' losses are aggregated
     if "graddot" in enabled or "gradcos" in enabled:
-        weight_sets.append(BASE)
+        reduction[BASE] = (enabled.get("graddot") or enabled["gradcos"]).aggregate
     if "tracin" in enabled:
-        weight_sets += [f"ckpt/{c['step']}" for c in checkpoints]
-    tasks = [GradientTask(w, name, name in train, batch)
+        reduction.update({f"ckpt/{c['step']}": enabled["tracin"].aggregate for c in checkpoints})
+    weight_sets = list(reduction)
+    tasks = [GradientTask(w, name, name in train, batch,
+                          reduction[w] if name in train else "mean")
              for w in weight_sets for name in [*train, *test]]
     lr = {f"ckpt/{c['step']}": c["learning_rate"] for c in checkpoints}
 
@@ -109,14 +126,14 @@ def plan_gradients(
                     dot = float(np.dot(gk.astype(np.float64), gj))
                     norms = float(np.linalg.norm(gk) * np.linalg.norm(gj))
                     if "graddot" in enabled:
-                        rows.append(_cell("graddot", 0, k, j, dot))
+                        rows.append(_cell("graddot", k, j, dot))
                     if "gradcos" in enabled:
-                        rows.append(_cell("gradcos", 0, k, j, dot / norms if norms else 0.0))
+                        rows.append(_cell("gradcos", k, j, dot / norms if norms else 0.0))
                 if "tracin" in enabled:
                     total = sum(lr[w] * float(np.dot(grads[(w, k)].astype(np.float64),
                                                      grads[(w, j)]))
                                 for w in weight_sets if w != BASE)
-                    rows.append(_cell("tracin", 0, k, j, total))
+                    rows.append(_cell("tracin", k, j, total))
         return rows
 
     return MethodPlan(methods, tasks, assemble)
@@ -128,15 +145,17 @@ def plan_ekfac(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
 
     def assemble(results: list[TaskResult], base: dict[str, float]) -> list[dict]:
         scores = results[0].payload
-        return [_cell("ekfac", 0, k, j, scores[(k, j)]) for k in train for j in test]
+        return [_cell("ekfac", k, j, scores[(k, j)]) for k in train for j in test]
 
     return MethodPlan(["ekfac"], [task], assemble)
 
 
 def plan_methods(
-    spec: JobSpec, train: list[str], test: list[str], checkpoints: list[dict]
+    spec: JobSpec, train: list[str], test: list[str], checkpoints: list[dict],
+    n_rows: dict[str, int],
 ) -> list[MethodPlan]:
-    """The plans of every method the spec asks for, the costliest first."""
+    """The plans of every method the spec asks for, the costliest first (n_rows: the size
+    of every dataset, which sets the length of its unlearning trajectory)."""
     enabled = spec.methods.enabled()
     plans = []
     if "ldo" in enabled:
@@ -147,5 +166,5 @@ def plan_methods(
         plans.append(plan_gradients(spec, train, test, checkpoints))
     for method in ("untrac", "untrac_inv"):
         if method in enabled:
-            plans.append(plan_unlearning(spec, method, train, test))
+            plans.append(plan_unlearning(spec, method, train, test, n_rows))
     return plans

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
 from untrac_ray.errors import ModelError, SpecError
 from untrac_ray.tokenization import IGNORE_INDEX
@@ -58,26 +59,60 @@ def config_from_dict(config: dict[str, Any], vocab_size: int | None = None,
         values.setdefault("eos_token_id", eos_id)
         values.setdefault("pad_token_id", eos_id)
     try:
-        return AutoConfig.for_model(model_type, **values)
+        config = AutoConfig.for_model(model_type, **values)
     except (ValueError, KeyError, TypeError) as err:
         raise SpecError(f"model.config: {err}".splitlines()[0]) from None
+    if config.is_encoder_decoder and "decoder_start_token_id" not in values:
+        # T5's default start id 0 is a byte of the byte tokenizer: start from the pad id instead.
+        config.decoder_start_token_id = config.pad_token_id
+    return config
+
+
+# --- The one place that knows the model kind: causal LM or encoder-decoder (seq2seq). ---
+
+
+def is_encoder_decoder(config: Any) -> bool:
+    """True for an encoder-decoder config (T5, BART...): a transformers config or a mapping
+    with a model_type (as in model.config of a spec)."""
+    if not isinstance(config, dict):
+        return bool(getattr(config, "is_encoder_decoder", False))
+    if "is_encoder_decoder" in config:
+        return bool(config["is_encoder_decoder"])
+    try:
+        return bool(AutoConfig.for_model(config["model_type"]).is_encoder_decoder)
+    except Exception:  # noqa: BLE001 - an unknown model_type is reported when the model is built
+        return False
+
+
+def folder_is_encoder_decoder(path: str | Path) -> bool:
+    """True when a model folder's config.json describes an encoder-decoder model."""
+    try:
+        config = json.loads(Path(path, "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "model_type" in config and is_encoder_decoder(config)
+
+
+def _auto_class(config: Any) -> type:
+    return AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
 
 
 def build_model(config, seed: int = 0) -> PreTrainedModel:
-    """A randomly initialised causal LM for a config (seeded)."""
+    """A randomly initialised causal or encoder-decoder LM for a config (seeded)."""
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    return _auto_class(config).from_config(config)
 
 
 def load_model(path: str) -> PreTrainedModel:
-    """A causal LM from a local folder, in float32."""
+    """A causal or encoder-decoder LM from a local folder, in float32."""
     check_model_folder(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, local_files_only=True
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        return _auto_class(config).from_pretrained(
+            path, config=config, dtype=torch.float32, local_files_only=True
         )
     except Exception as err:  # noqa: BLE001
-        raise ModelError(f"model.path: cannot load a causal LM from {path}: {err}") from None
+        raise ModelError(f"model.path: cannot load a language model from {path}: {err}") from None
 
 
 @dataclass
@@ -99,7 +134,7 @@ class SharedWeights:
         """A model with these weights on `device`."""
         values = dict(self.config)
         config = AutoConfig.for_model(values.pop("model_type"), **values)
-        model = AutoModelForCausalLM.from_config(config)
+        model = _auto_class(config).from_config(config)
         load_arrays(model, self.arrays)
         return model.to(device)
 
@@ -117,11 +152,58 @@ def load_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
             p.copy_(torch.as_tensor(arrays[name]))
 
 
+def label_count(batch: dict[str, torch.Tensor]) -> int:
+    """How many tokens of a batch the loss is taken on (the same for both model kinds)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _compact(values: torch.Tensor, keep: torch.Tensor, fill: int) -> torch.Tensor:
+    """Per row, the kept values moved to the left, right-padded with `fill` (width >= 1)."""
+    rank = keep.long().cumsum(dim=1) - 1
+    width = max(int(keep.sum(dim=1).max()) if keep.numel() else 0, 1)
+    out = values.new_full((values.size(0), width), fill)
+    rows = torch.arange(values.size(0), device=values.device).unsqueeze(1).expand_as(keep)
+    out[rows[keep], rank[keep]] = values[keep]
+    return out
+
+
+def split_prompt_target(batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """A flat batch (`<bos> prompt \\n target <eos>`, labels -100 on the prompt) as seq2seq
+    inputs: the encoder gets the unlabelled prompt tokens (and always position 0), the decoder
+    labels are the labelled tokens after position 0, so the loss covers exactly the tokens the
+    causal shift would. Returns input_ids, attention_mask (encoder), labels (-100 padded)."""
+    labels, mask = batch["labels"], batch["attention_mask"].bool()
+    encoder = (labels == IGNORE_INDEX) & mask
+    encoder[:, 0] = True
+    decoder = torch.zeros_like(encoder)
+    decoder[:, 1:] = labels[:, 1:] != IGNORE_INDEX
+    return {
+        "input_ids": _compact(batch["input_ids"], encoder, pad_id),
+        "attention_mask": _compact(torch.ones_like(labels), encoder, 0),
+        "labels": _compact(labels, decoder, IGNORE_INDEX),
+    }
+
+
+def logits_and_labels(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits [B, T, V] and the labels they predict [B, T] (-100: no loss).
+
+    Causal LMs: the next-token shift of the flat row. Encoder-decoder models: the prompt goes to
+    the encoder and the target is the decoder's labels (split_prompt_target)."""
+    if not is_encoder_decoder(model.config):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits[:, :-1], batch["labels"][:, 1:]
+    inputs = split_prompt_target(batch, model.config.pad_token_id)
+    decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                   decoder_input_ids=decoder_input_ids, use_cache=False).logits
+    return logits, inputs["labels"]
+
+
 def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-    """Per row: the sum of next-token cross-entropies over labelled tokens, and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1]
+    """Per row: the sum of token cross-entropies over labelled tokens, and their count."""
+    logits, labels = logits_and_labels(model, batch)
     losses = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(),
         labels.reshape(-1),
@@ -132,6 +214,6 @@ def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-    """Sum of next-token cross-entropies over labelled tokens, and how many there were."""
+    """Sum of token cross-entropies over labelled tokens, and how many there were."""
     sums, counts = token_losses(model, batch)
     return sums.sum(), int(counts.sum())

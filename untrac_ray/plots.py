@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from untrac_ray.results import matrix  # noqa: E402
+from untrac_ray.results import matrix, point_label  # noqa: E402
+from untrac_ray.scoring import pearson  # noqa: E402
 
 METHOD_TITLES = {
     "untrac": "UnTrac", "untrac_inv": "UnTrac-Inv", "ldo": "Leave-dataset-out",
@@ -25,7 +26,7 @@ VALUE_LABELS = {
 
 
 def heatmap(table: pd.DataFrame, method: str, train: list[str], test: list[str]):
-    """Train x test heatmap at the method's last step, diverging colours centred at zero."""
+    """Train x test heatmap at the method's last point, diverging colours centred at zero."""
     mat = matrix(table, method, train=train, test=test)
     values = mat.to_numpy(dtype=float)
     bound = float(np.nanmax(np.abs(values))) or 1.0
@@ -41,8 +42,9 @@ def heatmap(table: pd.DataFrame, method: str, train: list[str], test: list[str])
                 strong = abs(values[i, j]) > 0.6 * bound
                 ax.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center", fontsize=8,
                         color="white" if strong else "black")
-    step = f" (step {mat.attrs['step']})" if mat.attrs["step"] else ""
-    ax.set_title(f"{METHOD_TITLES.get(method, method)} influence{step}")
+    where = point_label(mat.attrs["point"], mat.attrs["steps"])
+    ax.set_title(f"{METHOD_TITLES.get(method, method)} influence"
+                 + (f"\nat {where}" if where else ""))
     fig.colorbar(image, ax=ax, label=VALUE_LABELS.get(method, "loss after - loss before"))
     fig.tight_layout()
     fig.heatmap_values = values  # the exact array drawn, for checks
@@ -50,7 +52,8 @@ def heatmap(table: pd.DataFrame, method: str, train: list[str], test: list[str])
 
 
 def trajectory(table: pd.DataFrame, method: str, train: list[str], test: list[str]):
-    """Influence along the unlearning steps: one panel per test set, a line per training set."""
+    """Influence along unlearning: one panel per test set, a line per training set, against
+    the evaluation points (the same progress through each set's own schedule; schedule.py)."""
     rows = table[table["method"] == method]
     cols = min(3, len(test))
     nrows = math.ceil(len(test) / cols)
@@ -59,13 +62,18 @@ def trajectory(table: pd.DataFrame, method: str, train: list[str], test: list[st
     for ax, test_set in zip(axes.flat, test, strict=False):
         part = rows[rows["test_set"] == test_set]
         for train_set in train:
-            line = part[part["train_set"] == train_set].sort_values("step")
-            steps = [0, *line["step"]]  # every trajectory starts at the base model: zero
-            ax.plot(steps, [0.0, *line["influence"]], marker="o", markersize=3, label=train_set)
+            line = part[part["train_set"] == train_set].sort_values("point")
+            points = [0, *line["point"]]  # every trajectory starts at the base model: zero
+            last = int(line["step"].max()) if len(line) else 0
+            label = f"{train_set} ({last} steps)" if method == "untrac" else train_set
+            ax.plot(points, [0.0, *line["influence"]], marker="o", markersize=3, label=label)
         ax.axhline(0, color="grey", linewidth=0.8)
-        ax.set_title(f"test set: {test_set}")
+        title = f"test set: {test_set}"
+        if method == "untrac_inv" and len(part):
+            title += f" ({int(part['step'].max())} steps)"
+        ax.set_title(title)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_xlabel("unlearning step")
+        ax.set_xlabel("evaluation point (progress through each set's own steps)")
         ax.set_ylabel("influence")
     for ax in list(axes.flat)[len(test):]:
         ax.axis("off")
@@ -101,7 +109,7 @@ def _place_labels(fig, ax, labels: list) -> None:
             text.set_visible(False)
 
 
-def scatter_vs_truth(estimate: pd.DataFrame, truth: pd.DataFrame, method: str, step: int):
+def scatter_vs_truth(estimate: pd.DataFrame, truth: pd.DataFrame, method: str):
     """An estimate against the ground truth: one point per (training set, test set) cell,
     x the ground truth, y the estimate, coloured by test set, Pearson r over all cells.
 
@@ -116,8 +124,7 @@ def scatter_vs_truth(estimate: pd.DataFrame, truth: pd.DataFrame, method: str, s
     )
     valid = points.dropna(subset=["truth", "estimate"])
     x, y = valid["truth"].to_numpy(), valid["estimate"].to_numpy()
-    r = (float(np.corrcoef(x, y)[0, 1])
-         if len(x) >= 2 and np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan"))
+    r = pearson(x, y)
     name = METHOD_TITLES.get(method, method)
 
     fig, ax = plt.subplots(figsize=(7.2, 4.8), layout="constrained")
@@ -145,7 +152,8 @@ def scatter_vs_truth(estimate: pd.DataFrame, truth: pd.DataFrame, method: str, s
     ax.set_xlabel("ground truth: leave-dataset-out influence")
     ax.set_ylabel(f"estimate: {name} influence")
     r_text = f"{r:.3f}" if r == r else "n/a"
-    ax.set_title(f"{name} (step {step}) vs leave-dataset-out\n"
+    where = point_label(estimate.attrs.get("point", 0), estimate.attrs.get("steps", []))
+    ax.set_title(f"{name}{f' at {where}' if where else ''} vs leave-dataset-out\n"
                  f"Pearson r = {r_text} over {len(valid)} cells (dashed: least-squares fit)")
     fig.legend(loc="outside right upper", title="test set", fontsize=8)
     _place_labels(fig, ax, labels)

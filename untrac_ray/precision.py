@@ -1,36 +1,43 @@
 """Numerics of the actors' forward passes: bf16 autocast and TF32 matmuls (spec options).
 
-`resources.precision: bf16` runs every forward pass of an actor's model under
-torch.autocast(bfloat16) while the weights, their pristine copy, the optimizer state and the
-loss stay float32; `resources.tf32: true` lets CUDA matmuls and convolutions use TF32. Both
-default off, and CPU runs stay float32 unless bf16 is asked for (CPU supports bf16 autocast).
+`resources.precision: bf16` runs every task of an actor under torch.autocast(bfloat16) (the
+Workbench enters `precision_context` around each task; nothing patches the model, so copies
+of it, such as the one kronfluence wraps, behave the same) while the weights, their pristine
+copy, the optimizer state and the loss stay float32; `resources.tf32: true` lets CUDA matmuls
+and convolutions use TF32. Both default off, and CPU runs stay float32 unless bf16 is asked
+for (CPU supports bf16 autocast).
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 
 import torch
 
 PRECISIONS = ("fp32", "bf16")
 
 
-def autocast_forward(model: torch.nn.Module, device: torch.device | str, precision: str) -> None:
-    """Make `model`'s forward run under bf16 autocast (fp32: leave it as it is)."""
+def check_precision(precision: str) -> str:
+    """`precision` itself, when it is one of PRECISIONS (ValueError otherwise)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "fp32" or getattr(model, "_untrac_autocast", None) == precision:
-        return
-    device_type = torch.device(device).type
-    forward = model.forward
+    return precision
 
-    @functools.wraps(forward)
-    def bf16_forward(*args, **kwargs):
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
-            return forward(*args, **kwargs)
 
-    model.forward = bf16_forward
-    model._untrac_autocast = precision
+def amp_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a precision: bfloat16 for bf16, None (no autocast) for fp32."""
+    return torch.bfloat16 if check_precision(precision) == "bf16" else None
+
+
+def precision_context(
+    device: torch.device | str, precision: str
+) -> contextlib.AbstractContextManager:
+    """A context in which forward passes run in `precision`: bf16 is
+    torch.autocast(device type, bfloat16) (matmuls in bf16, weights untouched), fp32 nothing."""
+    dtype = amp_dtype(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def configure_tf32(enabled: bool, device: torch.device | str) -> None:

@@ -21,6 +21,7 @@ from untrac_ray.errors import ModelError, UntracError
 from untrac_ray.evaluation import sample_indices
 from untrac_ray.methods import plan_methods
 from untrac_ray.modeling import SharedWeights, check_model_folder, load_model
+from untrac_ray.preflight import check_job
 from untrac_ray.results import influence_rows, influence_table, matrix, top_examples
 from untrac_ray.scoring import check_truth_matches, score_table, summary, truth_matrix
 from untrac_ray.spec import GROUND_TRUTH, UNLEARNING_METHODS, JobSpec
@@ -83,6 +84,7 @@ class JobOutcome:
 
 def prepare_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> PreparedData:
     """Load and tokenize every dataset once (cached as Arrow files under cache_dir)."""
+    check_job(spec, read_rows=False)  # bad data, model or cache_dir: one line, before work
     tok = tokenizer or load_tokenizer(spec.tokenizer, spec.model.path)
     tables = {
         ds.name: tokenized_dataset(ds, tok, spec.tokenizer, spec.cache_dir)
@@ -96,11 +98,13 @@ def prepare_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase | None = None
 def resolve_model(spec: JobSpec, data: PreparedData, reporter: Reporter | None = None) -> Path:
     """The model folder to study: the spec's folder, or the model trained for this spec.
 
-    A model given as a config is trained on the job's training sets once, then reused for
-    the same model, tokenizer, training settings and data (keyed by their hash).
+    A model given as a config, or a folder with `finetune: true`, is trained on the job's
+    training sets once (from the config's initialisation, or further from the folder's
+    weights), then reused for the same model, tokenizer, training settings and data (keyed
+    by their hash, the folder's weights included).
     """
     reporter = reporter or Reporter()
-    if spec.model.path is not None:
+    if spec.model.path is not None and not spec.model.finetune:
         check_model_folder(spec.model.path)
         return Path(spec.model.path)
     found = find_trained_model(spec)
@@ -173,10 +177,9 @@ def load_ground_truth(spec: JobSpec, uri: str, train: list[str], test: list[str]
     return truth
 
 
-def _cells_of(task, data: PreparedData) -> int:
+def _cells_of(task) -> int:
     if isinstance(task, UnlearnTask):
-        n_rows = data.tables[task.forget].num_rows
-        return len(task.evaluate) * len(task.settings.resolved_eval_steps(n_rows))
+        return len(task.evaluate) * len(task.schedule)
     if isinstance(task, LdoTask):
         return len(task.evaluate) if task.left_out is not None else 0
     if isinstance(task, EkfacTask):
@@ -205,7 +208,8 @@ def run_job(
     truth = load_ground_truth(spec, uri, train, test) if spec.ground_truth else None
     model_dir = resolve_model(spec, data, reporter)
     weights, checkpoints = weight_sets(spec, data, model_dir)
-    plans = plan_methods(spec, train, test, checkpoints)
+    plans = plan_methods(spec, train, test, checkpoints,
+                         {name: table.num_rows for name, table in data.tables.items()})
     enabled = spec.methods.enabled()
     base_sets = ([*test] if "untrac" in enabled else []) + (
         [*train] if "untrac_inv" in enabled else [])
@@ -246,11 +250,11 @@ def run_job(
                         cells = influence_rows(result, base_losses)
                         rows.extend(cells)
                         run.log_cells(cells)
-                    reporter.task_done(result, _cells_of(result.task, data))
+                    reporter.task_done(result, _cells_of(result.task))
 
                 reporter.stage(f"{', '.join(enabled)}: {len(tasks)} tasks on "
                                f"{engine.size} actors")
-                reporter.work_started(len(tasks), sum(_cells_of(t, data) for t in tasks))
+                reporter.work_started(len(tasks), sum(_cells_of(t) for t in tasks))
                 try:
                     engine.map(tasks, collect)
                 except BaseException:
@@ -279,7 +283,8 @@ def run_job(
                 truth = truth_matrix(table)
             if truth is not None and spec.methods.estimates():
                 outcome.scores = score_table(table, truth)
-                outcome.score_summary = summary(outcome.scores)
+                headline = {m: p for plan in plans for m, p in plan.headline.items()}
+                outcome.score_summary = summary(outcome.scores, headline)
                 run.log_scores(outcome.scores, outcome.score_summary)
             log_figures(run, table, truth, outcome.score_summary, train, test)
             return outcome
@@ -305,16 +310,16 @@ def drill_down(spec, data, results, plans, base_rows, indices) -> pd.DataFrame:
 def log_figures(run: JobRun, table: pd.DataFrame, truth: pd.DataFrame | None,
                 score_summary: pd.DataFrame | None, train: list[str], test: list[str]) -> None:
     """Heatmaps of every method, trajectories of the unlearning methods, and scatters of each
-    estimate against the ground truth at its best step."""
+    estimate against the ground truth at its headline point (fixed in advance)."""
     for method in dict.fromkeys(table["method"]):
         run.log_figure(plots.heatmap(table, method, train, test), f"figures/heatmap_{method}.png")
         if method in UNLEARNING_METHODS:
             run.log_figure(plots.trajectory(table, method, train, test),
                            f"figures/trajectory_{method}.png")
-    if truth is None or score_summary is None or not hasattr(plots, "scatter_vs_truth"):
+    if truth is None or score_summary is None:
         return
-    for _, best in score_summary.iterrows():
-        est = matrix(table, best["method"], int(best["best_step"]), train, test)
+    for _, row in score_summary.iterrows():
+        est = matrix(table, row["method"], int(row["point"]), train, test)
         fig = plots.scatter_vs_truth(est, truth.reindex(index=train, columns=test),
-                                     best["method"], int(best["best_step"]))
-        run.log_figure(fig, f"figures/scatter_{best['method']}.png")
+                                     row["method"])
+        run.log_figure(fig, f"figures/scatter_{row['method']}.png")

@@ -1,8 +1,19 @@
 """Scoring estimates against the ground truth (leave-dataset-out): Pearson and Spearman
 correlation per test set (over the training sets), their mean, and pooled over all cells, at
-every recorded step of every method."""
+every evaluation point of every method (schedule.py: points line trajectories up).
+
+The headline score of a method is the one at a point fixed in advance (the last, or the spec's
+score_point), never the best point in hindsight: that is chosen against the very ground truth
+it is scored on. The best point is kept beside it, labelled as hindsight. A test set whose
+correlation is undefined (a constant estimate or truth) is counted in `n_undefined` and named
+in the summary, not dropped silently.
+
+This module holds the project's one Pearson and Spearman implementation.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -12,11 +23,12 @@ from untrac_ray.spec import GROUND_TRUTH
 
 ALL_CELLS = "__all__"
 MEAN_OVER_TESTS = "__mean__"
-SCORE_COLUMNS = ["method", "step", "test_set", "pearson", "spearman", "n"]
+SCORE_COLUMNS = ["method", "point", "test_set", "pearson", "spearman", "n", "n_undefined"]
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation; NaN when either side is constant or there are fewer than 2 points."""
+    """Pearson correlation; NaN when either side is constant or there are fewer than 2 points
+    (a NaN value on either side gives NaN: nothing is dropped)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
@@ -69,10 +81,10 @@ def check_truth_matches(truth: pd.DataFrame, train: list[str], test: list[str],
 
 
 def score_table(table: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
-    """Scores of every method other than the ground truth, at every step it recorded."""
+    """Scores of every method other than the ground truth, at every point it recorded."""
     out = []
     estimates = table[table["method"] != GROUND_TRUTH]
-    for (method, step), rows in estimates.groupby(["method", "step"], sort=False):
+    for (method, point), rows in estimates.groupby(["method", "point"], sort=False):
         est = rows.pivot_table(index="train_set", columns="test_set", values="influence")
         est = est.reindex(index=truth.index, columns=truth.columns)
         per_test = []
@@ -80,34 +92,50 @@ def score_table(table: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
             x, y = est[test_set].to_numpy(), truth[test_set].to_numpy()
             p, s = pearson(x, y), spearman(x, y)
             per_test.append((p, s))
-            out.append([method, int(step), test_set, p, s, len(x)])
+            out.append([method, int(point), test_set, p, s, len(x), int(np.isnan(p))])
         ps, ss = np.array(per_test, dtype=float).T
-        out.append([method, int(step), MEAN_OVER_TESTS,
+        out.append([method, int(point), MEAN_OVER_TESTS,
                     float(np.nanmean(ps)) if not np.isnan(ps).all() else np.nan,
                     float(np.nanmean(ss)) if not np.isnan(ss).all() else np.nan,
-                    len(truth.columns)])
+                    len(truth.columns), int(np.isnan(ps).sum())])
         x, y = est.to_numpy().ravel(), truth.to_numpy().ravel()
-        out.append([method, int(step), ALL_CELLS, pearson(x, y), spearman(x, y), x.size])
+        p = pearson(x, y)
+        out.append([method, int(point), ALL_CELLS, p, spearman(x, y), x.size, int(np.isnan(p))])
     return pd.DataFrame(out, columns=SCORE_COLUMNS)
 
 
-def summary(scores: pd.DataFrame) -> pd.DataFrame:
-    """Per method: the best step by mean Pearson (marked), its scores, and the last step's."""
+SUMMARY_COLUMNS = ["method", "point", "pearson_mean", "spearman_mean", "pearson_all_cells",
+                   "undefined", "best_point", "pearson_mean_best"]
+
+
+def summary(scores: pd.DataFrame, headline: Mapping[str, int] | None = None) -> pd.DataFrame:
+    """Per method: the scores at the headline point (fixed in advance: `headline[method]`,
+    default the method's last point), the test sets whose Pearson is undefined there, and the
+    best point by mean Pearson with its score (hindsight: chosen on the ground truth)."""
     rows = []
+    headline = headline or {}
     mean = scores[scores["test_set"] == MEAN_OVER_TESTS]
-    pooled = scores[scores["test_set"] == ALL_CELLS].set_index(["method", "step"])
+    pooled = scores[scores["test_set"] == ALL_CELLS].set_index(["method", "point"])
+    per_test = scores[~scores["test_set"].isin([MEAN_OVER_TESTS, ALL_CELLS])]
     for method, part in mean.groupby("method", sort=False):
-        part = part.sort_values("step")
+        part = part.sort_values("point").set_index("point", drop=False)
+        point = int(headline.get(str(method), part["point"].iloc[-1]))
+        if point not in part.index:
+            raise UntracError(f"{method}: no scores at point {point} (points: "
+                              f"{', '.join(map(str, part.index))})")
+        at = part.loc[point]
         valid = part.dropna(subset=["pearson"])
-        best = valid.loc[valid["pearson"].idxmax()] if not valid.empty else part.iloc[-1]
-        last = part.iloc[-1]
+        best = valid.loc[valid["pearson"].idxmax()] if not valid.empty else at
+        bad = per_test[(per_test["method"] == method) & (per_test["point"] == point)
+                       & per_test["pearson"].isna()]
         rows.append({
             "method": method,
-            "best_step": int(best["step"]),
-            "pearson_mean": best["pearson"],
-            "spearman_mean": best["spearman"],
-            "pearson_all_cells": pooled.loc[(method, int(best["step"])), "pearson"],
-            "last_step": int(last["step"]),
-            "pearson_mean_last": last["pearson"],
+            "point": point,
+            "pearson_mean": at["pearson"],
+            "spearman_mean": at["spearman"],
+            "pearson_all_cells": pooled.loc[(method, point), "pearson"],
+            "undefined": ",".join(map(str, bad["test_set"])),
+            "best_point": int(best["point"]),
+            "pearson_mean_best": best["pearson"],
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)

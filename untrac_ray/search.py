@@ -4,8 +4,8 @@ The driver prepares everything once: the data and the base model (put into Ray's
 once, every trial's actors read them there), the base losses, and the ground truth (read from
 `ground_truth.run_id`, or the job's `ldo` run once before the first trial). Each Tune trial
 then gets its actors through its placement group and runs its settings' unlearning
-trajectories in segments (segments.py), one evaluation step at a time on every set, scoring
-the estimate after each step and reporting it to Tune, so ASHA can stop a poor trial early.
+trajectories in segments (segments.py), one evaluation point at a time on every set, scoring
+the estimate after each point and reporting it to Tune, so ASHA can stop a poor trial early.
 
 Only the driver writes to MLflow (tracking.SearchRun): a Tune callback turns every trial's
 start, reports and end into a nested child run of the search's parent run. Tune's state lives
@@ -38,7 +38,7 @@ from ray.tune import Callback
 
 from untrac_ray.engine import Engine, ensure_ray
 from untrac_ray.errors import UntracError
-from untrac_ray.results import influence_rows, influence_table
+from untrac_ray.results import COLUMNS, influence_table, unlearning_cells
 from untrac_ray.runner import (
     PreparedData,
     Reporter,
@@ -48,6 +48,7 @@ from untrac_ray.runner import (
     resolve_model,
     weight_sets,
 )
+from untrac_ray.schedule import eval_schedules
 from untrac_ray.scoring import ALL_CELLS, MEAN_OVER_TESTS, score_table, summary, truth_matrix
 from untrac_ray.segments import SegmentTask
 from untrac_ray.spec import (
@@ -59,13 +60,12 @@ from untrac_ray.spec import (
     UnlearnSpec,
     spec_hash,
 )
-from untrac_ray.tasks import BASE, EvalTask, LdoTask, UnlearnTask
+from untrac_ray.tasks import BASE, EvalTask, LdoTask
 from untrac_ray.workbench import TaskResult
 
 STATE_FILE = "untrac_search.json"  # beside Tune's state: the parent run, the spec's hash
 OBJECTIVE = "objective"
-CELL_FIELDS = ["method", "step", "train_set", "test_set", "influence", "loss_before",
-               "loss_after"]
+CELL_FIELDS = COLUMNS  # a report's cells travel as lists in this order
 _SCORE_FIELD = {"pearson_mean": (MEAN_OVER_TESTS, "pearson"),
                 "spearman_mean": (MEAN_OVER_TESTS, "spearman"),
                 "pearson_all": (ALL_CELLS, "pearson"), "spearman_all": (ALL_CELLS, "spearman")}
@@ -178,7 +178,7 @@ def load_objective(target: str) -> Callable[[pd.DataFrame, pd.DataFrame | None],
 
 def objective_of(table: pd.DataFrame, truth: pd.DataFrame | None, spec: JobSpec,
                  metric_fn: Callable | None = None) -> tuple[float, dict[str, float]]:
-    """The objective of one evaluation round: per method (its cells at one step), and their
+    """The objective of one evaluation round: per method (its cells at one point), and their
     mean (NaN when every method's is NaN)."""
     objective = spec.search.objective
     per_method: dict[str, float] = {}
@@ -231,7 +231,7 @@ class _Trajectory:
     forget: str
     evaluate: tuple[str, ...]
     settings: UnlearnSpec
-    steps: list[int]
+    steps: tuple[int, ...]  # the step of each evaluation point (schedule.py)
 
 
 def _trajectories(ctx: TrialContext, settings: dict[str, UnlearnSpec]) -> list[_Trajectory]:
@@ -239,9 +239,9 @@ def _trajectories(ctx: TrialContext, settings: dict[str, UnlearnSpec]) -> list[_
     for method, s in settings.items():
         forget, evaluate = (ctx.test, ctx.train) if method == "untrac_inv" else (
             ctx.train, ctx.test)
+        schedules = eval_schedules(s, {name: ctx.n_rows[name] for name in forget})
         for name in forget:
-            out.append(_Trajectory(method, name, tuple(evaluate), s,
-                                   s.resolved_eval_steps(ctx.n_rows[name])))
+            out.append(_Trajectory(method, name, tuple(evaluate), s, schedules[name]))
     return out
 
 
@@ -280,7 +280,7 @@ def _local_bench(ctx: TrialContext):
     import torch
 
     from untrac_ray.engine import _ObjectStoreWeights
-    from untrac_ray.precision import autocast_forward, configure_tf32
+    from untrac_ray.precision import configure_tf32
     from untrac_ray.segments import forget_state
     from untrac_ray.tokenization import TokenizedSet
     from untrac_ray.workbench import Workbench
@@ -296,8 +296,7 @@ def _local_bench(ctx: TrialContext):
         sets = {n: TokenizedSet.from_table(n, t, ctx.pad_id)
                 for n, t in zip(names, tables, strict=True)}
         bench = Workbench(_ObjectStoreWeights(ctx.weights), sets, ctx.eval_indices,
-                          ctx.spec.evaluation.batch_size, device)
-        autocast_forward(bench.model, device, res.precision)
+                          ctx.spec.evaluation.batch_size, device, precision=res.precision)
         _LOCAL.clear()
         _LOCAL.update(key=key, bench=bench)
     bench = _LOCAL["bench"]
@@ -316,8 +315,9 @@ def trial_resources(spec: JobSpec):
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
-    """One Tune trial: unlearn every set with the trial's settings, one evaluation step at a
-    time on all of them, and report the objective after each step (a round)."""
+    """One Tune trial: unlearn every set with the trial's settings, one evaluation point at a
+    time on all of them (each set at its own step for the point), and report the objective
+    after each point (a round)."""
     from ray import tune
 
     started = time.time()
@@ -325,12 +325,12 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     spec = ctx.spec
     settings = trial_settings(spec, config)
     paths = _trajectories(ctx, settings)
-    rounds = max(len(p.steps) for p in paths)
+    rounds = max(len(p.steps) for p in paths)  # a method's trajectories share its points
     metric_fn = load_objective(spec.search.objective.function) if (
         spec.search.objective.function) else None
     mode = spec.search.objective.mode
     best = float("nan")
-    latest: dict[int, list[dict]] = {}
+    latest: dict[int, list[dict]] = {}  # trajectory -> its cells at its latest point
     with contextlib.ExitStack() as stack:
         if spec.search.actors_per_trial == 1:
             bench = _local_bench(ctx)
@@ -357,36 +357,24 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             seconds = 0.0
             for (i, _), result in zip(pairs, run(pairs), strict=True):
                 p = paths[i]
-                result.task = UnlearnTask(p.method, p.forget, p.evaluate, p.settings)
-                latest[i] = influence_rows(result, ctx.base_losses)
+                (step, losses), = result.losses.items()
+                latest[i] = unlearning_cells(p.method, p.forget, r + 1, step, losses,
+                                             ctx.base_losses)
                 new_rows += latest[i]
                 seconds += result.seconds
-            now, per_method, step = _round_objective(latest, paths, ctx, metric_fn)
+            # each method at its latest point (a method with fewer points keeps its last)
+            table = influence_table([c for cells in latest.values() for c in cells],
+                                    ctx.train, ctx.test)
+            now, per_method = objective_of(table, ctx.truth, spec, metric_fn)
             best = now if _better(now, best, mode) or r == 0 else best
             value = best if spec.search.objective.step == "best" else now
             tune.report({
-                OBJECTIVE: value, "objective_now": now, "step": step, "round": r + 1,
+                OBJECTIVE: value, "objective_now": now, "round": r + 1,
                 "rounds": rounds, "tasks": len(pairs), "compute_seconds": seconds,
                 "trial_started": started,
                 **{f"objective_{m}": v for m, v in per_method.items()},
                 "cells": json.dumps([[c[k] for k in CELL_FIELDS] for c in new_rows]),
             })
-
-
-def _round_objective(latest: dict[int, list[dict]], paths: list[_Trajectory],
-                     ctx: TrialContext, metric_fn: Callable | None
-                     ) -> tuple[float, dict[str, float], int]:
-    """The objective at this round: each method's newest cells, all labelled with the
-    method's furthest step (sets of different sizes may have different eval steps)."""
-    parts = []
-    for method in dict.fromkeys(p.method for p in paths):
-        rows = [c for i, p in enumerate(paths) if p.method == method for c in latest.get(i, [])]
-        frame = pd.DataFrame(rows, columns=CELL_FIELDS)
-        frame["step"] = int(frame["step"].max())
-        parts.append(frame)
-    table = influence_table(pd.concat(parts).to_dict("records"), ctx.train, ctx.test)
-    value, per_method = objective_of(table, ctx.truth, ctx.spec, metric_fn)
-    return value, per_method, int(table["step"].max())
 
 
 # ------------------------------------------------------------------ the driver's view
@@ -402,7 +390,6 @@ class TrialView:
     status: str = "pending"  # running, completed, stopped early, failed
     round: int = 0
     rounds: int = 0
-    step: int = 0
     objective: float = float("nan")
     run_id: str = ""
     error: str = ""
@@ -471,7 +458,7 @@ class _SearchLogger:
         config = {k: _param_value(v) for k, v in record["params"].items()}
         return TrialView(trial_id, index, config, tags.get("untrac_ray.trial_status", "ended"),
                          int(metrics.get("rounds_run", 0)), int(metrics.get("rounds_run", 0)),
-                         0, float(metrics.get(OBJECTIVE, float("nan"))), record["run_id"],
+                         float(metrics.get(OBJECTIVE, float("nan"))), record["run_id"],
                          tags.get("untrac_ray.error", ""))
 
     def view(self, trial_id: str, config: dict[str, Any]) -> TrialView:
@@ -500,16 +487,16 @@ class _SearchLogger:
         self._log_round(self.handles[trial_id], report)
         view = self.view(trial_id, config)
         view.round, view.rounds = int(report["round"]), int(report["rounds"])
-        view.step, view.objective = int(report["step"]), float(report[OBJECTIVE])
+        view.objective = float(report[OBJECTIVE])
         self.reporter.trial_update(view)
 
     def _log_round(self, handle, report: dict[str, Any]) -> None:
-        step = int(report["step"])
+        point = int(report["round"])  # round r evaluates point r of every method that has it
         values = {k: float(v) for k, v in report.items()
                   if k == OBJECTIVE or k == "objective_now" or (
                       k.startswith("objective_") and isinstance(v, int | float))}
         values["round"] = float(report["round"])
-        handle.log_metrics(values, step=step)
+        handle.log_metrics(values, step=point)
         handle.log_cells(_cells_from(report))
 
     def completed(self, trial_id: str, config: dict[str, Any],
@@ -966,7 +953,6 @@ def _finish(run, spec: JobSpec, logger: _SearchLogger, grid, name: str, path: st
             "trial_id": trial_id, "run_id": view.run_id if view else (before or ("",))[0],
             "status": status, "rounds_run": int(metrics.get("round", 0) or 0),
             "rounds": int(metrics.get("rounds", 0) or 0),
-            "step": int(metrics.get("step", 0) or 0),
             OBJECTIVE: float(metrics.get(OBJECTIVE, float("nan"))),
             **{f"{OBJECTIVE}_{m}": float(metrics.get(f"{OBJECTIVE}_{m}", float("nan")))
                for m in methods},
@@ -1018,8 +1004,10 @@ def _log_best(run, spec: JobSpec, best: dict[str, Any], trials: pd.DataFrame, na
     run.set_tag("best_config", json.dumps({k: _jsonable(v) for k, v in best["config"].items()}))
     row = trials.set_index("trial_id").loc[best["trial_id"]]
     if spec.search.objective.function is None:  # browse tools read per-method correlations
+        from untrac_ray.tracking import HEADLINE_TAG
+
         per = ",".join(f"{m}={row[f'{OBJECTIVE}_{m}']:.3f}" for m in methods)
-        run.set_tag(spec.search.objective.metric.split("_")[0] == "pearson" and "best_pearson"
+        run.set_tag(spec.search.objective.metric.split("_")[0] == "pearson" and HEADLINE_TAG
                     or "best_objective_by_method", per)
     gt = (GroundTruthSpec(run_id=run.run_id, tracking_uri=uri)
           if truth is not None and spec.ground_truth is None else None)
@@ -1070,7 +1058,7 @@ def _spans_decades(values: list[Any]) -> bool:
 def _objective_label(spec: JobSpec) -> str:
     o = spec.search.objective
     what = f"user metric {o.function}" if o.function else o.metric
-    return what + (" (best step)" if o.step == "best" else "")
+    return what + (" (best point)" if o.step == "best" else "")
 
 
 def _jsonable(value: Any) -> Any:

@@ -109,6 +109,10 @@ class DatasetSpec(_Strict):
     format: Literal["csv", "jsonl", "parquet", "hf_disk"] | None = None
     kind: Literal["text", "prompt_target"] = "prompt_target"
     subset: str | None = Field(None, description="keep rows whose subset_column equals this")
+    max_rows: int | None = Field(
+        None, gt=0, description="keep the first max_rows rows (after subset), e.g. to cut a "
+        "set to a size"
+    )
     subset_column: str = "dataset"
     text_column: str = "text"
     prompt_column: str = "prompt"
@@ -160,7 +164,14 @@ class DataSpec(_Strict):
 
 
 class UnlearnSpec(_Strict):
-    """Gradient-ascent settings of one method (the unlearning loop in unlearning.py)."""
+    """Gradient-ascent settings of one method (the unlearning loop in unlearning.py).
+
+    Where a trajectory is evaluated: `eval_points: P` evaluates every set at 1/P, 2/P ... P/P of
+    its own schedule, so that sets of different sizes line up by progress (a bigger set takes
+    more steps per point). `eval_steps` / `eval_every` name absolute steps instead; they are
+    counted on the longest trajectory, and shorter ones are evaluated at the same fractions of
+    their own schedule (equal-size sets: exactly the steps named). schedule.py resolves both.
+    """
 
     optimizer: Optimizer = "adam"
     learning_rate: float = Field(5e-5, ge=0)
@@ -169,8 +180,15 @@ class UnlearnSpec(_Strict):
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
     max_grad_norm: float | None = Field(None, gt=0)
+    eval_points: int | None = Field(
+        None, gt=0, description="evaluate at 1/P ... P/P of each set's own schedule"
+    )
     eval_steps: list[int] | None = Field(None, description="steps at which to evaluate")
     eval_every: int | None = Field(None, gt=0)
+    score_point: int | None = Field(
+        None, gt=0, description="the evaluation point whose scores are the headline, fixed in "
+        "advance (default: the last)",
+    )
     seed: int = 0
 
     @field_validator("eval_steps")
@@ -183,21 +201,22 @@ class UnlearnSpec(_Strict):
                 raise ValueError("eval_steps must be positive step numbers")
         return steps
 
+    @model_validator(mode="after")
+    def _one_kind_of_schedule(self) -> UnlearnSpec:
+        if self.eval_points is not None and (self.eval_steps or self.eval_every):
+            raise ValueError("eval_points: give either eval_points (progress through each "
+                             "set's schedule) or eval_steps/eval_every (absolute steps)")
+        if self.eval_points is not None and self.score_point is not None and (
+                self.score_point > self.eval_points):
+            raise ValueError(f"score_point: {self.score_point} is beyond the last of "
+                             f"{self.eval_points} eval_points")
+        return self
+
     def total_steps(self, n_rows: int) -> int:
         """Optimizer steps for a dataset of n_rows: max_steps, else epochs over the rows."""
         if self.max_steps is not None:
             return self.max_steps
         return self.epochs * math.ceil(n_rows / self.batch_size)
-
-    def resolved_eval_steps(self, n_rows: int) -> list[int]:
-        """The sorted steps to evaluate at (never beyond the last step, which is always in)."""
-        total = self.total_steps(n_rows)
-        steps: set[int] = {total}
-        if self.eval_steps:
-            steps.update(s for s in self.eval_steps if s <= total)
-        if self.eval_every:
-            steps.update(range(self.eval_every, total + 1, self.eval_every))
-        return sorted(steps)
 
 
 class LdoSpec(_Strict):
@@ -207,23 +226,43 @@ class LdoSpec(_Strict):
         None, description="training seeds; the ground truth is the mean over them "
         "(default: training.seed)", min_length=1,
     )
-    keep_models: bool = Field(False, description="save the retrained models")
+
+
+AGGREGATES = ("sum", "mean")
 
 
 class GradientSpec(_Strict):
-    """GradDot, GradCos and TracIn: dataset-level gradients accumulated over batches."""
+    """GradDot, GradCos and TracIn: dataset-level gradients accumulated over batches.
+
+    `aggregate` is how a training set's examples add up. sum: the gradient of the set's summed
+    token loss, so a set with more tokens weighs more, as it does in training and as leaving it
+    out does (LDO); mean: the gradient of its mean token loss, every set on the same footing.
+    The test side is always the mean token loss that UnTrac measures. GradCos is the same
+    under both (a cosine ignores scale).
+    """
 
     batch_size: int = Field(32, gt=0)
+    aggregate: Literal["sum", "mean"] = Field(
+        "sum", description="training-set gradient of the summed (sum) or mean token loss"
+    )
 
 
 class EkfacSpec(_Strict):
-    """Influence functions with EK-FAC (kronfluence)."""
+    """Influence functions with EK-FAC (kronfluence).
+
+    Aggregated like the gradient baselines: the test side is the gradient of the test set's
+    mean token loss; `aggregate` sum takes the training set's summed token loss (rows sampled
+    by max_train_examples are scaled up to the whole set's tokens), mean its mean token loss.
+    """
 
     strategy: Literal["ekfac", "kfac", "diagonal", "identity"] = "ekfac"
     damping: float | None = Field(None, gt=0, description="default: kronfluence's heuristic")
     batch_size: int = Field(16, gt=0)
     max_train_examples: int | None = Field(
         None, gt=0, description="rows per training set scored (default: all)"
+    )
+    aggregate: Literal["sum", "mean"] = Field(
+        "sum", description="training-set influence of its summed (sum) or mean token loss"
     )
 
 
@@ -563,6 +602,7 @@ class JobSpec(_Strict):
         return spec_hash(
             self.pretrain_key() if self.pretraining else None,
             self.model.model_dump(),
+            file_fingerprint(self.model.path) if self.model.finetune else None,
             self.tokenizer.model_dump(),
             self.training.model_dump(exclude={"output_dir"}),
             [ds.model_dump() for ds in self.data.train],
@@ -572,6 +612,31 @@ class JobSpec(_Strict):
     def to_yaml(self) -> str:
         """The resolved spec (absolute paths, defaults filled in) as YAML."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @model_validator(mode="after")
+    def _encoder_decoder_needs_prompts(self) -> JobSpec:
+        """An encoder-decoder model (T5) reads the prompt and predicts the target: text rows,
+        packed into blocks, have no such split."""
+        from untrac_ray.modeling import folder_is_encoder_decoder, is_encoder_decoder
+
+        if self.model.config is not None:
+            seq2seq = is_encoder_decoder(self.model.config)
+        else:  # the folder's config.json, when the folder is there
+            seq2seq = folder_is_encoder_decoder(self.model.path or "")
+        if not seq2seq:
+            return self
+        sets = [("data.train", d) for d in self.data.train]
+        sets += [("data.test", d) for d in self.data.test]
+        sets += [("pretraining.data", d) for d in (self.pretraining.data if self.pretraining
+                                                   else [])]
+        for where, ds in sets:
+            if ds.kind == "text":
+                raise ValueError(
+                    f"{where}: dataset {ds.name!r} is text, but an encoder-decoder model "
+                    "(model_type t5...) needs prompt_target rows (text blocks have no "
+                    "prompt/target split)"
+                )
+        return self
 
 
 def spec_hash(*parts: Any) -> str:
@@ -648,10 +713,24 @@ def parse_spec(raw: Any, origin: str = "job spec", base_dir: Path | None = None)
 def load_spec(path: str | Path) -> JobSpec:
     """Read and validate a job YAML file. Relative paths in it are taken from its folder."""
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"job file {path} is a directory, not a YAML file")
     if not path.is_file():
         raise SpecError(f"job file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read the job file: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise SpecError(
+            f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at position {err.start}, "
+            f"line {line}); save the file as UTF-8"
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
     return parse_spec(raw, origin=str(path), base_dir=path.resolve().parent)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from untrac_ray.spec import EkfacSpec, TrainingSpec, UnlearnSpec
 from untrac_ray.unlearning import check_eval_losses, unlearn
@@ -52,22 +53,24 @@ class EvalTask:
 
 @dataclass(frozen=True)
 class UnlearnTask:
-    """Unlearn dataset `forget` and evaluate `evaluate` at each of the settings' eval steps.
+    """Unlearn dataset `forget` and evaluate `evaluate` at the steps of its evaluation points.
 
     UnTrac forgets a training set and evaluates the test sets; UnTrac-Inv the other way round.
-    With per_row, each evaluated row's loss after the last step is returned too (drill-down).
+    `schedule[p - 1]` is the step of point p (schedule.eval_schedules). With per_row, each
+    evaluated row's loss after the last step is returned too (drill-down).
     """
 
     method: str
     forget: str
     evaluate: tuple[str, ...]
     settings: UnlearnSpec
+    schedule: tuple[int, ...]
     per_row: bool = False
 
     def run(self, bench: Workbench) -> Output:
         bench.reset(BASE)
         out = Output({})
-        last = self.settings.resolved_eval_steps(len(bench.datasets[self.forget]))[-1]
+        last = self.schedule[-1]
 
         def record(step: int) -> None:
             losses, rows = bench.evaluate(self.evaluate, per_row=self.per_row and step == last)
@@ -76,7 +79,8 @@ class UnlearnTask:
             if rows is not None:
                 out.row_losses = rows
 
-        unlearn(bench.model, bench.datasets[self.forget], self.settings, record, bench.device)
+        unlearn(bench.model, bench.datasets[self.forget], self.settings, self.schedule, record,
+                bench.device)
         return out
 
 
@@ -104,15 +108,18 @@ class LdoTask:
 
 @dataclass(frozen=True)
 class GradientTask:
-    """The gradient of one dataset's mean loss at one weight set (base, or a checkpoint).
+    """The gradient of one dataset's loss at one weight set (base, or a checkpoint).
 
-    Training sets use all their rows; test sets the rows they are evaluated on.
+    Training sets use all their rows and their loss is aggregated as `reduction` says (the
+    spec's aggregate: summed or mean token loss); test sets use the rows they are evaluated
+    on and their mean token loss, the quantity UnTrac measures.
     """
 
     weights: str
     dataset: str
     all_rows: bool
     batch_size: int
+    reduction: str = "mean"
 
     def run(self, bench: Workbench) -> Output:
         from untrac_ray.baselines import dataset_gradient
@@ -120,13 +127,18 @@ class GradientTask:
         bench.reset(self.weights)
         data = bench.datasets[self.dataset]
         rows = np.arange(len(data)) if self.all_rows else bench.eval_indices[self.dataset]
-        grad = dataset_gradient(bench.model, data, rows, self.batch_size, bench.device)
+        grad = dataset_gradient(bench.model, data, rows, self.batch_size, bench.device,
+                                reduction=self.reduction)
         return Output({}, payload=grad)
 
 
 @dataclass(frozen=True)
 class EkfacTask:
-    """EK-FAC influence of every training set on every test set, at the base weights."""
+    """EK-FAC influence of every training set on every test set, at the base weights.
+
+    Under the bench's bf16 precision only the model's forward and backward passes run in
+    bf16 (kronfluence's own autocast); its factors and scores stay float32 / float64.
+    """
 
     train: tuple[str, ...]
     test: tuple[str, ...]
@@ -145,8 +157,9 @@ class EkfacTask:
         }
         test = {n: (bench.datasets[n], bench.eval_indices[n]) for n in self.test}
         model = copy.deepcopy(bench.model)  # kronfluence wraps modules in place
+        torch.manual_seed(self.seed)  # the true Fisher samples labels from the model
         return Output({}, payload=ekfac_influence(model, train, test, self.settings,
-                                                  bench.device))
+                                                  bench.device, precision=bench.precision))
 
 
 Task = EvalTask | UnlearnTask | LdoTask | GradientTask | EkfacTask

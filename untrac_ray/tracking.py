@@ -19,10 +19,12 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from untrac_ray.errors import TrackingError
+from untrac_ray.results import with_points
 from untrac_ray.spec import JobSpec
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG_PREFIX = "untrac_ray."
+HEADLINE_TAG = "headline_pearson"  # method=mean Pearson at the point fixed in advance
 
 
 def resolve_tracking_uri(cli_uri: str | None, spec: JobSpec | None = None) -> str:
@@ -131,18 +133,20 @@ class JobRun:
         self.log_metrics({metric_key("base_loss", name): v for name, v in losses.items()})
 
     def log_cells(self, rows: list[dict]) -> None:
-        """Every cell's influence, keyed influence/<method>/<train>/<test>, at its step."""
+        """Every cell's influence, keyed influence/<method>/<train>/<test>, at its evaluation
+        point (the MLflow step: trajectories of sets of any size line up by point)."""
         now = int(time.time() * 1000)
         metrics = [
             Metric(metric_key("influence", r["method"], r["train_set"], r["test_set"]),
-                   float(r["influence"]), now, int(r["step"]))
+                   float(r["influence"]), now, int(r["point"]))
             for r in rows
         ]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
     def log_scores(self, scores: pd.DataFrame, summary: pd.DataFrame) -> None:
-        """Correlations with the ground truth: metrics per step, tables, best-score tag."""
+        """Correlations with the ground truth: metrics per evaluation point, the tables, and
+        the headline tag (each method's mean Pearson at its point fixed in advance)."""
         now = int(time.time() * 1000)
         metrics = []
         for r in scores.itertuples():
@@ -151,13 +155,13 @@ class JobRun:
                 value = getattr(r, stat)
                 if value == value:  # not NaN
                     metrics.append(Metric(metric_key("score", r.method, f"{stat}_{name}"),
-                                          float(value), now, int(r.step)))
+                                          float(value), now, int(r.point)))
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
         self.log_table(scores, "scores")
         self.log_table(summary, "score_summary")
-        best = ",".join(f"{r.method}={r.pearson_mean:.3f}" for r in summary.itertuples())
-        self.set_tag("best_pearson", best)
+        headline = ",".join(f"{r.method}={r.pearson_mean:.3f}" for r in summary.itertuples())
+        self.set_tag(HEADLINE_TAG, headline)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
@@ -193,7 +197,7 @@ def read_influence(run_id: str, tracking_uri: str) -> pd.DataFrame:
             run_id=run_id, artifact_path="influence.parquet", dst_path=tmp,
             tracking_uri=tracking_uri,
         )
-        return pd.read_parquet(path)
+        return with_points(pd.read_parquet(path))
 
 
 # --- Reading runs back: `untrac-ray runs`, `show`, `compare` and `ui` (browse.py formats) ---
@@ -220,15 +224,16 @@ class RunRecord:
     start_ms: int | None
     end_ms: int | None
     parent_id: str | None
-    best_pearson: dict[str, float]
+    headline_pearson: dict[str, float]
     error: str | None
     tags: dict[str, str] = field(default_factory=dict)
 
 
-def _best_pearson(tags: dict[str, str], metrics: dict[str, float]) -> dict[str, float]:
-    """Best correlation per method: the `best_pearson` tag, else the score metrics."""
+def _headline_pearson(tags: dict[str, str], metrics: dict[str, float]) -> dict[str, float]:
+    """Each method's headline correlation (mean Pearson at its point fixed in advance): the
+    headline tag, else the newest score metrics (runs before the tag: their last point)."""
     out: dict[str, float] = {}
-    for part in tags.get(TAG_PREFIX + "best_pearson", "").split(","):
+    for part in tags.get(TAG_PREFIX + HEADLINE_TAG, "").split(","):
         name, _, value = part.partition("=")
         try:
             out[name.strip()] = float(value)
@@ -264,7 +269,7 @@ def _record(run, experiments: dict[str, str]) -> RunRecord:
         start_ms=run.info.start_time,
         end_ms=run.info.end_time,
         parent_id=tags.get("mlflow.parentRunId"),
-        best_pearson=_best_pearson(tags, dict(run.data.metrics)),
+        headline_pearson=_headline_pearson(tags, dict(run.data.metrics)),
         error=tags.get(TAG_PREFIX + "error"),
         tags=tags,
     )
@@ -389,7 +394,10 @@ def read_run_table(run_id: str, tracking_uri: str, stem: str) -> pd.DataFrame | 
             run_id=run_id, artifact_path=f"{stem}.parquet", dst_path=tmp,
             tracking_uri=tracking_uri,
         )
-        return pd.read_parquet(path)
+        table = pd.read_parquet(path)
+    if {"method", "step"} <= set(table.columns):  # influence and score tables of older runs
+        table = with_points(table)
+    return table
 
 
 def local_artifact_root(tracking_uri: str) -> str | None:

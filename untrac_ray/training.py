@@ -17,6 +17,7 @@ from untrac_ray.modeling import (
     build_model,
     config_from_dict,
     has_weights,
+    label_count,
     load_model,
     token_loss_sum,
 )
@@ -72,7 +73,7 @@ def train_model(
         optimizer.zero_grad(set_to_none=True)
         parts = [(sets[k], local[rows[owners[rows] == k]]) for k in np.unique(owners[rows])]
         batches = [data.batch(idx, device) for data, idx in parts]
-        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        n_tokens = sum(label_count(b) for b in batches)
         total_loss = 0.0
         for batch in batches:
             loss_sum, _ = token_loss_sum(model, batch)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from untrac_ray.errors import NonFiniteLossError
-from untrac_ray.modeling import token_loss_sum
+from untrac_ray.modeling import label_count, token_loss_sum
 from untrac_ray.spec import UnlearnSpec
 from untrac_ray.tokenization import TokenizedSet
 
@@ -64,7 +64,7 @@ def ascent_step(
     micro = micro_batch_size or len(rows)
     chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
     batches = [data.batch(c, device) for c in chunks]
-    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    n_tokens = sum(label_count(b) for b in batches)
     total = 0.0
     for batch in batches:
         loss_sum, _ = token_loss_sum(model, batch)
@@ -99,16 +99,18 @@ def unlearn(
     model: torch.nn.Module,
     data: TokenizedSet,
     settings: UnlearnSpec,
+    eval_steps: Iterable[int],
     on_eval: Callable[[int], None],
     device: torch.device | str = "cpu",
 ) -> None:
-    """Gradient ascent on `data`; calls on_eval(step) after each of the settings' eval steps.
+    """Gradient ascent on `data` for the settings' steps; calls on_eval(step) after each step
+    in eval_steps (from schedule.eval_schedules).
 
     Raises NonFiniteLossError naming the dataset and step when the loss stops being finite.
     """
     torch.manual_seed(settings.seed)
     total = settings.total_steps(len(data))
-    eval_steps = set(settings.resolved_eval_steps(len(data)))
+    eval_steps = set(eval_steps)
     optimizer = make_optimizer(settings.optimizer, model.parameters(), settings.learning_rate)
     model.train()
     schedule = batch_schedule(len(data), settings.batch_size, total, settings.seed)

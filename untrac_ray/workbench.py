@@ -16,6 +16,7 @@ import torch
 
 from untrac_ray.evaluation import row_losses
 from untrac_ray.modeling import SharedWeights, load_arrays
+from untrac_ray.precision import check_precision, precision_context
 from untrac_ray.tasks import BASE, EvalTask, Output, Task, UnlearnTask
 from untrac_ray.tokenization import TokenizedSet
 
@@ -42,6 +43,8 @@ class Workbench:
     `weights` maps names to SharedWeights ("base" is the model under study; others are the
     initial weights of leave-dataset-out retraining and training checkpoints). It may be lazy:
     the actor reads a set from Ray's object store the first time a task asks for it.
+    `precision` ("fp32" or "bf16") is the numerics every task runs under (`run` enters
+    precision.precision_context: bf16 autocast; the weights stay float32).
     """
 
     def __init__(
@@ -51,8 +54,11 @@ class Workbench:
         eval_indices: dict[str, np.ndarray],
         eval_batch_size: int,
         device: torch.device | str = "cpu",
+        *,
+        precision: str = "fp32",
     ) -> None:
         self.device = torch.device(device)
+        self.precision = check_precision(precision)
         self.weights = weights
         self.model = weights[BASE].build(self.device)
         self.model.eval()
@@ -82,8 +88,10 @@ class Workbench:
         return means, (rows if per_row else None)
 
     def run(self, task: Task) -> TaskResult:
-        """Run one task (it resets the model to the weight set it needs) and time it."""
+        """Run one task (it resets the model to the weight set it needs) in the bench's
+        precision, and time it."""
         start = time.perf_counter()
-        out: Output = task.run(self)
+        with precision_context(self.device, self.precision):
+            out: Output = task.run(self)
         return TaskResult(task=task, losses=out.losses, seconds=time.perf_counter() - start,
                           row_losses=out.row_losses, payload=out.payload)
