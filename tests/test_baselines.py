@@ -115,14 +115,12 @@ def test_gradient_baselines_equal_a_direct_torch_computation(ground):
     data = prepare_data(spec)
 
     def grad(model, name: str) -> torch.Tensor:
-        """Test sets: the gradient of the mean token loss; training sets (aggregate: sum, the
-        default): of the summed token loss, the mean times the set's labelled tokens."""
+        """The gradient of the mean token loss (test sets; training sets: aggregate mean, the
+        default, tested against sum in test_unequal_sizes.py)."""
         d = data.tokenized(name)
         rows = (np.arange(len(d)) if name in TRAIN
                 else sample_indices(len(d), spec.evaluation.max_examples, spec.evaluation.seed))
         loss = _loss(model, d, rows)
-        if name in TRAIN:
-            loss = loss * int((d.batch(rows)["labels"][:, 1:] != -100).sum())
         params = [p for p in model.parameters() if p.requires_grad]
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
 

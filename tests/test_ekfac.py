@@ -97,7 +97,7 @@ def _bench(model, sets, precision: str = "fp32") -> Workbench:
 def test_identity_is_the_dataset_gradient_dot_product(llama, sets):
     """No preconditioning (kronfluence's identity strategy applies no damping): the score is
     the training set's summed-loss gradient . the test set's mean-loss gradient."""
-    scores = _influence(llama, sets, EkfacSpec(strategy="identity", batch_size=8))
+    scores = _influence(llama, sets, EkfacSpec(strategy="identity", batch_size=8, aggregate="sum"))
     errors = []
     g_test = {q: _linear_gradient(llama, sets[q], _all(sets[q]), mean=True) for q in TEST}
     for t in TRAIN:
@@ -110,7 +110,8 @@ def test_identity_is_the_dataset_gradient_dot_product(llama, sets):
 
 
 def test_mean_is_the_sum_over_the_training_sets_tokens(llama, sets):
-    summed = _influence(llama, sets, EkfacSpec(strategy="identity", batch_size=16))
+    summed = _influence(llama, sets, EkfacSpec(strategy="identity", batch_size=16,
+                                               aggregate="sum"))
     mean = _influence(llama, sets, EkfacSpec(strategy="identity", batch_size=16,
                                              aggregate="mean"))
     for t in TRAIN:
@@ -123,11 +124,12 @@ def test_sampled_training_rows_are_scaled_to_the_whole_set(llama, sets):
     """max_train_examples scores a sample of the rows; the sum is scaled by the set's tokens
     over the sample's, so a set of 12 identical rows sampled 4 at a time scores as all 12."""
     full = _bench(llama, sets).run(
-        EkfacTask(("same", "spell"), TEST, EkfacSpec(strategy="identity", batch_size=16))
+        EkfacTask(("same", "spell"), TEST, EkfacSpec(strategy="identity", batch_size=16,
+                                                      aggregate="sum"))
     ).payload
     sampled = _bench(llama, sets).run(EkfacTask(
         ("same", "spell"), TEST,
-        EkfacSpec(strategy="identity", batch_size=16, max_train_examples=4),
+        EkfacSpec(strategy="identity", batch_size=16, max_train_examples=4, aggregate="sum"),
     )).payload
     for q in TEST:
         assert sampled[("same", q)] == pytest.approx(full[("same", q)], rel=1e-4)

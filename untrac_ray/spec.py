@@ -234,16 +234,17 @@ AGGREGATES = ("sum", "mean")
 class GradientSpec(_Strict):
     """GradDot, GradCos and TracIn: dataset-level gradients accumulated over batches.
 
-    `aggregate` is how a training set's examples add up. sum: the gradient of the set's summed
-    token loss, so a set with more tokens weighs more, as it does in training and as leaving it
-    out does (LDO); mean: the gradient of its mean token loss, every set on the same footing.
-    The test side is always the mean token loss that UnTrac measures. GradCos is the same
-    under both (a cosine ignores scale).
+    `aggregate` is how a training set's examples add up. mean (the default, the paper's): the
+    gradient of its mean token loss, every set on the same footing; sum: of its summed token
+    loss, so a set with more tokens weighs more, as in a first-order view of training without
+    it. On sets of unequal size (jobs/synthetic_b_unequal.yaml, README) mean followed
+    leave-dataset-out as well or slightly better. The test side is always the mean token loss
+    that UnTrac measures. GradCos is the same under both (a cosine ignores scale).
     """
 
     batch_size: int = Field(32, gt=0)
     aggregate: Literal["sum", "mean"] = Field(
-        "sum", description="training-set gradient of the summed (sum) or mean token loss"
+        "mean", description="training-set gradient of the mean or summed token loss"
     )
 
 
@@ -262,7 +263,7 @@ class EkfacSpec(_Strict):
         None, gt=0, description="rows per training set scored (default: all)"
     )
     aggregate: Literal["sum", "mean"] = Field(
-        "sum", description="training-set influence of its summed (sum) or mean token loss"
+        "mean", description="training-set influence of its mean or summed token loss"
     )
 
 
@@ -617,25 +618,26 @@ class JobSpec(_Strict):
     def _encoder_decoder_needs_prompts(self) -> JobSpec:
         """An encoder-decoder model (T5) reads the prompt and predicts the target: text rows,
         packed into blocks, have no such split."""
+        sets = [("data.train", d) for d in self.data.train]
+        sets += [("data.test", d) for d in self.data.test]
+        sets += [("pretraining.data", d) for d in (self.pretraining.data if self.pretraining
+                                                   else [])]
+        text = [(where, ds.name) for where, ds in sets if ds.kind == "text"]
+        if not text:  # nothing to check: spare the import of torch and transformers
+            return self
         from untrac_ray.modeling import folder_is_encoder_decoder, is_encoder_decoder
 
         if self.model.config is not None:
             seq2seq = is_encoder_decoder(self.model.config)
         else:  # the folder's config.json, when the folder is there
             seq2seq = folder_is_encoder_decoder(self.model.path or "")
-        if not seq2seq:
-            return self
-        sets = [("data.train", d) for d in self.data.train]
-        sets += [("data.test", d) for d in self.data.test]
-        sets += [("pretraining.data", d) for d in (self.pretraining.data if self.pretraining
-                                                   else [])]
-        for where, ds in sets:
-            if ds.kind == "text":
-                raise ValueError(
-                    f"{where}: dataset {ds.name!r} is text, but an encoder-decoder model "
-                    "(model_type t5...) needs prompt_target rows (text blocks have no "
-                    "prompt/target split)"
-                )
+        if seq2seq:
+            where, name = text[0]
+            raise ValueError(
+                f"{where}: dataset {name!r} is text, but an encoder-decoder model "
+                "(model_type t5...) needs prompt_target rows (text blocks have no "
+                "prompt/target split)"
+            )
         return self
 
 
