@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import merge, run_through_cli, tiny_spec
 from untrac_ray.errors import SpecError
@@ -19,6 +20,7 @@ from untrac_ray.modeling import (
     load_model,
     token_losses,
 )
+from untrac_ray.preflight import check_job
 from untrac_ray.results import matrix
 from untrac_ray.spec import load_spec, parse_spec
 from untrac_ray.tokenization import TokenizedSet, byte_level_tokenizer, tokenize_rows
@@ -152,12 +154,14 @@ def test_t5_with_text_data_is_refused_in_one_line(tmp_path):
     with pytest.raises(SpecError, match="data.train: dataset 'corpus' is text") as err:
         parse_spec(merge(spec, {"model": {"config": TINY_T5}, **text}))
     assert "\n" not in str(err.value)
-    # a model folder: read from its config.json
+    # a model folder (relative: resolved from the job's folder) is read by validate / run
     tok = byte_level_tokenizer()
     build_model(config_from_dict(TINY_T5, len(tok), tok.eos_token_id)).save_pretrained(
         tmp_path / "t5")
-    folder = {"model": {"config": None, "path": str(tmp_path / "t5")}}
-    with pytest.raises(SpecError, match="encoder-decoder"):
-        parse_spec(merge(spec, {**folder, **text}))
+    folder = {"model": {"config": None, "path": "t5"}}
+    job = tmp_path / "folder.yaml"
+    job.write_text(yaml.safe_dump(merge(spec, {**folder, **text})))
+    with pytest.raises(SpecError, match="data.train: dataset 'corpus' is text, but an enc"):
+        check_job(load_spec(job))
     parse_spec(merge(spec, {"model": {"config": TINY_T5}}))  # prompt_target rows are fine
     parse_spec(merge(spec, text))  # and text is fine for a causal LM

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from untrac_ray.data import check_dataset_header, load_dataset_rows
 from untrac_ray.errors import DataError, SpecError
-from untrac_ray.spec import DatasetSpec, JobSpec, is_uri
+from untrac_ray.spec import DatasetSpec, JobSpec, encoder_decoder_refusal, is_uri
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -47,9 +47,15 @@ def check_job(spec: JobSpec, read_rows: bool = True) -> None:
         for ds in datasets:
             check_dataset(ds, key, read_rows)
     if spec.model.path is not None:
-        from untrac_ray.modeling import check_model_folder  # imports torch: only when needed
+        from untrac_ray.modeling import (  # imports torch: only when needed
+            check_model_folder,
+            folder_is_encoder_decoder,
+        )
 
         check_model_folder(spec.model.path)
+        text = spec.text_datasets()
+        if text and folder_is_encoder_decoder(spec.model.path):
+            raise SpecError(encoder_decoder_refusal(*text[0]))
     if spec.tokenizer.kind == "pretrained":
         check_tokenizer_folder(spec.tokenizer.path or spec.model.path)
     if spec.cache_dir is not None:

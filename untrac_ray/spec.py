@@ -617,28 +617,30 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _encoder_decoder_needs_prompts(self) -> JobSpec:
         """An encoder-decoder model (T5) reads the prompt and predicts the target: text rows,
-        packed into blocks, have no such split."""
+        packed into blocks, have no such split. A model folder is checked by preflight.py,
+        once its path is resolved."""
+        text = self.text_datasets()
+        if not text or self.model.config is None:  # spare the import of torch otherwise
+            return self
+        from untrac_ray.modeling import is_encoder_decoder
+
+        if is_encoder_decoder(self.model.config):
+            raise ValueError(encoder_decoder_refusal(*text[0]))
+        return self
+
+    def text_datasets(self) -> list[tuple[str, str]]:
+        """(spec key, name) of every dataset of kind text, pretraining included."""
         sets = [("data.train", d) for d in self.data.train]
         sets += [("data.test", d) for d in self.data.test]
         sets += [("pretraining.data", d) for d in (self.pretraining.data if self.pretraining
                                                    else [])]
-        text = [(where, ds.name) for where, ds in sets if ds.kind == "text"]
-        if not text:  # nothing to check: spare the import of torch and transformers
-            return self
-        from untrac_ray.modeling import folder_is_encoder_decoder, is_encoder_decoder
+        return [(where, ds.name) for where, ds in sets if ds.kind == "text"]
 
-        if self.model.config is not None:
-            seq2seq = is_encoder_decoder(self.model.config)
-        else:  # the folder's config.json, when the folder is there
-            seq2seq = folder_is_encoder_decoder(self.model.path or "")
-        if seq2seq:
-            where, name = text[0]
-            raise ValueError(
-                f"{where}: dataset {name!r} is text, but an encoder-decoder model "
-                "(model_type t5...) needs prompt_target rows (text blocks have no "
-                "prompt/target split)"
-            )
-        return self
+
+def encoder_decoder_refusal(where: str, name: str) -> str:
+    """The one line that refuses a text dataset for an encoder-decoder model."""
+    return (f"{where}: dataset {name!r} is text, but an encoder-decoder model (model_type "
+            "t5...) needs prompt_target rows (text blocks have no prompt/target split)")
 
 
 def spec_hash(*parts: Any) -> str:
