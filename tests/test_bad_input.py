@@ -97,3 +97,20 @@ def test_nan_during_gradient_ascent_fails_the_run_naming_dataset_and_step(
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert run.info.status == "FAILED"
     assert "at step" in run.data.tags["untrac_ray.error"]
+
+
+def test_an_unreachable_tracking_store_fails_in_seconds_before_any_work(make_job, tmp_path):
+    import time
+
+    job = make_job()
+    start = time.monotonic()
+    result = run_cli(job, "http://127.0.0.1:9")  # nothing listens on the discard port
+    assert result.exit_code == 2
+    assert "tracking store http://127.0.0.1:9 cannot be reached" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "cache" / "tokenized").exists()  # no data work was done
+    folder = tmp_path / "store"
+    folder.mkdir()
+    result = run_cli(job, f"sqlite:///{folder}")
+    assert result.exit_code == 2 and "is a folder, not a database file" in result.output

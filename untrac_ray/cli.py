@@ -200,16 +200,24 @@ def run(
 ) -> None:
     """Run a job: train or reuse the base model, unlearn on Ray actors, log to MLflow."""
     from untrac_ray.runner import run_job
+    from untrac_ray.signals import EXIT_CODE as SIGTERM_EXIT_CODE
+    from untrac_ray.signals import sigterm_as_interrupt, was_terminated
     from untrac_ray.spec import load_spec
     from untrac_ray.submission import submission_tags
 
     try:
         spec = load_spec(job)
-        with _CliReporter(quiet) as reporter:
+        with sigterm_as_interrupt(), _CliReporter(quiet) as reporter:
             # Inside a Ray job, the run is tagged with its submission id.
             outcome = run_job(spec, tracking_uri, address, reporter, tags=submission_tags())
     except UntracError as err:
         raise _fail(err) from None
+    except KeyboardInterrupt:  # the MLflow run ended KILLED, keeping the finished cells
+        if not was_terminated():
+            raise  # Ctrl-C
+        err_console.print("terminated (SIGTERM): the MLflow run is marked KILLED with the "
+                          "cells that finished", highlight=False)
+        raise typer.Exit(code=SIGTERM_EXIT_CODE) from None
     _print_matrices(outcome)
     out_console.print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}", highlight=False)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,6 +36,9 @@ def ensure_ray(resources: ResourcesSpec, address: str | None = None) -> bool:
     """Connect to a cluster or start an embedded local Ray; True when this call started it."""
     if ray.is_initialized():
         return False
+    # ray.init replaces the driver's SIGTERM handler with its own (an exit through Ray's crash
+    # handler); a handler the caller installed (signals.py) is put back after it.
+    sigterm = signal.getsignal(signal.SIGTERM)
     address = address or resources.address
     kwargs: dict[str, Any] = {"logging_level": "ERROR", "configure_logging": True}
     if address:
@@ -47,6 +52,8 @@ def ensure_ray(resources: ResourcesSpec, address: str | None = None) -> bool:
             include_dashboard=False,
             **kwargs,
         )
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
     return True
 
 

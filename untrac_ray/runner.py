@@ -27,7 +27,13 @@ from untrac_ray.scoring import check_truth_matches, score_table, summary, truth_
 from untrac_ray.spec import GROUND_TRUTH, UNLEARNING_METHODS, JobSpec
 from untrac_ray.tasks import BASE, EkfacTask, EvalTask, LdoTask, UnlearnTask, init_weights_name
 from untrac_ray.tokenization import TokenizedSet, load_tokenizer, tokenized_dataset
-from untrac_ray.tracking import JobRun, metric_key, read_influence, resolve_tracking_uri
+from untrac_ray.tracking import (
+    JobRun,
+    check_store,
+    metric_key,
+    read_influence,
+    resolve_tracking_uri,
+)
 from untrac_ray.training import (
     find_trained_model,
     initial_model,
@@ -202,6 +208,7 @@ def run_job(
     """
     reporter = reporter or Reporter()
     uri = resolve_tracking_uri(tracking_uri, spec)
+    check_store(uri)  # seconds, before any data, training or Ray
     reporter.stage("loading and tokenizing datasets")
     data = prepare_data(spec)
     train, test = data.train, data.test

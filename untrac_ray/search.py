@@ -771,6 +771,7 @@ def run_search(
 
     from untrac_ray.tracking import (
         SearchRun,
+        check_store,
         read_influence,
         resolve_tracking_uri,
     )
@@ -793,6 +794,7 @@ def run_search(
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     metric_fn = load_objective(search.objective.function) if search.objective.function else None
     del metric_fn  # imported here only to fail early; every trial imports it again
+    check_store(uri)  # seconds, before any data, training or Ray
 
     reporter.stage("loading and tokenizing datasets")
     data = prepare_data(spec)

@@ -64,6 +64,38 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
+def check_store(uri: str, timeout_s: int = 5) -> None:
+    """Raise TrackingError (one line) unless the tracking store can be used: a server answers
+    within timeout_s (one try, not MLflow's minutes of retries), a SQLite file's folder can be
+    made. Called before any data, training or Ray, so a bad store costs seconds, not a job."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if db.is_dir():
+            raise TrackingError(f"tracking store {uri}: {db} is a folder, not a database file")
+        try:
+            _prepare_store(uri)
+        except OSError as err:
+            raise TrackingError(f"tracking store {uri}: cannot create its folder: "
+                                f"{err.strerror or err}") from None
+        return
+    if not uri.startswith(("http://", "https://")):
+        return
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - refused, timed out, not an MLflow server ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrackingError(f"tracking store {uri} cannot be reached: {reason[:300]}") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _prepare_store(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).resolve().parent.mkdir(parents=True, exist_ok=True)
