@@ -118,8 +118,10 @@ def start(state: Path, dashboard_port: int | None, port: int | None, free_ports:
            "--dashboard-host", "127.0.0.1", "--temp-dir", str(temp_dir)]
     for flag, number in ports.items():
         cmd += [flag, str(number)]
-    if free_ports:
+    if free_ports:  # a workers' range that holds none of the ports above (Ray refuses that)
         low = min(free_port(), 60000)
+        while any(low <= number <= low + 200 for number in ports.values()):
+            low = min(free_port(), 60000) - 201
         cmd += ["--min-worker-port", str(low), "--max-worker-port", str(low + 200)]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
