@@ -228,9 +228,6 @@ class LdoSpec(_Strict):
     )
 
 
-AGGREGATES = ("sum", "mean")
-
-
 class GradientSpec(_Strict):
     """GradDot, GradCos and TracIn: dataset-level gradients accumulated over batches.
 
