@@ -65,8 +65,9 @@ import yaml
 
 from untrac_ray.data import load_dataset_rows
 from untrac_ray.evaluation import mean_loss, sample_indices
+from untrac_ray.job_setup import prepare_data
 from untrac_ray.modeling import load_model
-from untrac_ray.runner import JobOutcome, prepare_data, run_job
+from untrac_ray.runner import JobOutcome, run_job
 from untrac_ray.scoring import MEAN_OVER_TESTS, ground_truth_noise, score_table
 from untrac_ray.spec import GroundTruthSpec, JobSpec, load_spec, parse_spec
 from untrac_ray.tokenization import SEPARATOR, load_tokenizer

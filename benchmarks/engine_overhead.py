@@ -61,12 +61,12 @@ import ray
 import torch
 
 from untrac_ray.engine import Engine
+from untrac_ray.job_setup import PreparedData, eval_sample, prepare_data
 from untrac_ray.methods import plan_unlearning
 from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
-from untrac_ray.runner import PreparedData, eval_sample, prepare_data
 from untrac_ray.spec import JobSpec, ResourcesSpec, parse_spec
-from untrac_ray.tasks import BASE, EvalTask, UnlearnTask
-from untrac_ray.workbench import TaskResult, Workbench
+from untrac_ray.tasks import BASE, EvalTask, TaskResult, UnlearnTask
+from untrac_ray.workbench import Workbench
 
 OVERHEAD_TARGET = 1.10
 SPEEDUP_TARGET = 1.6

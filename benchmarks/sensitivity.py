@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from untrac_ray.search import SearchReporter, run_search  # noqa: E402
+from untrac_ray.search import run_search  # noqa: E402
+from untrac_ray.search_logging import SearchReporter  # noqa: E402
 from untrac_ray.spec import load_spec, parse_spec  # noqa: E402
 
 

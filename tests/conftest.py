@@ -130,6 +130,23 @@ def make_job(tmp_path: Path):
 
 
 @pytest.fixture
+def engine_inputs(make_job):
+    """What an Engine is built from, for the tiny job: spec, tokenized data, a randomly
+    initialised base model's weights, every row evaluated."""
+    from untrac_ray.evaluation import sample_indices
+    from untrac_ray.job_setup import prepare_data
+    from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
+    from untrac_ray.spec import load_spec
+
+    spec = load_spec(make_job())
+    data = prepare_data(spec)
+    config = config_from_dict(spec.model.config, len(data.tokenizer), data.tokenizer.eos_token_id)
+    weights = SharedWeights.from_model(build_model(config, seed=0))
+    indices = {n: sample_indices(data.tables[n].num_rows, None, 0) for n in data.tables}
+    return spec, data, {"base": weights}, indices
+
+
+@pytest.fixture
 def tracking_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 

@@ -19,8 +19,9 @@ from conftest import merge, tiny_spec
 from untrac_ray.cli import app
 from untrac_ray.errors import SpecError, UntracError
 from untrac_ray.evaluation import sample_indices
+from untrac_ray.job_setup import prepare_data
 from untrac_ray.modeling import build_model, config_from_dict, load_model
-from untrac_ray.runner import prepare_data, run_job
+from untrac_ray.runner import run_job
 from untrac_ray.scoring import ALL_CELLS, MEAN_OVER_TESTS, score_table, summary, truth_matrix
 from untrac_ray.spec import load_spec
 from untrac_ray.training import read_train_record

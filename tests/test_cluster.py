@@ -270,6 +270,39 @@ def test_one_actor_per_gpu_and_stop_ends_a_long_running_job(head, tmp_path, monk
 
 
 @pytest.mark.ray_head
+def test_a_stopped_job_resubmitted_with_resume_finishes_its_own_run(head, tmp_path):
+    """`stop` ends a job KILLED after some tasks finished; `submit --resume` continues the same
+    MLflow run on the cluster: the finished tasks are restored, the run ends FINISHED."""
+    job = write_job(tmp_path / "again", {"name": "again", "methods": {
+        "untrac": {"epochs": 40, "eval_every": None, "eval_points": 2}, "untrac_inv": None},
+        "resources": {"num_actors": 1}})
+    env = head.client_env()
+    db = tmp_path / "again.db"
+    uri = f"sqlite:///{db}"
+    submitted = cli("submit", str(job), "--address", head.url, "--tracking-uri", uri, env=env)
+    assert submitted.exit_code == 0, submitted.output
+    sid = submitted.stdout.splitlines()[0].strip()
+    deadline = time.monotonic() + 180
+    stored: list[Path] = []
+    while len(stored) < 3 and time.monotonic() < deadline:  # base losses, one trajectory
+        stored = list(tmp_path.glob("mlartifacts/**/tasks/*.npz"))
+        time.sleep(0.3)
+    assert len(stored) >= 3, cli("logs", sid, "--address", head.url, env=env).output[-3000:]
+    assert cli("stop", sid, "--address", head.url, env=env).exit_code == 0
+    killed = only_run(uri)
+    assert killed.info.status == "KILLED"
+    again = cli("submit", str(job), "--address", head.url, "--tracking-uri", uri, "--resume",
+                "--follow", env=env)
+    assert again.exit_code == 0, again.output
+    assert "resumed: restored" in again.output, again.output
+    run = only_run(uri)
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert int(run.data.tags["untrac_ray.restored_tasks"]) >= 3
+    table = read_influence(run.info.run_id, uri)
+    assert len(table) == 3 * 2 * 2 and table["influence"].notna().all()
+
+
+@pytest.mark.ray_head
 def test_invalid_spec_is_refused_before_it_reaches_the_cluster(head, tmp_path):
     before = len(requests.get(f"{head.url}/api/jobs/", headers=head.headers(), timeout=10)
                  .json())
@@ -410,6 +443,9 @@ def test_cluster_tracking_uri_and_entrypoint(tmp_path, monkeypatch):
     command = sub.entrypoint("/opt/py env/bin/python", "http://mlflow:5000")
     assert command == ("'/opt/py env/bin/python' -m untrac_ray.cli run job.yaml "
                        "--address auto --tracking-uri http://mlflow:5000")
+    assert " run --resume job.yaml " in sub.entrypoint("python", "x", command="run --resume")
+    with pytest.raises(UntracError, match="--command: expected one of"):
+        sub.entrypoint("python", "x", command="run; rm -rf /")
 
 
 def test_the_submission_id_reaches_the_mlflow_tags():
@@ -518,8 +554,8 @@ def test_a_bf16_job_runs_its_actors_under_autocast(tmp_path, ray_cluster):
     """The actors' base losses of a bf16 job are close to, but not, the float32 losses of the
     same model on the same rows (computed here)."""
     from untrac_ray.evaluation import mean_loss
+    from untrac_ray.job_setup import eval_sample, prepare_data
     from untrac_ray.modeling import load_model
-    from untrac_ray.runner import eval_sample, prepare_data
 
     job = write_job(tmp_path, {"methods": {"untrac_inv": None},
                                "resources": {"precision": "bf16"}})

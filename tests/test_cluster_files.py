@@ -123,6 +123,7 @@ def test_the_rayjob_entrypoint_is_a_valid_untrac_ray_command_line():
     command = group.get_command(ctx, argv[1])
     params = command.make_context("run", argv[2:], parent=ctx).params  # parses, or raises
     assert params["address"] == "auto"  # join the cluster, not a new local Ray
+    assert params["resume_if_any"] and job["spec"]["backoffLimit"] >= 1  # a retry resumes
     assert params["tracking_uri"].startswith("http")
     spec_file = repo_path_in_image(str(params["job"]))
     assert spec_file.is_file()

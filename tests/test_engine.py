@@ -12,11 +12,8 @@ from ray import cloudpickle
 
 from untrac_ray.engine import Engine, plan_pool_size
 from untrac_ray.errors import UntracError
-from untrac_ray.evaluation import sample_indices
-from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
-from untrac_ray.runner import prepare_data
-from untrac_ray.spec import ResourcesSpec, load_spec
-from untrac_ray.workbench import EvalTask
+from untrac_ray.spec import ResourcesSpec
+from untrac_ray.tasks import EvalTask
 
 # The tasks below are defined in this test module: ship them to the workers by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -60,16 +57,6 @@ def test_pool_size_follows_gpus_or_cpu_slots():
     assert plan_pool_size(ResourcesSpec(num_actors=3), {"CPU": 1.0}, 20) == 3
     with pytest.raises(UntracError, match="has no GPU"):
         plan_pool_size(gpu, {"CPU": 8.0}, max_useful=4)
-
-
-@pytest.fixture
-def engine_inputs(make_job):
-    spec = load_spec(make_job())
-    data = prepare_data(spec)
-    config = config_from_dict(spec.model.config, len(data.tokenizer), data.tokenizer.eos_token_id)
-    weights = SharedWeights.from_model(build_model(config, seed=0))
-    indices = {n: sample_indices(data.tables[n].num_rows, None, 0) for n in data.tables}
-    return spec, data, {"base": weights}, indices
 
 
 def test_a_task_whose_actor_dies_is_retried_and_finished_tasks_are_kept(

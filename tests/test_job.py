@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 from conftest import run_through_cli, tiny_spec
 from untrac_ray.cli import app
 from untrac_ray.evaluation import sample_indices
+from untrac_ray.job_setup import Reporter, prepare_data
 from untrac_ray.modeling import SharedWeights, load_model
 from untrac_ray.results import matrix
-from untrac_ray.runner import Reporter, prepare_data, run_job
+from untrac_ray.runner import run_job
 from untrac_ray.spec import load_spec
 from untrac_ray.tracking import read_influence
 

@@ -8,7 +8,7 @@ import pytest
 from untrac_ray import plots
 from untrac_ray.results import influence_rows, influence_table, matrix
 from untrac_ray.spec import UnlearnSpec
-from untrac_ray.workbench import TaskResult, UnlearnTask
+from untrac_ray.tasks import TaskResult, UnlearnTask
 
 TRAIN, TEST = ["a", "b", "c"], ["x", "y"]
 BASE = {"a": 1.0, "b": 2.0, "c": 3.0, "x": 10.0, "y": 20.0}

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,8 +25,9 @@ from conftest import merge, tiny_spec
 from untrac_ray.cli import app
 from untrac_ray.errors import SpecError
 from untrac_ray.evaluation import sample_indices
+from untrac_ray.job_setup import prepare_data
 from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
-from untrac_ray.runner import prepare_data, run_job
+from untrac_ray.runner import run_job
 from untrac_ray.schedule import eval_schedules
 from untrac_ray.search import run_search, tune_space
 from untrac_ray.segments import SegmentTask
@@ -361,7 +363,8 @@ def test_resume_after_a_killed_driver_runs_only_the_missing_trials(tmp_path, ray
 
     result = CliRunner().invoke(app, ["tune", str(job), "--resume", "--tracking-uri", uri])
     assert result.exit_code == 0, result.output
-    assert "reading the ground truth computed before the interruption" in result.output
+    # the driver's tasks (base losses, LDO) were stored in the parent run: restored, not rerun
+    assert re.search(r"restored (\d+) of \1 tasks of the search's driver", result.output)
     assert "leave-dataset-out" not in result.output  # LDO not run again
     after = _finished_children(uri)
     assert len(after) == 4

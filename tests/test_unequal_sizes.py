@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from conftest import TRAIN_GROUPS, merge, run_through_cli, tiny_spec, write_rows
 from untrac_ray.cli import app
 from untrac_ray.evaluation import sample_indices
+from untrac_ray.job_setup import prepare_data
 from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
 from untrac_ray.results import matrix, points_of
-from untrac_ray.runner import prepare_data
 from untrac_ray.spec import METHODS, load_spec
 from untrac_ray.tasks import GradientTask
 from untrac_ray.tracking import read_run_table

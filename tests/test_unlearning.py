@@ -6,11 +6,12 @@ import pytest
 
 from untrac_ray.errors import NonFiniteLossError
 from untrac_ray.evaluation import sample_indices
+from untrac_ray.job_setup import prepare_data
 from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
-from untrac_ray.runner import prepare_data
 from untrac_ray.schedule import eval_schedules
 from untrac_ray.spec import UnlearnSpec, load_spec
-from untrac_ray.workbench import EvalTask, UnlearnTask, Workbench
+from untrac_ray.tasks import EvalTask, UnlearnTask
+from untrac_ray.workbench import Workbench
 
 
 @pytest.fixture

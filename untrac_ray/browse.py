@@ -87,13 +87,22 @@ def fmt_time(ms: int | None) -> str:
     return "-" if not ms else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
 
 
+def shown_status(record: RunRecord) -> str:
+    """MLflow's status, or STALE for a RUNNING run whose driver is gone or silent (killed:
+    `run --resume` continues it)."""
+    return "STALE" if record.stale else record.status
+
+
 def duration_s(record: RunRecord, now_ms: int | None = None) -> float | None:
-    """Run time in seconds; a running run counts until now."""
+    """Run time in seconds; a running run counts until now (a stale one until its last
+    heartbeat)."""
     if not record.start_ms:
         return None
     end = record.end_ms
     if not end and record.status == "RUNNING":
-        end = now_ms or int(time.time() * 1000)
+        beat = record.tags.get("untrac_ray.heartbeat", "")
+        end = (int(float(beat) * 1000) if record.stale and beat.replace(".", "").isdigit()
+               else now_ms or int(time.time() * 1000))
     return max(0.0, (end - record.start_ms) / 1000) if end else None
 
 
@@ -138,7 +147,7 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
         rows.append({
             "run_id": r.run_id, "run_name": r.run_name, "experiment": r.experiment,
             "job": r.job, "methods": ",".join(r.methods), "model": r.model,
-            "n_train": r.n_train, "n_test": r.n_test, "status": r.status,
+            "n_train": r.n_train, "n_test": r.n_test, "status": shown_status(r),
             "top_method": best_method, "headline_pearson": best,
             "start_time": fmt_time(r.start_ms), "duration_s": duration_s(r),
             "parent_run_id": r.parent_id,
@@ -151,7 +160,8 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
                          "duration_s": "float64"})
 
 
-STATUS_STYLE = {"FINISHED": "green", "RUNNING": "yellow", "FAILED": "red", "KILLED": "red"}
+STATUS_STYLE = {"FINISHED": "green", "RUNNING": "yellow", "FAILED": "red", "KILLED": "red",
+                "STALE": "magenta"}
 
 
 def runs_table(records: list[RunRecord], title: str) -> Table:
@@ -180,7 +190,7 @@ def runs_table(records: list[RunRecord], title: str) -> Table:
             cells.append(("└ " + r.parent_id[:8]) if r.parent_id else "")
         if len(experiments) > 1:
             cells.append(r.experiment)
-        status = Text(r.status, style=STATUS_STYLE.get(r.status, ""))
+        status = Text(shown_status(r), style=STATUS_STYLE.get(shown_status(r), ""))
         cells += [r.job, ", ".join(r.methods), r.model, sets]
         table.add_row(*cells, status,
                       "-" if best is None else f"{best_method} {best:+.3f}",
@@ -415,7 +425,8 @@ def header(record: RunRecord, figures: list[str] | None = None) -> Group:
              f"{record.n_train if record.n_train is not None else '?'} training sets x "
              f"{record.n_test if record.n_test is not None else '?'} test sets  "
              f"methods {', '.join(record.methods) or '-'}"),
-        Text.assemble("status ", (record.status, STATUS_STYLE.get(record.status, "")),
+        Text.assemble("status ", (shown_status(record),
+                                  STATUS_STYLE.get(shown_status(record), "")),
                       f"  started {fmt_time(record.start_ms)}  "
                       f"duration {fmt_duration(duration_s(record))}"
                       + (f"  r vs truth (top method) {best_method} {best:+.3f}"

@@ -8,16 +8,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
+from untrac_ray.cli_progress import CliReporter
 from untrac_ray.errors import UntracError
 
 app = typer.Typer(
@@ -62,50 +55,6 @@ def _quiet_libraries() -> None:
 def _fail(err: Exception) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
-
-
-class _CliReporter:
-    """Progress bars on stderr: training steps, then finished influence cells with an ETA."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-            TimeRemainingColumn(), console=err_console, disable=quiet, transient=False,
-        )
-        self._train = None
-        self._cells = None
-
-    def __enter__(self):
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
-
-    def stage(self, message: str) -> None:
-        if not self.quiet:
-            self.progress.console.print(f"[cyan]>[/] {message}", highlight=False)
-
-    def training_step(self, step: int, total: int, loss: float) -> None:
-        if self._train is None or step == 1:  # a new training run (pretraining, then base)
-            self._train = self.progress.add_task("training", total=total, info="")
-        self.progress.update(self._train, completed=step, info=f"loss {loss:.3f}")
-
-    def work_started(self, tasks: int, cells: int) -> None:
-        self._cells_total, self._cells_done = cells, 0
-        self._cells = self.progress.add_task("tasks", total=tasks, info="")
-
-    def task_done(self, result, cells: int) -> None:
-        from untrac_ray.engine import describe
-
-        self._cells_done += cells
-        self.progress.update(
-            self._cells, advance=1,
-            info=f"cells {self._cells_done}/{self._cells_total}  {describe(result.task)} "
-                 f"{result.seconds:.1f}s",
-        )
 
 
 def _print_matrices(outcome) -> None:
@@ -177,12 +126,12 @@ def validate(job: JobFile) -> None:
 @app.command()
 def train(job: JobFile, quiet: Quiet = False) -> None:
     """Train the job's base model on its training datasets and save it (save_pretrained)."""
-    from untrac_ray.runner import prepare_data, train_model_for
+    from untrac_ray.job_setup import prepare_data, train_model_for
     from untrac_ray.spec import load_spec
 
     try:
         spec = load_spec(job)
-        with _CliReporter(quiet) as reporter:
+        with CliReporter(quiet) as reporter:
             reporter.stage("loading and tokenizing datasets")
             data = prepare_data(spec)
             folder = train_model_for(spec, data, reporter)
@@ -197,6 +146,13 @@ def run(
     tracking_uri: TrackingUri = None,
     address: Address = None,
     quiet: Quiet = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="continue this job's newest unfinished run (killed, failed, or left "
+        "running by a dead driver): its finished tasks are restored, only the others run, and "
+        "the same MLflow run ends FINISHED")] = False,
+    resume_if_any: Annotated[bool, typer.Option(
+        "--resume-if-any", help="as --resume when there is such a run, else start a new one "
+        "(for retried cluster jobs)")] = False,
 ) -> None:
     """Run a job: train or reuse the base model, unlearn on Ray actors, log to MLflow."""
     from untrac_ray.runner import run_job
@@ -207,18 +163,22 @@ def run(
 
     try:
         spec = load_spec(job)
-        with sigterm_as_interrupt(), _CliReporter(quiet) as reporter:
+        with sigterm_as_interrupt(), CliReporter(quiet) as reporter:
             # Inside a Ray job, the run is tagged with its submission id.
-            outcome = run_job(spec, tracking_uri, address, reporter, tags=submission_tags())
+            outcome = run_job(spec, tracking_uri, address, reporter, tags=submission_tags(),
+                              resume="strict" if resume else "if_any" if resume_if_any else None)
     except UntracError as err:
         raise _fail(err) from None
     except KeyboardInterrupt:  # the MLflow run ended KILLED, keeping the finished cells
         if not was_terminated():
             raise  # Ctrl-C
         err_console.print("terminated (SIGTERM): the MLflow run is marked KILLED with the "
-                          "cells that finished", highlight=False)
+                          "cells that finished; `run --resume` continues it", highlight=False)
         raise typer.Exit(code=SIGTERM_EXIT_CODE) from None
     _print_matrices(outcome)
+    if outcome.restored is not None:
+        out_console.print("resumed: restored {} of {} tasks".format(*outcome.restored),
+                          highlight=False)
     out_console.print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}", highlight=False)
 
 

@@ -115,9 +115,11 @@ def submit(
                                    show_default=False),
     ] = None,
     command: Annotated[
-        str, typer.Option("--command", help="what the job runs: run, tune (its `search:`) or "
-                          "'tune --resume'"),
+        str, typer.Option("--command", help="what the job runs: run or tune (its `search:`)"),
     ] = "run",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the job's unfinished run (or search, "
+                           "with --command tune) where it stopped: a resubmitted job")] = False,
 ) -> None:
     """Submit a job to a Ray cluster with its files; print the submission id."""
     from untrac_ray.submission import (
@@ -138,7 +140,9 @@ def submit(
             done = cluster.submit(
                 staged, uri, python=python, ship_package=ship_package, pip=pip or (),
                 submission_id=submission_id, entrypoint_num_gpus=entrypoint_gpus,
-                entrypoint_num_cpus=entrypoint_cpus, command=command,
+                entrypoint_num_cpus=entrypoint_cpus,
+                command=f"{command} --resume" if resume and "--resume" not in command
+                else command,
             )
         finally:
             staged.cleanup()

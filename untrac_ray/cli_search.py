@@ -15,6 +15,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from untrac_ray.cli_progress import CliReporter
 from untrac_ray.errors import UntracError
 
 err_console = Console(stderr=True)
@@ -32,17 +33,15 @@ def _value(v: Any) -> str:
 
 def _live_trials(quiet: bool):
     """The CLI's SearchReporter (defined here so that `untrac-ray --help` stays light)."""
-    from untrac_ray.search import SearchReporter, TrialView
+    from untrac_ray.search_logging import SearchReporter, TrialView
 
     class _LiveTrials(SearchReporter):
         """Stages and training progress first (as `run` shows them), then a live table of trials
         on stderr, redrawn as trials start, report an evaluation point, and end."""
 
         def __init__(self, quiet: bool) -> None:
-            from untrac_ray.cli import _CliReporter
-
             self.quiet = quiet
-            self.before = _CliReporter(quiet)
+            self.before = CliReporter(quiet)
             self.live: Live | None = None
             self.views: dict[str, TrialView] = {}
             self.settings: list[str] = []
@@ -174,7 +173,7 @@ def tune(
     nested MLflow run, and the best settings are written as a job file."""
     import os
 
-    from untrac_ray.search import SearchInterrupted, _objective_label, run_search
+    from untrac_ray.search import SearchInterrupted, objective_label, run_search
     from untrac_ray.spec import load_spec
     from untrac_ray.submission import submission_tags
 
@@ -193,13 +192,13 @@ def tune(
             outcome = run_search(spec, tracking_uri, address, reporter, resume=resume,
                                  tags=submission_tags())
     except SearchInterrupted as err:
-        _print_best(err.outcome, _objective_label(spec))
+        _print_best(err.outcome, objective_label(spec))
         err_console.print(f"[yellow]interrupted:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=130) from None
     except UntracError as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
-    _print_best(outcome, _objective_label(spec))
+    _print_best(outcome, objective_label(spec))
 
 
 def register(app: typer.Typer) -> None:

@@ -2,34 +2,38 @@
 
 The base weights and the tokenized datasets go into Ray's object store once; every actor reads
 them (zero-copy on its node) and keeps its own model. The same code runs on an embedded local
-Ray and on a cluster address.
+Ray and on a cluster address. The engine outlives its actors: a task whose actor died (a crash,
+a lost node) runs again on a live one, and a replacement actor joins when resources allow.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from untrac_ray.errors import UntracError
 from untrac_ray.modeling import SharedWeights
 from untrac_ray.placement import actor_slots, alive_node_resources
 from untrac_ray.precision import configure_tf32
 from untrac_ray.spec import ResourcesSpec
-from untrac_ray.tasks import Task
+from untrac_ray.tasks import Task, TaskResult
 from untrac_ray.tokenization import TokenizedSet
-from untrac_ray.workbench import TaskResult, Workbench
+from untrac_ray.workbench import Workbench
 
 
 def ensure_ray(resources: ResourcesSpec, address: str | None = None) -> bool:
@@ -108,6 +112,31 @@ class _ObjectStoreWeights(Mapping):
         return len(self._refs)
 
 
+def workbench_from_refs(
+    shared: Mapping[str, Mapping[str, ray.ObjectRef]],
+    pad_id: int,
+    eval_indices: dict[str, np.ndarray],
+    eval_batch_size: int,
+    device: torch.device | str,
+    precision: str = "fp32",
+) -> Workbench:
+    """A Workbench built from object-store references, in a Ray worker (an actor, a trial).
+
+    `shared` holds {"weights": {name: ref to SharedWeights}, "datasets": {name: ref to a
+    tokenized Arrow table}} (refs nested in a dict reach a remote call unresolved). The tables
+    are read now; each weight set on first use (zero-copy on the node). `precision` is every
+    task's numerics.
+    """
+    weights = _ObjectStoreWeights(dict(shared["weights"]))
+    names = list(shared["datasets"])
+    tables = ray.get([shared["datasets"][n] for n in names])
+    datasets = {
+        n: TokenizedSet.from_table(n, t, pad_id) for n, t in zip(names, tables, strict=True)
+    }
+    return Workbench(weights, datasets, eval_indices, eval_batch_size, device,
+                     precision=precision)
+
+
 @ray.remote
 class WorkbenchActor:
     """A Ray actor around one Workbench; it builds its model from the shared weights once.
@@ -115,7 +144,8 @@ class WorkbenchActor:
     The object-store references (weights, tokenized tables) reach the actor through method
     calls, never its constructor: Ray cannot restart an actor whose constructor arguments live
     in the object store (ray-project/ray#53727). `prepare` builds the Workbench right after
-    start; `run` builds it too when a restarted actor (a crash) gets a retried task first.
+    start (the engine gives an actor tasks only once it has); `run` builds it too, for tasks
+    sent with `Engine.submit` straight after start.
     """
 
     def __init__(
@@ -136,20 +166,12 @@ class WorkbenchActor:
         self.bench: Workbench | None = None
         self.label = f"{ray.get_runtime_context().get_node_id()[:8]}/pid{os.getpid()}/{self.device}"
 
-    def prepare(self, shared: dict[str, dict[str, ray.ObjectRef]]) -> None:
-        """Build the Workbench from the shared objects (refs nested in a dict arrive unresolved:
-        the weights are read from the object store on first use, zero-copy on the node)."""
-        if self.bench is not None:
-            return
-        weights = _ObjectStoreWeights(shared["weights"])
-        names = list(shared["datasets"])
-        tables = ray.get([shared["datasets"][n] for n in names])
-        datasets = {
-            n: TokenizedSet.from_table(n, t, self.pad_id)
-            for n, t in zip(names, tables, strict=True)
-        }
-        self.bench = Workbench(weights, datasets, self.eval_indices, self.eval_batch_size,
-                               self.device, precision=self.precision)  # every task's numerics
+    def prepare(self, shared: dict[str, dict[str, ray.ObjectRef]]) -> str:
+        """Build the Workbench from the shared objects; returns the actor's label (node/pid)."""
+        if self.bench is None:
+            self.bench = workbench_from_refs(shared, self.pad_id, self.eval_indices,
+                                             self.eval_batch_size, self.device, self.precision)
+        return self.label
 
     def run(self, task: Task, shared: dict[str, dict[str, ray.ObjectRef]]) -> TaskResult:
         self.prepare(shared)
@@ -158,8 +180,32 @@ class WorkbenchActor:
         return result
 
 
+# How long a map waits for an actor to start (and build its model) when it has none ready:
+# a replacement for dead actors may wait for a node to come back or the autoscaler to add one.
+START_TIMEOUT_S = 600.0
+
+# A dead actor, or the result of its task lost with its node: the task goes to another actor.
+_ACTOR_LOST = (RayActorError, ObjectLostError)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One place in the pool: its actor (None once given up), the pending `prepare` of an
+    actor still starting (None once ready), the actor's label, and its failed starts in a row."""
+
+    actor: Any
+    prepared: ray.ObjectRef | None
+    label: str = ""
+    failed_starts: int = 0
+
+
 class Engine:
-    """A pool of WorkbenchActors. Use as a context manager; `map` runs tasks over the pool."""
+    """A pool of WorkbenchActors. Use as a context manager; `map` runs tasks over the pool.
+
+    The engine, not Ray, recovers from dead actors (actors start with max_restarts=0 unless
+    `actor_options` says otherwise): a dead actor is replaced by a new one with the same
+    options, which gets tasks once it has built its model; its task goes to a live actor.
+    """
 
     def __init__(
         self,
@@ -171,8 +217,10 @@ class Engine:
         eval_batch_size: int,
         max_useful_actors: int,
         actor_options: dict[str, Any] | None = None,
+        start_timeout_s: float = START_TIMEOUT_S,
     ) -> None:
         self.resources = resources
+        self.start_timeout_s = start_timeout_s
         # Each weight set goes into the object store once, even when several names share it.
         # Values that are ObjectRefs already (put once by a caller that starts several
         # engines, such as a search's trials) are used as they are.
@@ -181,26 +229,22 @@ class Engine:
         dataset_refs = {name: _put(table) for name, table in tables.items()}
         self.size = plan_pool_size(resources, ray.cluster_resources(), max_useful_actors,
                                    nodes=alive_node_resources())
-        threads = max(1, int(resources.cpus_per_actor))
-        options = {
+        # No restarts by Ray: an actor restarted after its node died waits for free resources
+        # (held by the surviving actors) forever, and its task with it. The engine replaces
+        # dead actors itself and retries their tasks on live ones (map).
+        self._options: dict[str, Any] = {
             "num_cpus": resources.cpus_per_actor,
             "num_gpus": resources.gpus_per_actor,
-            "max_restarts": resources.max_retries,
-            "max_task_retries": resources.max_retries,
+            "max_restarts": 0,
+            "max_task_retries": 0,
         }
         if resources.gpus_per_actor > 0:
-            options["scheduling_strategy"] = "SPREAD"
-        options.update(actor_options or {})  # e.g. a trial's placement group
+            self._options["scheduling_strategy"] = "SPREAD"
+        self._options.update(actor_options or {})  # e.g. a trial's placement group
+        self._args = (pad_id, eval_indices, eval_batch_size, max(1, int(resources.cpus_per_actor)))
         # The driver keeps these references alive as long as the pool (tasks carry them).
         self._shared = {"weights": weight_refs, "datasets": dataset_refs}
-        self.actors = [
-            WorkbenchActor.options(**options).remote(
-                pad_id, eval_indices, eval_batch_size, threads,
-                precision=resources.precision, tf32=resources.tf32,
-            )
-            for _ in range(self.size)
-        ]
-        self._prepared = [actor.prepare.remote(self._shared) for actor in self.actors]
+        self._slots = [self._start_slot() for _ in range(self.size)]
 
     def __enter__(self) -> Engine:
         return self
@@ -208,60 +252,186 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
+    @property
+    def actors(self) -> list[Any]:
+        """The pool's actor handles (a replaced actor's successor in its place)."""
+        return [slot.actor for slot in self._slots if slot.actor is not None]
+
+    def _start_slot(self, slot: _Slot | None = None) -> _Slot:
+        """Start an actor (and its `prepare`) in a new slot, or in `slot` in place of its own."""
+        pad_id, eval_indices, eval_batch_size, threads = self._args
+        actor = WorkbenchActor.options(**self._options).remote(
+            pad_id, eval_indices, eval_batch_size, threads,
+            precision=self.resources.precision, tf32=self.resources.tf32,
+        )
+        prepared = actor.prepare.remote(self._shared)
+        if slot is None:
+            return _Slot(actor, prepared)
+        slot.actor, slot.prepared, slot.label = actor, prepared, ""
+        return slot
+
+    def _lose(self, slot: _Slot) -> None:
+        """Drop a slot's actor (dead, or cut off with its node) and start a replacement."""
+        _kill(slot.actor)
+        self._start_slot(slot)
+
     def shutdown(self) -> None:
         """Kill the actors and release the shared objects."""
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
-        self._prepared = []
+        for slot in self._slots:
+            _kill(slot.actor)
+        self._slots = []
         self._shared = {}
 
     def wait_ready(self) -> None:
-        """Block until every actor has built its model (start-up done)."""
-        ray.get(self._prepared)
+        """Block until every actor has built its model (start-up done); a replacement for a
+        dead actor may wait for free resources as long as none come."""
+        ray.get([slot.prepared for slot in self._slots if slot.prepared is not None])
 
     def submit(self, actor_index: int, task: Task) -> ray.ObjectRef:
-        """Run one task on the given actor (for callers that keep state on an actor)."""
-        return self.actors[actor_index].run.remote(task, self._shared)
+        """Run one task on the given actor (for callers that keep state on an actor); the
+        caller handles its failures (no retry here)."""
+        actor = self._slots[actor_index].actor
+        if actor is None:
+            raise UntracError(f"actor {actor_index} of the pool could not be started")
+        return actor.run.remote(task, self._shared)
 
     def map(
-        self, tasks: Sequence[Task], on_result: Callable[[TaskResult], None] | None = None
+        self,
+        tasks: Sequence[Task],
+        on_result: Callable[[TaskResult], None] | None = None,
+        on_retry: Callable[[Task, str], None] | None = None,
     ) -> list[TaskResult]:
         """Run tasks on the pool as actors free up; results in the order of `tasks`.
 
-        A task whose actor dies is retried by Ray (max_retries); a task that raises an
+        An actor gets a task only once it has built its model. A task whose actor dies (a
+        crash, a lost node) goes back to the queue for a live actor, at most
+        resources.max_retries times (`on_retry(task, reason)` hears of each); the dead actor is
+        replaced, and the replacement joins when it is ready (when resources allow). With no
+        ready actor left, the map waits `start_timeout_s` for one. A task that raises an
         UntracError (such as a NaN loss) stops the run with that error. Results already
         returned were handed to on_result and are kept.
         """
         results: list[TaskResult | None] = [None] * len(tasks)
         pending = deque(range(len(tasks)))
-        idle = list(self.actors)
-        inflight: dict[ray.ObjectRef, tuple[int, Any]] = {}
+        deaths = [0] * len(tasks)
+        idle: list[_Slot] = []
+        starting: dict[ray.ObjectRef, _Slot] = {}
+        for slot in self._slots:
+            if slot.actor is None:
+                continue
+            if slot.prepared is None:
+                idle.append(slot)
+            else:
+                starting[slot.prepared] = slot
+        inflight: dict[ray.ObjectRef, tuple[int, _Slot]] = {}
+        waiting_since: float | None = None  # since when no actor has been ready
         while pending or inflight:
             while idle and pending:
                 index = pending.popleft()
-                actor = idle.pop()
-                inflight[actor.run.remote(tasks[index], self._shared)] = (index, actor)
-            (ready,), _ = ray.wait(list(inflight), num_returns=1)
-            index, actor = inflight.pop(ready)
+                slot = idle.pop()
+                inflight[slot.actor.run.remote(tasks[index], self._shared)] = (index, slot)
+            timeout = None
+            if not inflight:  # tasks wait, and no actor is ready to take them
+                if not starting:
+                    raise UntracError(
+                        f"no actor could be started: every actor of the pool died "
+                        f"{self.resources.max_retries + 1} times while building its model"
+                    )
+                waiting_since = waiting_since or time.monotonic()
+                timeout = max(0.0, waiting_since + self.start_timeout_s - time.monotonic())
+            ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=timeout)
+            if not ready:
+                raise UntracError(self._no_actor_message(sum(r is not None for r in results)))
+            (ref,) = ready
+            if ref in starting:
+                slot = starting.pop(ref)
+                if self._started(slot, ref):
+                    waiting_since = None
+                    idle.append(slot)
+                elif slot.actor is not None:
+                    starting[slot.prepared] = slot
+                continue
+            index, slot = inflight.pop(ref)
             try:
-                result = ray.get(ready)
+                result = ray.get(ref)
             except RayTaskError as err:
                 cause = err.cause
                 if isinstance(cause, UntracError):
                     raise type(cause)(str(cause)) from None
                 raise UntracError(f"task {describe(tasks[index])} failed: {cause!r}") from None
-            except RayActorError as err:
-                raise UntracError(
-                    f"task {describe(tasks[index])} failed: its actor died "
-                    f"{self.resources.max_retries + 1} times ({str(err).splitlines()[0]})"
-                ) from None
+            except _ACTOR_LOST as err:
+                reason = f"actor {slot.label} died ({_death_reason(err)})"
+                self._lose(slot)
+                starting[slot.prepared] = slot
+                deaths[index] += 1
+                if deaths[index] > self.resources.max_retries:
+                    raise UntracError(
+                        f"task {describe(tasks[index])} failed: its actor died "
+                        f"{deaths[index]} times ({reason})"
+                    ) from None
+                pending.appendleft(index)
+                if on_retry is not None:
+                    on_retry(tasks[index], reason)
+                continue
             result.index = index
             results[index] = result
             if on_result is not None:
                 on_result(result)
-            idle.append(actor)
+            idle.append(slot)
         return results  # type: ignore[return-value]
+
+    def _started(self, slot: _Slot, ref: ray.ObjectRef) -> bool:
+        """Whether the actor whose `prepare` is `ref` is ready; one that died starting is
+        replaced (given up after resources.max_retries + 1 failed starts in a row)."""
+        try:
+            slot.label = ray.get(ref)
+        except RayTaskError as err:
+            cause = err.cause
+            if isinstance(cause, UntracError):
+                raise type(cause)(str(cause)) from None
+            raise UntracError(f"an actor could not build its model: {cause!r}") from None
+        except _ACTOR_LOST:
+            slot.failed_starts += 1
+            if slot.failed_starts > self.resources.max_retries:
+                _kill(slot.actor)
+                slot.actor = slot.prepared = None
+            else:
+                self._lose(slot)
+            return False
+        slot.prepared, slot.failed_starts = None, 0
+        return True
+
+    def _no_actor_message(self, done: int) -> str:
+        r = self.resources
+        need = f"{r.cpus_per_actor:g} CPU" + (f" and {r.gpus_per_actor:g} GPU"
+                                              if r.gpus_per_actor else "")
+        return (f"no actor could be started in {self.start_timeout_s:g} s (no node of the Ray "
+                f"cluster had {need} free for one; the dead actors' nodes may be gone); "
+                f"stopped with {done} tasks finished")
+
+
+def _kill(actor: Any) -> None:
+    if actor is not None:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - gone already, or its node with it
+            pass
+
+
+def _death_reason(err: BaseException) -> str:
+    """One line on why an actor died, from Ray's several-line message (its cause: "The actor
+    died because its node has died. ...", "The actor is dead because it was killed by ...")."""
+    if isinstance(err, ObjectLostError):
+        return "its task's result was lost with its node"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    starts = ("The actor died because", "The actor is dead because")
+    at = next((i for i, line in enumerate(lines) if line.startswith(starts)), None)
+    if at is None:
+        return lines[0] if lines else type(err).__name__
+    text = "; ".join([lines[at].split(" because ", 1)[1], *lines[at + 1:]])
+    text = text.split(" Some common causes")[0].strip()
+    text = re.sub(r"\b([0-9a-f]{8})[0-9a-f]{16,}\b", r"\1", text)  # ids: their first 8 digits
+    return text if len(text) <= 200 else text[:199] + "…"
 
 
 def _put(value: Any) -> ray.ObjectRef:

@@ -16,8 +16,15 @@ from untrac_ray.errors import SpecError
 from untrac_ray.results import influence_rows
 from untrac_ray.schedule import eval_schedules, headline_point
 from untrac_ray.spec import JobSpec
-from untrac_ray.tasks import BASE, EkfacTask, GradientTask, LdoTask, Task, UnlearnTask
-from untrac_ray.workbench import TaskResult
+from untrac_ray.tasks import (
+    BASE,
+    EkfacTask,
+    GradientTask,
+    LdoTask,
+    Task,
+    TaskResult,
+    UnlearnTask,
+)
 
 Assemble = Callable[[list[TaskResult], dict[str, float]], list[dict]]
 

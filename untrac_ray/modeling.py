@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
 from untrac_ray.errors import ModelError, SpecError
+from untrac_ray.spec import is_encoder_decoder
 from untrac_ray.tokenization import IGNORE_INDEX
 
 WEIGHT_FILES = (
@@ -68,20 +69,8 @@ def config_from_dict(config: dict[str, Any], vocab_size: int | None = None,
     return config
 
 
-# --- The one place that knows the model kind: causal LM or encoder-decoder (seq2seq). ---
-
-
-def is_encoder_decoder(config: Any) -> bool:
-    """True for an encoder-decoder config (T5, BART...): a transformers config or a mapping
-    with a model_type (as in model.config of a spec)."""
-    if not isinstance(config, dict):
-        return bool(getattr(config, "is_encoder_decoder", False))
-    if "is_encoder_decoder" in config:
-        return bool(config["is_encoder_decoder"])
-    try:
-        return bool(AutoConfig.for_model(config["model_type"]).is_encoder_decoder)
-    except Exception:  # noqa: BLE001 - an unknown model_type is reported when the model is built
-        return False
+# --- The model kind: causal LM or encoder-decoder (seq2seq). is_encoder_decoder, the test, is ---
+# --- in spec.py (a spec's model.config is checked on load, and spec.py is below this module). ---
 
 
 def folder_is_encoder_decoder(path: str | Path) -> bool:

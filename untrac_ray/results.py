@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from untrac_ray.workbench import TaskResult, UnlearnTask
+from untrac_ray.tasks import TaskResult, UnlearnTask
 
 COLUMNS = ["method", "point", "step", "train_set", "test_set", "influence", "loss_before",
            "loss_after"]

@@ -1,75 +1,46 @@
-"""A job from start to end: data, base model, tasks on the engine, results into MLflow.
+"""A job from start to end: set-up (session.py), tasks on the engine, results into MLflow.
 
 The CLI (local `run`, and a job submitted to a cluster) calls `run_job`; nothing here parses
-arguments or prints.
+arguments or prints. Every finished task is stored in the job's MLflow run as it completes,
+so a job whose driver died continues with `resume` (only the missing tasks run again).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
-import ray
-from transformers import PreTrainedTokenizerBase
 
 from untrac_ray import plots
-from untrac_ray.engine import Engine, ensure_ray
-from untrac_ray.errors import ModelError, UntracError
-from untrac_ray.evaluation import sample_indices
+from untrac_ray.errors import TrackingError
+from untrac_ray.job_setup import Reporter
 from untrac_ray.methods import plan_methods
-from untrac_ray.modeling import SharedWeights, check_model_folder, load_model
-from untrac_ray.preflight import check_job
 from untrac_ray.results import influence_rows, influence_table, matrix, top_examples
-from untrac_ray.scoring import check_truth_matches, score_table, summary, truth_matrix
-from untrac_ray.spec import GROUND_TRUTH, UNLEARNING_METHODS, JobSpec
-from untrac_ray.tasks import BASE, EkfacTask, EvalTask, LdoTask, UnlearnTask, init_weights_name
-from untrac_ray.tokenization import TokenizedSet, load_tokenizer, tokenized_dataset
+from untrac_ray.scoring import score_table, summary, truth_matrix
+from untrac_ray.session import (
+    DATA_KEY,
+    MODEL_KEY,
+    SPEC_KEY,
+    JobSession,
+    job_spec_key,
+    open_session,
+    run_tasks,
+)
+from untrac_ray.spec import UNLEARNING_METHODS, JobSpec
+from untrac_ray.tasks import EkfacTask, EvalTask, LdoTask, TaskResult, UnlearnTask
 from untrac_ray.tracking import (
+    TAG_PREFIX,
     JobRun,
     check_store,
+    find_resumable_run,
     metric_key,
-    read_influence,
     resolve_tracking_uri,
 )
-from untrac_ray.training import (
-    find_trained_model,
-    initial_model,
-    read_train_record,
-    train_base_model,
-)
-from untrac_ray.workbench import TaskResult
 
-
-class Reporter:
-    """What a job tells its caller as it goes; the CLI subclasses it to draw progress."""
-
-    def stage(self, message: str) -> None:
-        """A new phase began."""
-
-    def training_step(self, step: int, total: int, loss: float) -> None:
-        """A model being trained on the driver took a step."""
-
-    def work_started(self, tasks: int, cells: int) -> None:
-        """The methods' tasks were submitted; they will yield about `cells` influence cells."""
-
-    def task_done(self, result: TaskResult, cells: int) -> None:
-        """A task finished, completing `cells` cells."""
-
-
-@dataclass
-class PreparedData:
-    """Tokenized datasets of a job, by name, and the tokenizer that made them."""
-
-    tokenizer: PreTrainedTokenizerBase
-    tables: dict[str, pa.Table]
-    train: list[str]
-    test: list[str]
-
-    def tokenized(self, name: str) -> TokenizedSet:
-        return TokenizedSet.from_table(name, self.tables[name], self.tokenizer.pad_token_id)
+Resume = Literal["strict", "if_any"] | None
 
 
 @dataclass
@@ -86,101 +57,55 @@ class JobOutcome:
     score_summary: pd.DataFrame | None = None
     examples: pd.DataFrame | None = None
     extras: dict = field(default_factory=dict)
+    restored: tuple[int, int] | None = None  # a resumed run: (tasks restored, tasks in all)
 
 
-def prepare_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> PreparedData:
-    """Load and tokenize every dataset once (cached as Arrow files under cache_dir)."""
-    check_job(spec, read_rows=False)  # bad data, model or cache_dir: one line, before work
-    tok = tokenizer or load_tokenizer(spec.tokenizer, spec.model.path)
-    tables = {
-        ds.name: tokenized_dataset(ds, tok, spec.tokenizer, spec.cache_dir)
-        for ds in [*spec.data.train, *spec.data.test]
-    }
-    return PreparedData(
-        tok, tables, [d.name for d in spec.data.train], [d.name for d in spec.data.test]
-    )
+def find_run_to_resume(spec: JobSpec, uri: str, resume: Resume, reporter: Reporter
+                       ) -> tuple[str, dict[str, str]] | None:
+    """The run `resume` continues (its id and recorded fingerprints), or None for a new run.
+    "strict" refuses in one line when there is none; "if_any" then starts a new run."""
+    if resume is None:
+        return None
+    try:
+        found = find_resumable_run(uri, spec, job_spec_key(spec))
+    except TrackingError as err:
+        if resume == "strict":
+            raise
+        reporter.stage(f"{err}: starting a new run")
+        return None
+    reporter.stage(f"resuming run {found.run_id} ({found.status.lower()}"
+                   f"{', driver gone' if found.stale else ''})")
+    keys = (SPEC_KEY, DATA_KEY, MODEL_KEY)
+    return found.run_id, {k: found.tags[TAG_PREFIX + k] for k in keys
+                          if TAG_PREFIX + k in found.tags}
 
 
-def resolve_model(spec: JobSpec, data: PreparedData, reporter: Reporter | None = None) -> Path:
-    """The model folder to study: the spec's folder, or the model trained for this spec.
+def run_job(
+    spec: JobSpec,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    reporter: Reporter | None = None,
+    tags: dict[str, str] | None = None,
+    resume: Resume = None,
+) -> JobOutcome:
+    """Run a whole job and log it as one MLflow run; returns the tidy influence table.
 
-    A model given as a config, or a folder with `finetune: true`, is trained on the job's
-    training sets once (from the config's initialisation, or further from the folder's
-    weights), then reused for the same model, tokenizer, training settings and data (keyed
-    by their hash, the folder's weights included).
+    Everything that can fail on bad input (tracking store, data, model folder, spec,
+    ground-truth run, a run to resume that does not match) fails before the MLflow run is
+    created or reopened. A failure afterwards marks the run FAILED, Ctrl-C or SIGTERM KILLED,
+    keeping the cells and the finished tasks; `resume` continues such a run to FINISHED.
     """
     reporter = reporter or Reporter()
-    if spec.model.path is not None and not spec.model.finetune:
-        check_model_folder(spec.model.path)
-        return Path(spec.model.path)
-    found = find_trained_model(spec)
-    if found is not None:
-        reporter.stage(f"reusing the base model trained earlier: {found}")
-        return found
-    reporter.stage("training the base model")
-    return train_model_for(spec, data, reporter)
-
-
-def train_model_for(spec: JobSpec, data: PreparedData, reporter: Reporter | None = None) -> Path:
-    """Train (or continue training) the spec's model on its training sets and save it."""
-    reporter = reporter or Reporter()
-    sets = [data.tokenized(name) for name in data.train]
-    return train_base_model(spec, data.tokenizer, sets, reporter.training_step)
-
-
-def eval_sample(spec: JobSpec, data: PreparedData) -> dict[str, np.ndarray]:
-    """The rows evaluated per dataset (a seeded sample of evaluation.max_examples)."""
-    ev = spec.evaluation
-    return {n: sample_indices(t.num_rows, ev.max_examples, ev.seed) for n, t in data.tables.items()}
-
-
-def load_shared_weights(model_dir: Path, data: PreparedData) -> SharedWeights:
-    model = load_model(str(model_dir))
-    if model.config.vocab_size < len(data.tokenizer):
-        raise ModelError(
-            f"model in {model_dir} has {model.config.vocab_size} token embeddings but the "
-            f"tokenizer has {len(data.tokenizer)} tokens; use the model's own tokenizer"
-        )
-    return SharedWeights.from_model(model)
-
-
-def weight_sets(
-    spec: JobSpec, data: PreparedData, model_dir: Path
-) -> tuple[dict[str, SharedWeights], list[dict]]:
-    """Every weight set the job's tasks start from: the base model, TracIn's checkpoints and
-    the initial weights of leave-dataset-out retraining (one per seed), and the checkpoints."""
-    weights = {BASE: load_shared_weights(model_dir, data)}
-    checkpoints: list[dict] = []
-    enabled = spec.methods.enabled()
-    if "tracin" in enabled:
-        checkpoints = read_train_record(model_dir).get("checkpoints", [])
-        if not checkpoints:
-            raise ModelError(f"methods.tracin: the model in {model_dir} has no checkpoints")
-        for c in checkpoints:
-            weights[f"ckpt/{c['step']}"] = load_shared_weights(Path(c["path"]), data)
-    if "ldo" in enabled:
-        seeds = spec.methods.ldo.seeds or [spec.training.seed]
-        if spec.pretraining is not None or spec.model.config is None:
-            # from a pretrained stage or a model folder, the start does not depend on the seed
-            start = SharedWeights.from_model(initial_model(spec, data.tokenizer, seeds[0]))
-            weights.update({init_weights_name(seed): start for seed in seeds})
-        else:
-            for seed in seeds:
-                model = initial_model(spec, data.tokenizer, seed)
-                weights[init_weights_name(seed)] = SharedWeights.from_model(model)
-    return weights, checkpoints
-
-
-def load_ground_truth(spec: JobSpec, uri: str, train: list[str], test: list[str]) -> pd.DataFrame:
-    """The ldo matrix of the earlier run named in spec.ground_truth, checked against the job."""
-    gt = spec.ground_truth
-    origin = f"ground_truth.run_id {gt.run_id}"
-    table = read_influence(gt.run_id, gt.tracking_uri or uri)
-    if not (table["method"] == GROUND_TRUTH).any():
-        raise UntracError(f"{origin}: that run has no leave-dataset-out (ldo) results")
-    truth = truth_matrix(table)
-    check_truth_matches(truth, train, test, origin)
-    return truth
+    uri = resolve_tracking_uri(tracking_uri, spec)
+    check_store(uri)  # seconds, before any data, training or Ray
+    previous = find_run_to_resume(spec, uri, resume, reporter)
+    with open_session(spec, address=address, reporter=reporter, uri=uri,
+                      resume=previous) as session:
+        with JobRun(spec, uri, tags, run_id=previous[0] if previous else None) as run:
+            for key, value in session.fingerprints.items():
+                run.set_tag(key, value)
+            run.set_tag("model_dir", str(session.model_dir))
+            return _run_tasks_and_log(session, run, reporter)
 
 
 def _cells_of(task) -> int:
@@ -193,111 +118,134 @@ def _cells_of(task) -> int:
     return 0
 
 
-def run_job(
-    spec: JobSpec,
-    tracking_uri: str | None = None,
-    address: str | None = None,
-    reporter: Reporter | None = None,
-    tags: dict[str, str] | None = None,
-) -> JobOutcome:
-    """Run a whole job and log it as one MLflow run; returns the tidy influence table.
-
-    Everything that can fail on bad input (data, model folder, spec, ground-truth run) fails
-    before the MLflow run is created. A failure afterwards marks the run FAILED, keeping the
-    cells logged so far.
-    """
-    reporter = reporter or Reporter()
-    uri = resolve_tracking_uri(tracking_uri, spec)
-    check_store(uri)  # seconds, before any data, training or Ray
-    reporter.stage("loading and tokenizing datasets")
-    data = prepare_data(spec)
+def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> JobOutcome:
+    """The job's tasks, durably (restored ones skipped), then its tables, scores and figures."""
+    spec, data = session.spec, session.data
     train, test = data.train, data.test
-    truth = load_ground_truth(spec, uri, train, test) if spec.ground_truth else None
-    model_dir = resolve_model(spec, data, reporter)
-    weights, checkpoints = weight_sets(spec, data, model_dir)
-    plans = plan_methods(spec, train, test, checkpoints,
-                         {name: table.num_rows for name, table in data.tables.items()})
+    plans = plan_methods(spec, train, test, session.checkpoints, session.n_rows)
     enabled = spec.methods.enabled()
     base_sets = ([*test] if "untrac" in enabled else []) + (
         [*train] if "untrac_inv" in enabled else [])
     base_tasks = [EvalTask((n,), per_row=n in train) for n in base_sets]
     tasks = [t for plan in plans for t in plan.tasks]
     owner = [plan for plan in plans for _ in plan.tasks]  # task index -> its plan
-    indices = eval_sample(spec, data)
 
-    started_ray = ensure_ray(spec.resources, address)
-    try:
-        with JobRun(spec, uri, tags) as run:
-            run.set_tag("model_dir", str(model_dir))
-            with Engine(
-                spec.resources, weights, data.tables, data.tokenizer.pad_token_id, indices,
-                spec.evaluation.batch_size, max_useful_actors=max(len(tasks), len(base_tasks)),
-            ) as engine:
-                run.set_tag("actors", str(engine.size))
-                base_losses: dict[str, float] = {}
-                base_rows: dict[str, np.ndarray] = {}
-                if base_tasks:
-                    reporter.stage(f"base losses of {len(base_tasks)} sets on "
-                                   f"{engine.size} actors")
-                    for result in engine.map(base_tasks):
-                        base_losses.update(result.losses[0])
-                        base_rows.update(result.row_losses or {})
-                    run.log_base_losses(base_losses)
+    store = session.task_store(run)
+    restored = store.restore([*base_tasks, *tasks])
+    if run.resumed:
+        reporter.stage(f"restored {len(restored)} of {len(base_tasks) + len(tasks)} tasks")
+        run.set_tag("restored_tasks", str(len(restored)))
+    restored_base = {i: r for i, r in restored.items() if i < len(base_tasks)}
+    restored_tasks = {i - len(base_tasks): r for i, r in restored.items()
+                      if i >= len(base_tasks)}
+    left = len(base_tasks) + len(tasks) - len(restored)
+    warned: list[str] = []
 
-                results: dict[int, list[TaskResult]] = {id(p): [] for p in plans}
-                rows: list[dict] = []
-                seconds: dict[str, float] = {}
+    def stored(result: TaskResult, error: str | None = None) -> None:
+        """One line when the store stops taking results (the job goes on; they are kept)."""
+        error = error or store.upload_error
+        if error and not warned:
+            warned.append(error)
+            reporter.stage(f"warning: the tracking store did not take a finished task "
+                           f"({error}); results are kept in {store.spool} and stored when "
+                           "the job ends or resumes")
 
-                def collect(result: TaskResult) -> None:
-                    plan = owner[result.index]
-                    results[id(plan)].append(result)
-                    label = "+".join(plan.methods)
-                    seconds[label] = seconds.get(label, 0.0) + result.seconds
-                    if isinstance(result.task, UnlearnTask):  # cells known at once: log now
-                        cells = influence_rows(result, base_losses)
-                        rows.extend(cells)
-                        run.log_cells(cells)
-                    reporter.task_done(result, _cells_of(result.task))
+    def log_live(result: TaskResult, cells: list[dict]) -> None:
+        """A finished trajectory's cells as metrics now (browsable while the job runs); a
+        store that refuses them does not stop the job (the final table holds them too)."""
+        try:
+            run.log_cells(cells)
+        except Exception as err:  # noqa: BLE001 - any failure of the store
+            stored(result, str(err).strip().splitlines()[0] if str(err).strip() else
+                   type(err).__name__)
 
-                reporter.stage(f"{', '.join(enabled)}: {len(tasks)} tasks on "
-                               f"{engine.size} actors")
-                reporter.work_started(len(tasks), sum(_cells_of(t) for t in tasks))
-                try:
-                    engine.map(tasks, collect)
-                except BaseException:
-                    if rows:  # keep what finished, beside the FAILED status
-                        run.log_table(influence_table(rows, train, test), "influence_partial")
-                    raise
+    with contextlib.ExitStack() as stack:
+        engine = stack.enter_context(session.engine(
+            max(len(tasks), len(base_tasks)))) if left else None
+        if engine is not None:
+            run.set_tag("actors", str(engine.size))
+        base_losses: dict[str, float] = {}
+        base_rows: dict = {}
 
-            for plan in plans:
-                if not isinstance(plan.tasks[0], UnlearnTask):
-                    cells = plan.assemble(results[id(plan)], base_losses)
-                    run.log_cells(cells)
-                    rows.extend(cells)
-            table = influence_table(rows, train, test)
-            outcome = JobOutcome(run.run_id, uri, table, base_losses, model_dir, seconds)
-            run.log_table(table, "influence")
-            run.log_json(base_losses, "base_losses.json")
-            run.log_metrics({metric_key("compute_seconds", m): v for m, v in seconds.items()})
-            for plan in plans:
-                outcome.extras.update(plan.extras)
-            if "ldo_seeds" in outcome.extras:
-                run.log_table(pd.DataFrame(outcome.extras["ldo_seeds"]), "ldo_seeds")
-            if "untrac_inv" in enabled and spec.evaluation.top_examples:
-                outcome.examples = drill_down(spec, data, results, plans, base_rows, indices)
-                run.log_table(outcome.examples, "examples/top_examples")
-            if truth is None and "ldo" in enabled:
-                truth = truth_matrix(table)
-            if truth is not None and spec.methods.estimates():
-                outcome.scores = score_table(table, truth)
-                headline = {m: p for plan in plans for m, p in plan.headline.items()}
-                outcome.score_summary = summary(outcome.scores, headline)
-                run.log_scores(outcome.scores, outcome.score_summary)
-            log_figures(run, table, truth, outcome.score_summary, train, test)
-            return outcome
-    finally:
-        if started_ray:
-            ray.shutdown()
+        def base_done(result: TaskResult, was_restored: bool) -> None:
+            base_losses.update(result.losses[0])
+            base_rows.update(result.row_losses or {})
+            stored(result)
+
+        if base_tasks:
+            todo = len(base_tasks) - len(restored_base)
+            if todo:
+                reporter.stage(f"base losses of {todo} sets on {engine.size} actors")
+            run_tasks(session, store, base_tasks, base_done, reporter.task_retried, engine,
+                      restored=restored_base)
+            if todo:
+                run.log_base_losses(base_losses)
+
+        results: dict[int, list[TaskResult]] = {id(p): [] for p in plans}
+        rows: list[dict] = []
+        seconds: dict[str, float] = {}
+
+        def collect(result: TaskResult, was_restored: bool) -> None:
+            plan = owner[result.index]
+            results[id(plan)].append(result)
+            label = "+".join(plan.methods)
+            seconds[label] = seconds.get(label, 0.0) + result.seconds
+            if isinstance(result.task, UnlearnTask):  # cells known at once: log now
+                cells = influence_rows(result, base_losses)
+                rows.extend(cells)
+                if not was_restored:  # a restored task's cells were logged when it ran
+                    log_live(result, cells)
+            if not was_restored:
+                stored(result)
+                reporter.task_done(result, _cells_of(result.task))
+
+        todo = [t for i, t in enumerate(tasks) if i not in restored_tasks]
+        if todo:
+            reporter.stage(f"{', '.join(enabled)}: {len(todo)} tasks on {engine.size} actors")
+            reporter.work_started(len(todo), sum(_cells_of(t) for t in todo))
+        try:
+            run_tasks(session, store, tasks, collect, reporter.task_retried, engine,
+                      restored=restored_tasks)
+        except BaseException:
+            if rows:  # keep what finished, beside the FAILED or KILLED status
+                run.log_table(influence_table(rows, train, test), "influence_partial")
+            raise
+
+    if store.flush():
+        raise TrackingError(f"{len(store.pending())} finished tasks could not be stored in the "
+                            f"MLflow run ({store.upload_error}); they are kept in "
+                            f"{store.spool}: `untrac-ray run --resume` stores them")
+    for plan in plans:
+        if not isinstance(plan.tasks[0], UnlearnTask):
+            ordered = sorted(results[id(plan)], key=lambda r: r.index)  # restored or not
+            cells = plan.assemble(ordered, base_losses)
+            run.log_cells(cells)
+            rows.extend(cells)
+    table = influence_table(rows, train, test)
+    outcome = JobOutcome(run.run_id, session.uri, table, base_losses, session.model_dir,
+                         seconds)
+    if run.resumed:
+        outcome.restored = (len(restored), len(base_tasks) + len(tasks))
+    run.log_table(table, "influence")
+    run.log_json(base_losses, "base_losses.json")
+    run.log_metrics({metric_key("compute_seconds", m): v for m, v in seconds.items()})
+    for plan in plans:
+        outcome.extras.update(plan.extras)
+    if "ldo_seeds" in outcome.extras:
+        run.log_table(pd.DataFrame(outcome.extras["ldo_seeds"]), "ldo_seeds")
+    if "untrac_inv" in enabled and spec.evaluation.top_examples:
+        outcome.examples = drill_down(spec, data, results, plans, base_rows, session.indices)
+        run.log_table(outcome.examples, "examples/top_examples")
+    truth = session.truth
+    if truth is None and "ldo" in enabled:
+        truth = truth_matrix(table)
+    if truth is not None and spec.methods.estimates():
+        outcome.scores = score_table(table, truth)
+        headline = {m: p for plan in plans for m, p in plan.headline.items()}
+        outcome.score_summary = summary(outcome.scores, headline)
+        run.log_scores(outcome.scores, outcome.score_summary)
+    log_figures(run, table, truth, outcome.score_summary, train, test)
+    return outcome
 
 
 def drill_down(spec, data, results, plans, base_rows, indices) -> pd.DataFrame:

@@ -1,16 +1,18 @@
 """Hyperparameter searches of the unlearning settings on Ray Tune (`untrac-ray tune`).
 
-The driver prepares everything once: the data and the base model (put into Ray's object store
-once, every trial's actors read them there), the base losses, and the ground truth (read from
-`ground_truth.run_id`, or the job's `ldo` run once before the first trial). Each Tune trial
-then gets its actors through its placement group and runs its settings' unlearning
-trajectories in segments (segments.py), one evaluation point at a time on every set, scoring
-the estimate after each point and reporting it to Tune, so ASHA can stop a poor trial early.
+The driver's set-up is the one `run` uses (session.py): the data and the base model (put into
+Ray's object store once, every trial's actors read them there). Its own tasks, the base losses
+and the ground truth (the job's `ldo`, run once before the first trial, unless read from
+`ground_truth.run_id`), are stored in the search's parent run as they finish, so a resumed
+search restores them as a resumed `run` does. Each Tune trial then gets its actors through its
+placement group and runs its settings' unlearning trajectories in segments (segments.py), one
+evaluation point at a time on every set, scoring the estimate after each point and reporting
+it to Tune, so ASHA can stop a poor trial early.
 
-Only the driver writes to MLflow (tracking.SearchRun): a Tune callback turns every trial's
-start, reports and end into a nested child run of the search's parent run. Tune's state lives
-under `search.storage_path`; a search whose driver was killed resumes with `resume=True`,
-running only the trials that had not finished.
+Beside it: search_space.py (the space, a trial's settings, the objective), search_logging.py
+(every trial as a nested MLflow run, through a Tune callback; only the driver writes) and
+search_state.py (the search's state beside Tune's, which `resume=True` reads to run only the
+trials that had not finished).
 
 Nothing here imports mlflow, parses arguments or prints.
 """
@@ -18,15 +20,11 @@ Nothing here imports mlflow, parses arguments or prints.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import io
 import json
 import math
 import os
-import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,175 +32,52 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray
-from ray.tune import Callback
 
-from untrac_ray.engine import Engine, ensure_ray
+from untrac_ray.engine import Engine
 from untrac_ray.errors import UntracError
-from untrac_ray.results import COLUMNS, influence_table, unlearning_cells
-from untrac_ray.runner import (
-    PreparedData,
-    Reporter,
-    eval_sample,
-    load_ground_truth,
-    prepare_data,
-    resolve_model,
-    weight_sets,
-)
+from untrac_ray.methods import plan_ldo
+from untrac_ray.results import influence_table, unlearning_cells
 from untrac_ray.schedule import eval_schedules
-from untrac_ray.scoring import ALL_CELLS, MEAN_OVER_TESTS, score_table, summary, truth_matrix
+from untrac_ray.scoring import truth_matrix
+from untrac_ray.search_logging import (
+    LOGGERS,
+    SearchCallback,
+    SearchReporter,
+    TrialLogger,
+    error_line,
+    trial_status,
+)
+from untrac_ray.search_space import (
+    CELL_FIELDS,
+    OBJECTIVE,
+    SearchError,
+    better,
+    flat_config,
+    job_with,
+    load_objective,
+    objective_of,
+    plain_value,
+    scored_methods,
+    trial_settings,
+    tune_space,
+)
+from untrac_ray.search_state import (
+    find_resumable,
+    search_key,
+    slug,
+    storage_fs,
+    storage_path,
+    write_state,
+)
 from untrac_ray.segments import SegmentTask
+from untrac_ray.session import open_session, run_tasks
 from untrac_ray.spec import (
     GROUND_TRUTH,
-    UNLEARNING_METHODS,
     GroundTruthSpec,
     JobSpec,
-    SearchSpec,
     UnlearnSpec,
-    spec_hash,
 )
-from untrac_ray.tasks import BASE, EvalTask, LdoTask
-from untrac_ray.workbench import TaskResult
-
-STATE_FILE = "untrac_search.json"  # beside Tune's state: the parent run, the spec's hash
-OBJECTIVE = "objective"
-CELL_FIELDS = COLUMNS  # a report's cells travel as lists in this order
-_SCORE_FIELD = {"pearson_mean": (MEAN_OVER_TESTS, "pearson"),
-                "spearman_mean": (MEAN_OVER_TESTS, "spearman"),
-                "pearson_all": (ALL_CELLS, "pearson"), "spearman_all": (ALL_CELLS, "spearman")}
-
-
-class SearchError(UntracError):
-    """A search cannot start or resume (nothing to resume, a trial that cannot fit)."""
-
-
-# ------------------------------------------------------------------ the space and the settings
-
-
-def tune_space(search: SearchSpec) -> dict[str, dict[str, Any]]:
-    """The search space as Ray Tune domains, nested by method: {"untrac": {"learning_rate":
-    tune.loguniform(...)}}. Integer ranges are inclusive; a grid search uses grid_search."""
-    from ray import tune
-
-    space: dict[str, dict[str, Any]] = {}
-    for key, domain in search.space.items():
-        method, setting = key.split(".", 1)
-        low_high = domain.values
-        if domain.kind == "choice":
-            value = (tune.grid_search(low_high) if search.algorithm == "grid"
-                     else tune.choice(low_high))
-        elif domain.kind == "loguniform":
-            value = tune.loguniform(*low_high)
-        elif domain.kind == "uniform":
-            value = tune.uniform(*low_high)
-        elif domain.kind == "randint":
-            value = tune.randint(low_high[0], low_high[1] + 1)
-        else:
-            value = tune.lograndint(low_high[0], low_high[1] + 1)
-        space.setdefault(method, {})[setting] = value
-    return space
-
-
-def flat_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A trial's nested config as '<method>.<setting>' -> value."""
-    return {f"{m}.{k}": v for m, part in config.items() if isinstance(part, dict)
-            for k, v in part.items()}
-
-
-def scored_methods(spec: JobSpec) -> list[str]:
-    """The unlearning methods a search runs and scores."""
-    assert spec.search is not None
-    return spec.search.objective.methods or [
-        m for m in UNLEARNING_METHODS if m in spec.methods.enabled()]
-
-
-def trial_settings(spec: JobSpec, config: dict[str, Any]) -> dict[str, UnlearnSpec]:
-    """Each scored method's settings: the job's, with the trial's values put in."""
-    out = {}
-    for method in scored_methods(spec):
-        base: UnlearnSpec = getattr(spec.methods, method)
-        update = {k: _plain(v) for k, v in (config.get(method) or {}).items()}
-        out[method] = UnlearnSpec.model_validate({**base.model_dump(), **update})
-    return out
-
-
-def _plain(value: Any) -> Any:
-    """NumPy scalars (from samplers) as Python values."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def job_with(spec: JobSpec, config: dict[str, Any], name: str | None = None,
-             ground_truth: GroundTruthSpec | None = None) -> JobSpec:
-    """The job a trial's settings make: the scored methods' settings replaced, no search.
-
-    With `ground_truth`, the job's `ldo` is replaced by that earlier result (the search's
-    leave-dataset-out, computed once), so the job does not retrain.
-    """
-    out = spec.model_copy(deep=True)
-    for method, settings in trial_settings(spec, config).items():
-        setattr(out.methods, method, settings)
-    out.search = None
-    if name:
-        out.name = name
-    if ground_truth is not None and out.methods.ldo is not None:
-        out.methods.ldo = None
-        out.ground_truth = ground_truth
-    return JobSpec.model_validate(out.model_dump())
-
-
-# ------------------------------------------------------------------ the objective
-
-
-def load_objective(target: str) -> Callable[[pd.DataFrame, pd.DataFrame | None], float]:
-    """A user metric from 'package.module:function' or '/path/file.py:function'."""
-    where, name = target.split(":")
-    try:
-        if where.endswith(".py"):
-            if not Path(where).is_file():
-                raise SearchError(f"search.objective.function: no file {where}")
-            module_spec = importlib.util.spec_from_file_location(
-                f"untrac_user_metric_{abs(hash(where))}", where)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-    except SearchError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        raise SearchError(f"search.objective.function: cannot import {where}: "
-                          f"{type(err).__name__}: {err}") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise SearchError(f"search.objective.function: {where} has no function {name!r}")
-    return fn
-
-
-def objective_of(table: pd.DataFrame, truth: pd.DataFrame | None, spec: JobSpec,
-                 metric_fn: Callable | None = None) -> tuple[float, dict[str, float]]:
-    """The objective of one evaluation round: per method (its cells at one point), and their
-    mean (NaN when every method's is NaN)."""
-    objective = spec.search.objective
-    per_method: dict[str, float] = {}
-    if metric_fn is None:
-        where, stat = _SCORE_FIELD[objective.metric]
-        scores = score_table(table, truth)
-        for method, part in scores[scores["test_set"] == where].groupby("method"):
-            per_method[str(method)] = float(part[stat].iloc[-1])
-    else:
-        for method, part in table.groupby("method"):
-            per_method[str(method)] = float(metric_fn(part.reset_index(drop=True), truth))
-    values = np.array(list(per_method.values()), dtype=float)
-    value = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-    return value, per_method
-
-
-def _better(a: float, b: float, mode: str) -> bool:
-    """True when a beats b (NaN never beats anything; anything beats NaN)."""
-    if math.isnan(a):
-        return False
-    if math.isnan(b):
-        return True
-    return a > b if mode == "max" else a < b
-
+from untrac_ray.tasks import BASE, EvalTask, TaskResult
 
 # ------------------------------------------------------------------ a trial
 
@@ -279,11 +154,9 @@ def _local_bench(ctx: TrialContext):
     (Tune reuses the process for later trials); trajectories of earlier trials dropped."""
     import torch
 
-    from untrac_ray.engine import _ObjectStoreWeights
+    from untrac_ray.engine import workbench_from_refs
     from untrac_ray.precision import configure_tf32
     from untrac_ray.segments import forget_state
-    from untrac_ray.tokenization import TokenizedSet
-    from untrac_ray.workbench import Workbench
 
     key = ctx.weights[BASE].hex()
     if _LOCAL.get("key") != key:
@@ -291,12 +164,9 @@ def _local_bench(ctx: TrialContext):
         torch.set_num_threads(max(1, int(res.cpus_per_actor)))
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         configure_tf32(res.tf32, device)
-        names = list(ctx.tables)
-        tables = ray.get([ctx.tables[n] for n in names])
-        sets = {n: TokenizedSet.from_table(n, t, ctx.pad_id)
-                for n, t in zip(names, tables, strict=True)}
-        bench = Workbench(_ObjectStoreWeights(ctx.weights), sets, ctx.eval_indices,
-                          ctx.spec.evaluation.batch_size, device, precision=res.precision)
+        bench = workbench_from_refs({"weights": ctx.weights, "datasets": ctx.tables},
+                                    ctx.pad_id, ctx.eval_indices,
+                                    ctx.spec.evaluation.batch_size, device, res.precision)
         _LOCAL.clear()
         _LOCAL.update(key=key, bench=bench)
     bench = _LOCAL["bench"]
@@ -366,7 +236,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             table = influence_table([c for cells in latest.values() for c in cells],
                                     ctx.train, ctx.test)
             now, per_method = objective_of(table, ctx.truth, spec, metric_fn)
-            best = now if _better(now, best, mode) or r == 0 else best
+            best = now if better(now, best, mode) or r == 0 else best
             value = best if spec.search.objective.step == "best" else now
             tune.report({
                 OBJECTIVE: value, "objective_now": now, "round": r + 1,
@@ -375,288 +245,6 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 **{f"objective_{m}": v for m, v in per_method.items()},
                 "cells": json.dumps([[c[k] for k in CELL_FIELDS] for c in new_rows]),
             })
-
-
-# ------------------------------------------------------------------ the driver's view
-
-
-@dataclass
-class TrialView:
-    """What the CLI shows of one trial."""
-
-    trial_id: str
-    index: int
-    config: dict[str, Any]
-    status: str = "pending"  # running, completed, stopped early, failed
-    round: int = 0
-    rounds: int = 0
-    objective: float = float("nan")
-    run_id: str = ""
-    error: str = ""
-
-
-class SearchReporter(Reporter):
-    """What a search tells its caller as it goes; the CLI draws a live table from it."""
-
-    def search_started(self, name: str, trials: int, settings: list[str], resumed: bool
-                       ) -> None:
-        """The Tuner starts (or resumes) `trials` trials over `settings`."""
-
-    def trial_update(self, view: TrialView) -> None:
-        """A trial started, reported a round, or ended."""
-
-
-def _param_value(text: str) -> Any:
-    """A logged param back as a number where it is one."""
-    for kind in (int, float):
-        with contextlib.suppress(ValueError):
-            return kind(text)
-    return text
-
-
-def _cells_from(report: dict[str, Any]) -> list[dict]:
-    raw = report.get("cells")
-    if not isinstance(raw, str) or not raw:
-        return []
-    return [dict(zip(CELL_FIELDS, c, strict=True)) for c in json.loads(raw)]
-
-
-def _error_line(text: str) -> str:
-    """The one-line message of an error raised in a trial (from Tune's traceback text)."""
-    found = re.findall(r"(?:\w+\.)*(\w+(?:Error|Exception)): (.+)", text)
-    return found[-1][1].strip() if found else (text.strip().splitlines() or [""])[-1]
-
-
-def _status_of(report: dict[str, Any] | None) -> str:
-    if not report:
-        return "failed"
-    return "completed" if report.get("round", 0) >= report.get("rounds", 1) else "stopped early"
-
-
-class _SearchLogger:
-    """The driver's side of every trial: its MLflow child run and its line in the CLI."""
-
-    def __init__(self, run, spec: JobSpec, reporter: SearchReporter, train: list[str],
-                 test: list[str], truth: pd.DataFrame | None, name: str) -> None:
-        self.run = run
-        self.spec = spec
-        self.reporter = reporter
-        self.train, self.test, self.truth = train, test, truth
-        self.name = name
-        records = run.child_records()  # trials logged before a resume
-        self.children = {t: (r["run_id"], r["status"]) for t, r in records.items()}
-        self.views: dict[str, TrialView] = {}
-        self.reports: dict[str, list[dict]] = {}
-        self.handles: dict[str, Any] = {}
-        self.earlier = [self._earlier_view(t, r) for t, r in records.items()
-                        if r["status"] in ("FINISHED", "FAILED")]
-
-    def _earlier_view(self, trial_id: str, record: dict[str, Any]) -> TrialView:
-        """How a trial that ended before a resume looked (for the live table)."""
-        index = int(trial_id.rsplit("_", 1)[-1]) if "_" in trial_id else 0
-        tags, metrics = record["tags"], record["metrics"]
-        config = {k: _param_value(v) for k, v in record["params"].items()}
-        return TrialView(trial_id, index, config, tags.get("untrac_ray.trial_status", "ended"),
-                         int(metrics.get("rounds_run", 0)), int(metrics.get("rounds_run", 0)),
-                         float(metrics.get(OBJECTIVE, float("nan"))), record["run_id"],
-                         tags.get("untrac_ray.error", ""))
-
-    def view(self, trial_id: str, config: dict[str, Any]) -> TrialView:
-        if trial_id not in self.views:
-            index = int(trial_id.rsplit("_", 1)[-1]) if "_" in trial_id else len(self.views)
-            self.views[trial_id] = TrialView(trial_id, index, flat_config(config))
-        return self.views[trial_id]
-
-    def started(self, trial_id: str, config: dict[str, Any]) -> None:
-        old = self.children.pop(trial_id, None)
-        if old is not None:  # cut off by a killed driver: redone from the start
-            self.run.delete_child(old[0])
-        view = self.view(trial_id, config)
-        handle = self.run.child(trial_id, f"{self.name}-{view.index:03d}", flat_config(config),
-                                tags={"search": self.name,
-                                      "methods": ",".join(scored_methods(self.spec))})
-        self.handles[trial_id] = handle
-        self.reports[trial_id] = []
-        view.status, view.run_id, view.round = "running", handle.run_id, 0
-        self.reporter.trial_update(view)
-
-    def result(self, trial_id: str, config: dict[str, Any], report: dict[str, Any]) -> None:
-        if trial_id not in self.handles:
-            self.started(trial_id, config)
-        self.reports[trial_id].append(report)
-        self._log_round(self.handles[trial_id], report)
-        view = self.view(trial_id, config)
-        view.round, view.rounds = int(report["round"]), int(report["rounds"])
-        view.objective = float(report[OBJECTIVE])
-        self.reporter.trial_update(view)
-
-    def _log_round(self, handle, report: dict[str, Any]) -> None:
-        point = int(report["round"])  # round r evaluates point r of every method that has it
-        values = {k: float(v) for k, v in report.items()
-                  if k == OBJECTIVE or k == "objective_now" or (
-                      k.startswith("objective_") and isinstance(v, int | float))}
-        values["round"] = float(report["round"])
-        handle.log_metrics(values, step=point)
-        handle.log_cells(_cells_from(report))
-
-    def completed(self, trial_id: str, config: dict[str, Any],
-                  error: str | None = None) -> None:
-        if trial_id not in self.handles:
-            self.started(trial_id, config)
-        handle, reports = self.handles.pop(trial_id), self.reports.pop(trial_id, [])
-        view = self.view(trial_id, config)
-        status = "failed" if error else _status_of(reports[-1] if reports else None)
-        rows = [c for r in reports for c in _cells_from(r)]
-        try:
-            if rows:
-                self._log_tables(handle, rows)
-            if reports:
-                last = reports[-1]
-                handle.log_metrics({"rounds_run": float(last["round"]),
-                                    "compute_seconds": sum(float(r.get("compute_seconds", 0))
-                                                           for r in reports)})
-        finally:
-            self.run.end_child(handle, "FAILED" if error else "FINISHED", error,
-                               tags={"trial_status": status})
-        view.status, view.error = status, error or ""
-        self.reporter.trial_update(view)
-
-    def _log_tables(self, handle, rows: list[dict]) -> None:
-        from untrac_ray import plots
-
-        table = influence_table(rows, self.train, self.test)
-        handle.log_table(table, "influence")
-        for method in dict.fromkeys(table["method"]):
-            handle.log_figure(plots.heatmap(table, method, self.train, self.test),
-                              f"figures/heatmap_{method}.png")
-        if self.truth is not None:
-            scores = score_table(table, self.truth)
-            handle.log_scores(scores, summary(scores))
-
-    def replay(self, trial_id: str, config: dict[str, Any], reports: list[dict],
-               error: str | None) -> None:
-        """Log a trial that Tune finished but whose run was not closed (a killed driver)."""
-        old = self.children.pop(trial_id, None)
-        if old is not None:
-            self.run.delete_child(old[0])
-        self.started(trial_id, config)
-        for report in reports:
-            self.result(trial_id, config, report)
-        self.completed(trial_id, config, error)
-
-
-_LOGGERS: dict[str, _SearchLogger] = {}  # by search name, in the driver process
-
-
-class SearchCallback(Callback):
-    """A Tune callback that hands the driver's trial events to the search's logger.
-
-    Tune pickles its callbacks with the experiment; this one holds only the search's name and
-    finds the live logger (MLflow client, CLI) in the driver that runs or resumes the search.
-    """
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        _LOGGERS[self.key].started(trial.trial_id, trial.config)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        _LOGGERS[self.key].result(trial.trial_id, trial.config, result)
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        _LOGGERS[self.key].completed(trial.trial_id, trial.config)
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        _LOGGERS[self.key].completed(trial.trial_id, trial.config, _trial_error(trial))
-
-
-def _trial_error(trial) -> str:
-    """A failed trial's one-line error (its error file is written locally before storage)."""
-    text = None
-    with contextlib.suppress(Exception):
-        local = trial.error_file
-        text = Path(local).read_text() if local and Path(local).is_file() else None
-    if not text:
-        with contextlib.suppress(Exception):
-            text = trial.get_error()
-    return _error_line(str(text)) if text else "trial failed (see Tune's error file)"
-
-
-# ------------------------------------------------------------------ storage and resume
-
-
-def storage_path(spec: JobSpec) -> str:
-    """Where Tune keeps the search: search.storage_path, else <cache_dir>/tune."""
-    given = spec.search.storage_path
-    return given if given else str(Path(spec.cache_dir or ".untrac-ray").resolve() / "tune")
-
-
-def _fs(uri: str):
-    import pyarrow.fs as pafs
-
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
-
-
-def search_key(spec: JobSpec) -> str:
-    """Hash of what a resumed search must share with the interrupted one."""
-    dump = spec.model_dump(mode="json", exclude={"tracking": True, "resources": True,
-                                                 "search": {"storage_path", "max_concurrent"}})
-    return spec_hash(dump)
-
-
-def _write_state(uri: str, name: str, state: dict[str, Any]) -> None:
-    fs, root = _fs(uri)
-    fs.create_dir(f"{root}/{name}", recursive=True)
-    with fs.open_output_stream(f"{root}/{name}/{STATE_FILE}") as f:
-        f.write(json.dumps(state, indent=2, sort_keys=True).encode())
-
-
-def list_searches(uri: str) -> list[dict[str, Any]]:
-    """Every search kept under a storage path (its state, plus `name` and `path`)."""
-    import pyarrow.fs as pafs
-
-    fs, root = _fs(uri)
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        return []
-    out = []
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
-        if info.type != pafs.FileType.Directory:
-            continue
-        try:
-            with fs.open_input_stream(f"{info.path}/{STATE_FILE}") as f:
-                state = json.loads(f.read().decode())
-        except (FileNotFoundError, OSError, ValueError):
-            continue
-        base = uri if "://" in uri else root
-        out.append({**state, "name": info.base_name,
-                    "path": f"{base.rstrip('/')}/{info.base_name}"})
-    return sorted(out, key=lambda s: s.get("created", 0))
-
-
-def find_resumable(spec: JobSpec) -> dict[str, Any]:
-    """The newest unfinished search of this job (same spec) under its storage path."""
-    uri = storage_path(spec)
-    mine = [s for s in list_searches(uri) if s.get("job") == spec.name]
-    same = [s for s in mine if s.get("spec_key") == search_key(spec)]
-    open_ = [s for s in same if not s.get("finished")]
-    if open_:
-        return open_[-1]
-    if same:
-        raise SearchError(f"nothing to resume: the searches of job {spec.name!r} in {uri} "
-                          f"all finished (latest: {same[-1]['name']}, MLflow run "
-                          f"{same[-1]['parent_run_id']}); run without --resume for a new one")
-    if mine:
-        raise SearchError(f"nothing to resume: job {spec.name!r} changed since its searches "
-                          f"in {uri} (the spec's hash differs); run without --resume")
-    raise SearchError(f"nothing to resume: no search of job {spec.name!r} in {uri} "
-                      "(search.storage_path); run without --resume")
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "search"
 
 
 # ------------------------------------------------------------------ the whole search
@@ -679,40 +267,6 @@ class SearchOutcome:
     resumed: bool = False
     settings: list[str] = field(default_factory=list)
     total: int = 0  # trials the search runs in all
-
-
-def _driver_tasks(spec: JobSpec, data: PreparedData, compute_truth: bool
-                  ) -> tuple[list, list]:
-    """The driver's own work: base losses of every evaluated set, and LDO (once)."""
-    sets = dict.fromkeys(data.train + data.test)
-    base = [EvalTask((n,)) for n in sets]
-    ldo: list = []
-    if compute_truth:
-        seeds = spec.methods.ldo.seeds or [spec.training.seed]
-        ldo = [LdoTask(left_out, tuple(data.train), tuple(data.test), spec.training, seed)
-               for seed in seeds for left_out in [None, *data.train]]
-    return base, ldo
-
-
-def _logged_base_losses(run, uri: str, data: PreparedData) -> dict[str, float] | None:
-    """The base losses an interrupted search logged (None when they are missing)."""
-    from untrac_ray.tracking import read_run_text
-
-    text = read_run_text(run.run_id, uri, "base_losses.json")
-    losses = json.loads(text) if text else None
-    if not losses or set(losses) != set(data.train + data.test):
-        return None
-    return {k: float(v) for k, v in losses.items()}
-
-
-def _ldo_rows(spec: JobSpec, results: list[TaskResult], train: list[str], test: list[str]
-              ) -> tuple[list[dict], list[dict]]:
-    """The ground truth's cells (mean over the LDO seeds) and the cells of every seed."""
-    from untrac_ray.methods import plan_ldo
-
-    plan = plan_ldo(spec, train, test)
-    rows = plan.assemble(results, {})
-    return rows, plan.extras.get("ldo_seeds", [])
 
 
 def _check_fits(spec: JobSpec) -> None:
@@ -772,7 +326,6 @@ def run_search(
     from untrac_ray.tracking import (
         SearchRun,
         check_store,
-        read_influence,
         resolve_tracking_uri,
     )
 
@@ -789,64 +342,58 @@ def run_search(
         name = previous["name"]
     else:
         uri = resolve_tracking_uri(tracking_uri, spec)
-        name = f"{_slug(spec.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = f"{slug(spec.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     metric_fn = load_objective(search.objective.function) if search.objective.function else None
     del metric_fn  # imported here only to fail early; every trial imports it again
     check_store(uri)  # seconds, before any data, training or Ray
 
-    reporter.stage("loading and tokenizing datasets")
-    data = prepare_data(spec)
-    truth = None
-    if spec.ground_truth:
-        truth = load_ground_truth(spec, uri, data.train, data.test)
-    elif previous is not None and previous.get("truth_in_parent"):
-        reporter.stage("reading the ground truth computed before the interruption")
-        truth = truth_matrix(read_influence(previous["parent_run_id"], uri))
-    compute_truth = truth is None and GROUND_TRUTH in spec.methods.enabled()
-    model_dir = resolve_model(spec, data, reporter)
-    weights, _ = weight_sets(spec, data, model_dir)
-    if not compute_truth:
-        weights = {BASE: weights[BASE]}
-    indices = eval_sample(spec, data)
     methods = scored_methods(spec)
-
-    started_ray = ensure_ray(spec.resources, address)
-    try:
+    compute_truth = spec.ground_truth is None and GROUND_TRUTH in spec.methods.enabled()
+    resumed_run = None
+    if previous is not None:
+        resumed_run = (previous["parent_run_id"], previous.get("fingerprints", {}))
+    with open_session(spec, address=address, reporter=reporter, uri=uri,
+                      spec_key=search_key(spec), resume=resumed_run,
+                      methods=[GROUND_TRUTH] if compute_truth else []) as session:
         _check_fits(spec)
-        # The weights and tables go into the object store once, for the driver's engine and
-        # for every trial (trials get the references).
-        by_id = {id(w): ray.put(w) for w in weights.values()}
-        weight_refs = {n: by_id[id(w)] for n, w in weights.items()}
-        table_refs = {n: ray.put(t) for n, t in data.tables.items()}
-        base_tasks, ldo_tasks = _driver_tasks(spec, data, compute_truth)
+        data = session.data
+        base_tasks = [EvalTask((n,)) for n in dict.fromkeys(data.train + data.test)]
+        ldo_plan = plan_ldo(spec, data.train, data.test) if compute_truth else None
+        ldo_tasks = ldo_plan.tasks if ldo_plan is not None else []
         with SearchRun(spec, uri, tags, run_id=previous and previous["parent_run_id"],
                        name=name) as run:
             run.set_tag("search", name)
-            run.set_tag("model_dir", str(model_dir))
+            run.set_tag("model_dir", str(session.model_dir))
             run.set_tag("storage_path", storage)
-            base_losses = _logged_base_losses(run, uri, data) if previous else None
-            if base_losses is None or ldo_tasks:
-                with Engine(spec.resources, weight_refs, table_refs,
-                            data.tokenizer.pad_token_id, indices, spec.evaluation.batch_size,
-                            max_useful_actors=max(len(ldo_tasks), len(base_tasks))) as engine:
-                    reporter.stage(f"base losses of {len(base_tasks)} sets on {engine.size} "
-                                   "actors")
-                    base_losses = {}
-                    for result in engine.map(base_tasks):
-                        base_losses.update(result.losses[0])
-                    if ldo_tasks:
-                        reporter.stage(f"ground truth: leave-dataset-out, {len(ldo_tasks)} "
-                                       f"trainings on {engine.size} actors (once for the "
-                                       "search)")
-                        ldo_results = engine.map(ldo_tasks)
-            if ldo_tasks:
-                rows, per_seed = _ldo_rows(spec, ldo_results, data.train, data.test)
-                ldo = influence_table(rows, data.train, data.test)
+            for key, value in session.fingerprints.items():
+                run.set_tag(key, value)
+            # The driver's own tasks (base losses, LDO once), stored in the parent run as they
+            # finish: a resumed search restores them, like a resumed `run`.
+            store = session.task_store(run)
+            driver_tasks = [*base_tasks, *ldo_tasks]
+            restored = store.restore(driver_tasks)
+            if previous is not None:
+                reporter.stage(f"restored {len(restored)} of {len(driver_tasks)} tasks of the "
+                               "search's driver")
+                run.set_tag("restored_tasks", str(len(restored)))
+            if len(restored) < len(driver_tasks):
+                reporter.stage(f"base losses of {len(base_tasks)} sets"
+                               + (f" and leave-dataset-out, {len(ldo_tasks)} trainings (once "
+                                  "for the search)" if ldo_tasks else ""))
+            results, _ = run_tasks(session, store, driver_tasks, None, reporter.task_retried,
+                                   restored=restored)
+            base_losses = {}
+            for result in results[:len(base_tasks)]:
+                base_losses.update(result.losses[0])
+            truth = session.truth
+            if ldo_plan is not None:
+                ldo = influence_table(ldo_plan.assemble(results[len(base_tasks):], {}),
+                                      data.train, data.test)
                 truth = truth_matrix(ldo)
                 run.log_table(ldo, "influence")  # the parent serves as a ground_truth run
-                run.log_table(pd.DataFrame(per_seed), "ldo_seeds")
+                run.log_table(pd.DataFrame(ldo_plan.extras["ldo_seeds"]), "ldo_seeds")
             run.log_json(base_losses, "base_losses.json")
             if previous is None:
                 run.log_json({"space": {k: d.model_dump(exclude_none=True)
@@ -856,21 +403,18 @@ def run_search(
                               "scheduler": search.scheduler.model_dump()}, "search.json")
             state = {"job": spec.name, "spec_key": search_key(spec), "parent_run_id":
                      run.run_id, "tracking_uri": uri, "created": time.time(),
-                     "truth_in_parent": bool(ldo_tasks) or bool(
-                         previous and previous.get("truth_in_parent")),
-                     "finished": False}
+                     "fingerprints": session.fingerprints, "finished": False}
             if previous is not None:
                 state["created"] = previous.get("created", state["created"])
-            _write_state(storage, name, state)
+            write_state(storage, name, state)
 
-            ctx = TrialContext(spec, {BASE: weight_refs[BASE]}, table_refs,
-                               data.tokenizer.pad_token_id, indices,
-                               {n: t.num_rows for n, t in data.tables.items()}, data.train,
-                               data.test, base_losses, truth)
+            ctx = TrialContext(spec, {BASE: session.weights[BASE]}, session.tables,
+                               data.tokenizer.pad_token_id, session.indices, session.n_rows,
+                               data.train, data.test, base_losses, truth)
             trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                             trial_resources(spec))
-            logger = _SearchLogger(run, spec, reporter, data.train, data.test, truth, name)
-            _LOGGERS[name] = logger
+            logger = TrialLogger(run, spec, reporter, data.train, data.test, truth, name)
+            LOGGERS[name] = logger
             os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # resume loses < 1 s
             path = f"{storage.rstrip('/')}/{name}"
             if previous is not None:
@@ -899,16 +443,14 @@ def run_search(
                 with contextlib.redirect_stdout(io.StringIO()):  # Tune's own banner
                     grid = tuner.fit()
             finally:
-                _LOGGERS.pop(name, None)
+                LOGGERS.pop(name, None)
             outcome = _finish(run, spec, logger, grid, name, path, uri, truth, methods)
-            outcome.ground_truth_tasks = len(ldo_tasks)
+            outcome.ground_truth_tasks = sum(  # LDO trainings this driver ran (not restored)
+                i not in restored for i in range(len(base_tasks), len(driver_tasks)))
             outcome.resumed = previous is not None
             run.interrupted = outcome.interrupted  # the parent run ends KILLED, not FINISHED
             state["finished"] = not outcome.interrupted
-            _write_state(storage, name, state)
-    finally:
-        if started_ray:
-            ray.shutdown()
+            write_state(storage, name, state)
     if outcome.interrupted:
         raise SearchInterrupted(outcome)
     return outcome
@@ -924,7 +466,7 @@ class SearchInterrupted(SearchError):
         self.outcome = outcome
 
 
-def _finish(run, spec: JobSpec, logger: _SearchLogger, grid, name: str, path: str, uri: str,
+def _finish(run, spec: JobSpec, logger: TrialLogger, grid, name: str, path: str, uri: str,
             truth: pd.DataFrame | None, methods: list[str]) -> SearchOutcome:
     """After Tune: close any trial run a killed driver left open, then log the parent's
     trials table, best trial, best configuration (as a job file) and figures."""
@@ -936,11 +478,11 @@ def _finish(run, spec: JobSpec, logger: _SearchLogger, grid, name: str, path: st
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name.split("_", 1)[-1]
         config = result.config or {}
-        error = _error_line(str(result.error)) if result.error else None
+        error = error_line(str(result.error)) if result.error else None
         if error:
             status = "failed"
         elif metrics.get("done"):
-            status = _status_of(metrics)
+            status = trial_status(metrics)
         else:
             status = "pending"  # interrupted before it finished
         before = logger.children.get(trial_id)
@@ -958,7 +500,7 @@ def _finish(run, spec: JobSpec, logger: _SearchLogger, grid, name: str, path: st
             OBJECTIVE: float(metrics.get(OBJECTIVE, float("nan"))),
             **{f"{OBJECTIVE}_{m}": float(metrics.get(f"{OBJECTIVE}_{m}", float("nan")))
                for m in methods},
-            **{k: _plain(v) for k, v in flat_config(config).items()},
+            **{k: plain_value(v) for k, v in flat_config(config).items()},
             "error": error or "",
         })
     trials = pd.DataFrame(rows).sort_values("trial_id").reset_index(drop=True)
@@ -993,7 +535,7 @@ def _best(trials: pd.DataFrame, spec: JobSpec, settings: list[str]) -> dict[str,
             else finite[OBJECTIVE].idxmin())
     b = trials.loc[pick]
     return {"trial_id": b["trial_id"], "run_id": b["run_id"], "objective": float(b[OBJECTIVE]),
-            "status": b["status"], "config": {k: _plain(b[k]) for k in settings}}
+            "status": b["status"], "config": {k: plain_value(b[k]) for k in settings}}
 
 
 def _log_best(run, spec: JobSpec, best: dict[str, Any], trials: pd.DataFrame, name: str,
@@ -1016,14 +558,14 @@ def _log_best(run, spec: JobSpec, best: dict[str, Any], trials: pd.DataFrame, na
     best_spec = job_with(spec, _nest(best["config"]), ground_truth=gt)  # same name: same model
     header = (f"# Best configuration of search {name} (MLflow run {run.run_id}):\n"
               f"# trial {best['trial_id']}, {OBJECTIVE} {best['objective']:.6g} "
-              f"({_objective_label(spec)}).\n")
+              f"({objective_label(spec)}).\n")
     if gt is not None:
         header += ("# ground_truth: the search's leave-dataset-out, computed once; remove it "
                    "(or put methods.ldo back) for another model.\n")
     text = header + best_spec.to_yaml()
     run.log_text(text, "best_job.yaml")
     try:
-        fs, root = _fs(path)
+        fs, root = storage_fs(path)
         with fs.open_output_stream(f"{root}/best_job.yaml") as f:
             f.write(text.encode())
         return text, f"{path}/best_job.yaml"
@@ -1041,13 +583,13 @@ def _log_search_figures(run, spec: JobSpec, trials: pd.DataFrame) -> None:
         return
     log_scale = {k: d.kind in ("loguniform", "lograndint") or _spans_decades(d.values)
                  for k, d in search.space.items()}
-    run.log_figure(objective_vs_settings(trials, settings, _objective_label(spec), log_scale),
+    run.log_figure(objective_vs_settings(trials, settings, objective_label(spec), log_scale),
                    "figures/objective_vs_settings.png")
     if search.algorithm == "grid" and len(settings) == 2:
         values = trials.pivot_table(index=settings[0], columns=settings[1], values=OBJECTIVE,
                                     aggfunc="first", dropna=False)
         run.log_figure(objective_heatmap(values, f"{spec.name}: {OBJECTIVE}",
-                                         _objective_label(spec)), "figures/objective_grid.png")
+                                         objective_label(spec)), "figures/objective_grid.png")
 
 
 def _spans_decades(values: list[Any]) -> bool:
@@ -1057,14 +599,15 @@ def _spans_decades(values: list[Any]) -> bool:
         max(numbers) / min(numbers) >= 100)
 
 
-def _objective_label(spec: JobSpec) -> str:
+def objective_label(spec: JobSpec) -> str:
+    """What the search's objective is, in words (for tables and figures)."""
     o = spec.search.objective
     what = f"user metric {o.function}" if o.function else o.metric
     return what + (" (best point)" if o.step == "best" else "")
 
 
 def _jsonable(value: Any) -> Any:
-    value = _plain(value)
+    value = plain_value(value)
     return value if isinstance(value, str | int | float | bool) or value is None else str(value)
 
 
@@ -1074,5 +617,5 @@ def _nest(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
         method, setting = key.split(".", 1)
         if isinstance(value, float) and math.isnan(value):
             value = None
-        out.setdefault(method, {})[setting] = _plain(value)
+        out.setdefault(method, {})[setting] = plain_value(value)
     return out

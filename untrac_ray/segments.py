@@ -21,13 +21,13 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from untrac_ray.spec import UnlearnSpec
-from untrac_ray.tasks import BASE, Output
+from untrac_ray.tasks import BASE, Bench, Output
 from untrac_ray.unlearning import (
     ascent_step,
     batch_schedule,
@@ -35,9 +35,6 @@ from untrac_ray.unlearning import (
     check_eval_losses,
     make_optimizer,
 )
-
-if TYPE_CHECKING:
-    from untrac_ray.workbench import Workbench
 
 # Trajectory states by workbench (one per actor), then by task key.
 _STATES: weakref.WeakKeyDictionary[Any, dict[str, _Trajectory]] = weakref.WeakKeyDictionary()
@@ -62,7 +59,7 @@ def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> Non
                 state[name] = value.to(device)
 
 
-def _start(bench: Workbench, settings: UnlearnSpec, n_rows: int) -> _Trajectory:
+def _start(bench: Bench, settings: UnlearnSpec, n_rows: int) -> _Trajectory:
     """A new trajectory from the base weights, seeded as `unlearn` seeds one."""
     bench.reset(BASE)
     torch.manual_seed(settings.seed)
@@ -73,7 +70,7 @@ def _start(bench: Workbench, settings: UnlearnSpec, n_rows: int) -> _Trajectory:
     return _Trajectory(0, optimizer, schedule)
 
 
-def _resume(bench: Workbench, state: _Trajectory) -> None:
+def _resume(bench: Bench, state: _Trajectory) -> None:
     """Put a saved trajectory back into the workbench's model."""
     with torch.no_grad():
         for name, p in bench.model.named_parameters():
@@ -85,7 +82,7 @@ def _resume(bench: Workbench, state: _Trajectory) -> None:
         torch.cuda.set_rng_state(state.cuda_rng, bench.device)
 
 
-def _save(bench: Workbench, state: _Trajectory) -> None:
+def _save(bench: Bench, state: _Trajectory) -> None:
     """Keep a trajectory in CPU memory until its next segment."""
     state.params = {n: p.detach().to("cpu", copy=True) for n, p in bench.model.named_parameters()}
     _optimizer_to(state.optimizer, torch.device("cpu"))
@@ -107,7 +104,7 @@ class SegmentTask:
     until: int
     last: bool = False
 
-    def run(self, bench: Workbench) -> Output:
+    def run(self, bench: Bench) -> Output:
         states = _STATES.setdefault(bench, {})
         data = bench.datasets[self.forget]
         state = states.pop(self.key, None)
@@ -134,7 +131,7 @@ class SegmentTask:
         return Output({state.step: losses})
 
 
-def forget_state(bench: Workbench, prefix: str = "") -> int:
+def forget_state(bench: Bench, prefix: str = "") -> int:
     """Drop the kept trajectories whose key starts with prefix; returns how many."""
     states = _STATES.get(bench, {})
     gone = [k for k in states if k.startswith(prefix)]

@@ -317,7 +317,8 @@ class ResourcesSpec(_Strict):
     gpus_per_actor: float = Field(0.0, ge=0)
     local_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded local Ray")
     object_store_memory_mb: int | None = Field(None, gt=0)
-    max_retries: int = Field(2, ge=0, description="restarts of a dead actor and its task")
+    max_retries: int = Field(
+        2, ge=0, description="times a task whose actor died runs again on another actor")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="actors' forward passes: float32, or bfloat16 autocast"
     )
@@ -619,8 +620,6 @@ class JobSpec(_Strict):
         text = self.text_datasets()
         if not text or self.model.config is None:  # spare the import of torch otherwise
             return self
-        from untrac_ray.modeling import is_encoder_decoder
-
         if is_encoder_decoder(self.model.config):
             raise ValueError(encoder_decoder_refusal(*text[0]))
         return self
@@ -632,6 +631,21 @@ class JobSpec(_Strict):
         sets += [("pretraining.data", d) for d in (self.pretraining.data if self.pretraining
                                                    else [])]
         return [(where, ds.name) for where, ds in sets if ds.kind == "text"]
+
+
+def is_encoder_decoder(config: Any) -> bool:
+    """True for an encoder-decoder config (T5, BART...): a transformers config or a mapping
+    with a model_type (as in model.config of a spec)."""
+    if not isinstance(config, dict):
+        return bool(getattr(config, "is_encoder_decoder", False))
+    if "is_encoder_decoder" in config:
+        return bool(config["is_encoder_decoder"])
+    from transformers import AutoConfig  # here, so that loading a spec stays light
+
+    try:
+        return bool(AutoConfig.for_model(config["model_type"]).is_encoder_decoder)
+    except Exception:  # noqa: BLE001 - an unknown model_type is reported when the model is built
+        return False
 
 
 def encoder_decoder_refusal(where: str, name: str) -> str:

@@ -333,13 +333,19 @@ def redact_uri(uri: str) -> str:
     return uri
 
 
+COMMANDS = ("run", "run --resume", "run --resume-if-any", "tune", "tune --resume")
+
+
 def entrypoint(python: str, tracking_uri: str, spec_file: str = STAGED_SPEC,
                command: str = "run") -> str:
     """The shell command a submitted job runs on the head (its environment, its interpreter).
 
-    `command` is `run`, `tune` (the job's hyperparameter search) or `tune --resume`."""
-    if command not in ("run", "tune", "tune --resume"):
-        raise UntracError(f"--command: expected run, tune or 'tune --resume' (got {command!r})")
+    `command` is `run` or `tune` (the job's hyperparameter search), each possibly followed by
+    `--resume` (continue the job's unfinished run or search); `run --resume-if-any` continues
+    one if there is one, else starts anew (what a retried KubeRay RayJob runs)."""
+    if command not in COMMANDS:
+        raise UntracError(f"--command: expected one of {', '.join(map(repr, COMMANDS))} "
+                          f"(got {command!r})")
     parts = [python, "-m", "untrac_ray.cli", *command.split(), spec_file, "--address", "auto",
              "--tracking-uri", tracking_uri]
     return " ".join(shlex.quote(p) for p in parts)

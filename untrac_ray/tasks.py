@@ -1,5 +1,6 @@
-"""The tasks every method is made of. Each runs on a Workbench (plain PyTorch, no Ray) from one
-of the shared weight sets, and returns losses (or gradients) for the driver to assemble.
+"""The tasks every method is made of. Each runs on a bench (a `Bench`: workbench.Workbench, plain
+PyTorch, no Ray) from one of the shared weight sets, and returns losses (or gradients) for the
+driver to assemble, as a TaskResult.
 
 - EvalTask: base losses.                          - UnlearnTask: UnTrac / UnTrac-Inv.
 - LdoTask: retrain without one training set.      - GradientTask: GradDot, GradCos, TracIn.
@@ -9,19 +10,36 @@ of the shared weight sets, and returns losses (or gradients) for the driver to a
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from untrac_ray.spec import EkfacSpec, TrainingSpec, UnlearnSpec
+from untrac_ray.tokenization import TokenizedSet
 from untrac_ray.unlearning import check_eval_losses, unlearn
 
-if TYPE_CHECKING:
-    from untrac_ray.workbench import Workbench
-
 BASE = "base"
+
+
+class Bench(Protocol):
+    """What a task uses of the bench it runs on (workbench.Workbench is the one implementation):
+    the model, the datasets and each one's evaluation rows, the device and the precision."""
+
+    model: torch.nn.Module
+    datasets: dict[str, TokenizedSet]
+    eval_indices: dict[str, np.ndarray]
+    device: torch.device
+    precision: str
+
+    def reset(self, weights: str = BASE) -> None:
+        """Load the named shared weight set into the model."""
+
+    def evaluate(
+        self, names: tuple[str, ...], per_row: bool = False
+    ) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
+        """Mean loss on each named dataset's evaluation rows (and, with per_row, each row's)."""
 
 
 def init_weights_name(seed: int) -> str:
@@ -45,7 +63,7 @@ class EvalTask:
     datasets: tuple[str, ...]
     per_row: bool = False
 
-    def run(self, bench: Workbench) -> Output:
+    def run(self, bench: Bench) -> Output:
         bench.reset(BASE)
         losses, rows = bench.evaluate(self.datasets, per_row=self.per_row)
         return Output({0: losses}, rows)
@@ -67,7 +85,7 @@ class UnlearnTask:
     schedule: tuple[int, ...]
     per_row: bool = False
 
-    def run(self, bench: Workbench) -> Output:
+    def run(self, bench: Bench) -> Output:
         bench.reset(BASE)
         out = Output({})
         last = self.schedule[-1]
@@ -95,7 +113,7 @@ class LdoTask:
     training: TrainingSpec
     seed: int
 
-    def run(self, bench: Workbench) -> Output:
+    def run(self, bench: Bench) -> Output:
         from untrac_ray.training import train_model
 
         bench.reset(init_weights_name(self.seed))
@@ -121,7 +139,7 @@ class GradientTask:
     batch_size: int
     reduction: str = "mean"
 
-    def run(self, bench: Workbench) -> Output:
+    def run(self, bench: Bench) -> Output:
         from untrac_ray.baselines import dataset_gradient
 
         bench.reset(self.weights)
@@ -145,7 +163,7 @@ class EkfacTask:
     settings: EkfacSpec
     seed: int = 0
 
-    def run(self, bench: Workbench) -> Output:
+    def run(self, bench: Bench) -> Output:
         from untrac_ray.baselines import ekfac_influence
         from untrac_ray.evaluation import sample_indices
 
@@ -163,3 +181,17 @@ class EkfacTask:
 
 
 Task = EvalTask | UnlearnTask | LdoTask | GradientTask | EkfacTask
+
+
+@dataclass
+class TaskResult:
+    """A task and what it measured: losses[step][dataset] (step 0: no unlearning), per-row
+    losses for the drill-down, or a payload such as a gradient."""
+
+    task: Task
+    losses: dict[int, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    worker: str = ""
+    row_losses: dict[str, np.ndarray] | None = None
+    payload: Any = None
+    index: int = -1  # position in the list of tasks given to Engine.map

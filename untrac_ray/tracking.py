@@ -5,10 +5,13 @@ Only the driver writes (SQLite does not like concurrent writers); actors return 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from untrac_ray.spec import JobSpec
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG_PREFIX = "untrac_ray."
 HEADLINE_TAG = "headline_pearson"  # method=mean Pearson at the point fixed in advance
+TASKS = "tasks"  # the artifact folder of a run's finished tasks (task_store.py)
 
 
 def resolve_tracking_uri(cli_uri: str | None, spec: JobSpec | None = None) -> str:
@@ -67,16 +71,25 @@ def _artifact_root(uri: str) -> str | None:
 def check_store(uri: str, timeout_s: int = 5) -> None:
     """Raise TrackingError (one line) unless the tracking store can be used: a server answers
     within timeout_s (one try, not MLflow's minutes of retries), a SQLite file's folder can be
-    made. Called before any data, training or Ray, so a bad store costs seconds, not a job."""
+    made. Called before any data, training or Ray, so a bad store costs seconds, not a job.
+
+    An existing SQLite file is opened under the store's lock (see _prepare_store): a schema a
+    peer is still creating is waited for, an out-of-date or corrupt file fails here. A new
+    file is not created yet (a job failing its checks leaves nothing behind): JobRun creates
+    it, under the same lock, so jobs started together on a new store do not race."""
     if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
+        db = _sqlite_path(uri)
+        if db is None:
+            return
         if db.is_dir():
             raise TrackingError(f"tracking store {uri}: {db} is a folder, not a database file")
         try:
-            _prepare_store(uri)
+            db.resolve().parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise TrackingError(f"tracking store {uri}: cannot create its folder: "
                                 f"{err.strerror or err}") from None
+        if db.exists():
+            _ensure_sqlite_schema(uri, db.resolve())
         return
     if not uri.startswith(("http://", "https://")):
         return
@@ -97,28 +110,150 @@ def check_store(uri: str, timeout_s: int = 5) -> None:
 
 
 def _prepare_store(uri: str) -> None:
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).resolve().parent.mkdir(parents=True, exist_ok=True)
+    """Before a job's first write: a SQLite store's folder is made (OSError if it cannot be)
+    and its schema created, or checked, under the store's lock (TrackingError, one line)."""
+    db = _sqlite_path(uri)
+    if db is None:
+        return
+    db = db.resolve()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    _ensure_sqlite_schema(uri, db)
+
+
+STORE_LOCK_TIMEOUT_S = 300.0  # a peer creating or migrating the schema takes seconds
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (its ?query left out); None if not one, or an
+    in-memory database."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    name = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return None if name in ("", ":memory:") else Path(name)
+
+
+def _ensure_sqlite_schema(uri: str, db: Path) -> None:
+    """Make sure the SQLite store's MLflow schema exists, holding an exclusive lock on
+    `<db>.lock` (fcntl.flock, beside the database) while MLflow opens it.
+
+    MLflow's SqlAlchemyStore creates every table and runs every migration, each DDL statement
+    committed apart and unlocked, on the first open of a new database file: two processes
+    doing it at once fail with `table ... already exists`, `duplicate column name`. Under the
+    lock exactly one process creates the schema; the others wait, then find it complete.
+    Everyone takes the lock, even on an existing file (a peer may be halfway through); it
+    costs milliseconds. The lock file stays (removing it would let two holders in). A file
+    already at MLflow's latest schema revision is complete: no lock then, so that many jobs
+    opening one store do not queue behind each other."""
+    import fcntl  # Unix only, as are Ray's local clusters
+
+    if _schema_is_current(db):
+        return
+    lock_path = db.with_name(db.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise TrackingError(f"tracking store {uri}: cannot create its lock file {lock_path}: "
+                            f"{err.strerror or err}") from None
+    try:
+        deadline = time.monotonic() + STORE_LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TrackingError(
+                        f"tracking store {uri}: another process has held {lock_path} for over "
+                        f"{STORE_LOCK_TIMEOUT_S:.0f} s (creating the schema?)") from None
+                time.sleep(0.05)
+        try:
+            # Opening the store creates the tables and runs the migrations if needed, then
+            # checks the schema version and the default experiment; one query to be sure.
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as err:  # noqa: BLE001 - corrupt file, out-of-date schema, ...
+            text = str(err).strip()
+            reason = text.splitlines()[0] if text else type(err).__name__
+            raise TrackingError(f"tracking store {uri} cannot be used: {reason[:300]}") from None
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _schema_is_current(db: Path) -> bool:
+    """Whether the SQLite file records MLflow's latest schema revision (its migrations all
+    ran; a schema being created has an older one or none), read without MLflow or a lock."""
+    import sqlite3
+
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    if not db.is_file() or db.stat().st_size == 0:
+        return False
+    try:
+        con = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True, timeout=5)
+        try:
+            row = con.execute("SELECT version_num FROM alembic_version").fetchone()
+        finally:
+            con.close()
+        return row is not None and row[0] == _get_latest_schema_revision()
+    except Exception:  # noqa: BLE001 - not a database, no such table, locked, ...: take the lock
+        return False
+
+
+def _get_or_create_experiment(client: MlflowClient, name: str,
+                              artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created if missing. Two jobs starting together in a new
+    experiment both find it missing and both create it; the one that loses the race
+    (RESOURCE_ALREADY_EXISTS, a UNIQUE constraint on SQLite) reads the winner's."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+HEARTBEAT_TAG = "heartbeat"  # unix seconds, refreshed by a live driver
+HEARTBEAT_S = float(os.environ.get("UNTRAC_RAY_HEARTBEAT_S", "30"))
+STALE_AFTER = 3  # heartbeats missed before a RUNNING run counts as stale
 
 
 class JobRun:
-    """An MLflow run for one job. FINISHED only when the `with` block ends without error."""
+    """An MLflow run for one job. FINISHED only when the `with` block ends without error.
 
-    def __init__(self, spec: JobSpec, tracking_uri: str, tags: dict[str, str] | None = None):
+    With `run_id` it continues that run (`--resume`): status back to RUNNING, no new params.
+    While open, a thread refreshes the heartbeat tag so that a run whose driver was killed
+    (SIGKILL, a lost node) is recognisable as stale, and adoptable by `--resume`. The run
+    also keeps the job's finished tasks (task_store.Remote: artifacts under tasks/).
+    """
+
+    def __init__(self, spec: JobSpec, tracking_uri: str, tags: dict[str, str] | None = None,
+                 run_id: str | None = None):
         self.spec = spec
         self.uri = tracking_uri
         self.extra_tags = tags or {}
         self.client: MlflowClient | None = None
         self.run_id = ""
+        self.resume_id = run_id
+        self.resumed = False
+        self._beat: threading.Event | None = None
 
     def __enter__(self) -> JobRun:
         _prepare_store(self.uri)
+        if self.resume_id is not None:
+            self._reopen(self.resume_id)
+        else:
+            self._create()
+        self._start_heartbeat()
+        return self
+
+    def _create(self) -> None:
         try:
             self.client = MlflowClient(tracking_uri=self.uri)
-            exp = self.client.get_experiment_by_name(self.spec.tracking.experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                self.spec.tracking.experiment, artifact_location=_artifact_root(self.uri)
-            )
+            exp_id = _get_or_create_experiment(self.client, self.spec.tracking.experiment,
+                                               _artifact_root(self.uri))
         except Exception as err:  # noqa: BLE001
             raise TrackingError(f"cannot use MLflow store {self.uri}: {err}") from None
         tags = {
@@ -137,9 +272,42 @@ class JobRun:
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i : i + 100])
         self.log_text(self.spec.to_yaml(), "job.yaml")
-        return self
+
+    def _reopen(self, run_id: str) -> None:
+        self.client = MlflowClient(tracking_uri=self.uri)
+        try:
+            self.client.get_run(run_id)
+        except Exception as err:  # noqa: BLE001
+            raise TrackingError(f"the MLflow run {run_id} is not in {self.uri}: "
+                                f"{str(err).splitlines()[0]}") from None
+        self.run_id = run_id
+        self.resumed = True
+        self.client.update_run(run_id, status="RUNNING")
+        for key, value in self.extra_tags.items():
+            self.client.set_tag(run_id, key, value)
+        if TAG_PREFIX + "error" in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, TAG_PREFIX + "error")  # the last try's error
+
+    def _start_heartbeat(self) -> None:
+        """Tag the driver (host, pid) and refresh the heartbeat from a daemon thread."""
+        self.client.set_tag(self.run_id, TAG_PREFIX + "driver", f"{socket.gethostname()}:"
+                            f"{os.getpid()}")
+        self.client.set_tag(self.run_id, TAG_PREFIX + "heartbeat_s", f"{HEARTBEAT_S:g}")
+        stop = self._beat = threading.Event()
+        client, run_id = MlflowClient(tracking_uri=self.uri), self.run_id
+
+        def beat() -> None:
+            while True:
+                with contextlib.suppress(Exception):  # a store that hiccups: try next time
+                    client.set_tag(run_id, TAG_PREFIX + HEARTBEAT_TAG, f"{time.time():.0f}")
+                if stop.wait(HEARTBEAT_S):
+                    return
+
+        threading.Thread(target=beat, name="untrac-ray-heartbeat", daemon=True).start()
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._beat is not None:
+            self._beat.set()
         if self.client is None or not self.run_id:
             return
         if exc_type is None:
@@ -150,6 +318,23 @@ class JobRun:
             status = RunStatus.FAILED
             self.client.set_tag(self.run_id, TAG_PREFIX + "error", str(exc)[:5000])
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+
+    # --- the run's finished tasks (task_store.Remote) ---
+
+    def stored_task_keys(self) -> set[str]:
+        """Keys of the finished tasks stored in this run."""
+        names = [Path(a.path).name for a in self.client.list_artifacts(self.run_id, TASKS)]
+        return {n.removesuffix(".npz") for n in names if n.endswith(".npz")}
+
+    def read_task(self, key: str) -> bytes:
+        """The bytes of one stored task."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.client.download_artifacts(self.run_id, f"{TASKS}/{key}.npz", tmp)
+            return Path(path).read_bytes()
+
+    def store_task(self, path: Path) -> None:
+        """Store one finished task's file in the run."""
+        self.client.log_artifact(self.run_id, str(path), TASKS)
 
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, TAG_PREFIX + key, value)
@@ -259,6 +444,7 @@ class RunRecord:
     headline_pearson: dict[str, float]
     error: str | None
     tags: dict[str, str] = field(default_factory=dict)
+    stale: bool = False  # RUNNING, but its driver is gone or silent (see driver_is_gone)
 
 
 def _headline_pearson(tags: dict[str, str], metrics: dict[str, float]) -> dict[str, float]:
@@ -304,7 +490,68 @@ def _record(run, experiments: dict[str, str]) -> RunRecord:
         headline_pearson=_headline_pearson(tags, dict(run.data.metrics)),
         error=tags.get(TAG_PREFIX + "error"),
         tags=tags,
+        stale=run.info.status == "RUNNING" and driver_is_gone(tags),
     )
+
+
+def driver_is_gone(tags: dict[str, str], now: float | None = None) -> bool:
+    """True when a RUNNING run's driver is dead or silent: its process is gone (a driver on
+    this host), or it missed STALE_AFTER heartbeats. Runs from before heartbeats: never."""
+    host, _, pid = tags.get(TAG_PREFIX + "driver", "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+        return True
+    try:
+        last = float(tags[TAG_PREFIX + HEARTBEAT_TAG])
+        every = float(tags.get(TAG_PREFIX + "heartbeat_s", HEARTBEAT_S))
+    except (KeyError, ValueError):
+        return False
+    return (now or time.time()) - last > STALE_AFTER * every
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def find_resumable_run(tracking_uri: str, spec: JobSpec, spec_key: str,
+                       kind: str | None = None) -> RunRecord:
+    """The newest unfinished run of this job (same name and spec hash) that `--resume` can
+    continue: KILLED, FAILED, or RUNNING with its driver gone. TrackingError (one line)
+    when there is none, saying why (nothing unfinished, a live driver, a changed spec)."""
+    if not _store_exists(tracking_uri):
+        raise TrackingError(f"nothing to resume: no MLflow store at {tracking_uri}")
+    job = spec.name.replace("'", "")
+    records = [r for r in list_runs(tracking_uri, None, f"tags.`{TAG_PREFIX}job` = '{job}'",
+                                    limit=200)
+               if r.tags.get(TAG_PREFIX + "kind") == kind and r.parent_id is None]
+    where = f"job {spec.name!r} in {tracking_uri}"
+    if not records:
+        raise TrackingError(f"nothing to resume: no run of {where}; run without --resume")
+    unfinished = [r for r in records if r.status in ("KILLED", "FAILED")
+                  or (r.status == "RUNNING" and r.stale)]
+    same = [r for r in unfinished if r.tags.get(TAG_PREFIX + "spec_key") == spec_key]
+    if same:
+        return same[0]
+    live = [r for r in records if r.status == "RUNNING" and not r.stale
+            and r.tags.get(TAG_PREFIX + "spec_key") == spec_key]
+    if live:
+        beat = live[0].tags.get(TAG_PREFIX + HEARTBEAT_TAG)
+        ago = f", heartbeat {time.time() - float(beat):.0f} s ago" if beat else ""
+        raise TrackingError(f"nothing to resume: run {live[0].run_id} of {where} is still "
+                            f"running (driver {live[0].tags.get(TAG_PREFIX + 'driver', '?')}"
+                            f"{ago})")
+    if unfinished:
+        r = unfinished[0]
+        raise TrackingError(f"cannot resume run {r.run_id} of {where}: it was made by a "
+                            f"different spec (settings hash {r.tags.get(TAG_PREFIX + 'spec_key')}"
+                            f", now {spec_key}); run without --resume for a new run")
+    raise TrackingError(f"nothing to resume: every run of {where} finished (latest "
+                        f"{records[0].run_id}); run without --resume for a new run")
 
 
 def _is_untrac_run(run) -> bool:
@@ -469,33 +716,24 @@ class SearchRun(JobRun):
 
     def __init__(self, spec: JobSpec, tracking_uri: str, tags: dict[str, str] | None = None,
                  run_id: str | None = None, name: str | None = None) -> None:
-        super().__init__(spec, tracking_uri, {TAG_PREFIX + "kind": "search", **(tags or {})})
-        self._resume_id = run_id
+        super().__init__(spec, tracking_uri, {TAG_PREFIX + "kind": "search", **(tags or {})},
+                         run_id=run_id)
         self.name = name
         self.experiment_id = ""
         self.interrupted = False  # set when trials are left to resume: the run ends KILLED
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None and self.interrupted and self.client is not None:
+            if self._beat is not None:
+                self._beat.set()
             self.client.set_terminated(self.run_id, "KILLED")
             return
         super().__exit__(exc_type, exc, tb)
 
     def __enter__(self) -> SearchRun:
-        if self._resume_id is None:
-            super().__enter__()
-            if self.name:  # the run is named after the search (its Tune experiment)
-                self.client.set_tag(self.run_id, "mlflow.runName", self.name)
-        else:
-            _prepare_store(self.uri)
-            self.client = MlflowClient(tracking_uri=self.uri)
-            try:
-                self.client.get_run(self._resume_id)
-            except Exception as err:  # noqa: BLE001
-                raise TrackingError(f"the search's MLflow run {self._resume_id} is not in "
-                                    f"{self.uri}: {str(err).splitlines()[0]}") from None
-            self.run_id = self._resume_id
-            self.client.update_run(self.run_id, status="RUNNING")
+        super().__enter__()
+        if not self.resumed and self.name:  # the run is named after the search (Tune's)
+            self.client.set_tag(self.run_id, "mlflow.runName", self.name)
         self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
         return self
 

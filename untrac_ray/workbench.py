@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -17,24 +15,10 @@ import torch
 from untrac_ray.evaluation import row_losses
 from untrac_ray.modeling import SharedWeights, load_arrays
 from untrac_ray.precision import check_precision, precision_context
-from untrac_ray.tasks import BASE, EvalTask, Output, Task, UnlearnTask
+from untrac_ray.tasks import BASE, Output, Task, TaskResult
 from untrac_ray.tokenization import TokenizedSet
 
-__all__ = ["EvalTask", "UnlearnTask", "TaskResult", "Workbench"]
-
-
-@dataclass
-class TaskResult:
-    """A task and what it measured: losses[step][dataset] (step 0: no unlearning), per-row
-    losses for the drill-down, or a payload such as a gradient."""
-
-    task: Task
-    losses: dict[int, dict[str, float]] = field(default_factory=dict)
-    seconds: float = 0.0
-    worker: str = ""
-    row_losses: dict[str, np.ndarray] | None = None
-    payload: Any = None
-    index: int = -1  # position in the list of tasks given to Engine.map
+__all__ = ["Workbench"]
 
 
 class Workbench:

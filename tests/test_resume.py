@@ -1,0 +1,147 @@
+"""Durable jobs: a driver killed with SIGKILL mid-job leaves a run that `runs` marks stale and
+`run --resume` continues: it restores the finished tasks, runs only the missing ones, and ends
+the same MLflow run FINISHED with the cells of an undisturbed run. A resume against a changed
+spec or changed data refuses in one line. Real processes, a real signal, a real store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from conftest import merge, tiny_spec
+from untrac_ray.cli import app
+from untrac_ray.tracking import read_influence
+
+
+def _stored_tasks(tmp: Path) -> dict[str, float]:
+    """The finished tasks stored in the store's runs so far: file name -> mtime."""
+    return {p.name: p.stat().st_mtime_ns
+            for p in tmp.glob("mlartifacts/**/tasks/*.npz")}
+
+
+def _job(tmp: Path) -> dict:
+    return merge(tiny_spec(tmp), {
+        "methods": {"untrac": {"epochs": 20, "eval_every": None, "eval_points": 2},
+                    "ldo": {"seeds": [0]}},
+        "resources": {"local_cpus": 2, "num_actors": 1},
+    })
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, [*args, "--quiet"])
+
+
+def test_a_killed_driver_resumes_the_same_run_and_runs_only_missing_tasks(tmp_path):
+    spec = _job(tmp_path)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec, sort_keys=False))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "UNTRAC_RAY_HEARTBEAT_S": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "untrac_ray.cli", "run", str(job),
+                             "--tracking-uri", uri, "--quiet"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while (len(_stored_tasks(tmp_path)) < 7 and proc.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job ended before it could be killed: " + str(
+            proc.communicate())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    time.sleep(1)  # a task file being uploaded at the kill may land a moment later
+    before = _stored_tasks(tmp_path)
+    assert len(before) >= 7
+
+    client = MlflowClient(tracking_uri=uri)
+    (killed,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert killed.info.status == "RUNNING"  # nobody closed it
+    listed = CliRunner().invoke(app, ["runs", "--tracking-uri", uri, "--format", "csv"])
+    assert listed.exit_code == 0 and ",STALE," in listed.output, listed.output
+
+    # a changed spec or changed data refuses in one line, before any work
+    changed = merge(spec, {"methods": {"untrac": {"learning_rate": 2e-3}}})
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    refused = _cli("run", str(tmp_path / "changed.yaml"), "--tracking-uri", uri, "--resume")
+    assert refused.exit_code == 2
+    assert "different spec" in refused.output and len(refused.output.strip().splitlines()) == 1
+    data = tmp_path / "train.csv"
+    original = data.read_bytes()
+    data.write_bytes(original + b"What comes after 99?,100,add_one\n")
+    refused = _cli("run", str(job), "--tracking-uri", uri, "--resume")
+    data.write_bytes(original)
+    assert refused.exit_code == 2, refused.output
+    assert "the data changed" in refused.output, refused.output
+    assert len(refused.output.strip().splitlines()) == 1, refused.output
+
+    started = time.perf_counter()
+    resumed = CliRunner().invoke(app, ["run", str(job), "--tracking-uri", uri, "--resume"])
+    resume_s = time.perf_counter() - started
+    assert resumed.exit_code == 0, resumed.output
+    after = _stored_tasks(tmp_path)
+    n_tasks = 5 + 4 + 3 + 2  # base losses, ldo (all sets + one without each), untrac, inverse
+    assert len(after) == n_tasks
+    assert f"restored {len(before)} of {n_tasks} tasks" in resumed.output, resumed.output
+    # only the missing tasks ran: what was stored before was neither redone nor rewritten
+    assert {k: after[k] for k in before} == before
+
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["untrac_ray.restored_tasks"] == str(len(before))
+    table = read_influence(run.info.run_id, uri)
+
+    # an undisturbed run of the same job (the base model is reused from the cache)
+    other = f"sqlite:///{tmp_path / 'undisturbed.db'}"
+    started = time.perf_counter()
+    fresh = _cli("run", str(job), "--tracking-uri", other)
+    fresh_s = time.perf_counter() - started
+    assert fresh.exit_code == 0, fresh.output
+    oc = MlflowClient(tracking_uri=other)
+    (ref,) = oc.search_runs([oc.get_experiment_by_name("tests").experiment_id])
+    expected = read_influence(ref.info.run_id, other)
+    keys = ["method", "point", "train_set", "test_set"]
+    merged = pd.merge(table, expected, on=keys, suffixes=("", "_ref"), validate="1:1")
+    assert len(merged) == len(expected) == len(table)
+    np.testing.assert_allclose(merged["influence"], merged["influence_ref"], rtol=1e-5,
+                               atol=1e-6)
+    print(f"\nresume: restored {len(before)} of {n_tasks} tasks, {resume_s:.1f} s; "
+          f"undisturbed run {fresh_s:.1f} s")
+
+
+def test_resume_with_nothing_to_resume_says_so_in_one_line(make_job, tracking_uri):
+    job = make_job({"methods": {"untrac_inv": None}})
+    result = _cli("run", str(job), "--tracking-uri", tracking_uri, "--resume")
+    assert result.exit_code == 2
+    assert "nothing to resume" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_running_run_is_stale_when_its_driver_is_gone_or_silent():
+    import socket
+
+    from untrac_ray.tracking import driver_is_gone
+
+    here, now = socket.gethostname(), 1_000_000.0
+    alive = {"untrac_ray.driver": f"{here}:{os.getpid()}", "untrac_ray.heartbeat_s": "30",
+             "untrac_ray.heartbeat": str(now - 10)}
+    assert not driver_is_gone(alive, now)
+    assert driver_is_gone({**alive, "untrac_ray.heartbeat": str(now - 100)}, now)  # silent
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert driver_is_gone({**alive, "untrac_ray.driver": f"{here}:{dead}"}, now)  # gone
+    elsewhere = {**alive, "untrac_ray.driver": "another-host:1"}
+    assert not driver_is_gone(elsewhere, now)  # another host's process: the heartbeat decides
+    assert driver_is_gone({**elsewhere, "untrac_ray.heartbeat": str(now - 91)}, now)
+    assert not driver_is_gone({}, now)  # runs from before heartbeats
