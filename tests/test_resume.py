@@ -120,12 +120,21 @@ def test_a_killed_driver_resumes_the_same_run_and_runs_only_missing_tasks(tmp_pa
           f"undisturbed run {fresh_s:.1f} s")
 
 
-def test_resume_with_nothing_to_resume_says_so_in_one_line(make_job, tracking_uri):
+def test_resume_with_nothing_to_resume_says_so_and_resume_if_any_starts_anew(
+        make_job, tracking_uri):
     job = make_job({"methods": {"untrac_inv": None}})
     result = _cli("run", str(job), "--tracking-uri", tracking_uri, "--resume")
     assert result.exit_code == 2
     assert "nothing to resume" in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+    started = CliRunner().invoke(app, ["run", str(job), "--tracking-uri", tracking_uri,
+                                       "--resume-if-any"])  # what a retried cluster job runs
+    assert started.exit_code == 0, started.output
+    assert "nothing to resume" in started.output and "starting a new run" in started.output
+    assert "resumed: restored" not in started.output
+    client = MlflowClient(tracking_uri=tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FINISHED"
 
 
 def test_a_running_run_is_stale_when_its_driver_is_gone_or_silent():

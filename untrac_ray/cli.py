@@ -155,12 +155,15 @@ def run(
         "(for retried cluster jobs)")] = False,
 ) -> None:
     """Run a job: train or reuse the base model, unlearn on Ray actors, log to MLflow."""
+    import os
+
     from untrac_ray.runner import run_job
     from untrac_ray.signals import EXIT_CODE as SIGTERM_EXIT_CODE
     from untrac_ray.signals import sigterm_as_interrupt, was_terminated
     from untrac_ray.spec import load_spec
     from untrac_ray.submission import submission_tags
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # restoring tasks
     try:
         spec = load_spec(job)
         with sigterm_as_interrupt(), CliReporter(quiet) as reporter:

@@ -63,7 +63,8 @@ class JobOutcome:
 def find_run_to_resume(spec: JobSpec, uri: str, resume: Resume, reporter: Reporter
                        ) -> tuple[str, dict[str, str]] | None:
     """The run `resume` continues (its id and recorded fingerprints), or None for a new run.
-    "strict" refuses in one line when there is none; "if_any" then starts a new run."""
+    "strict" refuses in one line when there is none (or when the data or model changed since,
+    checked by open_session); "if_any" then starts a new run."""
     if resume is None:
         return None
     try:
@@ -99,9 +100,9 @@ def run_job(
     uri = resolve_tracking_uri(tracking_uri, spec)
     check_store(uri)  # seconds, before any data, training or Ray
     previous = find_run_to_resume(spec, uri, resume, reporter)
-    with open_session(spec, address=address, reporter=reporter, uri=uri,
-                      resume=previous) as session:
-        with JobRun(spec, uri, tags, run_id=previous[0] if previous else None) as run:
+    with open_session(spec, address=address, reporter=reporter, uri=uri, resume=previous,
+                      new_run_if_changed=resume == "if_any") as session:
+        with JobRun(spec, uri, tags, run_id=session.resumed_run) as run:
             for key, value in session.fingerprints.items():
                 run.set_tag(key, value)
             run.set_tag("model_dir", str(session.model_dir))

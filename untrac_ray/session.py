@@ -84,6 +84,7 @@ class JobSession:
     indices: dict[str, np.ndarray]
     truth: pd.DataFrame | None
     fingerprints: dict[str, str] = field(default_factory=dict)
+    resumed_run: str | None = None  # the run this session continues (None: a new run)
 
     @property
     def n_rows(self) -> dict[str, int]:
@@ -129,27 +130,40 @@ def open_session(
     spec_key: str | None = None,
     resume: tuple[str, dict[str, str]] | None = None,
     methods: Collection[str] | None = None,
+    new_run_if_changed: bool = False,
 ) -> Iterator[JobSession]:
     """Set up a job (see the module docstring); Ray is shut down after if this started it.
 
     `resume` is (run id, fingerprints recorded by that run): a difference refuses before the
-    work it would waste. `methods` are those whose weight sets the object store needs (TracIn's
-    checkpoints, LDO's initial weights); by default the spec's.
+    work it would waste, or, with `new_run_if_changed`, is reported and the session is for a
+    new run (`resumed_run` None). `methods` are those whose weight sets the object store needs
+    (TracIn's checkpoints, LDO's initial weights); by default the spec's.
     """
     reporter = reporter or Reporter()
     uri = uri or resolve_tracking_uri(tracking_uri, spec)
     check_store(uri)  # seconds, before any data, training or Ray
     fingerprints = {SPEC_KEY: spec_key or job_spec_key(spec)}
     run_id, expected = resume if resume is not None else ("", {})
-    check_resumable(expected, fingerprints, run_id)
+
+    def check() -> None:
+        nonlocal run_id, expected
+        try:
+            check_resumable(expected, fingerprints, run_id)
+        except ResumeError as err:
+            if not new_run_if_changed:
+                raise
+            reporter.stage(f"{err}: starting a new run")
+            run_id, expected = "", {}
+
+    check()
     reporter.stage("loading and tokenizing datasets")
     data = prepare_data(spec)
     fingerprints[DATA_KEY] = spec_hash({n: table_fingerprint(t) for n, t in data.tables.items()})
-    check_resumable(expected, fingerprints, run_id)
+    check()
     truth = load_ground_truth(spec, uri, data.train, data.test) if spec.ground_truth else None
     model_dir = resolve_model(spec, data, reporter)
     fingerprints[MODEL_KEY] = file_fingerprint(str(model_dir))
-    check_resumable(expected, fingerprints, run_id)
+    check()
     weights, checkpoints = weight_sets(spec, data, model_dir, methods)
     started_ray = ensure_ray(spec.resources, address)
     try:
@@ -159,7 +173,7 @@ def open_session(
         table_refs = {name: ray.put(t) for name, t in data.tables.items()}
         del weights, by_id  # the driver keeps only the references
         yield JobSession(spec, uri, data, model_dir, checkpoints, weight_refs, table_refs,
-                         eval_sample(spec, data), truth, fingerprints)
+                         eval_sample(spec, data), truth, fingerprints, run_id or None)
     finally:
         if started_ray:
             ray.shutdown()
