@@ -7,8 +7,10 @@ final matrix took one step label for all of them: +nan for every shorter set."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -21,7 +23,7 @@ from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
 from untrac_ray.results import matrix, points_of
 from untrac_ray.spec import METHODS, load_spec
 from untrac_ray.tasks import GradientTask
-from untrac_ray.tracking import read_run_table
+from untrac_ray.tracking import read_influence, read_run_table
 from untrac_ray.workbench import Workbench
 
 runner = CliRunner()
@@ -131,3 +133,32 @@ def _write(tmp, spec: dict):
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def test_a_killed_run_of_every_method_resumes_with_the_same_cells(unequal):
+    """Gradients (GradDot, GradCos, TracIn's checkpoints), EK-FAC, LDO and the trajectories are
+    all restored by `run --resume`: the run is marked KILLED with some finished tasks taken
+    away (as if the driver died before them); only those run again, and every cell of every
+    method equals the undisturbed run's. (Last in this file: it continues the shared run.)"""
+    client, run, uri = unequal["client"], unequal["run"], unequal["uri"]
+    tasks = Path(run.info.artifact_uri.removeprefix("file://")) / "tasks"
+    stored = sorted(p.name for p in tasks.glob("*.npz"))
+    lost = [next(n for n in stored if n.startswith(prefix)) for prefix in
+            ("gradient-base-", "gradient-ckpt", "ekfac-", "ldo-", "unlearn-untrac-",
+             "unlearn-untrac_inv-")]
+    for name in lost:
+        (tasks / name).unlink()
+    client.set_terminated(run.info.run_id, "KILLED")
+    result = runner.invoke(app, ["run", str(unequal["job"]), "--tracking-uri", uri, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert f"resumed: restored {len(stored) - len(lost)} of {len(stored)} tasks" in \
+        " ".join(result.output.split()), result.output
+    again = client.get_run(run.info.run_id)
+    assert again.info.status == "FINISHED"
+    assert sorted(p.name for p in tasks.glob("*.npz")) == stored  # the lost ones, redone
+    keys = ["method", "point", "train_set", "test_set"]
+    both = pd.merge(unequal["table"], read_influence(run.info.run_id, uri), on=keys,
+                    suffixes=("", "_resumed"), validate="1:1")
+    assert len(both) == len(unequal["table"]) and set(both["method"]) == set(METHODS)
+    np.testing.assert_allclose(both["influence_resumed"], both["influence"], rtol=1e-5,
+                               atol=1e-7)
