@@ -82,6 +82,30 @@ def sorted_matrix(table: pd.DataFrame, method: str, point: int | None = None) ->
 
 # --- runs ----------------------------------------------------------------------------------------
 
+def test_runs_piped_at_80_columns_and_on_an_80_column_terminal_reads_well(store):
+    """Piped (not a terminal), every value is whole whatever COLUMNS says; on an 80-column
+    terminal, optional columns go by priority and the kept ones are never crushed."""
+    from rich.console import Console
+
+    from untrac_ray import browse
+    from untrac_ray.tracking import list_runs
+
+    piped = runner.invoke(app, ["runs", "--tracking-uri", store.uri], env={"COLUMNS": "80"})
+    assert piped.exit_code == 0, piped.output
+    for run_id in store.ids.values():
+        assert run_id in piped.stdout  # whole ids
+    for word in ("tiny_full", "tiny_proxy", "FINISHED", "untrac, untrac_inv, ldo", "gpt2"):
+        assert word in piped.stdout, word
+    records = list_runs(store.uri)
+    console = Console(width=80, record=True, force_terminal=True, color_system=None)
+    console.print(browse.runs_table(records, "runs", width=80))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for word in ("tiny_full", "tiny_proxy", "FINISHED", "status", "job", "duration"):
+        assert word in text, word  # whole, not cut to "…"
+    assert "gpt2" not in text  # the model column went first
+
+
 def test_runs_lists_untrac_runs_newest_first_in_text_and_every_format(store, tmp_path):
     ids = store.ids
     text = cli(store, "runs").stdout
@@ -357,6 +381,12 @@ def test_ui_refuses_a_missing_store_and_a_busy_port(store, tmp_path):
         port = busy.getsockname()[1]
         result = runner.invoke(app, ["ui", "--tracking-uri", store.uri, "--port", str(port)])
     assert result.exit_code == 2 and f"port {port} on 127.0.0.1 is in use" in result.output
+    # a real server that cannot come up in its time limit (MLflow takes seconds): a clear line
+    result = runner.invoke(app, ["ui", "--tracking-uri", store.uri, "--port", "0",
+                                 "--start-timeout", "0.5"])
+    assert result.exit_code == 2, result.output
+    assert "starting the MLflow UI" in result.output
+    assert "did not answer within 0.5 s" in result.output and "--start-timeout" in result.output
 
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

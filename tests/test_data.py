@@ -115,3 +115,11 @@ def test_tokenized_cache_and_batches(sources, tmp_path):
     batch = data.batch([0, 9])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert len(data) == 10
+
+
+def test_hf_disk_without_the_datasets_package_says_which_extra_to_install(sources, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
+    with pytest.raises(DataError, match=r"^dataset 'x': format hf_disk needs .*untrac-ray\[hf\]"):
+        load_dataset_rows(DatasetSpec(name="x", source=str(sources["hf_disk"]), subset="a"))

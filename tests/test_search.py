@@ -396,3 +396,14 @@ def test_submit_can_run_a_search_on_a_cluster(tmp_path):
         assert out["search"]["storage_path"] is None  # local and not shared: the cluster's
     finally:
         staged.cleanup()
+
+
+def test_the_search_demo_job_validates_and_searches_six_settings_against_ldo():
+    from untrac_ray.preflight import check_job
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "jobs" / "search_demo.yaml")
+    check_job(spec)  # its data, columns and subsets, as `validate` checks them
+    assert spec.search is not None and "ldo" in spec.methods.enabled()
+    assert spec.search.num_trials() == 6
+    space = tune_space(spec.search)
+    assert set(space["untrac"]) == {"learning_rate", "optimizer"}

@@ -164,37 +164,61 @@ STATUS_STYLE = {"FINISHED": "green", "RUNNING": "yellow", "FAILED": "red", "KILL
                 "STALE": "magenta"}
 
 
-def runs_table(records: list[RunRecord], title: str) -> Table:
-    """The runs as a rich table, newest first; a parent column when some runs are nested."""
+# The runs table's optional columns, dropped in this order when the console is narrow (the
+# run id, job, status, correlation and duration always stay, each at its full width).
+DROP_ORDER = ("model", "methods", "start", "train x test", "experiment", "parent")
+
+
+def runs_table(records: list[RunRecord], title: str, width: int | None = None) -> Table:
+    """The runs as a rich table, newest first; a parent column when some runs are nested.
+
+    With `width` (a terminal's columns), optional columns are dropped by priority
+    (DROP_ORDER) until the rest fit at full width, and run ids shortened to 8 characters
+    when even that is too wide; without it (output piped or to a file) every value is whole.
+    """
     nested = any(r.parent_id for r in records)
     experiments = {r.experiment for r in records}
-    table = Table(title=title, title_justify="left")
-    table.add_column("run id", no_wrap=True, style="cyan")
-    if nested:
-        table.add_column("parent", no_wrap=True)
-    if len(experiments) > 1:
-        table.add_column("experiment")
-    for name in ("job", "methods", "model"):
-        table.add_column(name)
-    table.add_column("train x test", justify="right")
-    table.add_column("status")
-    table.add_column("r vs truth (top method)", justify="right")
-    table.add_column("start", no_wrap=True)
-    table.add_column("duration", justify="right", no_wrap=True)
+    rows = []
     for r in records:
         best_method, best = best_of(r)
-        sets = f"{r.n_train if r.n_train is not None else '?'} x " \
-               f"{r.n_test if r.n_test is not None else '?'}"
-        cells = [r.run_id]
-        if nested:
-            cells.append(("└ " + r.parent_id[:8]) if r.parent_id else "")
-        if len(experiments) > 1:
-            cells.append(r.experiment)
-        status = Text(shown_status(r), style=STATUS_STYLE.get(shown_status(r), ""))
-        cells += [r.job, ", ".join(r.methods), r.model, sets]
-        table.add_row(*cells, status,
-                      "-" if best is None else f"{best_method} {best:+.3f}",
-                      fmt_time(r.start_ms), fmt_duration(duration_s(r)))
+        rows.append({
+            "run id": r.run_id,
+            "parent": ("└ " + r.parent_id[:8]) if r.parent_id else "",
+            "experiment": r.experiment,
+            "job": r.job, "methods": ", ".join(r.methods), "model": r.model,
+            "train x test": f"{r.n_train if r.n_train is not None else '?'} x "
+                            f"{r.n_test if r.n_test is not None else '?'}",
+            "status": shown_status(r),
+            "r vs truth (top method)": "-" if best is None else f"{best_method} {best:+.3f}",
+            "start": fmt_time(r.start_ms), "duration": fmt_duration(duration_s(r)),
+        })
+    columns = ["run id", *(["parent"] if nested else []),
+               *(["experiment"] if len(experiments) > 1 else []), "job", "methods", "model",
+               "train x test", "status", "r vs truth (top method)", "start", "duration"]
+
+    def needed(cols: list[str]) -> int:  # each column's widest value, plus borders and padding
+        return 1 + sum(3 + max(len(c), *(len(row[c]) for row in rows)) for c in cols)
+
+    if width is not None:
+        for name in DROP_ORDER:
+            if needed(columns) <= width:
+                break
+            if name in columns:
+                columns.remove(name)
+        if needed(columns) > width:
+            for row in rows:
+                row["run id"] = row["run id"][:8]
+    table = Table(title=title, title_justify="left")
+    right = {"train x test", "r vs truth (top method)", "duration"}
+    for name in columns:
+        table.add_column(name, no_wrap=True, justify="right" if name in right else "left",
+                         style="cyan" if name == "run id" else None)
+    for row in rows:
+        cells = [row[c] for c in columns]
+        if "status" in columns:
+            i = columns.index("status")
+            cells[i] = Text(row["status"], style=STATUS_STYLE.get(row["status"], ""))
+        table.add_row(*cells)
     return table
 
 

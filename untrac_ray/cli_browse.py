@@ -64,11 +64,17 @@ def _uri(cli_value: str | None) -> str:
     return resolve_tracking_uri(cli_value, None)
 
 
+PIPED_WIDTH = 400  # a table piped or redirected keeps every value whole (no terminal to fit)
+
+
 def _print(renderables: list, output: Path | None) -> None:
-    """Rich renderables to stdout, or as plain text to a file."""
+    """Rich renderables to stdout (piped: as wide as they need, values whole), or as plain
+    text to a file."""
     if output is None:
+        console = out_console if out_console.is_terminal else Console(
+            width=PIPED_WIDTH, no_color=out_console.no_color)
         for r in renderables:
-            out_console.print(r)
+            console.print(r)
         return
     with open(output, "w") as f:
         console = Console(file=f, width=160, no_color=True)
@@ -132,7 +138,9 @@ def runs(
                 _print([f"no untrac-ray runs in {uri}"
                         + (f" (experiment {experiment})" if experiment else "")], output)
             else:
-                _print([browse.runs_table(records, f"untrac-ray runs in {uri}")], output)
+                width = out_console.width if out_console.is_terminal and not output else None
+                _print([browse.runs_table(records, f"untrac-ray runs in {uri}", width)],
+                       output)
             return
         data = {"tracking_uri": uri, "runs": [browse.record_dict(r) for r in records]}
         _emit(fmt, browse.runs_frame(records), data, output)
@@ -247,8 +255,14 @@ def _port_free(port: int) -> bool:
         return True
 
 
+UI_NOTE_EVERY_S = 15.0  # while the server starts, a line this often (a busy machine is slow)
+
+
 def _wait_until_up(proc: subprocess.Popen, address: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
+    """Whether the server answered /health within `timeout` s (False: it exited or is slow);
+    says on stderr every UI_NOTE_EVERY_S that it is still starting."""
+    start = time.monotonic()
+    deadline, note = start + timeout, start + UI_NOTE_EVERY_S
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             with urllib.request.urlopen(f"{address}/health", timeout=2) as reply:
@@ -256,6 +270,10 @@ def _wait_until_up(proc: subprocess.Popen, address: str, timeout: float) -> bool
                     return True
         except OSError:
             time.sleep(0.3)
+        if time.monotonic() >= note:
+            err_console.print(f"  still starting ({time.monotonic() - start:.0f} s of "
+                              f"{timeout:g} s)", highlight=False)
+            note += UI_NOTE_EVERY_S
     return False
 
 
@@ -314,7 +332,10 @@ def ui(
             failed = True
             log.seek(0)
             tail = log.read().decode(errors="replace").strip().splitlines()[-15:]
-            raise _fail(UntracError("the MLflow UI did not start:\n" + "\n".join(tail)))
+            why = (f"did not answer within {start_timeout:g} s (a busy machine may need more: "
+                   "--start-timeout)" if proc.poll() is None else
+                   f"exited with code {proc.returncode}")
+            raise _fail(UntracError(f"the MLflow UI {why}:\n" + "\n".join(tail)))
         out_console.print(f"MLflow UI: {address}  (store {uri}; Ctrl+C to stop)",
                           highlight=False, soft_wrap=True)
         sys.stdout.flush()

@@ -48,8 +48,11 @@ def _read_source(ds: DatasetSpec) -> pa.Table:
             return pajson.read_json(_open_input(ds.source))
         if fmt == "parquet":
             return pq.read_table(_open_input(ds.source))
-        import datasets
-
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"dataset {ds.name!r}: format hf_disk needs the Hugging Face "
+                            "`datasets` package: pip install 'untrac-ray[hf]'") from None
         loaded = datasets.load_from_disk(ds.source)
         if isinstance(loaded, datasets.DatasetDict):
             raise DataError(

@@ -23,7 +23,7 @@ METHODS: tuple[str, ...] = ("untrac", "untrac_inv", "ldo", "graddot", "gradcos",
 UNLEARNING_METHODS = ("untrac", "untrac_inv")
 GROUND_TRUTH = "ldo"
 KRONFLUENCE_INSTALL = (
-    "pip install --no-deps kronfluence==1.0.1 && pip install accelerate einops einconv opt-einsum"
+    "pip install 'untrac-ray[ekfac]' && pip install --no-deps kronfluence==1.0.1"
 )
 DATA_FORMATS = ("csv", "jsonl", "parquet", "hf_disk")
 
