@@ -1,10 +1,11 @@
 """One job set-up for `run` and `tune`: data, base model, shared objects, and durable tasks.
 
-`open_session` does, in this order, what both commands need before their own work: check the
-tracking store (seconds), tokenize the data, read a ground-truth run, resolve (or train) the
-base model, start or join Ray, and put the weight sets and tokenized tables into the object
-store once. Along the way it fingerprints the data and the model; a resumed job refuses in one
-line if either differs from the run it continues.
+`open_session` does, in this order, what both commands need before their own work (their
+caller has checked the tracking store first, as it must before looking up a run to resume):
+tokenize the data, read a ground-truth run, resolve (or train) the base model, start or join
+Ray, and put the weight sets and tokenized tables into the object store once. Along the way it
+fingerprints the data and the model; a resumed job refuses in one line if either differs from
+the run it continues.
 
 `run_tasks` is the one way tasks run durably: restore those a run already holds (a resumed
 job), run the rest on an engine, and store each result in the run as it finishes
@@ -39,7 +40,7 @@ from untrac_ray.job_setup import (
 from untrac_ray.spec import JobSpec, file_fingerprint, spec_hash
 from untrac_ray.task_store import TaskStore
 from untrac_ray.tasks import TaskResult
-from untrac_ray.tracking import check_store, resolve_tracking_uri
+from untrac_ray.tracking import resolve_tracking_uri
 
 SPEC_KEY, DATA_KEY, MODEL_KEY = "spec_key", "data_key", "model_key"  # run tags (fingerprints)
 
@@ -95,12 +96,12 @@ class JobSession:
         """What every task of this job shares (task_store keys include it)."""
         return spec_hash(self.fingerprints, self.spec.evaluation.model_dump(mode="json"))
 
-    def engine(self, max_useful_actors: int, actor_options: dict[str, Any] | None = None,
-               weights: Sequence[str] | None = None) -> Engine:
-        """A pool of actors over the shared objects (only the named weight sets, if given)."""
-        refs = self.weights if weights is None else {n: self.weights[n] for n in weights}
-        return Engine(self.spec.resources, refs, self.tables, self.data.tokenizer.pad_token_id,
-                      self.indices, self.spec.evaluation.batch_size,
+    def engine(self, max_useful_actors: int, actor_options: dict[str, Any] | None = None
+               ) -> Engine:
+        """A pool of actors over the shared objects."""
+        return Engine(self.spec.resources, self.weights, self.tables,
+                      self.data.tokenizer.pad_token_id, self.indices,
+                      self.spec.evaluation.batch_size,
                       max_useful_actors=max_useful_actors, actor_options=actor_options)
 
     def task_store(self, run: Any) -> TaskStore:
@@ -140,8 +141,7 @@ def open_session(
     (TracIn's checkpoints, LDO's initial weights); by default the spec's.
     """
     reporter = reporter or Reporter()
-    uri = uri or resolve_tracking_uri(tracking_uri, spec)
-    check_store(uri)  # seconds, before any data, training or Ray
+    uri = uri or resolve_tracking_uri(tracking_uri, spec)  # checked by the caller (check_store)
     fingerprints = {SPEC_KEY: spec_key or job_spec_key(spec)}
     run_id, expected = resume if resume is not None else ("", {})
 
@@ -186,7 +186,6 @@ def run_tasks(
     on_result: Callable[[TaskResult, bool], None] | None = None,
     on_retry: Callable[[Any, str], None] | None = None,
     engine: Engine | None = None,
-    weights: Sequence[str] | None = None,
     restored: dict[int, TaskResult] | None = None,
 ) -> tuple[list[TaskResult], int]:
     """Run tasks durably: those `store` holds are restored (or given in `restored`, by
@@ -210,7 +209,7 @@ def run_tasks(
                 on_result(result, False)
 
         if engine is None:
-            with session.engine(len(todo), weights=weights) as own:
+            with session.engine(len(todo)) as own:
                 own.map([tasks[i] for i in todo], finished, on_retry=on_retry)
         else:
             engine.map([tasks[i] for i in todo], finished, on_retry=on_retry)
