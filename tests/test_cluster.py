@@ -439,7 +439,6 @@ def test_cluster_tracking_uri_and_entrypoint(tmp_path, monkeypatch):
         sub.cluster_tracking_uri(None, spec)
     assert sub.cluster_tracking_uri("sqlite:///m.db", spec) == f"sqlite:///{tmp_path}/m.db"
     assert sub.cluster_tracking_uri("http://mlflow:5000", spec) == "http://mlflow:5000"
-    assert sub.redact_uri("https://me:secret@mlflow:5000/x") == "https://***@mlflow:5000/x"
     command = sub.entrypoint("/opt/py env/bin/python", "http://mlflow:5000")
     assert command == ("'/opt/py env/bin/python' -m untrac_ray.cli run job.yaml "
                        "--address auto --tracking-uri http://mlflow:5000")

@@ -36,9 +36,14 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 
 @app.callback()
 def _quiet_libraries() -> None:
-    """Keep library chatter (download bars, store migrations) off the terminal."""
+    """Keep library chatter (download bars, store migrations) off the terminal, and every
+    credential out of what is printed (redaction.py: before anything else runs)."""
     import logging
     import os
+
+    from untrac_ray.redaction import install_output_redaction
+
+    install_output_redaction()
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

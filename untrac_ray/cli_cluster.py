@@ -126,7 +126,6 @@ def submit(
         Cluster,
         cluster_tracking_uri,
         package_size,
-        redact_uri,
         stage_job,
     )
 
@@ -153,7 +152,7 @@ def submit(
     _note(f"submitted job {staged.spec.name!r} to {cluster.url}: {len(done.uploaded)} local "
           f"path(s) uploaded ({done.size / 2**20:.1f} MiB with the package), "
           f"{len(done.passed)} shared path(s) or URI(s) used in place; MLflow: "
-          f"{redact_uri(done.tracking_uri)}")
+          f"{done.tracking_uri}")
     if follow:
         try:
             _follow(cluster, done.submission_id)

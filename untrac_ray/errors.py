@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from untrac_ray.redaction import redact
+
 
 class UntracError(Exception):
-    """Base class for user-facing errors; the CLI prints the message and exits non-zero."""
+    """Base class for user-facing errors; the CLI prints the message and exits non-zero.
+
+    The message never holds a credential: it is redacted when made (a URI's password, a
+    token in its query, any secret this process learnt)."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class SpecError(UntracError):

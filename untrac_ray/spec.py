@@ -2,6 +2,8 @@
 
 Relative paths in a spec are resolved against the folder of the spec file, so a job runs the
 same from any working directory (and on a cluster, where the file travels with its data).
+A `${NAME}` in any string is the environment variable NAME, so that a secret (a token in a
+data URI, a tracking password) need not be written in the file.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from untrac_ray.errors import SpecError
+from untrac_ray.redaction import expand_env, redact
 
 Optimizer = Literal["adam", "sgd", "adafactor"]
 METHODS: tuple[str, ...] = ("untrac", "untrac_inv", "ldo", "graddot", "gradcos", "tracin", "ekfac")
@@ -30,6 +33,12 @@ DATA_FORMATS = ("csv", "jsonl", "parquet", "hf_disk")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
+
+    def __repr__(self) -> str:  # a spec in a traceback or a log shows no credential
+        return redact(super().__repr__())
+
+    def __str__(self) -> str:
+        return redact(super().__str__())
 
 
 def is_uri(path: str) -> bool:
@@ -129,7 +138,7 @@ class DatasetSpec(_Strict):
         """The format given, or the one the source's suffix implies."""
         if self.format:
             return self.format
-        lower = self.source.lower().rstrip("/")
+        lower = self.source.lower().split("?", 1)[0].rstrip("/")  # a URI's ?query aside
         for suffix, fmt in ((".csv", "csv"), (".jsonl", "jsonl"), (".json", "jsonl"),
                             (".parquet", "parquet"), (".pq", "parquet")):
             if lower.endswith(suffix):
@@ -748,4 +757,23 @@ def load_spec(path: str | Path) -> JobSpec:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    raw = expand_env_refs(raw, origin=str(path))
     return parse_spec(raw, origin=str(path), base_dir=path.resolve().parent)
+
+
+def expand_env_refs(raw: Any, origin: str = "job spec", where: str = "") -> Any:
+    """Every `${NAME}` in the spec's strings replaced by that environment variable, so that a
+    secret (a token in a data URI, say) need not be written in the job file; SpecError naming
+    the key when a variable is not set."""
+    if isinstance(raw, str):
+        try:
+            return expand_env(raw)
+        except KeyError as err:
+            raise SpecError(f"{origin}: {where or '(top level)'}: ${{{err.args[0]}}} is not set "
+                            "in the environment") from None
+    if isinstance(raw, dict):
+        return {k: expand_env_refs(v, origin, f"{where}.{k}" if where else str(k))
+                for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [expand_env_refs(v, origin, f"{where}.{i}") for i, v in enumerate(raw)]
+    return raw

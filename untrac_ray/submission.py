@@ -4,9 +4,11 @@
 a small folder (the job's `working_dir`, uploaded by Ray), and starts
 `python -m untrac_ray.cli run job.yaml --address auto --tracking-uri URI` on the cluster.
 Paths on a filesystem the nodes share (`shared` prefixes) and remote URIs (s3://, gs://,
-hdfs://) are passed as they are. The token of a cluster with token authentication is found the
-way Ray finds it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and sent as a bearer
-header; it is never printed or logged.
+hdfs://) are passed as they are, but for their secrets: a password or token in a URI (the
+tracking URI's, a data source's) travels as an environment variable of the job, never in the
+entrypoint or a staged file (see `job_request`). The token of a cluster with token
+authentication is found the way Ray finds it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+~/.ray/auth_token) and sent as a bearer header; it is never printed or logged.
 
 Nothing here prints or parses arguments; errors are UntracError subclasses with one-line
 messages. The Typer commands are in cli_cluster.py.
@@ -29,9 +31,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from untrac_ray.errors import UntracError
+from untrac_ray.redaction import has_secret, redact, split_credentials, to_placeholders
 from untrac_ray.spec import DatasetSpec, JobSpec, is_uri, load_spec
 
 UPLOAD_LIMIT_BYTES = 100 * 2**20  # a working_dir above ~100 MiB fails in practice
@@ -148,6 +151,9 @@ class StagedJob:
     uploaded: dict[str, str]  # local path -> path inside the folder
     passed: list[str]  # shared paths (as the cluster sees them) and URIs
     size: int
+    # the secret parts of the spec's URIs, by the ${NAME} standing for them in the staged
+    # job file: they travel as environment variables of the job, never in a file
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -285,12 +291,14 @@ def stage_job(
                 s.storage_path = on_cluster(s.storage_path, mapping)
             if metric and metric.split(":")[0] in where:
                 s.objective.function = f"{where[metric.split(':')[0]]}:{metric.split(':')[1]}"
-        (folder / STAGED_SPEC).write_text(staged.to_yaml())
+        text, secrets = to_placeholders(staged.to_yaml())
+        (folder / STAGED_SPEC).write_text(text)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     passed = [remote[p] for p in wanted if remote[p] is not None]
-    return StagedJob(folder, Path(job_file), spec, uploaded, passed, total)
+    return StagedJob(folder, Path(job_file), spec, uploaded, [redact(p) for p in passed], total,
+                     secrets)
 
 
 def package_dir() -> Path:
@@ -323,14 +331,20 @@ def cluster_tracking_uri(cli_uri: str | None, spec: JobSpec) -> str:
     return uri
 
 
-def redact_uri(uri: str) -> str:
-    """A URI without user:password@ (for metadata and messages)."""
-    parts = urlsplit(uri)
-    if parts.password or parts.username:
-        host = parts.hostname or ""
-        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
+MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                      "MLFLOW_TRACKING_TOKEN")
+
+
+def tracking_credentials(tracking_uri: str,
+                         environ: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    """The tracking URI a cluster job is given (never with a password in it) and the
+    environment variables that carry its credentials instead: the URI's user:password, else
+    this shell's MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN."""
+    env = os.environ if environ is None else environ
+    clean, creds = split_credentials(tracking_uri)
+    if not creds:
+        creds = {k: env[k] for k in MLFLOW_CREDENTIALS if env.get(k)}
+    return clean, creds
 
 
 COMMANDS = ("run", "run --resume", "run --resume-if-any", "tune", "tune --resume")
@@ -346,9 +360,44 @@ def entrypoint(python: str, tracking_uri: str, spec_file: str = STAGED_SPEC,
     if command not in COMMANDS:
         raise UntracError(f"--command: expected one of {', '.join(map(repr, COMMANDS))} "
                           f"(got {command!r})")
+    if has_secret(tracking_uri):
+        raise UntracError("a tracking URI with credentials never goes on a command line: "
+                          "pass them as MLFLOW_TRACKING_USERNAME/PASSWORD (see job_request)")
     parts = [python, "-m", "untrac_ray.cli", *command.split(), spec_file, "--address", "auto",
              "--tracking-uri", tracking_uri]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def job_request(staged: StagedJob, tracking_uri: str, submission_id: str, *,
+                python: str = "python", ship_package: bool = True,
+                pip: list[str] | tuple[str, ...] = (), command: str = "run",
+                environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """What is sent to the Jobs API for a staged job: entrypoint, runtime_env, metadata.
+
+    No credential is in the entrypoint (the head's process table, `ray job list`), the
+    metadata or the staged files: the tracking URI's and the spec's secrets are environment
+    variables of the job's runtime environment (readable through the Jobs API, which the
+    cluster's token protects)."""
+    clean_uri, env_vars = tracking_credentials(tracking_uri, environ)
+    runtime_env: dict[str, Any] = {
+        "working_dir": str(staged.folder),
+        # `stop` interrupts the driver (KeyboardInterrupt), so its MLflow run ends KILLED
+        "env_vars": {SUBMISSION_ENV: submission_id, "RAY_JOB_STOP_SIGNAL": "SIGINT",
+                     **env_vars, **staged.secrets},
+    }
+    if ship_package:
+        runtime_env["py_modules"] = [str(package_dir())]
+        runtime_env["excludes"] = ["__pycache__", "*.pyc"]
+    if pip:
+        runtime_env["pip"] = list(pip)
+    metadata = {
+        META_JOB: staged.spec.name,
+        META_SPEC: staged.job_file.name,
+        META_TRACKING: redact(clean_uri),
+        "job_name": staged.spec.name,
+    }
+    return {"entrypoint": entrypoint(python, clean_uri, command=command),
+            "runtime_env": runtime_env, "metadata": metadata}
 
 
 def new_submission_id(job_name: str) -> str:
@@ -501,30 +550,15 @@ class Cluster:
     ) -> Submitted:
         """Submit a staged job (see `stage_job`); the staged folder is uploaded by Ray."""
         sid = submission_id or new_submission_id(staged.spec.name)
-        command = entrypoint(python, tracking_uri, command=command)
-        runtime_env: dict[str, Any] = {
-            "working_dir": str(staged.folder),
-            # `stop` interrupts the driver (KeyboardInterrupt), so its MLflow run ends KILLED
-            "env_vars": {SUBMISSION_ENV: sid, "RAY_JOB_STOP_SIGNAL": "SIGINT"},
-        }
-        if ship_package:
-            runtime_env["py_modules"] = [str(package_dir())]
-            runtime_env["excludes"] = ["__pycache__", "*.pyc"]
-        if pip:
-            runtime_env["pip"] = list(pip)
-        metadata = {
-            META_JOB: staged.spec.name,
-            META_SPEC: staged.job_file.name,
-            META_TRACKING: redact_uri(tracking_uri),
-            "job_name": staged.spec.name,
-        }
+        request = job_request(staged, tracking_uri, sid, python=python,
+                              ship_package=ship_package, pip=pip, command=command)
         with self._errors():
             got = self.client.submit_job(
-                entrypoint=command, submission_id=sid, runtime_env=runtime_env,
-                metadata=metadata, entrypoint_num_gpus=entrypoint_num_gpus,
-                entrypoint_num_cpus=entrypoint_num_cpus,
+                submission_id=sid, entrypoint_num_gpus=entrypoint_num_gpus,
+                entrypoint_num_cpus=entrypoint_num_cpus, **request,
             )
-        return Submitted(got, command, tracking_uri, staged.uploaded, staged.passed, staged.size)
+        return Submitted(got, request["entrypoint"], redact(tracking_uri), staged.uploaded,
+                         staged.passed, staged.size)
 
     # -- watching
 

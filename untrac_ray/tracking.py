@@ -18,10 +18,11 @@ from typing import Any
 
 import mlflow
 import pandas as pd
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from untrac_ray.errors import TrackingError
+from untrac_ray.redaction import learn, redact
 from untrac_ray.results import with_points
 from untrac_ray.spec import JobSpec
 
@@ -31,14 +32,41 @@ HEADLINE_TAG = "headline_pearson"  # method=mean Pearson at the point fixed in a
 TASKS = "tasks"  # the artifact folder of a run's finished tasks (task_store.py)
 
 
+class RedactingClient(MlflowClient):
+    """An MlflowClient whose writes of text (params, tags, text artifacts) pass through
+    redaction.redact: no credential reaches the store, whatever a spec or an error held."""
+
+    def create_run(self, experiment_id, start_time=None, tags=None, run_name=None):
+        tags = {k: redact(str(v)) for k, v in (tags or {}).items()}
+        return super().create_run(experiment_id, start_time=start_time, tags=tags,
+                                  run_name=run_name)
+
+    def set_tag(self, run_id, key, value, synchronous=None):
+        return super().set_tag(run_id, key, redact(str(value)), synchronous=synchronous)
+
+    def log_param(self, run_id, key, value, synchronous=None):
+        return super().log_param(run_id, key, redact(str(value)), synchronous=synchronous)
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+        params = [Param(p.key, redact(p.value)) for p in params]
+        tags = [RunTag(t.key, redact(t.value)) for t in tags]
+        return super().log_batch(run_id, metrics=metrics, params=params, tags=tags,
+                                 synchronous=synchronous)
+
+    def log_text(self, run_id, text, artifact_file):
+        return super().log_text(run_id, redact(text), artifact_file)
+
+
 def resolve_tracking_uri(cli_uri: str | None, spec: JobSpec | None = None) -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else the spec's tracking.uri, else SQLite."""
-    return (
+    uri = (
         cli_uri
         or os.environ.get("MLFLOW_TRACKING_URI")
         or (spec.tracking.uri if spec is not None else None)
         or DEFAULT_TRACKING_URI
     )
+    learn(uri)  # its password, if any, is masked wherever it would be printed or logged
+    return uri
 
 
 def metric_key(*parts: str) -> str:
@@ -251,7 +279,7 @@ class JobRun:
 
     def _create(self) -> None:
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client = RedactingClient(tracking_uri=self.uri)
             exp_id = _get_or_create_experiment(self.client, self.spec.tracking.experiment,
                                                _artifact_root(self.uri))
         except Exception as err:  # noqa: BLE001
@@ -274,7 +302,7 @@ class JobRun:
         self.log_text(self.spec.to_yaml(), "job.yaml")
 
     def _reopen(self, run_id: str) -> None:
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = RedactingClient(tracking_uri=self.uri)
         try:
             self.client.get_run(run_id)
         except Exception as err:  # noqa: BLE001
@@ -294,7 +322,7 @@ class JobRun:
                             f"{os.getpid()}")
         self.client.set_tag(self.run_id, TAG_PREFIX + "heartbeat_s", f"{HEARTBEAT_S:g}")
         stop = self._beat = threading.Event()
-        client, run_id = MlflowClient(tracking_uri=self.uri), self.run_id
+        client, run_id = RedactingClient(tracking_uri=self.uri), self.run_id
 
         def beat() -> None:
             while True:
@@ -576,8 +604,11 @@ def _experiments(client: MlflowClient, name: str | None, uri: str) -> dict[str, 
 
 
 def _store_exists(uri: str) -> bool:
+    """False for a SQLite file that is not there; a server that does not answer within
+    seconds is a TrackingError here (not minutes of MLflow's retries)."""
     if uri.startswith("sqlite:///"):
         return Path(uri.removeprefix("sqlite:///")).is_file()
+    check_store(uri)
     return True
 
 
