@@ -8,6 +8,7 @@ a lost node) runs again on a live one, and a replacement actor joins when resour
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -35,6 +36,25 @@ from untrac_ray.tasks import Task, TaskResult
 from untrac_ray.tokenization import TokenizedSet
 from untrac_ray.workbench import Workbench
 
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Let the embedded node take 127.0.0.1 as its address, so that GCS, raylet, workers and
+    agents listen on loopback only. Ray turns a loopback node address into the machine's
+    network address unless its multi-node switch is off (the one RAY_ENABLE_WINDOWS_OR_OSX_
+    CLUSTER sets when Ray is imported); it is off only while the node starts. A cluster
+    address never goes through here. tests/test_security.py checks every listening socket."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
 
 def ensure_ray(resources: ResourcesSpec, address: str | None = None) -> bool:
     """Connect to a cluster or start an embedded local Ray; True when this call started it."""
@@ -49,13 +69,16 @@ def ensure_ray(resources: ResourcesSpec, address: str | None = None) -> bool:
         ray.init(address=address, **kwargs)
     else:
         mem = resources.object_store_memory_mb
-        ray.init(
-            address="local",  # always a new embedded instance, even if `ray start` ran here
-            num_cpus=resources.local_cpus or os.cpu_count(),
-            object_store_memory=mem * 2**20 if mem else None,
-            include_dashboard=False,
-            **kwargs,
-        )
+        with _loopback_node():
+            ray.init(
+                address="local",  # always a new embedded instance, even if `ray start` ran
+                num_cpus=resources.local_cpus or os.cpu_count(),
+                object_store_memory=mem * 2**20 if mem else None,
+                include_dashboard=False,
+                _node_ip_address=LOOPBACK,
+                dashboard_host=LOOPBACK,
+                **kwargs,
+            )
     if callable(sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, sigterm)
     return True
