@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shlex
+import subprocess
 import sys
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow.parquet as pq
 import pytest
@@ -138,6 +142,350 @@ def test_files_named_in_the_cluster_readme_exist():
     assert named
     for path in named:
         assert (REPO / path).exists(), path
+
+
+# ---------------------------------------------------------------- authentication
+
+
+AUTH_SECRET = "untrac-ray-auth"
+KUBERAY = ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml"]
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def load_all(name: str) -> list:
+    return list(yaml.safe_load_all((CLUSTER / name).read_text()))
+
+
+def cluster_spec(manifest: dict) -> dict:
+    return manifest["spec"] if manifest["kind"] == "RayCluster" else (
+        manifest["spec"]["rayClusterSpec"])
+
+
+def ray_containers(manifest: dict) -> list[tuple[str, dict]]:
+    """(where, container) for every container that runs Ray or talks to it: the head's, every
+    worker group's, the autoscaler's and the RayJob's submitter."""
+    cluster = cluster_spec(manifest)
+    found = [("head", c) for c in cluster["headGroupSpec"]["template"]["spec"]["containers"]]
+    for group in cluster["workerGroupSpecs"]:
+        found += [(f"worker {group['groupName']}", c)
+                  for c in group["template"]["spec"]["containers"]]
+    if cluster.get("enableInTreeAutoscaling"):
+        found.append(("autoscaler", cluster.get("autoscalerOptions") or {}))
+    if manifest["kind"] == "RayJob" and manifest["spec"].get("submissionMode",
+                                                             "K8sJobMode") == "K8sJobMode":
+        template = manifest["spec"].get("submitterPodTemplate")
+        assert template, "the RayJob's submitter calls the Jobs API: it needs the token"
+        found += [("submitter", c) for c in template["spec"]["containers"]]
+    return found
+
+
+def env_entries(node) -> list[dict]:
+    """Every `env:` entry anywhere in a manifest."""
+    if isinstance(node, dict):
+        found = [e for e in node.get("env") or [] if isinstance(e, dict)]
+        return found + [e for v in node.values() for e in env_entries(v)]
+    if isinstance(node, list):
+        return [e for v in node for e in env_entries(v)]
+    return []
+
+
+def token_source(container: dict, pod_volumes: list[dict]) -> str | None:
+    """The Secret the container's Ray token comes from (by env or a mounted file), or None."""
+    env = {e["name"]: e for e in container.get("env") or []}
+    if "RAY_AUTH_TOKEN" in env:
+        ref = (env["RAY_AUTH_TOKEN"].get("valueFrom") or {}).get("secretKeyRef") or {}
+        return ref.get("name") if ref.get("key") == "auth_token" else None
+    if "RAY_AUTH_TOKEN_PATH" in env:
+        path = env["RAY_AUTH_TOKEN_PATH"].get("value", "")
+        for mount in container.get("volumeMounts") or []:
+            if path.startswith(mount["mountPath"].rstrip("/") + "/"):
+                volume = next(v for v in pod_volumes if v["name"] == mount["name"])
+                return (volume.get("secret") or {}).get("secretName")
+    return None
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_manifests_turn_token_authentication_on_from_a_secret(name):
+    docs = load_all(name)
+    assert len(docs) == 1 and isinstance(docs[0], dict), "one manifest per file"
+    manifest = docs[0]
+    cluster = cluster_spec(manifest)
+    # KubeRay's own switch (>= 1.6): the operator injects the token into every Ray container
+    assert cluster["authOptions"] == {"mode": "token", "secretName": AUTH_SECRET}
+    # ... and the same variables written out, for Ray itself under any operator
+    containers = ray_containers(manifest)
+    assert {where.split()[0] for where, _ in containers} >= {"head", "worker"}
+    for where, container in containers:
+        env = {e["name"]: e for e in container.get("env") or []}
+        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", where
+        volumes = []
+        if where == "head":
+            volumes = cluster["headGroupSpec"]["template"]["spec"].get("volumes") or []
+        assert token_source(container, volumes) == AUTH_SECRET, where
+    # the dashboard and its Jobs API listen beyond loopback only with the token required
+    host = cluster["headGroupSpec"]["rayStartParams"].get("dashboard-host", "0.0.0.0")
+    assert host in LOOPBACK or cluster["authOptions"]["mode"] == "token"
+    # the Secret's creation and how submit finds the token are spelled out in the header
+    text = (CLUSTER / name).read_text()
+    assert f"kubectl create secret generic {AUTH_SECRET}" in text
+    assert "RAY_AUTH_TOKEN_PATH" in text and "~/.ray/auth_token" in text
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_credentials_come_from_secrets_never_from_a_uri_or_the_command_line(name):
+    manifest = load(name)
+    secret_names = {"RAY_AUTH_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                    "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_URI"}
+    entries = env_entries(manifest)
+    assert entries
+    for entry in entries:
+        if entry["name"] in secret_names - {"MLFLOW_TRACKING_URI"}:
+            assert "value" not in entry and entry["valueFrom"]["secretKeyRef"], entry
+        if entry["name"] == "MLFLOW_TRACKING_URI" and "value" in entry:
+            assert not urlsplit(entry["value"]).password, entry["name"]
+    mlflow = {e["name"] for e in entries if e["name"].startswith("MLFLOW_TRACKING_")}
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= mlflow
+    # no URI with a user or password anywhere in the manifest's values (the entrypoint included)
+    values = json.dumps(manifest)
+    assert not re.search(r"\w+://[^/\s\"'@]+@", values), "credentials in a URI"
+    if manifest["kind"] == "RayJob":
+        entrypoint = manifest["spec"]["entrypoint"]
+        assert not re.search(r"(?i)password|secret|token=|MLFLOW_TRACKING_", entrypoint)
+        argv = shlex.split(entrypoint)
+        uri = urlsplit(argv[argv.index("--tracking-uri") + 1])
+        assert uri.scheme == "http" and not uri.username and not uri.password
+
+
+def policy_admits(policy: dict, port: int, same_namespace: bool, labels: dict,
+                  namespace_labels: dict) -> bool:
+    """Whether the NetworkPolicy lets a pod (its labels, its namespace's labels) reach `port`."""
+
+    def selects(selector: dict | None, have: dict) -> bool:
+        assert set(selector or {}) <= {"matchLabels"}, selector  # all this policy needs
+        return all(have.get(k) == v for k, v in (selector or {}).get("matchLabels", {}).items())
+
+    for rule in policy["spec"].get("ingress") or []:
+        ports = [p["port"] for p in rule.get("ports") or []]
+        if ports and port not in ports:
+            continue
+        for peer in rule.get("from") or [{"everyone": True}]:
+            assert "ipBlock" not in peer, peer
+            if "everyone" in peer:
+                return True
+            if "namespaceSelector" in peer:
+                in_ns = selects(peer["namespaceSelector"], namespace_labels)
+            else:
+                in_ns = same_namespace
+            if in_ns and selects(peer.get("podSelector"), labels):
+                return True
+    return False
+
+
+def test_the_network_policy_admits_only_the_namespace_to_the_head():
+    docs = load_all("kuberay-networkpolicy.yaml")
+    assert len(docs) == 1
+    policy = docs[0]
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
+    assert "namespace" not in policy["metadata"]  # applied in the cluster's namespace
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    assert selected == {"ray.io/node-type": "head",
+                        "ray.io/cluster": load("kuberay-raycluster.yaml")["metadata"]["name"]}
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    head = load("kuberay-raycluster.yaml")["spec"]["headGroupSpec"]["template"]["spec"]
+    declared = [p["containerPort"] for c in head["containers"] for p in c.get("ports", [])]
+    assert {6379, 8265, 10001} <= set(declared)
+    worker = {"ray.io/node-type": "worker", "ray.io/cluster": "untrac-ray"}
+    # in-namespace Ray traffic is untouched: declared ports and the ones Ray picks at random
+    for port in [*declared, 52365, 8080, 10002, 45678]:
+        assert policy_admits(policy, port, True, worker, {}), port
+        assert policy_admits(policy, port, True, {"job-name": "submitter"}, {}), port
+    # other namespaces: refused on every port, whatever their labels
+    for port in [*declared, 52365, 45678]:
+        assert not policy_admits(policy, port, False, worker, {"team": "x"}), port
+        assert not policy_admits(policy, port, False, {}, {}), port
+    # the KubeRay operator, from its own namespace, reaches the Jobs API only
+    rule = next(r for r in policy["spec"]["ingress"]
+                if any("namespaceSelector" in p for p in r["from"]))
+    ns = rule["from"][0]["namespaceSelector"]["matchLabels"]
+    operator = rule["from"][0]["podSelector"]["matchLabels"]
+    assert ns and operator == {"app.kubernetes.io/name": "kuberay-operator"}
+    assert policy_admits(policy, 8265, False, operator, ns)
+    assert not policy_admits(policy, 6379, False, operator, ns)
+    assert not policy_admits(policy, 8265, False, {"app": "other"}, ns)
+
+
+# ---------------------------------------------------------------- cluster/local_head.py
+
+
+@pytest.fixture(scope="module")
+def local_head():
+    spec = importlib.util.spec_from_file_location("local_head", CLUSTER / "local_head.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_local_head_creates_its_token_file_private_from_the_start(local_head, tmp_path,
+                                                                   monkeypatch):
+    """Even with umask 0 the folder is 700 and the token file 600, and every file opened in
+    the folder on the way was 600 from its creation (never written first, chmod-ed later)."""
+    state = tmp_path / "state"
+    real_open = os.open
+    opened = []
+
+    def spy(path, flags, mode=0o777, *args, **kwargs):
+        fd = real_open(path, flags, mode, *args, **kwargs)
+        if Path(path).parent == state:
+            opened.append((Path(path).name, os.fstat(fd).st_mode & 0o777, flags))
+        return fd
+
+    old_umask = os.umask(0)
+    try:
+        monkeypatch.setattr(os, "open", spy)
+        local_head.private_folder(state)
+        assert state.stat().st_mode & 0o777 == 0o700
+        path = local_head.token_file(state)
+        monkeypatch.setattr(os, "open", real_open)
+    finally:
+        os.umask(old_umask)
+    assert path == state / "auth_token"
+    assert path.stat().st_mode & 0o777 == 0o600
+    token = path.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token)
+    assert opened and all(mode == 0o600 and flags & os.O_EXCL for _, mode, flags in opened)
+    assert [p.name for p in state.iterdir()] == ["auth_token"]  # no temporary file left
+    # an existing token is kept (and its mode narrowed); an empty one is replaced
+    assert local_head.token_file(state).read_text() == token
+    path.chmod(0o644)
+    local_head.token_file(state)
+    assert path.read_text() == token and path.stat().st_mode & 0o777 == 0o600
+    path.write_text("")
+    assert re.fullmatch(r"[0-9a-f]{64}", local_head.token_file(state).read_text())
+    # a state folder that already existed, readable by all, is made private
+    (tmp_path / "open").mkdir(mode=0o755)
+    (tmp_path / "open").chmod(0o755)
+    assert local_head.private_folder(tmp_path / "open").stat().st_mode & 0o777 == 0o700
+
+
+def test_local_head_tells_ray_processes_by_name_not_by_a_mentioned_path(local_head):
+    P = local_head.Proc
+    temp = "/tmp/ur-x/ray"
+    site = "/venv/lib/python3.11/site-packages/ray"
+    procs = [
+        P(10, 1, 10, "ray", ("/venv/bin/python3", "/venv/bin/ray", "start", "--block")),
+        P(11, 10, 10, "gcs_server", (f"{site}/core/src/ray/gcs/gcs_server",)),
+        P(12, 10, 10, "ray::IDLE", ("ray::IDLE",)),  # in the session: no path needed
+        P(13, 12, 13, "sh", ("/bin/sh", "-c", "python job.py")),  # a job's driver, own session
+        P(14, 13, 13, "python", ("python", "job.py")),
+        P(20, 1, 20, "raylet", (f"{site}/core/src/ray/raylet/raylet",
+                                f"--session_dir={temp}/session_1")),  # a leftover
+        P(21, 1, 21, "python3", ("python3", "-u", f"{site}/dashboard/agent.py",
+                                 f"--temp-dir={temp}")),  # a leftover
+        P(30, 2, 30, "tail", ("tail", "-f", f"{temp}/session_latest/logs/raylet.out")),
+        P(31, 2, 30, "vim", ("vim", f"{temp}/x")),
+        P(32, 2, 30, "python3", ("python3", "-c", "import ray", f"{temp}/ray/dashboard/agent.py")),
+        P(33, 2, 33, "raylet", (f"{site}/core/src/ray/raylet/raylet",
+                                "--session_dir=/tmp/other/ray/session_1")),  # another Ray
+        P(34, 2, 34, "python3", ("python3", "/home/me/ray-notes.py", f"{temp}/x")),
+    ]
+    assert local_head.processes_to_stop(procs, 10, temp, me=99) == {10, 11, 12, 13, 14, 20, 21}
+    # an untrusted session (its id reused): only Ray's own processes in this temp dir
+    assert local_head.processes_to_stop(procs, None, temp, me=99) == {20, 21}
+    assert local_head.processes_to_stop(procs, 10, temp, me=14) == {10, 11, 12, 13, 20, 21}
+    assert local_head.is_ray_process("python3", ["python3", "-m", "ray.util.client.server"])
+    assert not local_head.is_ray_process("python3", ["python3", "-m", "ray_notes"])
+    assert local_head.has_path_under(["--temp-dir", temp], temp)
+    assert not local_head.has_path_under([f"{temp}-other/x"], temp)
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_local_head_stop_kills_its_session_and_leaves_bystanders_alone(local_head, tmp_path):
+    """A fake head (no Ray): a session of its own with a child in it and a child in a session
+    of its own (a job's driver), recorded as `start` records it. `stop` kills those three and
+    a Ray-named leftover in the head's temp dir, and leaves alone a `tail -f` of a file in the
+    state folder, a process sitting in it, and a Ray-named process of another temp dir."""
+    import psutil
+
+    state = local_head.private_folder(tmp_path / "s")
+    temp_dir = state / "ray"
+    (temp_dir / "session_latest" / "logs").mkdir(parents=True)
+    log = temp_dir / "session_latest" / "logs" / "raylet.out"
+    log.write_text("")
+    agent = tmp_path / "site-packages" / "ray" / "dashboard" / "agent.py"
+    agent.parent.mkdir(parents=True)
+    agent.write_text("import time\ntime.sleep(300)\n")
+    fake_head = ("import subprocess, time\n"
+                 "a = subprocess.Popen(['sleep', '300'])\n"
+                 "b = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+                 "print(a.pid, b.pid, flush=True)\n"
+                 "time.sleep(300)\n")
+    started = []
+    try:
+        head = subprocess.Popen([sys.executable, "-c", fake_head, f"--temp-dir={temp_dir}"],
+                                start_new_session=True, stdout=subprocess.PIPE, text=True)
+        started.append(head)
+        in_session, own_session = map(int, head.stdout.readline().split())
+        bystanders = [subprocess.Popen(["tail", "-f", str(log)]),
+                      subprocess.Popen(["sleep", "300"], cwd=temp_dir),
+                      subprocess.Popen([sys.executable, str(agent),
+                                        f"--temp-dir={tmp_path / 'other' / 'ray'}"])]
+        leftover = subprocess.Popen([sys.executable, str(agent), f"--session-dir={temp_dir}/s"])
+        started += [*bystanders, leftover]
+        (state / "head.json").write_text(json.dumps({
+            "pid": head.pid, "sid": head.pid,
+            "create_time": psutil.Process(head.pid).create_time(),
+            "url": "http://127.0.0.1:1", "token_file": str(state / "auth_token"),
+            "temp_dir": str(temp_dir), "state": str(state)}))
+        ours = {head.pid, in_session, own_session, leftover.pid}
+        seen = local_head.snapshot()
+        chosen = local_head.processes_to_stop((p for p, _ in seen.values()), head.pid,
+                                              str(temp_dir))
+        assert ours <= chosen and not chosen & {b.pid for b in bystanders}
+
+        assert local_head.stop(state) is True
+        assert all(_gone(pid) for pid in ours)
+        assert all(b.poll() is None for b in bystanders), "stop killed a bystander"
+        assert not (state / "head.json").exists()
+        assert local_head.stop(state) is False  # nothing left to stop
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+        for pid in (locals().get("in_session"), locals().get("own_session")):
+            if pid and not _gone(pid):
+                os.kill(pid, 9)
+
+
+def test_local_head_stop_does_not_take_a_reused_pid_for_its_head(local_head, tmp_path):
+    """A record whose pid now names another process (another start time): `stop` leaves that
+    process and its session alone."""
+    import psutil
+
+    state = local_head.private_folder(tmp_path / "s")
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        created = psutil.Process(other.pid).create_time()
+        (state / "head.json").write_text(json.dumps({
+            "pid": other.pid, "sid": other.pid, "create_time": created - 1000,
+            "temp_dir": str(state / "ray"), "url": "http://127.0.0.1:1",
+            "token_file": str(state / "auth_token"), "state": str(state)}))
+        assert local_head.read_state(state) is None  # not running: its pid is someone else's
+        local_head.stop(state)
+        time.sleep(0.2)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait(timeout=10)
 
 
 # ---------------------------------------------------------------- jobs/pretraining
