@@ -1,5 +1,5 @@
-"""The baselines UnTrac is compared with, in plain PyTorch: dataset-level gradients (GradDot,
-GradCos, TracIn) and influence functions with EK-FAC (kronfluence).
+"""The baselines UnTrac is compared with, in plain PyTorch: dataset-level gradients and their
+dot products (GradDot, GradCos, TracIn) and influence functions with EK-FAC (kronfluence).
 
 Sign convention as everywhere in untrac-ray: positive influence means the training set helps
 the model fit the test set (training on it lowers the test loss).
@@ -19,16 +19,16 @@ from untrac_ray.spec import EkfacSpec
 from untrac_ray.tokenization import IGNORE_INDEX, TokenizedSet
 
 
-def dataset_gradient(
+def flat_gradient(
     model: torch.nn.Module,
     data: TokenizedSet,
     rows: np.ndarray,
     batch_size: int,
     device: torch.device | str = "cpu",
     reduction: str = "mean",
-) -> np.ndarray:
+) -> torch.Tensor:
     """Gradient of the dataset's mean token loss (reduction "mean") or summed token loss
-    ("sum"), flattened, accumulated batch by batch.
+    ("sum"), flattened (float32, on the model's device), accumulated batch by batch.
 
     Never holds per-example gradients: each batch's summed loss is back-propagated into the
     parameters' .grad, which accumulates; for the mean it is divided by the token count.
@@ -51,7 +51,55 @@ def dataset_gradient(
         flat = flat / max(tokens, 1)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
-    return flat.detach().to("cpu", torch.float32).numpy()
+    return flat.detach().float()
+
+
+def dataset_gradient(
+    model: torch.nn.Module,
+    data: TokenizedSet,
+    rows: np.ndarray,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    reduction: str = "mean",
+) -> np.ndarray:
+    """`flat_gradient` as a float32 array in CPU memory."""
+    return flat_gradient(model, data, rows, batch_size, device, reduction).cpu().numpy()
+
+
+# Elements per piece when a dot product is taken in float64: bounds the float64 copies.
+DOT_CHUNK = 1 << 24
+
+Vector = torch.Tensor | np.ndarray
+
+
+def _piece(x: Vector, start: int, device: torch.device) -> torch.Tensor:
+    """x[start : start + DOT_CHUNK] in float64 on `device` (an array's piece is copied: one
+    read from Ray's object store is read-only)."""
+    piece = x[start : start + DOT_CHUNK]
+    piece = torch.tensor(piece) if isinstance(piece, np.ndarray) else piece
+    return piece.to(device, torch.float64)
+
+
+def dot64(a: Vector, b: Vector, device: torch.device | str = "cpu") -> float:
+    """a . b accumulated in float64 on `device`, a piece at a time."""
+    device = torch.device(device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, len(a), DOT_CHUNK):
+        total += _piece(a, start, device) @ _piece(b, start, device)
+    return float(total)
+
+
+def gradient_products(
+    name: str, grad: torch.Tensor, others: dict[str, np.ndarray]
+) -> dict[tuple[str, str], float]:
+    """The entries of the gradients' Gram matrix that GradDot, GradCos and TracIn use, in
+    float64 on grad's device: {(name, o): g . g_o, (name, name): |g|^2, (o, o): |g_o|^2} for
+    every o in `others`. The cells are made of these numbers: no gradient reaches the driver."""
+    out = {(name, name): dot64(grad, grad, grad.device)}
+    for other, values in others.items():
+        out[(name, other)] = dot64(grad, values, grad.device)
+        out[(other, other)] = dot64(values, values, grad.device)
+    return out
 
 
 def concat_rows(parts: list[tuple[TokenizedSet, np.ndarray]], name: str) -> TokenizedSet:

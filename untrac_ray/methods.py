@@ -7,6 +7,7 @@ the same tidy table (method, step, train_set, test_set, influence, loss_before, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -107,8 +108,14 @@ def plan_gradients(
     spec: JobSpec, train: list[str], test: list[str], checkpoints: list[dict]
 ) -> MethodPlan:
     """GradDot and GradCos at the base weights, TracIn summed over the training checkpoints
-    (weighted by their learning rates); one gradient task per (weights, dataset). Training
-    sets' gradients follow each method's `aggregate` (GradCos: scale-free, so either)."""
+    (weighted by their learning rates). Training sets' gradients follow each method's
+    `aggregate` (GradCos: scale-free, so either).
+
+    One task per (weights, training set): it computes the set's gradient on an actor and
+    returns only its dot products with the test sets' gradients at the same weights (and the
+    squared norms), which the engine computes first, once each, and keeps in Ray's object
+    store (GradientTask.needs). No gradient is sent to the driver or stored with the run.
+    """
     enabled = spec.methods.enabled()
     methods = [m for m in ("graddot", "gradcos", "tracin") if m in enabled]
     batch = max(enabled[m].batch_size for m in methods)
@@ -118,28 +125,25 @@ def plan_gradients(
     if "tracin" in enabled:
         reduction.update({f"ckpt/{c['step']}": enabled["tracin"].aggregate for c in checkpoints})
     weight_sets = list(reduction)
-    tasks = [GradientTask(w, name, name in train, batch,
-                          reduction[w] if name in train else "mean")
-             for w in weight_sets for name in [*train, *test]]
+    tasks = [GradientTask(w, k, True, batch, reduction[w], tests=tuple(test))
+             for w in weight_sets for k in train]
     lr = {f"ckpt/{c['step']}": c["learning_rate"] for c in checkpoints}
 
     def assemble(results: list[TaskResult], base: dict[str, float]) -> list[dict]:
-        grads = {(r.task.weights, r.task.dataset): r.payload for r in results}
+        # (weights, a, b) -> g_a . g_b at those weights (GradientTask's payload)
+        gram = {(r.task.weights, *pair): v for r in results for pair, v in r.payload.items()}
         rows = []
         for k in train:
             for j in test:
                 if BASE in weight_sets:
-                    gk, gj = grads[(BASE, k)], grads[(BASE, j)]
-                    dot = float(np.dot(gk.astype(np.float64), gj))
-                    norms = float(np.linalg.norm(gk) * np.linalg.norm(gj))
+                    dot = gram[BASE, k, j]
+                    norms = math.sqrt(gram[BASE, k, k]) * math.sqrt(gram[BASE, j, j])
                     if "graddot" in enabled:
                         rows.append(_cell("graddot", k, j, dot))
                     if "gradcos" in enabled:
                         rows.append(_cell("gradcos", k, j, dot / norms if norms else 0.0))
                 if "tracin" in enabled:
-                    total = sum(lr[w] * float(np.dot(grads[(w, k)].astype(np.float64),
-                                                     grads[(w, j)]))
-                                for w in weight_sets if w != BASE)
+                    total = sum(lr[w] * gram[w, k, j] for w in weight_sets if w != BASE)
                     rows.append(_cell("tracin", k, j, total))
         return rows
 

@@ -1,10 +1,15 @@
 """The tasks every method is made of. Each runs on a bench (a `Bench`: workbench.Workbench, plain
-PyTorch, no Ray) from one of the shared weight sets, and returns losses (or gradients) for the
-driver to assemble, as a TaskResult.
+PyTorch, no Ray) from one of the shared weight sets, and returns losses (or a few other
+numbers) for the driver to assemble, as a TaskResult.
 
 - EvalTask: base losses.                          - UnlearnTask: UnTrac / UnTrac-Inv.
 - LdoTask: retrain without one training set.      - GradientTask: GradDot, GradCos, TracIn.
 - EkfacTask: influence functions (kronfluence).
+
+Two optional parts of a task, for results too big for the driver: `payload_in_store` (true:
+the engine keeps its payload in Ray's object store and hands the driver a reference) and
+`needs()` (tasks whose payloads it reads: the engine runs them first and `run` gets their
+payloads after the bench, in order). `needs_of` reads the second for any task.
 """
 
 from __future__ import annotations
@@ -126,11 +131,18 @@ class LdoTask:
 
 @dataclass(frozen=True)
 class GradientTask:
-    """The gradient of one dataset's loss at one weight set (base, or a checkpoint).
+    """The gradient of one dataset's loss at one weight set (base, or a checkpoint), or, given
+    `tests`, only its dot products with those test sets' gradients at the same weights.
 
     Training sets use all their rows and their loss is aggregated as `reduction` says (the
     spec's aggregate: summed or mean token loss); test sets use the rows they are evaluated
     on and their mean token loss, the quantity UnTrac measures.
+
+    A gradient is as long as the model, so it never goes to the driver: without `tests` the
+    payload (the gradient, float32) stays in Ray's object store; with `tests` the task reads
+    those sets' gradients from there (`needs`: computed once per weight set and test set) and
+    returns only {(a, b): g_a . g_b} in float64 for (dataset, t), (dataset, dataset) and
+    (t, t) for every test set t: what GradDot, GradCos and TracIn are made of.
     """
 
     weights: str
@@ -138,16 +150,28 @@ class GradientTask:
     all_rows: bool
     batch_size: int
     reduction: str = "mean"
+    tests: tuple[str, ...] = ()
 
-    def run(self, bench: Bench) -> Output:
-        from untrac_ray.baselines import dataset_gradient
+    @property
+    def payload_in_store(self) -> bool:
+        return not self.tests
+
+    def needs(self) -> tuple[GradientTask, ...]:
+        """The gradient tasks of the test sets, at the same weights (evaluated rows, mean)."""
+        return tuple(GradientTask(self.weights, t, False, self.batch_size) for t in self.tests)
+
+    def run(self, bench: Bench, *test_gradients: np.ndarray) -> Output:
+        from untrac_ray.baselines import flat_gradient, gradient_products
 
         bench.reset(self.weights)
         data = bench.datasets[self.dataset]
         rows = np.arange(len(data)) if self.all_rows else bench.eval_indices[self.dataset]
-        grad = dataset_gradient(bench.model, data, rows, self.batch_size, bench.device,
-                                reduction=self.reduction)
-        return Output({}, payload=grad)
+        grad = flat_gradient(bench.model, data, rows, self.batch_size, bench.device,
+                             reduction=self.reduction)
+        if not self.tests:
+            return Output({}, payload=grad.to("cpu").numpy())
+        others = dict(zip(self.tests, test_gradients, strict=True))
+        return Output({}, payload=gradient_products(self.dataset, grad, others))
 
 
 @dataclass(frozen=True)
@@ -183,10 +207,17 @@ class EkfacTask:
 Task = EvalTask | UnlearnTask | LdoTask | GradientTask | EkfacTask
 
 
+def needs_of(task: Task) -> tuple[Task, ...]:
+    """The tasks whose payloads `task` reads (none for most kinds)."""
+    needs = getattr(task, "needs", None)
+    return needs() if needs is not None else ()
+
+
 @dataclass
 class TaskResult:
     """A task and what it measured: losses[step][dataset] (step 0: no unlearning), per-row
-    losses for the drill-down, or a payload such as a gradient."""
+    losses for the drill-down, or a payload such as EK-FAC's scores (or, from an engine, a
+    reference to a payload kept in the object store)."""
 
     task: Task
     losses: dict[int, dict[str, float]] = field(default_factory=dict)
