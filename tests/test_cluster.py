@@ -535,6 +535,19 @@ def test_tf32_is_set_for_cuda_only():
         torch.backends.cudnn.conv.fp32_precision = before
 
 
+def test_tf32_uses_the_older_switches_before_torch_2_9(monkeypatch):
+    """torch < 2.9 has no fp32_precision attributes: allow_tf32 is set instead."""
+    from types import SimpleNamespace
+
+    old_matmul, old_cudnn = SimpleNamespace(allow_tf32=False), SimpleNamespace(allow_tf32=False)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", old_matmul)
+    monkeypatch.setattr(torch.backends, "cudnn", old_cudnn)
+    configure_tf32(True, "cuda")
+    assert old_matmul.allow_tf32 is True and old_cudnn.allow_tf32 is True
+    configure_tf32(False, "cuda")
+    assert old_matmul.allow_tf32 is False and old_cudnn.allow_tf32 is False
+
+
 def test_precision_options_in_the_spec():
     assert ResourcesSpec().precision == "fp32" and ResourcesSpec().tf32 is False
     assert ResourcesSpec(precision="bf16", tf32=True).precision == "bf16"
@@ -585,3 +598,14 @@ def test_the_gpu_check_runs_on_cpu_in_smoke_mode(capsys):
     assert report["unlearn_tokens_per_s"] > 0 and report["eval_tokens_per_s"] > 0
     assert 0 < report["unlearn_fraction_of_matmul"] and np.isfinite(report["eval_loss"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["precision"] == "bf16"
+
+
+def test_the_driver_trains_on_a_gpu_only_when_ray_gave_it_one():
+    from untrac_ray.training import driver_device
+
+    in_job = {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}
+    assert driver_device({}, cuda_available=True) == "cuda"  # a local run: the machine's GPU
+    assert driver_device(in_job, cuda_available=True) == "cpu"  # a job given no GPU
+    assert driver_device({**in_job, "CUDA_VISIBLE_DEVICES": "3"}, cuda_available=True) == "cuda"
+    assert driver_device({**in_job, "CUDA_VISIBLE_DEVICES": ""}, cuda_available=True) == "cpu"
+    assert driver_device({}, cuda_available=False) == "cpu"

@@ -220,9 +220,78 @@ def test_a_map_without_any_actor_able_to_start_stops_after_the_start_timeout(
 ):
     _, data, weights, indices = engine_inputs
     started = time.monotonic()
-    with Engine(ResourcesSpec(num_actors=1), weights, data.tables, data.tokenizer.pad_token_id,
-                indices, 16, max_useful_actors=1, start_timeout_s=2,
-                actor_options={"resources": {"no_such_resource": 1}}) as engine:
-        with pytest.raises(UntracError, match=r"^no actor could be started in 2 s \(no node"):
-            engine.map([EvalTask(("spell",))])
+    # the pool reserves its actors' room first: none fits, and it says so after the timeout
+    with pytest.raises(UntracError, match=r"^no actor could be started in 2 s \(no node"):
+        Engine(ResourcesSpec(num_actors=1, placement_timeout_s=1), weights, data.tables,
+               data.tokenizer.pad_token_id, indices, 16, max_useful_actors=1, start_timeout_s=2,
+               actor_options={"resources": {"no_such_resource": 1}})
     assert time.monotonic() - started < 30
+
+
+@pytest.fixture
+def gpu_cluster():
+    """A head without CPUs and two worker nodes of 2 CPUs and 1 (logical) GPU each; Ray is
+    shut down afterwards and the session's local Ray started again if it was running."""
+    had_ray = ray.is_initialized()
+    if had_ray:
+        ray.shutdown()
+    cluster = Cluster()
+    try:
+        cluster.add_node(num_cpus=0, object_store_memory=NODE_MEMORY, include_dashboard=False)
+        for _ in range(2):
+            cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=NODE_MEMORY)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="ERROR")
+        yield cluster
+    finally:
+        try:
+            ray.shutdown()
+            cluster.shutdown()
+        finally:
+            if had_ray:
+                _start_session_ray()
+
+
+@ray.remote(num_gpus=1, num_cpus=0)
+class EntrypointGpu:
+    """Holds one GPU, as the supervisor of a job submitted with --entrypoint-gpus 1 does."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_a_pool_starts_only_the_actors_that_fit_beside_the_drivers_gpu(engine_inputs,
+                                                                       gpu_cluster):
+    """The cluster has 2 GPUs in all and the driver holds one: a pool of one GPU per actor
+    counts 2 from the nodes, places 1, and finishes every task on it (no actor left waiting
+    for a GPU that never frees, which would hang the map)."""
+    _, data, weights, indices = engine_inputs
+    holder = EntrypointGpu.remote()
+    ray.get(holder.ready.remote())
+    resources = ResourcesSpec(gpus_per_actor=1, cpus_per_actor=1, placement_timeout_s=3)
+    names = list(data.tables)
+    with Engine(resources, weights, data.tables, data.tokenizer.pad_token_id, indices, 16,
+                max_useful_actors=len(names), start_timeout_s=20) as engine:
+        assert engine.size == 1 and engine.reservation.wanted == 2
+        assert ray.available_resources().get("GPU", 0) == 0  # the pool's and the driver's
+        results = engine.map([EvalTask((n,)) for n in names])
+    assert [r.task.datasets for r in results] == [(n,) for n in names]
+    assert all(np.isfinite(list(r.losses[0].values())).all() for r in results)
+    deadline = time.monotonic() + 10  # the pool's room is given back when it shuts down
+    while ray.available_resources().get("GPU", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("GPU", 0) == 1
+    # on an autoscaling cluster every actor asked for is kept: those without room start as
+    # nodes join, and the map does not wait for them
+    autoscaled = resources.model_copy(update={"autoscale": True, "num_actors": 3})
+    with Engine(autoscaled, weights, data.tables, data.tokenizer.pad_token_id, indices, 16,
+                max_useful_actors=len(names), start_timeout_s=20) as engine:
+        assert engine.size == 3
+        assert len(engine.map([EvalTask((n,)) for n in names])) == len(names)
+    ray.kill(holder)
+
+
+def test_autoscale_asks_for_num_actors():
+    with pytest.raises(ValueError, match="autoscale: give num_actors too"):
+        ResourcesSpec(autoscale=True)
+    assert ResourcesSpec(autoscale=True, num_actors=4, gpus_per_actor=1).num_actors == 4

@@ -26,13 +26,20 @@ import pyarrow as pa
 import ray
 import torch
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from untrac_ray.errors import UntracError
 from untrac_ray.modeling import SharedWeights
-from untrac_ray.placement import actor_slots, alive_node_resources
+from untrac_ray.placement import (
+    Reservation,
+    actor_bundle,
+    actor_slots,
+    alive_node_resources,
+    reserve_actors,
+)
 from untrac_ray.precision import configure_tf32
 from untrac_ray.spec import ResourcesSpec
-from untrac_ray.tasks import Task, TaskResult
+from untrac_ray.tasks import Task, TaskResult, needs_of
 from untrac_ray.tokenization import TokenizedSet
 from untrac_ray.workbench import Workbench
 
@@ -95,7 +102,9 @@ def plan_pool_size(
     With `nodes` (each node's resources) actors are counted node by node, as they are placed.
     Never more than `max_useful` (the most tasks that can run at once) and never fewer than one.
     """
-    if resources.num_actors is not None:
+    if resources.num_actors is not None and resources.autoscale:
+        n = resources.num_actors  # nodes join on demand: the cluster of now does not bound it
+    elif resources.num_actors is not None:
         n = resources.num_actors
     elif resources.gpus_per_actor > 0:
         if nodes is not None:
@@ -142,13 +151,16 @@ def workbench_from_refs(
     eval_batch_size: int,
     device: torch.device | str,
     precision: str = "fp32",
+    weights_dtype: str = "fp32",
+    gradient_checkpointing: bool = False,
 ) -> Workbench:
     """A Workbench built from object-store references, in a Ray worker (an actor, a trial).
 
     `shared` holds {"weights": {name: ref to SharedWeights}, "datasets": {name: ref to a
     tokenized Arrow table}} (refs nested in a dict reach a remote call unresolved). The tables
     are read now; each weight set on first use (zero-copy on the node). `precision` is every
-    task's numerics.
+    task's numerics; `weights_dtype` and `gradient_checkpointing` the model's memory settings
+    (ResourcesSpec).
     """
     weights = _ObjectStoreWeights(dict(shared["weights"]))
     names = list(shared["datasets"])
@@ -157,7 +169,8 @@ def workbench_from_refs(
         n: TokenizedSet.from_table(n, t, pad_id) for n, t in zip(names, tables, strict=True)
     }
     return Workbench(weights, datasets, eval_indices, eval_batch_size, device,
-                     precision=precision)
+                     precision=precision, weights_dtype=weights_dtype,
+                     gradient_checkpointing=gradient_checkpointing)
 
 
 @ray.remote
@@ -179,6 +192,8 @@ class WorkbenchActor:
         threads: int,
         precision: str = "fp32",
         tf32: bool = False,
+        weights_dtype: str = "fp32",
+        gradient_checkpointing: bool = False,
     ) -> None:
         torch.set_num_threads(threads)
         warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecations
@@ -186,6 +201,8 @@ class WorkbenchActor:
         configure_tf32(tf32, self.device)
         self.pad_id, self.eval_indices, self.eval_batch_size = pad_id, eval_indices, eval_batch_size
         self.precision = precision
+        self.memory = {"weights_dtype": weights_dtype,
+                       "gradient_checkpointing": gradient_checkpointing}
         self.bench: Workbench | None = None
         self.label = f"{ray.get_runtime_context().get_node_id()[:8]}/pid{os.getpid()}/{self.device}"
 
@@ -193,14 +210,27 @@ class WorkbenchActor:
         """Build the Workbench from the shared objects; returns the actor's label (node/pid)."""
         if self.bench is None:
             self.bench = workbench_from_refs(shared, self.pad_id, self.eval_indices,
-                                             self.eval_batch_size, self.device, self.precision)
+                                             self.eval_batch_size, self.device, self.precision,
+                                             **self.memory)
         return self.label
 
-    def run(self, task: Task, shared: dict[str, dict[str, ray.ObjectRef]]) -> TaskResult:
+    def run(self, task: Task, shared: dict[str, dict[str, ray.ObjectRef]],
+            inputs: Sequence[ray.ObjectRef] = ()) -> TaskResult:
+        """Run a task; `inputs` refer to the payloads of the tasks it needs, read here from the
+        object store (zero-copy on this node)."""
         self.prepare(shared)
-        result = self.bench.run(task)
+        result = self.bench.run(task, ray.get(list(inputs))) if inputs else self.bench.run(task)
         result.worker = self.label
         return result
+
+    @ray.method(num_returns=2)
+    def run_kept(self, task: Task, shared: dict[str, dict[str, ray.ObjectRef]],
+                 inputs: Sequence[ray.ObjectRef] = ()) -> tuple[TaskResult, Any]:
+        """`run`, for a task whose payload stays in the object store: the result without its
+        payload, and the payload as a second object (the driver keeps only its reference)."""
+        result = self.run(task, shared, inputs)
+        payload, result.payload = result.payload, None
+        return result, payload
 
 
 # How long a map waits for an actor to start (and build its model) when it has none ready:
@@ -209,6 +239,46 @@ START_TIMEOUT_S = 600.0
 
 # A dead actor, or the result of its task lost with its node: the task goes to another actor.
 _ACTOR_LOST = (RayActorError, ObjectLostError)
+
+# Why a task that reads other tasks' payloads runs again (they are computed again first).
+LOST_INPUTS = "the inputs it reads from the object store were lost (their node died)"
+
+
+@dataclass(eq=False)
+class _Call:
+    """A task started on an actor: its result, its payload when that stays in the object
+    store (None: in the result), and the payloads it reads, by the task that made each."""
+
+    ref: ray.ObjectRef
+    payload: ray.ObjectRef | None
+    inputs: dict[Task, ray.ObjectRef]
+
+
+def _start(actor: Any, task: Task, shared: dict, needed: dict[Task, ray.ObjectRef]) -> _Call:
+    """Start a task on an actor, with references to the payloads it needs (the actor reads
+    them); one missing from `needed` (lost) is computed again on this actor first. A task
+    whose payload stays in the object store returns it as a second object, never fetched."""
+    for need in needs_of(task):
+        if need not in needed:
+            needed[need] = actor.run_kept.remote(need, shared)[1]
+    inputs = {need: needed[need] for need in needs_of(task)}
+    if getattr(task, "payload_in_store", False):
+        ref, payload = actor.run_kept.remote(task, shared, list(inputs.values()))
+        return _Call(ref, payload, inputs)
+    return _Call(actor.run.remote(task, shared, list(inputs.values())), None, inputs)
+
+
+def _forget_lost_inputs(call: _Call, cause: BaseException,
+                        needed: dict[Task, ray.ObjectRef]) -> bool:
+    """Whether a task failed because payloads it reads were lost (with their node, or with
+    the actor computing them); those it was given are dropped from `needed`, to be computed
+    again, unless a newer copy replaced them already."""
+    if not call.inputs or not isinstance(cause, _ACTOR_LOST):
+        return False
+    for need, ref in call.inputs.items():
+        if needed.get(need) is ref:
+            del needed[need]
+    return True
 
 
 @dataclass(eq=False)
@@ -220,6 +290,7 @@ class _Slot:
     prepared: ray.ObjectRef | None
     label: str = ""
     failed_starts: int = 0
+    group: Any = None  # the placement group the slot's actors live in (None: a caller's)
 
 
 class Engine:
@@ -250,8 +321,8 @@ class Engine:
         by_id = {id(w): _put(w) for w in weights.values()}
         weight_refs = {name: by_id[id(w)] for name, w in weights.items()}
         dataset_refs = {name: _put(table) for name, table in tables.items()}
-        self.size = plan_pool_size(resources, ray.cluster_resources(), max_useful_actors,
-                                   nodes=alive_node_resources())
+        wanted = plan_pool_size(resources, ray.cluster_resources(), max_useful_actors,
+                                nodes=alive_node_resources())
         # No restarts by Ray: an actor restarted after its node died waits for free resources
         # (held by the surviving actors) forever, and its task with it. The engine replaces
         # dead actors itself and retries their tasks on live ones (map).
@@ -261,13 +332,24 @@ class Engine:
             "max_restarts": 0,
             "max_task_retries": 0,
         }
-        if resources.gpus_per_actor > 0:
-            self._options["scheduling_strategy"] = "SPREAD"
         self._options.update(actor_options or {})  # e.g. a trial's placement group
         self._args = (pad_id, eval_indices, eval_batch_size, max(1, int(resources.cpus_per_actor)))
         # The driver keeps these references alive as long as the pool (tasks carry them).
         self._shared = {"weights": weight_refs, "datasets": dataset_refs}
-        self._slots = [self._start_slot() for _ in range(self.size)]
+        # Room for each actor is reserved first (a placement group each), and the pool is
+        # what fits; a caller's placement (a trial's group) is used as it is.
+        self.reservation: Reservation | None = None
+        if "scheduling_strategy" in self._options:
+            groups: list[Any] = [None] * wanted
+        else:
+            bundle = {**actor_bundle(resources.cpus_per_actor, resources.gpus_per_actor),
+                      **self._options.get("resources", {})}  # custom resources asked for
+            self.reservation = reserve_actors(
+                bundle, wanted, resources.placement_timeout_s, start_timeout_s,
+                autoscale=resources.autoscale)
+            groups = list(self.reservation.groups)
+        self.size = len(groups)
+        self._slots = [self._start_slot(_Slot(None, None, group=g)) for g in groups]
 
     def __enter__(self) -> Engine:
         return self
@@ -280,17 +362,20 @@ class Engine:
         """The pool's actor handles (a replaced actor's successor in its place)."""
         return [slot.actor for slot in self._slots if slot.actor is not None]
 
-    def _start_slot(self, slot: _Slot | None = None) -> _Slot:
-        """Start an actor (and its `prepare`) in a new slot, or in `slot` in place of its own."""
+    def _start_slot(self, slot: _Slot) -> _Slot:
+        """Start an actor (and its `prepare`) in `slot`, in place of the one it had."""
         pad_id, eval_indices, eval_batch_size, threads = self._args
-        actor = WorkbenchActor.options(**self._options).remote(
+        options = dict(self._options)
+        if slot.group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=slot.group, placement_group_bundle_index=0)
+        actor = WorkbenchActor.options(**options).remote(
             pad_id, eval_indices, eval_batch_size, threads,
             precision=self.resources.precision, tf32=self.resources.tf32,
+            weights_dtype=self.resources.weights_dtype,
+            gradient_checkpointing=self.resources.gradient_checkpointing,
         )
-        prepared = actor.prepare.remote(self._shared)
-        if slot is None:
-            return _Slot(actor, prepared)
-        slot.actor, slot.prepared, slot.label = actor, prepared, ""
+        slot.actor, slot.prepared, slot.label = actor, actor.prepare.remote(self._shared), ""
         return slot
 
     def _lose(self, slot: _Slot) -> None:
@@ -304,6 +389,8 @@ class Engine:
             _kill(slot.actor)
         self._slots = []
         self._shared = {}
+        if self.reservation is not None:
+            self.reservation.release()
 
     def wait_ready(self) -> None:
         """Block until every actor has built its model (start-up done); a replacement for a
@@ -333,7 +420,13 @@ class Engine:
         ready actor left, the map waits `start_timeout_s` for one. A task that raises an
         UntracError (such as a NaN loss) stops the run with that error. Results already
         returned were handed to on_result and are kept.
+
+        The tasks that `tasks` need (tasks.needs_of) run first, once each, and their payloads
+        stay in the object store; a task whose own payload stays there (`payload_in_store`)
+        has a reference to it as its result's payload. If a payload a task reads is lost (its
+        node died), it is computed again on the task's actor, and the task retried.
         """
+        needed = self._run_needs(tasks, on_retry)
         results: list[TaskResult | None] = [None] * len(tasks)
         pending = deque(range(len(tasks)))
         deaths = [0] * len(tasks)
@@ -346,13 +439,14 @@ class Engine:
                 idle.append(slot)
             else:
                 starting[slot.prepared] = slot
-        inflight: dict[ray.ObjectRef, tuple[int, _Slot]] = {}
+        inflight: dict[ray.ObjectRef, tuple[int, _Slot, _Call]] = {}
         waiting_since: float | None = None  # since when no actor has been ready
         while pending or inflight:
             while idle and pending:
                 index = pending.popleft()
                 slot = idle.pop()
-                inflight[slot.actor.run.remote(tasks[index], self._shared)] = (index, slot)
+                call = _start(slot.actor, tasks[index], self._shared, needed)
+                inflight[call.ref] = (index, slot, call)
             timeout = None
             if not inflight:  # tasks wait, and no actor is ready to take them
                 if not starting:
@@ -374,14 +468,24 @@ class Engine:
                 elif slot.actor is not None:
                     starting[slot.prepared] = slot
                 continue
-            index, slot = inflight.pop(ref)
+            index, slot, call = inflight.pop(ref)
             try:
                 result = ray.get(ref)
             except RayTaskError as err:
                 cause = err.cause
                 if isinstance(cause, UntracError):
                     raise type(cause)(str(cause)) from None
-                raise UntracError(f"task {describe(tasks[index])} failed: {cause!r}") from None
+                if not _forget_lost_inputs(call, cause, needed):
+                    raise UntracError(f"task {describe(tasks[index])} failed: {cause!r}") from None
+                deaths[index] += 1
+                if deaths[index] > self.resources.max_retries:
+                    raise UntracError(f"task {describe(tasks[index])} failed: {LOST_INPUTS} "
+                                      f"{deaths[index]} times") from None
+                pending.appendleft(index)
+                idle.append(slot)
+                if on_retry is not None:
+                    on_retry(tasks[index], LOST_INPUTS)
+                continue
             except _ACTOR_LOST as err:
                 reason = f"actor {slot.label} died ({_death_reason(err)})"
                 self._lose(slot)
@@ -396,12 +500,23 @@ class Engine:
                 if on_retry is not None:
                     on_retry(tasks[index], reason)
                 continue
+            if call.payload is not None:
+                result.payload = call.payload
             result.index = index
             results[index] = result
             if on_result is not None:
                 on_result(result)
             idle.append(slot)
         return results  # type: ignore[return-value]
+
+    def _run_needs(self, tasks: Sequence[Task], on_retry: Callable[[Task, str], None] | None
+                   ) -> dict[Task, ray.ObjectRef]:
+        """Run the tasks that `tasks` need, once each (a map of their own); their payloads
+        stay in the object store, and the driver holds only references."""
+        needs = list(dict.fromkeys(n for task in tasks for n in needs_of(task)))
+        if not needs:
+            return {}
+        return {r.task: _put(r.payload) for r in self.map(needs, on_retry=on_retry)}
 
     def _started(self, slot: _Slot, ref: ray.ObjectRef) -> bool:
         """Whether the actor whose `prepare` is `ref` is ready; one that died starting is

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +106,14 @@ def load_model(path: str) -> PreTrainedModel:
 
 @dataclass
 class SharedWeights:
-    """A model's config and parameters as NumPy arrays: what goes into Ray's object store once."""
+    """A model's config and parameters as NumPy arrays: what goes into Ray's object store once.
+
+    `buffers` holds the model's buffers too (Llama's rotary frequencies, say), which a model
+    built on the meta device has no values for."""
 
     config: dict[str, Any]
     arrays: dict[str, np.ndarray]
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def from_model(cls, model: PreTrainedModel) -> SharedWeights:
@@ -117,15 +121,37 @@ class SharedWeights:
             name: p.detach().to("cpu", torch.float32).numpy().copy()
             for name, p in model.named_parameters()
         }
-        return cls(config=model.config.to_dict(), arrays=arrays)
+        buffers = {name: b.detach().cpu().numpy().copy() for name, b in model.named_buffers()}
+        return cls(config=model.config.to_dict(), arrays=arrays, buffers=buffers)
 
     def build(self, device: torch.device | str = "cpu") -> PreTrainedModel:
-        """A model with these weights on `device`."""
+        """A model with these weights on `device`, built on the meta device and then filled:
+        no random initialisation of parameters that are overwritten at once, and no second
+        copy of them in host memory on the way to a GPU."""
         values = dict(self.config)
         config = AutoConfig.for_model(values.pop("model_type"), **values)
-        model = _auto_class(config).from_config(config)
+        with torch.device("meta"):
+            model = _auto_class(config).from_config(config)
+        model = model.to_empty(device=device)
+        model.tie_weights()  # to_empty gives tied parameters (lm_head, embeddings) apart
         load_arrays(model, self.arrays)
-        return model.to(device)
+        missing = {n for n, _ in model.named_buffers()} - set(self.buffers)
+        if missing:
+            raise ModelError(f"shared weights lack buffers: {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(torch.as_tensor(self.buffers[name]))
+        return model
+
+
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def weight_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a spec's resources.weights_dtype."""
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {', '.join(WEIGHT_DTYPES)}, not {name!r}")
+    return WEIGHT_DTYPES[name]
 
 
 def load_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:

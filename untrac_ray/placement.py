@@ -2,13 +2,21 @@
 
 An actor lives on one node, so a cluster of two nodes with 3 GPUs each holds two actors of
 2 GPUs, not three; counting per node keeps the pool from waiting on actors that can never be
-scheduled. With `gpus_per_actor: 1` this is one actor per GPU across all nodes.
+scheduled. With `gpus_per_actor: 1` this is one actor per GPU across all nodes. That count is
+an upper bound: the pool then reserves its actors' room in placement groups and keeps only
+those the cluster can place now (`reserve_actors`), or, on an autoscaling cluster, asks the
+autoscaler for all of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from untrac_ray.errors import UntracError
 
 _EPS = 1e-9
 
@@ -32,3 +40,69 @@ def alive_node_resources() -> list[dict[str, float]]:
     import ray
 
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def actor_bundle(cpus_per_actor: float, gpus_per_actor: float) -> dict[str, float]:
+    """The resources of one actor, as a placement-group bundle."""
+    bundle = {"CPU": float(cpus_per_actor)}
+    if gpus_per_actor > 0:
+        bundle["GPU"] = float(gpus_per_actor)
+    return bundle
+
+
+@dataclass
+class Reservation:
+    """The placement groups the pool's actors live in (one single-bundle group each), and how
+    many were asked for."""
+
+    groups: list[Any]
+    wanted: int
+    autoscale: bool = False
+
+    def release(self) -> None:
+        """Give the groups' resources back to the cluster."""
+        from ray.util.placement_group import remove_placement_group
+
+        for group in self.groups:
+            with contextlib.suppress(Exception):  # gone already, with its node
+                remove_placement_group(group)
+        self.groups = []
+
+
+def reserve_actors(bundle: dict[str, float], wanted: int, fit_timeout_s: float,
+                   start_timeout_s: float, autoscale: bool = False) -> Reservation:
+    """Reserve room for up to `wanted` actors of `bundle`, one placement group each.
+
+    On a fixed cluster the pool is what can actually be scheduled: the groups placed within
+    `fit_timeout_s` are kept and the others removed (resources another holder has, such as a
+    submitted driver's entrypoint GPU, are not counted twice). With none placed by then, the
+    first one is waited for up to `start_timeout_s`, then UntracError. With `autoscale`, the
+    autoscaler is asked for all of them (request_resources) and every group is kept: actors
+    start as nodes join.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    if autoscale:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[dict(bundle)] * wanted)
+    groups = [placement_group([dict(bundle)]) for _ in range(wanted)]
+    if autoscale:
+        return Reservation(groups, wanted, autoscale=True)
+    refs = {g.ready(): g for g in groups}
+    placed, _ = ray.wait(list(refs), num_returns=len(refs), timeout=fit_timeout_s)
+    if not placed:
+        placed, _ = ray.wait(list(refs), num_returns=1, timeout=start_timeout_s)
+    kept = [refs[r] for r in refs if r in set(placed)]
+    for group in groups:
+        if group not in kept:
+            remove_placement_group(group)
+    if not kept:
+        need = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
+        raise UntracError(
+            f"no actor could be started in {start_timeout_s:g} s (no node of the Ray cluster "
+            f"had {need} free for one: other jobs, or this job's driver, hold the rest); on "
+            "a cluster that adds nodes on demand, set resources.autoscale with num_actors"
+        )
+    return Reservation(kept, wanted)

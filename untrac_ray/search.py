@@ -166,7 +166,8 @@ def _local_bench(ctx: TrialContext):
         configure_tf32(res.tf32, device)
         bench = workbench_from_refs({"weights": ctx.weights, "datasets": ctx.tables},
                                     ctx.pad_id, ctx.eval_indices,
-                                    ctx.spec.evaluation.batch_size, device, res.precision)
+                                    ctx.spec.evaluation.batch_size, device, res.precision,
+                                    res.weights_dtype, res.gradient_checkpointing)
         _LOCAL.clear()
         _LOCAL.update(key=key, bench=bench)
     bench = _LOCAL["bench"]

@@ -332,6 +332,25 @@ class ResourcesSpec(_Strict):
         "fp32", description="actors' forward passes: float32, or bfloat16 autocast"
     )
     tf32: bool = Field(False, description="allow TF32 matmuls on CUDA GPUs")
+    weights_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="the dtype actors keep the model's weights (and so its gradients "
+        "and optimizer state) in: bf16 halves their memory")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (long sequences: "
+        "less memory, about a third more compute)")
+    placement_timeout_s: float = Field(
+        30.0, gt=0, description="how long the pool waits for room for its actors before it "
+        "starts with those that fit (a fixed cluster)")
+    autoscale: bool = Field(
+        False, description="the cluster adds nodes on demand: ask its autoscaler for "
+        "num_actors actors and start each as its node joins")
+
+    @model_validator(mode="after")
+    def _autoscale_needs_a_size(self) -> ResourcesSpec:
+        if self.autoscale and self.num_actors is None:
+            raise ValueError("autoscale: give num_actors too (how many actors to ask the "
+                             "autoscaler for)")
+        return self
 
 
 class PretrainingSpec(_Strict):

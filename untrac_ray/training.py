@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,22 @@ def initial_model(
     return build_model(config, seed=seed)
 
 
+def driver_device(environ: Mapping[str, str] | None = None,
+                  cuda_available: bool | None = None) -> str:
+    """Where the driver trains: a GPU only when this process may use one.
+
+    In a submitted Ray job (Ray sets RAY_JOB_CONFIG_JSON_ENV_VAR) that is a GPU Ray gave it
+    (`submit --entrypoint-gpus 1`: Ray sets CUDA_VISIBLE_DEVICES to it); a job given none
+    sees every GPU of its node, which the actors hold, so it trains on the CPU. Elsewhere
+    (an embedded local Ray, a driver started by hand) the machine's GPU, if there is one."""
+    env = os.environ if environ is None else environ
+    if not (torch.cuda.is_available() if cuda_available is None else cuda_available):
+        return "cpu"
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in env:
+        return "cuda" if env.get("CUDA_VISIBLE_DEVICES", "").strip() not in ("", "-1") else "cpu"
+    return "cuda"
+
+
 def _train_and_save(
     model: PreTrainedModel,
     sets: list[TokenizedSet],
@@ -183,6 +200,7 @@ def _train_and_save(
 
     # On a GPU when there is one (a submitted job's driver given --entrypoint-gpus); else CPU.
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = driver_device()
     losses = train_model(model.to(device), sets, cfg, on_step, device=device,
                          on_checkpoint=keep)
     model.to("cpu")

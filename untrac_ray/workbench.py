@@ -7,13 +7,14 @@ one directly. Nothing here knows Ray.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from untrac_ray.evaluation import row_losses
-from untrac_ray.modeling import SharedWeights, load_arrays
+from untrac_ray.modeling import SharedWeights, load_arrays, weight_dtype
 from untrac_ray.precision import check_precision, precision_context
 from untrac_ray.tasks import BASE, Output, Task, TaskResult
 from untrac_ray.tokenization import TokenizedSet
@@ -40,21 +41,27 @@ class Workbench:
         device: torch.device | str = "cpu",
         *,
         precision: str = "fp32",
+        weights_dtype: str = "fp32",
+        gradient_checkpointing: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.precision = check_precision(precision)
         self.weights = weights
-        self.model = weights[BASE].build(self.device)
+        # One copy of the model on the device, in the dtype asked for; resetting copies a
+        # weight set in from the host arrays (zero-copy object-store memory on an actor)
+        # rather than from a second, pristine device copy: 1x the weights, not 2x.
+        self.model = weights[BASE].build(self.device).to(weight_dtype(weights_dtype))
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            self.model.config.use_cache = False
         self.model.eval()
-        # Keep a pristine copy of the base weights on the device: resetting is a copy_.
-        self.pristine = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.datasets = datasets
         self.eval_indices = eval_indices
         self.eval_batch_size = eval_batch_size
 
     def reset(self, weights: str = BASE) -> None:
-        """Load a shared weight set into the model (the base set from the device copy)."""
-        load_arrays(self.model, self.pristine if weights == BASE else self.weights[weights].arrays)
+        """Load a shared weight set into the model."""
+        load_arrays(self.model, self.weights[weights].arrays)
         self.model.zero_grad(set_to_none=True)
         self.model.eval()
 
@@ -71,11 +78,12 @@ class Workbench:
             )
         return means, (rows if per_row else None)
 
-    def run(self, task: Task) -> TaskResult:
+    def run(self, task: Task, inputs: Sequence[Any] = ()) -> TaskResult:
         """Run one task (it resets the model to the weight set it needs) in the bench's
-        precision, and time it."""
+        precision, and time it. `inputs` are the payloads of the tasks it needs
+        (tasks.needs_of), in order."""
         start = time.perf_counter()
         with precision_context(self.device, self.precision):
-            out: Output = task.run(self)
+            out: Output = task.run(self, *inputs)
         return TaskResult(task=task, losses=out.losses, seconds=time.perf_counter() - start,
                           row_losses=out.row_losses, payload=out.payload)

@@ -1,0 +1,123 @@
+"""Lean actors (issue 12): models built on the meta device, one device copy of the weights,
+bf16 weights with the optimizer the user picks, gradient checkpointing. Plain PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig
+
+from untrac_ray.evaluation import sample_indices
+from untrac_ray.job_setup import prepare_data
+from untrac_ray.modeling import SharedWeights, build_model, config_from_dict, load_arrays
+from untrac_ray.schedule import eval_schedules
+from untrac_ray.spec import UnlearnSpec, load_spec
+from untrac_ray.tasks import EvalTask, UnlearnTask
+from untrac_ray.workbench import Workbench
+
+TINY = {
+    "gpt2": dict(n_embd=32, n_head=2, n_layer=2, n_positions=64),
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64),
+    "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=64, word_embed_proj_dim=32),
+    "t5": dict(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_a_model_built_on_the_meta_device_holds_the_same_weights_and_buffers(model_type):
+    config = AutoConfig.for_model(model_type, vocab_size=300, bos_token_id=1, eos_token_id=1,
+                                  pad_token_id=1, decoder_start_token_id=1, **TINY[model_type])
+    model = build_model(config, seed=3).eval()
+    shared = SharedWeights.from_model(model)
+    built = shared.build("cpu").eval()
+    assert all(p.device.type == "cpu" for p in built.parameters())
+    want, got = model.state_dict(), built.state_dict()
+    assert set(want) == set(got)
+    assert all(torch.equal(want[k], got[k]) for k in want)  # rotary buffers included
+    assert len(list(built.parameters())) == len(list(model.parameters()))  # ties kept
+    ids = torch.randint(0, 300, (2, 9))
+    extra = {"decoder_input_ids": ids} if model_type == "t5" else {}
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, **extra).logits,
+                           built(input_ids=ids, **extra).logits)
+
+
+@pytest.fixture
+def parts(make_job):
+    spec = load_spec(make_job())
+    data = prepare_data(spec)
+    config = config_from_dict(spec.model.config, len(data.tokenizer), data.tokenizer.eos_token_id)
+    weights = SharedWeights.from_model(build_model(config, seed=0))
+    sets = {name: data.tokenized(name) for name in data.tables}
+    indices = {name: sample_indices(len(s), None, 0) for name, s in sets.items()}
+    return weights, sets, indices
+
+
+def _untrac(bench: Workbench, forget: str, settings: UnlearnSpec) -> UnlearnTask:
+    schedule = eval_schedules(settings, {forget: len(bench.datasets[forget])})[forget]
+    return UnlearnTask("untrac", forget, ("next_number", "twice"), settings, schedule)
+
+
+def test_the_workbench_keeps_one_copy_of_the_weights_and_resets_from_the_shared_arrays(parts):
+    weights, sets, indices = parts
+    bench = Workbench({"base": weights}, sets, indices, 16)
+    assert not hasattr(bench, "pristine")
+    params = sum(p.numel() for p in bench.model.parameters())
+    tensors = [t for t in vars(bench).values() if isinstance(t, torch.Tensor)]
+    assert not tensors  # no weight-sized tensor beside the model
+    settings = UnlearnSpec(optimizer="adam", learning_rate=1e-2, batch_size=8)
+    first = bench.run(_untrac(bench, "add_one", settings)).losses
+    bench.reset()
+    now = dict(bench.model.named_parameters())
+    assert all(np.array_equal(now[n].detach().numpy(), a) for n, a in weights.arrays.items())
+    assert bench.run(_untrac(bench, "add_one", settings)).losses == first
+    assert params == sum(a.size for a in weights.arrays.values())
+
+
+def test_bf16_weights_halve_the_model_and_unlearn_with_adafactor_or_adam(parts):
+    weights, sets, indices = parts
+    fp32 = Workbench({"base": weights}, sets, indices, 16)
+    bf16 = Workbench({"base": weights}, sets, indices, 16, weights_dtype="bf16")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    size = {name: sum(p.numel() * p.element_size() for p in b.model.parameters())
+            for name, b in (("fp32", fp32), ("bf16", bf16))}
+    assert size["bf16"] * 2 == size["fp32"]
+    base32 = fp32.run(EvalTask(("next_number",))).losses[0]["next_number"]
+    base16 = bf16.run(EvalTask(("next_number",))).losses[0]["next_number"]
+    assert abs(base16 - base32) < 0.02 * base32  # bf16 rounding of the same weights
+    for optimizer, lr in (("adafactor", 1e-2), ("adam", 1e-2)):
+        settings = UnlearnSpec(optimizer=optimizer, learning_rate=lr, batch_size=8)
+        out = bf16.run(_untrac(bf16, "add_one", settings)).losses
+        last = out[max(out)]
+        assert all(np.isfinite(v) for v in last.values())
+        # ascent on add_one moved the model: the test losses changed from the base ones
+        assert last["next_number"] != pytest.approx(base16, abs=1e-4)
+    with pytest.raises(ValueError, match="weights_dtype"):
+        Workbench({"base": weights}, sets, indices, 16, weights_dtype="fp8")
+
+
+def test_gradient_checkpointing_gives_the_same_cells(parts):
+    weights, sets, indices = parts
+    plain = Workbench({"base": weights}, sets, indices, 16)
+    saved = Workbench({"base": weights}, sets, indices, 16, gradient_checkpointing=True)
+    assert saved.model.is_gradient_checkpointing
+    settings = UnlearnSpec(optimizer="adam", learning_rate=1e-2, batch_size=8, seed=4)
+    a = plain.run(_untrac(plain, "double", settings)).losses
+    b = saved.run(_untrac(saved, "double", settings)).losses
+    assert sorted(a) == sorted(b)
+    for step in a:  # dropout is on: the same seeds draw the same masks when recomputed
+        for name in a[step]:
+            assert b[step][name] == pytest.approx(a[step][name], rel=1e-5)
+
+
+def test_load_arrays_casts_the_shared_float32_arrays_into_bf16_parameters(parts):
+    weights, _, _ = parts
+    model = weights.build("cpu").to(torch.bfloat16)
+    load_arrays(model, weights.arrays)
+    name, array = next(iter(weights.arrays.items()))
+    got = dict(model.named_parameters())[name]
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, torch.as_tensor(array).to(torch.bfloat16))
