@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
-from untrac_ray.tasks import TaskResult, UnlearnTask
+if TYPE_CHECKING:  # the browsing commands read tables without importing torch
+    from untrac_ray.tasks import TaskResult
 
 COLUMNS = ["method", "point", "step", "train_set", "test_set", "influence", "loss_before",
            "loss_after"]
@@ -36,8 +39,7 @@ def unlearning_cells(method: str, forget: str, point: int, step: int, losses: di
 
 def influence_rows(result: TaskResult, base_losses: dict[str, float]) -> list[dict]:
     """The cells of one unlearning task at every evaluation point of its schedule."""
-    task = result.task
-    assert isinstance(task, UnlearnTask)
+    task = result.task  # an UnlearnTask
     rows = []
     for point, step in enumerate(task.schedule, start=1):
         rows += unlearning_cells(task.method, task.forget, point, step, result.losses[step],
