@@ -121,3 +121,42 @@ def test_load_arrays_casts_the_shared_float32_arrays_into_bf16_parameters(parts)
     got = dict(model.named_parameters())[name]
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, torch.as_tensor(array).to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------- the memory formula, by hand
+
+
+def test_activation_bytes_by_hand():
+    from untrac_ray.memory import Shape, activation_bytes
+
+    shape = Shape(layers=2, hidden=4, heads=1, vocab=10)
+    # per layer (34*S*B*H + 5*A*S^2*B) * 2 in float32 = (272 + 20) * 2; logits 3*B*S*V*4 = 240
+    assert activation_bytes(shape, rows=1, tokens=2, weight_bytes=4) == 2 * 584 + 240
+    # checkpointing: every layer keeps its input (S*B*H*4 = 32), one layer's activations live
+    assert activation_bytes(shape, 1, 2, 4, checkpointing=True) == 2 * 32 + 584 + 240
+    assert activation_bytes(shape, 1, 2, 2) == 2 * 292 + 240  # bf16: the 16-bit figures
+
+
+def test_optimizer_state_bytes_by_hand():
+    from untrac_ray.memory import optimizer_state_bytes
+
+    model = torch.nn.Linear(3, 5)  # weight 5x3, bias 5: 20 parameters
+    assert optimizer_state_bytes(model, "adam", 4) == 2 * 4 * 20
+    assert optimizer_state_bytes(model, "adamw", 2) == 2 * 2 * 20
+    assert optimizer_state_bytes(model, "sgd", 4) == 0
+    assert optimizer_state_bytes(model, "adafactor", 4) == 4 * ((5 + 3) + 5)
+
+
+def test_actor_memory_adds_its_terms(parts):
+    from untrac_ray.memory import actor_memory
+
+    weights, _, _ = parts
+    model = weights.build("cpu")
+    p = sum(t.numel() for t in model.parameters())
+    m = actor_memory(model, optimizer="adam", rows=8, tokens=64, test_sets=2)
+    assert (m.weights, m.gradients, m.optimizer, m.shared_weights) == (4 * p, 4 * p, 8 * p, 4 * p)
+    assert m.gradient_task == 4 * p + 4 * p + 2 * 4 * p
+    unlearning = m.gradients + m.optimizer + m.activations
+    assert m.total(100) == 100 + 8 * p + max(unlearning, m.gradient_task)
+    half = actor_memory(model, optimizer="adam", rows=8, tokens=64, weights_dtype="bf16")
+    assert half.weights * 2 == m.weights and half.optimizer * 2 == m.optimizer

@@ -1,0 +1,111 @@
+"""What one actor holds in memory, as a formula of the model and the job's settings.
+
+benchmarks/scale.py checks it against the measured peak of real actors; the README states it.
+For P parameters held in `b` bytes each (4: fp32, 2: resources.weights_dtype bf16):
+
+- weights: P*b, one copy on the actor's device (resets copy the shared host arrays in);
+- gradients: P*b;
+- optimizer state: Adam and AdamW 2*P*b, SGD 0, Adafactor its factored second moments
+  (rows + columns of each matrix, the whole of each vector) in float32;
+- activations of one micro-batch of B rows of S tokens through L layers of width H with A
+  heads, kept for the backward pass (Korthikanti et al. 2022, "Reducing Activation
+  Recomputation in Large Transformer Models", per layer 34*S*B*H + 5*A*S^2*B bytes in 16-bit,
+  doubled in float32), plus the float32 logits over a vocabulary of V, their softmax and
+  gradient (3*B*S*V*4); with gradient checkpointing each layer keeps only its input (S*B*H*b)
+  and one layer's activations are live at a time;
+- on a CPU node, the weight sets read from the object store are shared memory the actor
+  maps (P*4 each, once touched; counted in its resident set);
+- a gradient task (GradDot, GradCos, TracIn) holds its flat gradient (P*4) and maps the test
+  sets' gradients it reads (J*P*4) instead of optimizer state;
+- the runtime: the interpreter with torch, transformers and Ray's worker (measured, not
+  modelled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BYTES = {"fp32": 4, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes the activation term needs (from a transformers config)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        get = config.to_dict().get
+        layers = get("num_hidden_layers") or get("n_layer") or get("num_layers")
+        hidden = get("hidden_size") or get("n_embd") or get("d_model")
+        heads = get("num_attention_heads") or get("n_head") or get("num_heads")
+        return cls(int(layers), int(hidden), int(heads), int(get("vocab_size")))
+
+
+def optimizer_state_bytes(model: torch.nn.Module, optimizer: str, weight_bytes: int) -> int:
+    """Bytes of optimizer state for the model's trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer in ("adam", "adamw"):
+        return 2 * weight_bytes * sum(p.numel() for p in params)
+    if optimizer == "sgd":
+        return 0
+    if optimizer == "adafactor":  # factored second moments, float32
+        return 4 * sum(p.shape[-2] + p.shape[-1] if p.dim() >= 2 else p.numel() for p in params)
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def activation_bytes(shape: Shape, rows: int, tokens: int, weight_bytes: int,
+                     checkpointing: bool = False) -> int:
+    """Activations one micro-batch keeps for its backward pass (see the module docstring)."""
+    scale = weight_bytes / 2  # the 16-bit figures, doubled in float32
+    layer = (34 * tokens * rows * shape.hidden + 5 * shape.heads * tokens**2 * rows) * scale
+    logits = 3 * rows * tokens * shape.vocab * 4
+    if checkpointing:
+        kept = shape.layers * tokens * rows * shape.hidden * weight_bytes
+        return int(kept + layer + logits)
+    return int(shape.layers * layer + logits)
+
+
+@dataclass(frozen=True)
+class ActorMemory:
+    """The terms of the formula, in bytes; `total` adds the measured runtime to them."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    shared_weights: int
+    gradient_task: int
+
+    def total(self, runtime: int = 0) -> int:
+        """The peak: the larger of an unlearning step and a gradient task."""
+        unlearning = self.gradients + self.optimizer + self.activations
+        return runtime + self.weights + self.shared_weights + max(unlearning, self.gradient_task)
+
+
+def actor_memory(model: torch.nn.Module, *, optimizer: str, rows: int, tokens: int,
+                 weights_dtype: str = "fp32", checkpointing: bool = False,
+                 weight_sets: int = 1, test_sets: int = 0, on_cpu: bool = True) -> ActorMemory:
+    """The formula for one actor studying `model` with the given settings.
+
+    `rows` x `tokens`: the largest micro-batch an unlearning step runs; `weight_sets`: how many
+    shared weight sets the actor reads (base, checkpoints); `test_sets`: J, the test gradients a
+    gradient task reads (0: no gradient method)."""
+    b = BYTES[weights_dtype]
+    p = sum(t.numel() for t in model.parameters())
+    shape = Shape.of(model.config)
+    gradient_task = (p * b + p * 4 + test_sets * p * 4) if test_sets else 0
+    return ActorMemory(
+        weights=p * b,
+        gradients=p * b,
+        optimizer=optimizer_state_bytes(model, optimizer, b),
+        activations=activation_bytes(shape, rows, tokens, b, checkpointing),
+        shared_weights=weight_sets * p * 4 if on_cpu else 0,
+        gradient_task=gradient_task,
+    )
