@@ -23,7 +23,7 @@ from rich.text import Text
 
 from untrac_ray.errors import UntracError
 from untrac_ray.results import point_label, points_of
-from untrac_ray.scoring import ALL_CELLS, MEAN_OVER_TESTS, pearson, spearman
+from untrac_ray.scoring import AGREEMENT_LOW, ALL_CELLS, MEAN_OVER_TESTS, pearson, spearman
 from untrac_ray.spec import GROUND_TRUTH
 
 if TYPE_CHECKING:
@@ -439,6 +439,33 @@ def record_dict(record: RunRecord) -> dict:
     return out
 
 
+AGREEMENT_LABELS = {"untrac_vs_untrac_inv": "UnTrac vs UnTrac-Inv"}
+
+
+def agreement_text(values: dict[str, float]) -> Text | None:
+    """The trust signal in one line: how well estimates of the same cells agree (Pearson over
+    the cells), in yellow with a warning when any is below scoring.AGREEMENT_LOW."""
+    shown = {k: v for k, v in values.items() if v == v}
+    if not shown:
+        return None
+    parts = [f"{AGREEMENT_LABELS.get(k, k.replace('_seeds', ' over its seeds'))} {v:+.2f}"
+             for k, v in shown.items()]
+    low = min(shown.values()) < AGREEMENT_LOW
+    warning = (f"  (below {AGREEMENT_LOW}: the estimates disagree; treat them as uncertain)"
+               if low else "")
+    return Text("agreement: " + ", ".join(parts) + warning, style="yellow" if low else "")
+
+
+def parse_agreement(tag: str | None) -> dict[str, float]:
+    """The `untrac_ray.agreement` tag (name=value,...) as numbers."""
+    out = {}
+    for item in (tag or "").split(","):
+        name, _, value = item.partition("=")
+        if name and value:
+            out[name] = float(value)
+    return out
+
+
 def header(record: RunRecord, figures: list[str] | None = None) -> Group:
     """Who, what and when of a run, a few lines."""
     best_method, best = best_of(record)
@@ -456,6 +483,9 @@ def header(record: RunRecord, figures: list[str] | None = None) -> Group:
                       + (f"  r vs truth (top method) {best_method} {best:+.3f}"
                          if best is not None else "")),
     ]
+    trust = agreement_text(parse_agreement(record.tags.get("untrac_ray.agreement")))
+    if trust is not None:
+        lines.append(trust)
     if record.parent_id:
         lines.append(Text(f"parent run {record.parent_id}"))
     if record.error:

@@ -184,6 +184,11 @@ def run(
                           "cells that finished; `run --resume` continues it", highlight=False)
         raise typer.Exit(code=SIGTERM_EXIT_CODE) from None
     _print_matrices(outcome)
+    from untrac_ray.browse import agreement_text
+
+    trust = agreement_text(outcome.agreement)
+    if trust is not None:
+        out_console.print(trust, highlight=False)
     if outcome.restored is not None:
         out_console.print("resumed: restored {} of {} tasks".format(*outcome.restored),
                           highlight=False)

@@ -12,10 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from untrac_ray.errors import SpecError
 from untrac_ray.results import influence_rows
 from untrac_ray.schedule import eval_schedules, headline_point
+from untrac_ray.scoring import agreement_of, cells_at
 from untrac_ray.spec import JobSpec
 from untrac_ray.tasks import (
     BASE,
@@ -62,17 +64,52 @@ def plan_unlearning(spec: JobSpec, method: str, train: list[str], test: list[str
         headline = headline_point(settings, len(next(iter(schedules.values()))))
     except ValueError as err:
         raise SpecError(f"methods.{method}.{err}") from None
-    tasks = [UnlearnTask(method, name, tuple(evaluate), settings, schedules[name],
-                         per_row=inverse)
-             for name in forget]
+    kept = settings.retain_weight > 0
+    if kept and len(forget) < 2:
+        raise SpecError(f"methods.{method}.retain_weight: the retain term descends on the other "
+                        f"{'test' if inverse else 'training'} sets, and there is only one")
+    # an ensemble: the same unlearning under seeds seed, seed+1, ... (its cells averaged)
+    members = [settings.model_copy(update={"seed": settings.seed + i})
+               for i in range(settings.ensemble)]
+    tasks = [UnlearnTask(method, name, tuple(evaluate), member, schedules[name],
+                         per_row=inverse and i == 0,
+                         retain=tuple(n for n in forget if n != name) if kept else ())
+             for name in forget for i, member in enumerate(members)]
+
+    plan = MethodPlan([method], tasks, lambda results, base: [], headline={method: headline})
 
     def assemble(results: list[TaskResult], base: dict[str, float]) -> list[dict]:
-        rows: list[dict] = []
+        by_seed: dict[int, list[dict]] = {}
         for r in results:
-            rows += influence_rows(r, base)
-        return rows
+            by_seed.setdefault(r.task.settings.seed, []).extend(influence_rows(r, base))
+        rows = [row for seed_rows in by_seed.values() for row in seed_rows]
+        if len(members) == 1:
+            return rows
+        # the trust signal of an ensemble: how well its members agree, at the headline point
+        vectors = [cells_at(pd.DataFrame(seed_rows), method, headline)
+                   for seed_rows in by_seed.values()]
+        plan.extras.setdefault("agreement", {})[f"{method}_seeds"] = agreement_of(vectors)
+        return average_members(rows)
 
-    return MethodPlan([method], tasks, assemble, headline={method: headline})
+    plan.assemble = assemble
+    return plan
+
+
+def average_members(rows: list[dict]) -> list[dict]:
+    """The cells of an ensemble's members averaged per (method, point, train set, test set):
+    influence, loss after and (for runs stopped by their loss) the step."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["point"], row["train_set"], row["test_set"]),
+                          []).append(row)
+    out = []
+    for cells in groups.values():
+        cell = dict(cells[0])
+        for name in ("influence", "loss_after"):
+            cell[name] = float(np.mean([c[name] for c in cells]))
+        cell["step"] = int(round(np.mean([c["step"] for c in cells])))
+        out.append(cell)
+    return out
 
 
 def plan_ldo(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:

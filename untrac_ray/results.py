@@ -40,10 +40,12 @@ def unlearning_cells(method: str, forget: str, point: int, step: int, losses: di
 def influence_rows(result: TaskResult, base_losses: dict[str, float]) -> list[dict]:
     """The cells of one unlearning task at every evaluation point of its schedule."""
     task = result.task  # an UnlearnTask
+    stopped = result.payload.get("stopped_at") if isinstance(result.payload, dict) else None
     rows = []
     for point, step in enumerate(task.schedule, start=1):
-        rows += unlearning_cells(task.method, task.forget, point, step, result.losses[step],
-                                 base_losses)
+        # a run stopped by its loss rise has one point, at the step where it stopped
+        rows += unlearning_cells(task.method, task.forget, point, int(stopped or step),
+                                 result.losses[step], base_losses)
     return rows
 
 

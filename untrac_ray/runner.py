@@ -17,9 +17,9 @@ import pandas as pd
 from untrac_ray import plots
 from untrac_ray.errors import TrackingError
 from untrac_ray.job_setup import Reporter
-from untrac_ray.methods import plan_methods
+from untrac_ray.methods import average_members, plan_methods
 from untrac_ray.results import influence_rows, influence_table, matrix, top_examples
-from untrac_ray.scoring import score_table, summary, truth_matrix
+from untrac_ray.scoring import agreement, score_table, summary, truth_matrix
 from untrac_ray.session import (
     DATA_KEY,
     MODEL_KEY,
@@ -58,6 +58,7 @@ class JobOutcome:
     examples: pd.DataFrame | None = None
     extras: dict = field(default_factory=dict)
     restored: tuple[int, int] | None = None  # a resumed run: (tasks restored, tasks in all)
+    agreement: dict[str, float] = field(default_factory=dict)  # scoring.agreement, ensembles
 
 
 def find_run_to_resume(spec: JobSpec, uri: str, resume: Resume, reporter: Reporter
@@ -183,7 +184,7 @@ def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> 
                 run.log_base_losses(base_losses)
 
         results: dict[int, list[TaskResult]] = {id(p): [] for p in plans}
-        rows: list[dict] = []
+        live: list[dict] = []  # the cells of unlearning tasks, as each finishes
         seconds: dict[str, float] = {}
 
         def collect(result: TaskResult, was_restored: bool) -> None:
@@ -193,7 +194,7 @@ def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> 
             seconds[label] = seconds.get(label, 0.0) + result.seconds
             if isinstance(result.task, UnlearnTask):  # cells known at once: log now
                 cells = influence_rows(result, base_losses)
-                rows.extend(cells)
+                live.extend(cells)
                 if not was_restored:  # a restored task's cells were logged when it ran
                     log_live(result, cells)
             if not was_restored:
@@ -208,20 +209,22 @@ def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> 
             run_tasks(session, store, tasks, collect, reporter.task_retried, engine,
                       restored=restored_tasks)
         except BaseException:
-            if rows:  # keep what finished, beside the FAILED or KILLED status
-                run.log_table(influence_table(rows, train, test), "influence_partial")
+            if live:  # keep what finished, beside the FAILED or KILLED status
+                run.log_table(influence_table(average_members(live), train, test),
+                              "influence_partial")
             raise
 
     if store.flush():
         raise TrackingError(f"{len(store.pending())} finished tasks could not be stored in the "
                             f"MLflow run ({store.upload_error}); they are kept in "
                             f"{store.spool}: `untrac-ray run --resume` stores them")
+    rows: list[dict] = []
     for plan in plans:
-        if not isinstance(plan.tasks[0], UnlearnTask):
-            ordered = sorted(results[id(plan)], key=lambda r: r.index)  # restored or not
-            cells = plan.assemble(ordered, base_losses)
-            run.log_cells(cells)
-            rows.extend(cells)
+        ordered = sorted(results[id(plan)], key=lambda r: r.index)  # restored or not
+        cells = plan.assemble(ordered, base_losses)
+        if not all(isinstance(t, UnlearnTask) and t.settings.ensemble == 1 for t in plan.tasks):
+            run.log_cells(cells)  # not logged live (an ensemble: its members were)
+        rows.extend(cells)
     table = influence_table(rows, train, test)
     outcome = JobOutcome(run.run_id, session.uri, table, base_losses, session.model_dir,
                          seconds)
@@ -237,12 +240,17 @@ def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> 
     if "untrac_inv" in enabled and spec.evaluation.top_examples:
         outcome.examples = drill_down(spec, data, results, plans, base_rows, session.indices)
         run.log_table(outcome.examples, "examples/top_examples")
+    headline = {m: p for plan in plans for m, p in plan.headline.items()}
+    outcome.agreement = {**agreement(table, headline), **outcome.extras.get("agreement", {})}
+    if outcome.agreement:  # the trust signal: estimates of the same cells that disagree
+        run.log_metrics({metric_key("agreement", k): v for k, v in outcome.agreement.items()
+                         if v == v})
+        run.set_tag("agreement", ",".join(f"{k}={v:.3f}" for k, v in outcome.agreement.items()))
     truth = session.truth
     if truth is None and "ldo" in enabled:
         truth = truth_matrix(table)
     if truth is not None and spec.methods.estimates():
         outcome.scores = score_table(table, truth)
-        headline = {m: p for plan in plans for m, p in plan.headline.items()}
         outcome.score_summary = summary(outcome.scores, headline)
         run.log_scores(outcome.scores, outcome.score_summary)
     log_figures(run, table, truth, outcome.score_summary, train, test)

@@ -108,6 +108,40 @@ SUMMARY_COLUMNS = ["method", "point", "pearson_mean", "spearman_mean", "pearson_
                    "undefined", "best_point", "pearson_mean_best"]
 
 
+AGREEMENT_LOW = 0.5  # below this, two estimates of the same influences are called uncertain
+
+
+def cells_at(table: pd.DataFrame, method: str, point: int | None = None) -> pd.Series:
+    """A method's influence per (train set, test set) at `point` (default: its last)."""
+    rows = table[table["method"] == method]
+    point = int(rows["point"].max()) if point is None else point
+    rows = rows[rows["point"] == point]
+    return rows.set_index(["train_set", "test_set"])["influence"].sort_index()
+
+
+def agreement_of(vectors: list[pd.Series]) -> float:
+    """How well estimates of the same cells agree: the mean Pearson over every pair, taken
+    over the cells all of them have (NaN with fewer than two)."""
+    if len(vectors) < 2:
+        return float("nan")
+    frame = pd.concat(vectors, axis=1, join="inner").to_numpy(dtype=float)
+    pairs = [pearson(frame[:, i], frame[:, j])
+             for i in range(frame.shape[1]) for j in range(i + 1, frame.shape[1])]
+    return float(np.mean(pairs))
+
+
+def agreement(table: pd.DataFrame, headline: Mapping[str, int] | None = None) -> dict[str, float]:
+    """The trust signal of a run without a ground truth: UnTrac against UnTrac-Inv, Pearson
+    over all cells, each at its point fixed in advance (`headline`, default the last). Two
+    methods that estimate the same influences and disagree make both uncertain."""
+    headline = headline or {}
+    methods = set(table["method"])
+    if not {"untrac", "untrac_inv"} <= methods:
+        return {}
+    pair = [cells_at(table, m, headline.get(m)) for m in ("untrac", "untrac_inv")]
+    return {"untrac_vs_untrac_inv": agreement_of(pair)}
+
+
 def summary(scores: pd.DataFrame, headline: Mapping[str, int] | None = None) -> pd.DataFrame:
     """Per method: the scores at the headline point (fixed in advance: `headline[method]`,
     default the method's last point), the test sets whose Pearson is undefined there, and the

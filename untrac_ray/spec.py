@@ -199,6 +199,24 @@ class UnlearnSpec(_Strict):
         "advance (default: the last)",
     )
     seed: int = 0
+    # Variants that bring unlearning a set closer to "trained without it" (README: Unlearning
+    # variants). The defaults are the paper's UnTrac.
+    retain_weight: float = Field(
+        0.0, ge=0, description="each ascent step also descends on a batch of the sets that are "
+        "kept (UnTrac: the other training sets; UnTrac-Inv: the other test sets), weighted by "
+        "this, so that skills they share with the unlearned set stay")
+    retain_batch_size: int | None = Field(
+        None, gt=0, description="rows of that batch (default: batch_size)")
+    stop_loss_rise: float | None = Field(
+        None, gt=0, description="stop once the unlearned set's own loss rose this much (mean "
+        "token loss) above the base model's, so every set is forgotten to the same degree; "
+        "max_steps or epochs cap the run; one evaluation point, where it stopped")
+    stop_check_every: int = Field(
+        1, gt=0, description="steps between checks of the stopping rule (each evaluates the "
+        "unlearned set's evaluation rows)")
+    ensemble: int = Field(
+        1, ge=1, description="unlearn each set with this many seeds (seed, seed+1, ...: batch "
+        "orders and dropout) and average the cells; costs that many times the compute")
 
     @field_validator("eval_steps")
     @classmethod
@@ -215,6 +233,11 @@ class UnlearnSpec(_Strict):
         if self.eval_points is not None and (self.eval_steps or self.eval_every):
             raise ValueError("eval_points: give either eval_points (progress through each "
                              "set's schedule) or eval_steps/eval_every (absolute steps)")
+        if self.stop_loss_rise is not None and (
+                (self.eval_points or 1) > 1 or self.eval_steps or self.eval_every):
+            raise ValueError("stop_loss_rise: a trajectory that stops by its loss has one "
+                             "evaluation point, where it stops; drop eval_points/eval_steps/"
+                             "eval_every")
         if self.eval_points is not None and self.score_point is not None and (
                 self.score_point > self.eval_points):
             raise ValueError(f"score_point: {self.score_point} is beyond the last of "
@@ -583,6 +606,13 @@ class JobSpec(_Strict):
     def _search_fits_the_job(self) -> JobSpec:
         if self.search is not None:
             self.search.check_against(self.methods)
+            for method in ("untrac", "untrac_inv"):
+                u = self.methods.enabled().get(method)
+                for name, plain in (("retain_weight", 0.0), ("stop_loss_rise", None),
+                                    ("ensemble", 1)):
+                    if u is not None and getattr(u, name) != plain:
+                        raise ValueError(f"methods.{method}.{name}: `tune` runs the paper's "
+                                         "unlearning only; run this variant with `run`")
             if self.search.objective.function is None and not (
                 self.ground_truth or "ldo" in self.methods.enabled()
             ):

@@ -74,7 +74,10 @@ def encode(result: TaskResult, key: str) -> bytes:
     payload = result.payload
     if isinstance(payload, np.ndarray):
         payload_kind, arrays["payload"] = "array", payload
-    elif isinstance(payload, dict):  # EK-FAC scores: (train, test) -> influence
+    elif isinstance(payload, dict) and all(isinstance(k, str) for k in payload):
+        payload_kind = "named"  # named numbers, such as a stopped run's {"stopped_at": step}
+        arrays["payload"] = np.array([v for v in payload.values()], dtype=np.float64)
+    elif isinstance(payload, dict):  # EK-FAC scores, dot products: (name, name) -> number
         payload_kind = "pairs"
         arrays["payload"] = np.array([v for v in payload.values()], dtype=np.float64)
     elif payload is not None:
@@ -85,7 +88,8 @@ def encode(result: TaskResult, key: str) -> bytes:
         "seconds": result.seconds,
         "worker": result.worker,
         "payload": payload_kind,
-        "pairs": [list(k) for k in payload] if payload_kind == "pairs" else None,
+        "pairs": ([list(k) for k in payload] if payload_kind == "pairs"
+                  else list(payload) if payload_kind == "named" else None),
         "rows": sorted(result.row_losses) if result.row_losses is not None else None,
     }
     for name, values in (result.row_losses or {}).items():
@@ -114,6 +118,8 @@ def decode(data: bytes, task: Any, key: str) -> TaskResult:
         raise StoredResultError(f"made by other settings (key {meta.get('key')})")
     if meta["payload"] == "pairs":
         payload = {tuple(k): float(v) for k, v in zip(meta["pairs"], payload, strict=True)}
+    elif meta["payload"] == "named":
+        payload = {k: float(v) for k, v in zip(meta["pairs"], payload, strict=True)}
     losses = {int(step): {n: float(v) for n, v in values.items()}
               for step, values in meta["losses"].items()}
     return TaskResult(task=task, losses=losses, seconds=float(meta["seconds"]),

@@ -15,6 +15,7 @@ payloads after the bench, in order). `needs_of` reads the second for any task.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -89,22 +90,44 @@ class UnlearnTask:
     settings: UnlearnSpec
     schedule: tuple[int, ...]
     per_row: bool = False
+    retain: tuple[str, ...] = ()  # the kept sets of the retain term (settings.retain_weight)
 
     def run(self, bench: Bench) -> Output:
         bench.reset(BASE)
         out = Output({})
         last = self.schedule[-1]
+        stop = self._stopping_rule(bench)
 
         def record(step: int) -> None:
-            losses, rows = bench.evaluate(self.evaluate, per_row=self.per_row and step == last)
+            final = step == last or stop is not None  # a stopped run has one point: its last
+            losses, rows = bench.evaluate(self.evaluate, per_row=self.per_row and final)
             check_eval_losses(losses, self.forget, step)
-            out.losses[step] = losses
+            out.losses[last if stop is not None else step] = losses
             if rows is not None:
                 out.row_losses = rows
 
-        unlearn(bench.model, bench.datasets[self.forget], self.settings, self.schedule, record,
-                bench.device)
+        taken = unlearn(bench.model, bench.datasets[self.forget], self.settings, self.schedule,
+                        record, bench.device, [bench.datasets[n] for n in self.retain], stop)
+        if stop is not None:
+            out.payload = {"stopped_at": taken}
         return out
+
+    def _stopping_rule(self, bench: Bench) -> Callable[[int], bool] | None:
+        """settings.stop_loss_rise as a test after a step: has the unlearned set's loss (on its
+        evaluation rows) risen that much above the base model's?"""
+        rise = self.settings.stop_loss_rise
+        if rise is None:
+            return None
+        start = bench.evaluate((self.forget,))[0][self.forget]
+        every = self.settings.stop_check_every
+
+        def reached(step: int) -> bool:
+            if step % every:
+                return False
+            now = bench.evaluate((self.forget,))[0][self.forget]
+            return now - start >= rise
+
+        return reached
 
 
 @dataclass(frozen=True)

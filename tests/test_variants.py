@@ -1,0 +1,209 @@
+"""Unlearning variants (issue 15): the retain term, the stopping rule by loss rise, seed
+ensembles. Checked by hand on a Workbench, then once through a whole job."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from conftest import merge, run_through_cli, tiny_spec
+from untrac_ray.cli import app
+from untrac_ray.errors import SpecError
+from untrac_ray.evaluation import sample_indices
+from untrac_ray.job_setup import prepare_data
+from untrac_ray.methods import average_members, plan_unlearning
+from untrac_ray.modeling import SharedWeights, build_model, config_from_dict, token_loss_sum
+from untrac_ray.schedule import eval_schedules
+from untrac_ray.spec import UnlearnSpec, load_spec, parse_spec
+from untrac_ray.task_store import decode, encode
+from untrac_ray.tasks import TaskResult, UnlearnTask
+from untrac_ray.unlearning import Retain
+from untrac_ray.workbench import Workbench
+
+TEST_SETS = ("next_number", "twice")
+
+
+@pytest.fixture
+def bench(make_job) -> Workbench:
+    spec = load_spec(make_job())
+    data = prepare_data(spec)
+    config = config_from_dict(spec.model.config, len(data.tokenizer), data.tokenizer.eos_token_id)
+    weights = SharedWeights.from_model(build_model(config, seed=0))
+    sets = {name: data.tokenized(name) for name in data.tables}
+    indices = {name: sample_indices(len(s), None, 0) for name, s in sets.items()}
+    return Workbench({"base": weights}, sets, indices, eval_batch_size=16)
+
+
+def _task(bench, forget, settings, retain=(), evaluate=TEST_SETS) -> UnlearnTask:
+    schedule = eval_schedules(settings, {forget: len(bench.datasets[forget])})[forget]
+    return UnlearnTask("untrac", forget, evaluate, settings, schedule, retain=retain)
+
+
+def test_one_step_with_the_retain_term_is_ascent_plus_weighted_descent_by_hand(bench):
+    """SGD, one step, dropout off: new weights = old - lr * (-grad L_forget + w grad L_kept)."""
+    bench.model.config.resid_pdrop = 0.0
+    for module in bench.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    settings = UnlearnSpec(optimizer="sgd", learning_rate=0.1, batch_size=4, max_steps=1,
+                           retain_weight=0.5, retain_batch_size=6, seed=3)
+    kept = [bench.datasets["double"], bench.datasets["spell"]]
+    # the rows the loop will draw: the same seeded streams
+    forget_rows = np.random.default_rng(3).permutation(len(bench.datasets["add_one"]))[:4]
+    retain_parts = Retain(kept, 0.5, 6, seed=3).draw()
+    assert sum(len(r) for _, r in retain_parts) == 6
+
+    def mean_loss(parts) -> torch.Tensor:
+        sums, count = 0.0, 0
+        for data, rows in parts:
+            s, n = token_loss_sum(bench.model, data.batch(rows, "cpu"))
+            sums, count = sums + s, count + n
+        return sums / count
+
+    bench.reset()
+    bench.model.train()
+    objective = -mean_loss([(bench.datasets["add_one"], forget_rows)]) + 0.5 * mean_loss(
+        retain_parts)
+    grads = torch.autograd.grad(objective, list(bench.model.parameters()))
+    expected = [p.detach() - 0.1 * g for p, g in zip(bench.model.parameters(), grads,
+                                                      strict=True)]
+    bench.run(_task(bench, "add_one", settings, retain=("double", "spell")))
+    for p, want in zip(bench.model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_retain_term_keeps_the_other_sets_and_weight_zero_is_the_paper(bench):
+    plain = UnlearnSpec(optimizer="adam", learning_rate=1e-2, batch_size=8, epochs=2)
+    kept_sets = ("double", "spell")
+    evaluate = (*TEST_SETS, *kept_sets)
+    base = bench.evaluate(kept_sets)[0]
+    paper = bench.run(_task(bench, "add_one", plain, evaluate=evaluate)).losses
+    zero = bench.run(_task(bench, "add_one", plain.model_copy(update={"retain_weight": 0.0}),
+                           retain=kept_sets, evaluate=evaluate)).losses
+    assert zero == paper  # no retain term: the paper's UnTrac, to the bit
+    kept = plain.model_copy(update={"retain_weight": 1.0})
+    retained = bench.run(_task(bench, "add_one", kept, retain=kept_sets,
+                               evaluate=evaluate)).losses
+    last = max(paper)
+    for name in kept_sets:  # the kept sets' losses rise less (or fall) with the retain term
+        assert retained[last][name] - base[name] < paper[last][name] - base[name]
+
+
+def test_the_stopping_rule_stops_at_the_first_check_past_the_rise(bench):
+    settings = UnlearnSpec(optimizer="adam", learning_rate=3e-3, batch_size=4, max_steps=40,
+                           stop_loss_rise=0.3, seed=1)
+    base = bench.evaluate(("add_one",))[0]["add_one"]
+    result = bench.run(_task(bench, "add_one", settings, evaluate=("add_one", *TEST_SETS)))
+    stopped = int(result.payload["stopped_at"])
+    assert 1 < stopped < 40
+    (step,) = result.losses  # one point, keyed by the schedule's step
+    assert result.losses[step]["add_one"] - base >= 0.3
+    before = settings.model_copy(update={"max_steps": stopped - 1, "stop_loss_rise": None})
+    short = bench.run(_task(bench, "add_one", before, evaluate=("add_one",))).losses
+    assert short[stopped - 1]["add_one"] - base < 0.3  # one step earlier it had not risen enough
+    # the cells report the step where it stopped
+    from untrac_ray.results import influence_rows
+
+    rows = influence_rows(result, {n: 0.0 for n in ("add_one", *TEST_SETS)})
+    assert {r["step"] for r in rows} == {stopped} and {r["point"] for r in rows} == {1}
+
+
+def test_a_stopped_run_is_stored_and_restored_with_its_step(bench):
+    settings = UnlearnSpec(optimizer="adam", learning_rate=3e-3, batch_size=4, max_steps=40,
+                           stop_loss_rise=0.3, seed=1)
+    task = _task(bench, "add_one", settings)
+    result = bench.run(task)
+    again = decode(encode(result, "k"), task, "k")
+    assert again.payload == {"stopped_at": float(result.payload["stopped_at"])}
+    assert again.losses == result.losses
+
+
+def test_an_ensemble_plans_one_task_per_seed_and_averages_its_cells(make_job):
+    spec = load_spec(make_job({"methods": {"untrac": {"ensemble": 3, "seed": 5},
+                                           "untrac_inv": None}}))
+    plan = plan_unlearning(spec, "untrac", ["add_one", "double"], list(TEST_SETS),
+                           {"add_one": 24, "double": 6})
+    seeds = [(t.forget, t.settings.seed) for t in plan.tasks]
+    assert seeds == [("add_one", 5), ("add_one", 6), ("add_one", 7),
+                     ("double", 5), ("double", 6), ("double", 7)]
+    cell = {"method": "untrac", "point": 1, "train_set": "a", "test_set": "b",
+            "loss_before": 1.0}
+    rows = [{**cell, "step": s, "influence": i, "loss_after": 1.0 + i}
+            for s, i in ((4, 0.1), (6, 0.2), (5, 0.6))]
+    (avg,) = average_members(rows)
+    assert avg["influence"] == pytest.approx(0.3) and avg["loss_after"] == pytest.approx(1.3)
+    assert avg["step"] == 5
+
+
+def test_variants_are_checked_at_load(tmp_path):
+    with pytest.raises(ValidationError, match="stop_loss_rise: a trajectory that stops"):
+        UnlearnSpec(stop_loss_rise=0.5, eval_points=4)
+    spec = parse_spec(merge(tiny_spec(tmp_path), {
+        "data": {"test": [{"name": "next_number", "source": "test.csv",
+                           "subset": "next_number"}]},
+        "methods": {"untrac_inv": {"retain_weight": 1.0}}}), base_dir=tmp_path)
+    with pytest.raises(SpecError, match="untrac_inv.retain_weight: the retain term descends on "
+                                        "the other test sets, and there is only one"):
+        plan_unlearning(spec, "untrac_inv", ["add_one", "double", "spell"], ["next_number"],
+                        {"next_number": 16})
+    searched = merge(tiny_spec(tmp_path), {
+        "methods": {"untrac": {"ensemble": 2}, "ldo": {}},
+        "search": {"space": {"untrac.learning_rate": [1e-3, 1e-2]}}})
+    with pytest.raises(SpecError, match="methods.untrac.ensemble: `tune` runs the paper's"):
+        parse_spec(searched, base_dir=tmp_path)
+
+
+def test_a_job_with_every_variant_gives_a_complete_matrix(tmp_path, ray_cluster):
+    spec = merge(tiny_spec(tmp_path), {"methods": {
+        "untrac": {"retain_weight": 0.5, "ensemble": 2, "eval_every": None, "eval_points": 2},
+        "untrac_inv": {"stop_loss_rise": 0.05, "max_steps": 6, "eval_steps": None,
+                       "retain_weight": 1.0},
+    }})
+    got = run_through_cli(tmp_path, spec)
+    table = got["table"]
+    assert np.isfinite(table["influence"]).all()
+    untrac = table[table.method == "untrac"]
+    assert len(untrac) == 3 * 2 * 2  # 3 training x 2 test sets x 2 points, members averaged
+    inverse = table[table.method == "untrac_inv"]
+    assert len(inverse) == 3 * 2 and set(inverse.point) == {1}
+    assert (inverse.step <= 6).all()
+    assert got["run"].data.params["methods.untrac.ensemble"] == "2"
+    # the trust signal: UnTrac against UnTrac-Inv, and the ensemble's seeds among themselves
+    metrics = got["run"].data.metrics
+    assert -1 <= metrics["agreement/untrac_vs_untrac_inv"] <= 1
+    assert -1 <= metrics["agreement/untrac_seeds"] <= 1
+    assert "agreement: UnTrac vs UnTrac-Inv" in got["output"]
+    assert "untrac over its seeds" in got["output"]
+    shown = CliRunner().invoke(app, ["show", got["run"].info.run_id, "--tracking-uri",
+                                     got["uri"]], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "agreement: UnTrac vs UnTrac-Inv" in shown.output
+
+
+def test_agreement_by_hand():
+    import pandas as pd
+
+    from untrac_ray.scoring import agreement, agreement_of
+
+    a = pd.Series([1.0, 2.0, 3.0], index=["x", "y", "z"])
+    assert agreement_of([a, 2 * a]) == pytest.approx(1.0)
+    assert agreement_of([a, -a, a]) == pytest.approx((-1 - 1 + 1) / 3)
+    assert np.isnan(agreement_of([a]))
+    rows = [{"method": m, "point": p, "train_set": k, "test_set": "t", "influence": v}
+            for m, p, k, v in (("untrac", 1, "a", 9.0), ("untrac", 2, "a", 1.0),
+                               ("untrac", 2, "b", 2.0), ("untrac", 1, "b", 0.0),
+                               ("untrac_inv", 1, "a", -1.0), ("untrac_inv", 1, "b", -3.0))]
+    table = pd.DataFrame(rows)
+    # at the last points: untrac (1, 2) vs untrac_inv (-1, -3) disagree; at untrac's point 1
+    # (9, 0) they agree
+    assert agreement(table) == {"untrac_vs_untrac_inv": pytest.approx(-1.0)}
+    assert agreement(table, {"untrac": 1}) == {"untrac_vs_untrac_inv": pytest.approx(1.0)}
+    assert agreement(table[table.method == "untrac"]) == {}
+
+
+def test_the_stored_result_type_is_unchanged_for_the_paper(bench):
+    settings = UnlearnSpec(optimizer="sgd", learning_rate=0.1, batch_size=8)
+    result = bench.run(_task(bench, "add_one", settings))
+    assert isinstance(result, TaskResult) and result.payload is None
