@@ -147,6 +147,24 @@ def engine_inputs(make_job):
 
 
 @pytest.fixture
+def bench_parts(make_job):
+    """What a Workbench is built from, for the tiny job: a randomly initialised base model's
+    shared weights, every tokenized set, and every row of each set as its evaluation rows."""
+    from untrac_ray.evaluation import sample_indices
+    from untrac_ray.job_setup import prepare_data
+    from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
+    from untrac_ray.spec import load_spec
+
+    spec = load_spec(make_job())
+    data = prepare_data(spec)
+    config = config_from_dict(spec.model.config, len(data.tokenizer), data.tokenizer.eos_token_id)
+    weights = SharedWeights.from_model(build_model(config, seed=0))
+    sets = {name: data.tokenized(name) for name in data.tables}
+    indices = {name: sample_indices(len(s), None, 0) for name, s in sets.items()}
+    return weights, sets, indices
+
+
+@pytest.fixture
 def tracking_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 

@@ -4,9 +4,11 @@ every cell, equal to an undisturbed run's; and a map survives an actor killed mi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -37,11 +39,12 @@ def _start_session_ray() -> None:
              object_store_memory=300 * 2**20, logging_level="ERROR")
 
 
-@pytest.fixture
-def cluster():
-    """A head without CPUs (the driver's objects live there) and two worker nodes of one CPU:
-    one actor each. Ray is shut down and the cluster torn down afterwards, even on failure;
-    the session's local Ray (ray_cluster) is started again if it was running."""
+@contextlib.contextmanager
+def _two_node_cluster(**worker: float) -> Iterator[Cluster]:
+    """A head without CPUs (the driver's objects live there) and two worker nodes with the
+    given resources, Ray connected to it. Ray is shut down and the cluster torn down
+    afterwards, even on failure; the session's local Ray (ray_cluster) is started again if it
+    was running."""
     had_ray = ray.is_initialized()
     if had_ray:
         ray.shutdown()
@@ -49,7 +52,7 @@ def cluster():
     try:
         cluster.add_node(num_cpus=0, object_store_memory=NODE_MEMORY, include_dashboard=False)
         for _ in range(2):
-            cluster.add_node(num_cpus=1, object_store_memory=NODE_MEMORY)
+            cluster.add_node(object_store_memory=NODE_MEMORY, **worker)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level="ERROR")
         yield cluster
@@ -60,6 +63,13 @@ def cluster():
         finally:
             if had_ray:
                 _start_session_ray()
+
+
+@pytest.fixture
+def cluster():
+    """Two worker nodes of one CPU: one actor each."""
+    with _two_node_cluster(num_cpus=1) as c:
+        yield c
 
 
 class RemoveNodeAfterFirstTask(Reporter):
@@ -230,26 +240,9 @@ def test_a_map_without_any_actor_able_to_start_stops_after_the_start_timeout(
 
 @pytest.fixture
 def gpu_cluster():
-    """A head without CPUs and two worker nodes of 2 CPUs and 1 (logical) GPU each; Ray is
-    shut down afterwards and the session's local Ray started again if it was running."""
-    had_ray = ray.is_initialized()
-    if had_ray:
-        ray.shutdown()
-    cluster = Cluster()
-    try:
-        cluster.add_node(num_cpus=0, object_store_memory=NODE_MEMORY, include_dashboard=False)
-        for _ in range(2):
-            cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=NODE_MEMORY)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, logging_level="ERROR")
-        yield cluster
-    finally:
-        try:
-            ray.shutdown()
-            cluster.shutdown()
-        finally:
-            if had_ray:
-                _start_session_ray()
+    """Two worker nodes of 2 CPUs and 1 (logical) GPU each."""
+    with _two_node_cluster(num_cpus=2, num_gpus=1) as c:
+        yield c
 
 
 @ray.remote(num_gpus=1, num_cpus=0)

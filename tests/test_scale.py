@@ -8,11 +8,9 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from untrac_ray.evaluation import sample_indices
-from untrac_ray.job_setup import prepare_data
-from untrac_ray.modeling import SharedWeights, build_model, config_from_dict, load_arrays
+from untrac_ray.modeling import SharedWeights, build_model, load_arrays
 from untrac_ray.schedule import eval_schedules
-from untrac_ray.spec import UnlearnSpec, load_spec
+from untrac_ray.spec import UnlearnSpec
 from untrac_ray.tasks import EvalTask, UnlearnTask
 from untrac_ray.workbench import Workbench
 
@@ -46,14 +44,8 @@ def test_a_model_built_on_the_meta_device_holds_the_same_weights_and_buffers(mod
 
 
 @pytest.fixture
-def parts(make_job):
-    spec = load_spec(make_job())
-    data = prepare_data(spec)
-    config = config_from_dict(spec.model.config, len(data.tokenizer), data.tokenizer.eos_token_id)
-    weights = SharedWeights.from_model(build_model(config, seed=0))
-    sets = {name: data.tokenized(name) for name in data.tables}
-    indices = {name: sample_indices(len(s), None, 0) for name, s in sets.items()}
-    return weights, sets, indices
+def parts(bench_parts):
+    return bench_parts
 
 
 def _untrac(bench: Workbench, forget: str, settings: UnlearnSpec) -> UnlearnTask:

@@ -5,23 +5,15 @@ from __future__ import annotations
 import pytest
 
 from untrac_ray.errors import NonFiniteLossError
-from untrac_ray.evaluation import sample_indices
-from untrac_ray.job_setup import prepare_data
-from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
 from untrac_ray.schedule import eval_schedules
-from untrac_ray.spec import UnlearnSpec, load_spec
+from untrac_ray.spec import UnlearnSpec
 from untrac_ray.tasks import EvalTask, UnlearnTask
 from untrac_ray.workbench import Workbench
 
 
 @pytest.fixture
-def bench(make_job) -> Workbench:
-    spec = load_spec(make_job())
-    data = prepare_data(spec)
-    config = config_from_dict(spec.model.config, len(data.tokenizer), data.tokenizer.eos_token_id)
-    weights = SharedWeights.from_model(build_model(config, seed=0))
-    sets = {name: data.tokenized(name) for name in data.tables}
-    indices = {name: sample_indices(len(s), None, 0) for name, s in sets.items()}
+def bench(bench_parts) -> Workbench:
+    weights, sets, indices = bench_parts
     return Workbench({"base": weights}, sets, indices, eval_batch_size=16)
 
 

@@ -12,10 +12,8 @@ from typer.testing import CliRunner
 from conftest import merge, run_through_cli, tiny_spec
 from untrac_ray.cli import app
 from untrac_ray.errors import SpecError
-from untrac_ray.evaluation import sample_indices
-from untrac_ray.job_setup import prepare_data
 from untrac_ray.methods import average_members, plan_unlearning
-from untrac_ray.modeling import SharedWeights, build_model, config_from_dict, token_loss_sum
+from untrac_ray.modeling import token_loss_sum
 from untrac_ray.schedule import eval_schedules
 from untrac_ray.spec import UnlearnSpec, load_spec, parse_spec
 from untrac_ray.task_store import decode, encode
@@ -27,13 +25,8 @@ TEST_SETS = ("next_number", "twice")
 
 
 @pytest.fixture
-def bench(make_job) -> Workbench:
-    spec = load_spec(make_job())
-    data = prepare_data(spec)
-    config = config_from_dict(spec.model.config, len(data.tokenizer), data.tokenizer.eos_token_id)
-    weights = SharedWeights.from_model(build_model(config, seed=0))
-    sets = {name: data.tokenized(name) for name in data.tables}
-    indices = {name: sample_indices(len(s), None, 0) for name, s in sets.items()}
+def bench(bench_parts) -> Workbench:
+    weights, sets, indices = bench_parts
     return Workbench({"base": weights}, sets, indices, eval_batch_size=16)
 
 
