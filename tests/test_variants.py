@@ -200,3 +200,26 @@ def test_the_stored_result_type_is_unchanged_for_the_paper(bench):
     settings = UnlearnSpec(optimizer="sgd", learning_rate=0.1, batch_size=8)
     result = bench.run(_task(bench, "add_one", settings))
     assert isinstance(result, TaskResult) and result.payload is None
+
+
+def test_the_selection_protocol_chooses_on_the_selection_seeds_only():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "variants.py"
+    spec = importlib.util.spec_from_file_location("variants_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["variants_benchmark"] = module
+    spec.loader.exec_module(module)
+    rows = pd.DataFrame([
+        # on selection seeds 1-2 "retain" is better; on report seed 3 "paper" would win
+        {"job": "j", "pretrain_seed": 0, "seed": s, "method": "untrac", "variant": v,
+         "pearson": p, "seconds": 1.0}
+        for s, v, p in ((1, "paper", 0.5), (2, "paper", 0.6), (3, "paper", 0.99),
+                        (1, "retain", 0.7), (2, "retain", 0.8), (3, "retain", 0.1))])
+    assert module.choose(rows, [1, 2]) == {"untrac": "retain"}
+    assert module.choose(rows, [3]) == {"untrac": "paper"}
+    assert module.seconds_of({"graddot+gradcos": 5.0, "ldo": 9.0}, "gradcos") == 5.0

@@ -259,9 +259,10 @@ def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> 
 
 def drill_down(spec, data, results, plans, base_rows, indices) -> pd.DataFrame:
     """Top training rows per (training set, test set) by loss change under UnTrac-Inv."""
-    after = {
+    after = {  # an ensemble's first member keeps per-row losses
         r.task.forget: r.row_losses
         for plan in plans if plan.methods == ["untrac_inv"] for r in results[id(plan)]
+        if r.row_losses is not None
     }
 
     def decode(name: str, row: int) -> str:
