@@ -94,13 +94,20 @@ class RankRunner:
     device and the process group's state stay with it) and returns its result. With `peers`,
     the other members' calls of the same work (rank 0), it watches them meanwhile: a member's
     death ends this process (`leave`), a member's error is raised here.
+
+    After an error the gang's ranks may be out of step (one raised, another waits in a
+    collective), so the next call leaves at once: the engine replaces the gang before it
+    runs anything else.
     """
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
         self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gang")
+        self.failed = False
 
     def run(self, work: Callable[[], Any], peers: Sequence[ray.ObjectRef] = ()) -> Any:
+        if self.failed:
+            self.leave("an earlier call of its gang failed: its ranks may be out of step")
         future = self.thread.submit(work)
         pending = list(peers)
         while pending and not future.done():
@@ -112,10 +119,12 @@ class RankRunner:
                     self.leave(err)
                 except RayTaskError as err:  # the same error on every rank, or that rank's own
                     self.leave_if_one_dies(pending)
+                    self.failed = True
                     raise (err.cause or err) from None
         error = future.exception()
         if error is not None:
             self.leave_if_one_dies(pending)
+            self.failed = True
             raise error
         return future.result()
 
