@@ -4,6 +4,8 @@ The base weights and the tokenized datasets go into Ray's object store once; eve
 them (zero-copy on its node) and keeps its own model. The same code runs on an embedded local
 Ray and on a cluster address. The engine outlives its actors: a task whose actor died (a crash,
 a lost node) runs again on a live one, and a replacement actor joins when resources allow.
+With resources.actors_per_task N > 1 each place in the pool is a gang of N actors running
+every task together on one sharded model (gang.py), replaced whole when a member dies.
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from untrac_ray.errors import UntracError
+from untrac_ray.gang import (
+    ActorGang,
+    RankRunner,
+    rendezvous_address,
+    start_gang,
+    take_listener,
+)
 from untrac_ray.modeling import SharedWeights
 from untrac_ray.placement import (
     Reservation,
@@ -38,6 +47,7 @@ from untrac_ray.placement import (
     reserve_actors,
 )
 from untrac_ray.precision import configure_tf32
+from untrac_ray.sharded import Gang, ShardedWorkbench, init_gang
 from untrac_ray.spec import ResourcesSpec
 from untrac_ray.tasks import Task, TaskResult, needs_of
 from untrac_ray.tokenization import TokenizedSet
@@ -97,31 +107,36 @@ def plan_pool_size(
     max_useful: int,
     nodes: Sequence[Mapping[str, float]] | None = None,
 ) -> int:
-    """How many actors to start: the spec's number, else one per GPU (or CPU slot) in `cluster`.
+    """How many actors to start: the spec's number, else one per GPU (or CPU slot) in `cluster`;
+    with resources.actors_per_task N > 1, how many gangs of N actors (num_actors / N, else as
+    many as fit, each counted as one actor of N times the resources on one node).
 
     With `nodes` (each node's resources) actors are counted node by node, as they are placed.
     Never more than `max_useful` (the most tasks that can run at once) and never fewer than one.
     """
+    per = resources.actors_per_task
+    cpus, gpus = resources.cpus_per_actor * per, resources.gpus_per_actor * per
     if resources.num_actors is not None and resources.autoscale:
-        n = resources.num_actors  # nodes join on demand: the cluster of now does not bound it
+        n = resources.num_actors // per  # nodes join on demand: the cluster of now is no bound
     elif resources.num_actors is not None:
-        n = resources.num_actors
-    elif resources.gpus_per_actor > 0:
+        n = resources.num_actors // per
+    elif gpus > 0:
         if nodes is not None:
-            n = actor_slots(nodes, resources.cpus_per_actor, resources.gpus_per_actor)
+            n = actor_slots(nodes, cpus, gpus)
         else:
-            n = math.floor(cluster.get("GPU", 0) / resources.gpus_per_actor + 1e-9)
+            n = math.floor(cluster.get("GPU", 0) / gpus + 1e-9)
         if n == 0:
             where = "has no GPU" if not cluster.get("GPU") else (
                 "has no node with that many GPUs and cpus_per_actor CPUs free")
+            gang = f" (times actors_per_task: {per}, on one node)" if per > 1 else ""
             raise UntracError(
                 f"resources.gpus_per_actor: the job asks for {resources.gpus_per_actor} GPU per "
-                f"actor but the Ray cluster {where}"
+                f"actor{gang} but the Ray cluster {where}"
             )
     elif nodes is not None:
-        n = actor_slots(nodes, resources.cpus_per_actor, 0.0)
+        n = actor_slots(nodes, cpus, 0.0)
     else:
-        n = math.floor(cluster.get("CPU", 1) / resources.cpus_per_actor + 1e-9)
+        n = math.floor(cluster.get("CPU", 1) / cpus + 1e-9)
     return max(1, min(n, max_useful))
 
 
@@ -153,8 +168,11 @@ def workbench_from_refs(
     precision: str = "fp32",
     weights_dtype: str = "fp32",
     gradient_checkpointing: bool = False,
-) -> Workbench:
-    """A Workbench built from object-store references, in a Ray worker (an actor, a trial).
+    gang: Gang | None = None,
+) -> Workbench | ShardedWorkbench:
+    """A Workbench built from object-store references, in a Ray worker (an actor, a trial);
+    with `gang`, this rank's ShardedWorkbench of the gang (every rank builds one; `device`
+    is the gang's, and the memory settings must be the defaults: resources' validation).
 
     `shared` holds {"weights": {name: ref to SharedWeights}, "datasets": {name: ref to a
     tokenized Arrow table}} (refs nested in a dict reach a remote call unresolved). The tables
@@ -168,6 +186,12 @@ def workbench_from_refs(
     datasets = {
         n: TokenizedSet.from_table(n, t, pad_id) for n, t in zip(names, tables, strict=True)
     }
+    if gang is not None:
+        if weights_dtype != "fp32" or gradient_checkpointing:
+            raise ValueError("a sharded bench keeps fp32 weights, without gradient "
+                             "checkpointing")
+        return ShardedWorkbench(weights, datasets, eval_indices, eval_batch_size, gang,
+                                precision=precision)
     return Workbench(weights, datasets, eval_indices, eval_batch_size, device,
                      precision=precision, weights_dtype=weights_dtype,
                      gradient_checkpointing=gradient_checkpointing)
@@ -182,6 +206,9 @@ class WorkbenchActor:
     in the object store (ray-project/ray#53727). `prepare` builds the Workbench right after
     start (the engine gives an actor tasks only once it has); `run` builds it too, for tasks
     sent with `Engine.submit` straight after start.
+
+    A member of a gang (gang.py) starts with `join_gang` instead of `prepare`: its bench is
+    then its rank's ShardedWorkbench, and its gang work runs through its RankRunner.
     """
 
     def __init__(
@@ -203,21 +230,55 @@ class WorkbenchActor:
         self.precision = precision
         self.memory = {"weights_dtype": weights_dtype,
                        "gradient_checkpointing": gradient_checkpointing}
-        self.bench: Workbench | None = None
+        self.bench: Workbench | ShardedWorkbench | None = None
         self.label = f"{ray.get_runtime_context().get_node_id()[:8]}/pid{os.getpid()}/{self.device}"
+        self.gang: Gang | None = None
+        self.rank: RankRunner | None = None
 
     def prepare(self, shared: dict[str, dict[str, ray.ObjectRef]]) -> str:
         """Build the Workbench from the shared objects; returns the actor's label (node/pid)."""
         if self.bench is None:
             self.bench = workbench_from_refs(shared, self.pad_id, self.eval_indices,
                                              self.eval_batch_size, self.device, self.precision,
-                                             **self.memory)
+                                             **self.memory, gang=self.gang)
         return self.label
 
+    def gang_address(self) -> tuple[str, int]:
+        """Where this actor, as rank 0 of a gang, will listen for the others (gang.py)."""
+        return rendezvous_address()
+
+    def join_gang(self, rank: int, world_size: int, address: tuple[str, int],
+                  shared: dict[str, dict[str, ray.ObjectRef]],
+                  peers: Sequence[ray.ObjectRef] = ()) -> str:
+        """Join a gang as rank `rank` of `world_size` (rank 0 listens at `address`) and build
+        this rank's ShardedWorkbench; returns the label. Rank 0 watches the others' joins
+        (`peers`)."""
+        self.rank = RankRunner(rank, world_size)
+
+        def join() -> str:
+            device = torch.device("cuda", torch.cuda.current_device()) \
+                if self.device == "cuda" else torch.device("cpu")  # Ray's GPU: an index
+            listen_fd = take_listener(address[1]) if rank == 0 else None
+            self.gang = init_gang(rank, world_size, *address, device=device, listen_fd=listen_fd)
+            self.label += f"/rank{rank}of{world_size}"
+            return self.prepare(shared)
+
+        return self.rank.run(join, peers)
+
     def run(self, task: Task, shared: dict[str, dict[str, ray.ObjectRef]],
-            inputs: Sequence[ray.ObjectRef] = ()) -> TaskResult:
+            inputs: Sequence[ray.ObjectRef] = (), peers: Sequence[ray.ObjectRef] = ()
+            ) -> TaskResult | None:
         """Run a task; `inputs` refer to the payloads of the tasks it needs, read here from the
-        object store (zero-copy on this node)."""
+        object store (zero-copy on this node). A gang's members all run it, rank 0 watching
+        the others' calls (`peers`); only rank 0 returns the result (None from the others)."""
+        if self.rank is not None:
+            result = self.rank.run(lambda: self._run_here(task, shared, inputs), peers)
+            return result if self.rank.rank == 0 else None
+        return self._run_here(task, shared, inputs)
+
+    def _run_here(self, task: Task, shared: dict[str, dict[str, ray.ObjectRef]],
+                 inputs: Sequence[ray.ObjectRef] = ()) -> TaskResult:
+        """`run` on this actor's bench."""
         self.prepare(shared)
         result = self.bench.run(task, ray.get(list(inputs))) if inputs else self.bench.run(task)
         result.worker = self.label
@@ -225,10 +286,11 @@ class WorkbenchActor:
 
     @ray.method(num_returns=2)
     def run_kept(self, task: Task, shared: dict[str, dict[str, ray.ObjectRef]],
-                 inputs: Sequence[ray.ObjectRef] = ()) -> tuple[TaskResult, Any]:
+                 inputs: Sequence[ray.ObjectRef] = (), peers: Sequence[ray.ObjectRef] = ()
+                 ) -> tuple[TaskResult, Any]:
         """`run`, for a task whose payload stays in the object store: the result without its
         payload, and the payload as a second object (the driver keeps only its reference)."""
-        result = self.run(task, shared, inputs)
+        result = self.run(task, shared, inputs, peers)
         payload, result.payload = result.payload, None
         return result, payload
 
@@ -283,8 +345,9 @@ def _forget_lost_inputs(call: _Call, cause: BaseException,
 
 @dataclass(eq=False)
 class _Slot:
-    """One place in the pool: its actor (None once given up), the pending `prepare` of an
-    actor still starting (None once ready), the actor's label, and its failed starts in a row."""
+    """One place in the pool: its actor (None once given up; a gang.ActorGang with
+    actors_per_task > 1), the pending `prepare` of an actor still starting (None once ready),
+    the actor's label, and its failed starts in a row."""
 
     actor: Any
     prepared: ray.ObjectRef | None
@@ -299,6 +362,8 @@ class Engine:
     The engine, not Ray, recovers from dead actors (actors start with max_restarts=0 unless
     `actor_options` says otherwise): a dead actor is replaced by a new one with the same
     options, which gets tasks once it has built its model; its task goes to a live actor.
+    With resources.actors_per_task > 1 the pool's places are gangs (gang.ActorGang), each in
+    a placement group of its own, and a gang that lost a member is replaced whole.
     """
 
     def __init__(
@@ -336,17 +401,21 @@ class Engine:
         self._args = (pad_id, eval_indices, eval_batch_size, max(1, int(resources.cpus_per_actor)))
         # The driver keeps these references alive as long as the pool (tasks carry them).
         self._shared = {"weights": weight_refs, "datasets": dataset_refs}
-        # Room for each actor is reserved first (a placement group each), and the pool is
-        # what fits; a caller's placement (a trial's group) is used as it is.
+        self.gang_size = resources.actors_per_task
+        # Room for each actor (or gang) is reserved first (a placement group each), and the
+        # pool is what fits; a caller's placement (a trial's group) is used as it is.
         self.reservation: Reservation | None = None
         if "scheduling_strategy" in self._options:
+            if self.gang_size > 1:
+                raise UntracError("resources.actors_per_task: a gang needs a placement group "
+                                  "of its own; it cannot run in a caller's")
             groups: list[Any] = [None] * wanted
         else:
             bundle = {**actor_bundle(resources.cpus_per_actor, resources.gpus_per_actor),
                       **self._options.get("resources", {})}  # custom resources asked for
             self.reservation = reserve_actors(
                 bundle, wanted, resources.placement_timeout_s, start_timeout_s,
-                autoscale=resources.autoscale)
+                autoscale=resources.autoscale, gang_size=self.gang_size)
             groups = list(self.reservation.groups)
         self.size = len(groups)
         self._slots = [self._start_slot(_Slot(None, None, group=g)) for g in groups]
@@ -359,22 +428,26 @@ class Engine:
 
     @property
     def actors(self) -> list[Any]:
-        """The pool's actor handles (a replaced actor's successor in its place)."""
+        """The pool's actor handles (a replaced actor's successor in its place); with
+        actors_per_task > 1, its gangs (gang.ActorGang)."""
         return [slot.actor for slot in self._slots if slot.actor is not None]
 
     def _start_slot(self, slot: _Slot) -> _Slot:
-        """Start an actor (and its `prepare`) in `slot`, in place of the one it had."""
-        pad_id, eval_indices, eval_batch_size, threads = self._args
+        """Start an actor (and its `prepare`) in `slot`, in place of the one it had; or a
+        gang, in the slot's placement group."""
+        settings = {"precision": self.resources.precision, "tf32": self.resources.tf32,
+                    "weights_dtype": self.resources.weights_dtype,
+                    "gradient_checkpointing": self.resources.gradient_checkpointing}
+        if self.gang_size > 1:
+            gang = start_gang(WorkbenchActor, self._options, slot.group, self.gang_size,
+                              self._shared, *self._args, **settings)
+            slot.actor, slot.prepared, slot.label = gang, gang.prepared, ""
+            return slot
         options = dict(self._options)
         if slot.group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=slot.group, placement_group_bundle_index=0)
-        actor = WorkbenchActor.options(**options).remote(
-            pad_id, eval_indices, eval_batch_size, threads,
-            precision=self.resources.precision, tf32=self.resources.tf32,
-            weights_dtype=self.resources.weights_dtype,
-            gradient_checkpointing=self.resources.gradient_checkpointing,
-        )
+        actor = WorkbenchActor.options(**options).remote(*self._args, **settings)
         slot.actor, slot.prepared, slot.label = actor, actor.prepare.remote(self._shared), ""
         return slot
 
@@ -540,16 +613,19 @@ class Engine:
         return True
 
     def _no_actor_message(self, done: int) -> str:
-        r = self.resources
-        need = f"{r.cpus_per_actor:g} CPU" + (f" and {r.gpus_per_actor:g} GPU"
-                                              if r.gpus_per_actor else "")
+        r, n = self.resources, self.gang_size
+        need = f"{r.cpus_per_actor * n:g} CPU" + (f" and {r.gpus_per_actor * n:g} GPU"
+                                                  if r.gpus_per_actor else "")
+        one = "one" if n == 1 else f"a gang of {n} actors"
         return (f"no actor could be started in {self.start_timeout_s:g} s (no node of the Ray "
-                f"cluster had {need} free for one; the dead actors' nodes may be gone); "
+                f"cluster had {need} free for {one}; the dead actors' nodes may be gone); "
                 f"stopped with {done} tasks finished")
 
 
 def _kill(actor: Any) -> None:
-    if actor is not None:
+    if isinstance(actor, ActorGang):
+        actor.kill()
+    elif actor is not None:
         try:
             ray.kill(actor, no_restart=True)
         except Exception:  # noqa: BLE001 - gone already, or its node with it

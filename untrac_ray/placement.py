@@ -5,7 +5,9 @@ An actor lives on one node, so a cluster of two nodes with 3 GPUs each holds two
 scheduled. With `gpus_per_actor: 1` this is one actor per GPU across all nodes. That count is
 an upper bound: the pool then reserves its actors' room in placement groups and keeps only
 those the cluster can place now (`reserve_actors`), or, on an autoscaling cluster, asks the
-autoscaler for all of them.
+autoscaler for all of them. A gang (resources.actors_per_task: N actors running each task
+together, gang.py) counts as one actor of N times the resources, and its group holds N
+bundles packed on one node.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def actor_bundle(cpus_per_actor: float, gpus_per_actor: float) -> dict[str, floa
 
 @dataclass
 class Reservation:
-    """The placement groups the pool's actors live in (one single-bundle group each), and how
-    many were asked for."""
+    """The placement groups the pool's actors live in (one group each: a single bundle, or a
+    gang's bundles), and how many were asked for."""
 
     groups: list[Any]
     wanted: int
@@ -70,8 +72,11 @@ class Reservation:
 
 
 def reserve_actors(bundle: dict[str, float], wanted: int, fit_timeout_s: float,
-                   start_timeout_s: float, autoscale: bool = False) -> Reservation:
-    """Reserve room for up to `wanted` actors of `bundle`, one placement group each.
+                   start_timeout_s: float, autoscale: bool = False,
+                   gang_size: int = 1) -> Reservation:
+    """Reserve room for up to `wanted` actors of `bundle`, one placement group each; with
+    `gang_size` N > 1, for `wanted` gangs of N actors, each group N bundles on one node
+    (STRICT_PACK: a gang's collectives stay within the node).
 
     On a fixed cluster the pool is what can actually be scheduled: the groups placed within
     `fit_timeout_s` are kept and the others removed (resources another holder has, such as a
@@ -86,8 +91,11 @@ def reserve_actors(bundle: dict[str, float], wanted: int, fit_timeout_s: float,
     if autoscale:
         from ray.autoscaler.sdk import request_resources
 
-        request_resources(bundles=[dict(bundle)] * wanted)
-    groups = [placement_group([dict(bundle)]) for _ in range(wanted)]
+        # a gang's bundles as one: the autoscaler adds nodes that hold a whole gang
+        request_resources(bundles=[{k: v * gang_size for k, v in bundle.items()}] * wanted)
+    strategy = "STRICT_PACK" if gang_size > 1 else "PACK"
+    groups = [placement_group([dict(bundle)] * gang_size, strategy=strategy)
+              for _ in range(wanted)]
     if autoscale:
         return Reservation(groups, wanted, autoscale=True)
     refs = {g.ready(): g for g in groups}
@@ -99,10 +107,11 @@ def reserve_actors(bundle: dict[str, float], wanted: int, fit_timeout_s: float,
         if group not in kept:
             remove_placement_group(group)
     if not kept:
-        need = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
+        need = ", ".join(f"{v * gang_size:g} {k}" for k, v in bundle.items())
+        one = "one" if gang_size == 1 else f"a gang of {gang_size} actors"
         raise UntracError(
             f"no actor could be started in {start_timeout_s:g} s (no node of the Ray cluster "
-            f"had {need} free for one: other jobs, or this job's driver, hold the rest); on "
+            f"had {need} free for {one}: other jobs, or this job's driver, hold the rest); on "
             "a cluster that adds nodes on demand, set resources.autoscale with num_actors"
         )
     return Reservation(kept, wanted)

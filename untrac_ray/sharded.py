@@ -88,12 +88,16 @@ def init_gang(
     backend: str | None = None,
     device: torch.device | str | None = None,
     timeout_s: float = 600.0,
+    listen_fd: int | None = None,
 ) -> Gang:
     """Join the gang's process group (rank 0 listens on master_addr:master_port; every rank
     must call this with the same address, port and world size).
 
     `device` defaults to the current CUDA device when there is one (Ray gives each GPU actor
-    its own GPU as cuda:0), else the CPU; `backend` to default_backend(device).
+    its own GPU as cuda:0), else the CPU; `backend` to default_backend(device). `listen_fd`
+    (rank 0): a socket already listening at master_addr:master_port, which the rendezvous
+    store takes over, so that it listens on that address only (not on every interface) and
+    no other process can take the port meanwhile.
     """
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) \
@@ -103,10 +107,11 @@ def init_gang(
         torch.cuda.set_device(device)
     backend = backend or default_backend(device)
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-            world_size=world_size, timeout=timedelta(seconds=timeout_s),
-        )
+        timeout = timedelta(seconds=timeout_s)
+        store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0,
+                              timeout=timeout, master_listen_fd=listen_fd)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timeout)
     mesh = init_device_mesh(device.type, (world_size,))
     return Gang(rank=rank, world_size=world_size, device=device, mesh=mesh)
 

@@ -25,6 +25,11 @@ Optimizer = Literal["adam", "sgd", "adafactor"]
 METHODS: tuple[str, ...] = ("untrac", "untrac_inv", "ldo", "graddot", "gradcos", "tracin", "ekfac")
 UNLEARNING_METHODS = ("untrac", "untrac_inv")
 GROUND_TRUTH = "ldo"
+# With resources.actors_per_task > 1 (a gang, sharded.py): the methods a sharded bench cannot
+# run, and the unlearning optimizers it can (elementwise updates work on shards; training.
+# optimizer, LDO's, is always one of them).
+SHARDED_REFUSED = ("graddot", "gradcos", "tracin", "ekfac")
+SHARDED_UNLEARNING = ("adam", "sgd")
 KRONFLUENCE_INSTALL = (
     "pip install 'untrac-ray[ekfac]' && pip install --no-deps kronfluence==1.0.1"
 )
@@ -367,12 +372,32 @@ class ResourcesSpec(_Strict):
     autoscale: bool = Field(
         False, description="the cluster adds nodes on demand: ask its autoscaler for "
         "num_actors actors and start each as its node joins")
+    actors_per_task: int = Field(
+        1, ge=1, description="a gang of N actors (each with cpus_per_actor and gpus_per_actor, "
+        "all on one node) runs every task sharded with FSDP: models larger than one GPU; "
+        "N x gpus_per_actor GPUs per task, num_actors counts all the gangs' actors")
 
     @model_validator(mode="after")
     def _autoscale_needs_a_size(self) -> ResourcesSpec:
         if self.autoscale and self.num_actors is None:
             raise ValueError("autoscale: give num_actors too (how many actors to ask the "
                              "autoscaler for)")
+        return self
+
+    @model_validator(mode="after")
+    def _gangs_fit(self) -> ResourcesSpec:
+        n = self.actors_per_task
+        if n == 1:
+            return self
+        if self.num_actors is not None and self.num_actors % n:
+            raise ValueError(f"num_actors: {self.num_actors} actors do not make whole gangs of "
+                             f"actors_per_task: {n}; give a multiple of {n}")
+        if self.weights_dtype != "fp32":
+            raise ValueError(f"weights_dtype: {self.weights_dtype} is not available with "
+                             f"actors_per_task: {n} (a sharded model keeps fp32 weights; "
+                             "precision: bf16 computes in bfloat16)")
+        if self.gradient_checkpointing:
+            raise ValueError(f"gradient_checkpointing: not available with actors_per_task: {n}")
         return self
 
 
@@ -642,6 +667,30 @@ class JobSpec(_Strict):
             raise ValueError("pretraining: only for a model built from model.config")
         if self.ground_truth is not None and "ldo" in enabled:
             raise ValueError("ground_truth: the job computes ldo itself; give one or the other")
+        return self
+
+    @model_validator(mode="after")
+    def _methods_run_sharded(self) -> JobSpec:
+        """With gangs (resources.actors_per_task > 1) every task runs sharded: refuse what a
+        sharded bench cannot run (sharded.check_sharded_task), one line for the first."""
+        n = self.resources.actors_per_task
+        if n == 1:
+            return self
+        gang = f"resources.actors_per_task: {n}"
+        for method in SHARDED_REFUSED:
+            if getattr(self.methods, method) is not None:
+                raise ValueError(f"methods.{method}: cannot run sharded ({gang}): it needs "
+                                 "whole gradients or a whole model; run it with "
+                                 "actors_per_task: 1")
+        for method in UNLEARNING_METHODS:
+            settings = getattr(self.methods, method)
+            if settings is not None and settings.optimizer not in SHARDED_UNLEARNING:
+                raise ValueError(f"methods.{method}.optimizer: {settings.optimizer} cannot "
+                                 f"update sharded parameters ({gang}); use "
+                                 f"{' or '.join(SHARDED_UNLEARNING)}")
+        if self.search is not None:
+            raise ValueError(f"search: trials run without gangs; a job with {gang} has no "
+                             "search (use actors_per_task: 1 for `tune`)")
         return self
 
     def pretrain_key(self) -> str:
