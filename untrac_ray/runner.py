@@ -177,7 +177,7 @@ def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> 
         if base_tasks:
             todo = len(base_tasks) - len(restored_base)
             if todo:
-                reporter.stage(f"base losses of {todo} sets on {engine.size} actors")
+                reporter.stage(f"base losses of {todo} sets on {_pool(engine)}")
             run_tasks(session, store, base_tasks, base_done, reporter.task_retried, engine,
                       restored=restored_base)
             if todo:
@@ -203,7 +203,7 @@ def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> 
 
         todo = [t for i, t in enumerate(tasks) if i not in restored_tasks]
         if todo:
-            reporter.stage(f"{', '.join(enabled)}: {len(todo)} tasks on {engine.size} actors")
+            reporter.stage(f"{', '.join(enabled)}: {len(todo)} tasks on {_pool(engine)}")
             reporter.work_started(len(todo), sum(_cells_of(t) for t in todo))
         try:
             run_tasks(session, store, tasks, collect, reporter.task_retried, engine,
@@ -255,6 +255,12 @@ def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> 
         run.log_scores(outcome.scores, outcome.score_summary)
     log_figures(run, table, truth, outcome.score_summary, train, test)
     return outcome
+
+
+def _pool(engine) -> str:
+    """The pool in words: "2 actors", or "2 gangs of 4 actors" (actors_per_task)."""
+    n = engine.resources.actors_per_task
+    return f"{engine.size} actors" if n == 1 else f"{engine.size} gangs of {n} actors"
 
 
 def drill_down(spec, data, results, plans, base_rows, indices) -> pd.DataFrame:
