@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -93,6 +96,16 @@ def merge(base: dict, override: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    module_spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[f"{name}_benchmark"] = module
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def run_through_cli(tmp: Path, spec: dict[str, Any]) -> dict[str, Any]:

@@ -4,15 +4,13 @@ prints every section, and its helpers refuse bad input."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import merge, tiny_spec
+from conftest import load_benchmark, merge, tiny_spec
 from untrac_ray.scoring import ground_truth_noise
 from untrac_ray.spec import load_spec
 from untrac_ray.tracking import read_influence
@@ -20,16 +18,7 @@ from untrac_ray.tracking import read_influence
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_benchmark():
-    path = REPO / "benchmarks" / "accuracy.py"
-    module_spec = importlib.util.spec_from_file_location("accuracy_benchmark", path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules["accuracy_benchmark"] = module
-    module_spec.loader.exec_module(module)
-    return module
-
-
-acc = _load_benchmark()
+acc = load_benchmark("accuracy")
 
 
 @pytest.fixture(scope="module")

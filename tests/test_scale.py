@@ -147,8 +147,9 @@ def test_actor_memory_adds_its_terms(parts):
     p = sum(t.numel() for t in model.parameters())
     m = actor_memory(model, optimizer="adam", rows=8, tokens=64, test_sets=2)
     assert (m.weights, m.gradients, m.optimizer, m.shared_weights) == (4 * p, 4 * p, 8 * p, 4 * p)
-    assert m.gradient_task == 4 * p + 4 * p + 2 * 4 * p
+    assert m.shared_gradients == 2 * 4 * p  # two test gradients, mapped once read
+    assert m.gradient_task == 4 * p + 4 * p
     unlearning = m.gradients + m.optimizer + m.activations
-    assert m.total(100) == 100 + 8 * p + max(unlearning, m.gradient_task)
+    assert m.total(100) == 100 + 16 * p + max(unlearning, m.gradient_task)
     half = actor_memory(model, optimizer="adam", rows=8, tokens=64, weights_dtype="bf16")
     assert half.weights * 2 == m.weights and half.optimizer * 2 == m.optimizer

@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from conftest import merge, run_through_cli, tiny_spec
+from conftest import load_benchmark, merge, run_through_cli, tiny_spec
 from untrac_ray.cli import app
 from untrac_ray.errors import SpecError
 from untrac_ray.methods import average_members, plan_unlearning
@@ -203,17 +203,9 @@ def test_the_stored_result_type_is_unchanged_for_the_paper(bench):
 
 
 def test_the_selection_protocol_chooses_on_the_selection_seeds_only():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     import pandas as pd
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "variants.py"
-    spec = importlib.util.spec_from_file_location("variants_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["variants_benchmark"] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("variants")
     rows = pd.DataFrame([
         # on selection seeds 1-2 "retain" is better; on report seed 3 "paper" would win
         {"job": "j", "pretrain_seed": 0, "seed": s, "method": "untrac", "variant": v,

@@ -15,8 +15,11 @@ For P parameters held in `b` bytes each (4: fp32, 2: resources.weights_dtype bf1
   and one layer's activations are live at a time;
 - on a CPU node, the weight sets read from the object store are shared memory the actor
   maps (P*4 each, once touched; counted in its resident set);
-- a gradient task (GradDot, GradCos, TracIn) holds its flat gradient (P*4) and maps the test
-  sets' gradients it reads (J*P*4) instead of optimizer state;
+- a gradient task (GradDot, GradCos, TracIn) holds its gradients and their flat copy (P*b +
+  P*4) instead of optimizer state, and maps the J test gradients it reads from the object store
+  (J*P*4); like the weights, those pages stay in the actor's resident set once read, for the
+  rest of its life (the first version of this formula counted them only during the gradient
+  task; benchmarks/scale.py measured them staying);
 - the runtime: the interpreter with torch, transformers and Ray's worker (measured, not
   modelled).
 """
@@ -81,12 +84,15 @@ class ActorMemory:
     optimizer: int
     activations: int
     shared_weights: int
+    shared_gradients: int  # the test gradients a gradient task read, mapped from then on
     gradient_task: int
 
     def total(self, runtime: int = 0) -> int:
-        """The peak: the larger of an unlearning step and a gradient task."""
+        """The peak: what stays (runtime, weights, mapped object-store pages) plus the larger
+        of an unlearning step and a gradient task."""
         unlearning = self.gradients + self.optimizer + self.activations
-        return runtime + self.weights + self.shared_weights + max(unlearning, self.gradient_task)
+        stays = runtime + self.weights + self.shared_weights + self.shared_gradients
+        return stays + max(unlearning, self.gradient_task)
 
 
 def actor_memory(model: torch.nn.Module, *, optimizer: str, rows: int, tokens: int,
@@ -100,12 +106,12 @@ def actor_memory(model: torch.nn.Module, *, optimizer: str, rows: int, tokens: i
     b = BYTES[weights_dtype]
     p = sum(t.numel() for t in model.parameters())
     shape = Shape.of(model.config)
-    gradient_task = (p * b + p * 4 + test_sets * p * 4) if test_sets else 0
     return ActorMemory(
         weights=p * b,
         gradients=p * b,
         optimizer=optimizer_state_bytes(model, optimizer, b),
         activations=activation_bytes(shape, rows, tokens, b, checkpointing),
         shared_weights=weight_sets * p * 4 if on_cpu else 0,
-        gradient_task=gradient_task,
+        shared_gradients=test_sets * p * 4 if on_cpu else 0,
+        gradient_task=(p * b + p * 4) if test_sets else 0,
     )
