@@ -270,6 +270,8 @@ def test_one_actor_per_gpu_and_stop_ends_a_long_running_job(head, tmp_path, monk
 
 
 @pytest.mark.ray_head
+@pytest.mark.slow  # 55 s: resume itself is test_resume.py's; submit --resume's command line is
+# checked in test_cluster_tracking_uri_and_entrypoint
 def test_a_stopped_job_resubmitted_with_resume_finishes_its_own_run(head, tmp_path):
     """`stop` ends a job KILLED after some tasks finished; `submit --resume` continues the same
     MLflow run on the cluster: the finished tasks are restored, the run ends FINISHED."""

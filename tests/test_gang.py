@@ -140,6 +140,7 @@ class FailOnRank1(EvalTask):
         return super().run(bench)
 
 
+@pytest.mark.slow  # 30-50 s on this machine; the gang's cells are checked in the default suite
 def test_a_gang_that_loses_a_member_mid_task_is_replaced_and_the_task_retried(
     llama_inputs, ray_cluster, tmp_path
 ):

@@ -209,6 +209,7 @@ def test_an_embedded_run_prints_and_logs_no_secret_and_listens_on_loopback_only(
     job.write_text(yaml.safe_dump(spec))
     cli_uri = url.replace("://", f"://admin:{CLI_SECRET}@")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+    env["UNTRAC_RAY_STORE_TIMEOUT_S"] = "60"  # the server hashes the password on each request
     proc = subprocess.Popen(
         [sys.executable, "-m", "untrac_ray.cli", "run", str(job), "--tracking-uri", cli_uri],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import socket
@@ -96,7 +97,10 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
-def check_store(uri: str, timeout_s: int = 5) -> None:
+STORE_TIMEOUT_S = "UNTRAC_RAY_STORE_TIMEOUT_S"  # the quick check's deadline (default 10 s)
+
+
+def check_store(uri: str, timeout_s: float | None = None) -> None:
     """Raise TrackingError (one line) unless the tracking store can be used: a server answers
     within timeout_s (one try, not MLflow's minutes of retries), a SQLite file's folder can be
     made. Called before any data, training or Ray, so a bad store costs seconds, not a job.
@@ -121,14 +125,20 @@ def check_store(uri: str, timeout_s: int = 5) -> None:
         return
     if not uri.startswith(("http://", "https://")):
         return
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    if timeout_s is None:  # a server checking passwords on a busy machine may take seconds
+        timeout_s = float(os.environ.get(STORE_TIMEOUT_S, "10"))
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout_s)))}
     saved = {k: os.environ.get(k) for k in quick}
     os.environ.update(quick)
     try:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - refused, timed out, not an MLflow server ...
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrackingError(f"tracking store {uri} cannot be reached: {reason[:300]}") from None
+        slow = f" (no answer in {timeout_s:g} s: {STORE_TIMEOUT_S} sets how long to wait)" if (
+            "timeout" in reason.lower()) else ""
+        raise TrackingError(f"tracking store {uri} cannot be reached: {reason[:300]}{slow}"
+                            ) from None
     finally:
         for key, value in saved.items():
             if value is None:
