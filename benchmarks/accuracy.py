@@ -142,6 +142,9 @@ def test_accuracy(spec: JobSpec, model_dir: Path) -> dict[str, tuple[float, floa
     model = load_model(str(model_dir))
     out = {}
     for ds in spec.data.test:
+        if ds.kind == "text":  # no prompt/target rows to decode: no exact match (NaN)
+            out[ds.name] = (float("nan"), float("nan"))
+            continue
         rows = load_dataset_rows(ds)
         prompts = [str(p) for p in rows.column(ds.prompt_column).to_pylist()]
         targets = [str(t) for t in rows.column(ds.target_column).to_pylist()]
