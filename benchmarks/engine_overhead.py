@@ -60,6 +60,9 @@ import numpy as np
 import ray
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine_load.py
+from machine_load import busy_cores, machine_cpu, others_load  # noqa: E402
+
 from untrac_ray.engine import Engine
 from untrac_ray.job_setup import PreparedData, eval_sample, prepare_data
 from untrac_ray.methods import plan_unlearning
@@ -194,26 +197,6 @@ def run_bare(work: Workload) -> Timing:
     return Timing("bare", ready - start, based - ready, done - based, base + results)
 
 
-CpuTicks = tuple[float, float] | None
-
-
-def machine_cpu() -> CpuTicks:
-    """(busy, idle) CPU ticks of the whole machine since boot, from /proc/stat (Linux only)."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [float(x) for x in f.readline().split()[1:9]]
-    except OSError:
-        return None
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return sum(ticks) - idle, idle
-
-
-def busy_cores(before: CpuTicks, after: CpuTicks) -> float | None:
-    """How many cores the whole machine kept busy, on average, between two machine_cpu()."""
-    if before is None or after is None:
-        return None
-    busy, idle = after[0] - before[0], after[1] - before[1]
-    return (os.cpu_count() or 1) * busy / max(busy + idle, 1e-9)
 
 
 def settle(seconds: float, timeout: float = 30.0) -> float | None:
@@ -227,9 +210,7 @@ def settle(seconds: float, timeout: float = 30.0) -> float | None:
     deadline = time.monotonic() + timeout
     while ray.available_resources().get("CPU", 0.0) < total and time.monotonic() < deadline:
         time.sleep(0.05)
-    before = machine_cpu()
-    time.sleep(seconds)
-    return busy_cores(before, machine_cpu())
+    return others_load(seconds)
 
 
 def run_engine(work: Workload, actors: int) -> Timing:

@@ -76,6 +76,9 @@ import ray
 import torch
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine_load.py
+from machine_load import busy_cores, machine_cpu, others_load  # noqa: E402
+
 from untrac_ray.engine import Engine, ensure_ray
 from untrac_ray.job_setup import PreparedData, eval_sample, prepare_data
 from untrac_ray.memory import ActorMemory, actor_memory
@@ -369,33 +372,8 @@ class Throughput:
     others: float | None = None  # cores it kept busy in an idle pause just before (not ours)
 
 
-CpuTicks = tuple[float, float] | None
 
 
-def machine_cpu() -> CpuTicks:
-    """(busy, idle) CPU ticks of the whole machine since boot, from /proc/stat (Linux only)."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [float(x) for x in f.readline().split()[1:9]]
-    except OSError:
-        return None
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return sum(ticks) - idle, idle
-
-
-def busy_cores(before: CpuTicks, after: CpuTicks) -> float | None:
-    """How many cores the whole machine kept busy, on average, between two machine_cpu()."""
-    if before is None or after is None:
-        return None
-    busy, idle = after[0] - before[0], after[1] - before[1]
-    return (os.cpu_count() or 1) * busy / max(busy + idle, 1e-9)
-
-
-def others_load(seconds: float) -> float | None:
-    """Cores the machine keeps busy while this script idles for `seconds`: other work's."""
-    before = machine_cpu()
-    time.sleep(seconds)
-    return busy_cores(before, machine_cpu())
 
 
 def last_loss(result: TaskResult) -> float:
