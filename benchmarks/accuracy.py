@@ -275,13 +275,14 @@ def truth_from(ldo: pd.DataFrame) -> pd.DataFrame:
                            aggfunc="mean")
 
 
-def score_seed(r: SeedResult, pooled: pd.DataFrame, choice: dict[str, int]) -> pd.DataFrame:
-    """One row per method: mean Pearson/Spearman (over test sets) at the fixed point (the last,
-    or `choice[method]`) and at the best point (hindsight), against the run's own and the
-    pooled truth."""
+def score_seed(r: SeedResult, pooled: pd.DataFrame, choice: dict[str, int],
+               groups: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per method: mean Pearson/Spearman (over test sets, a test set's subsets
+    averaged first: `groups`) at the fixed point (the last, or `choice[method]`) and at the
+    best point (hindsight), against the run's own and the pooled truth."""
 
     def mean_scores(truth: pd.DataFrame) -> pd.DataFrame:
-        scores = score_table(r.outcome.table, truth)
+        scores = score_table(r.outcome.table, truth, groups)
         return scores[scores["test_set"] == MEAN_OVER_TESTS].set_index(["method", "point"])
 
     own, vs_pooled = mean_scores(truth_from(r.ldo_seeds)), mean_scores(pooled)
@@ -362,7 +363,8 @@ def print_report(spec: JobSpec, results: list[SeedResult], choice: dict[str, int
           + ", ".join(f"{t} {full_std[t]:.4f}" for t in test))
 
     pooled_truth = truth_from(everything)
-    scores = pd.concat([score_seed(r, pooled_truth, choice) for r in results])
+    scores = pd.concat([score_seed(r, pooled_truth, choice, spec.data.test_groups())
+                        for r in results])
     snr = {r.seed: ground_truth_noise(r.ldo_seeds)["snr_mean"] for r in results}
     scores["snr"] = scores["seed"].map(snr)
     print("\n-- per seed: mean Pearson / Spearman with the run's own ground truth "

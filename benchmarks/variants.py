@@ -36,7 +36,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,16 @@ import yaml
 
 from untrac_ray.errors import UntracError
 from untrac_ray.runner import run_job
-from untrac_ray.scoring import AGREEMENT_LOW, MEAN_OVER_TESTS, score_table, spearman
+from untrac_ray.scoring import (
+    AGREEMENT_LOW,
+    MEAN_OVER_TESTS,
+    cells_at,
+    ground_truth_noise,
+    largest_cells,
+    score_table,
+    signs_right,
+    spearman,
+)
 from untrac_ray.spec import GroundTruthSpec, JobSpec, load_spec
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # truths read back
@@ -70,17 +78,9 @@ def _accuracy_module():
 accuracy = _accuracy_module()
 
 
-@dataclass
-class Draw:
-    """One job at one pretraining seed and one seed: the paper's run and its ground truth."""
-
-    job: str
-    pretrain_seed: int
-    seed: int
-    run_id: str
-    truth: pd.DataFrame  # mean LDO influence, train x test
-    seconds: dict[str, float]  # actor seconds by method label
-    agreement: float
+ROW_COLUMNS = ["job", "pretrain_seed", "seed", "phase", "method", "variant", "pearson",
+               "seconds", "ldo_seconds", "ldo_n", "snr_mean", "agreement", "signs_right",
+               "signs_total"]
 
 
 def pretrained_with(spec: JobSpec, pretrain_seed: int) -> JobSpec:
@@ -94,42 +94,70 @@ def pretrained_with(spec: JobSpec, pretrain_seed: int) -> JobSpec:
     return spec
 
 
-def fixed_point_scores(table: pd.DataFrame, truth: pd.DataFrame) -> dict[str, float]:
-    """Each method's mean Pearson (over test sets) at its last point, fixed in advance."""
-    scores = score_table(table, truth)
+def estimate_at(table: pd.DataFrame, method: str) -> pd.DataFrame:
+    """A method's influence matrix (train x test) at its last point, fixed in advance."""
+    return cells_at(table, method).unstack("test_set")
+
+
+def method_rows(table: pd.DataFrame, truth: pd.DataFrame, floor: pd.DataFrame,
+                groups: dict[str, str], methods: list[str]) -> dict[str, dict[str, float]]:
+    """Per method: its mean Pearson (over test sets, subsets averaged first) at its last
+    point, and how many of the largest ground-truth cells it gives the right sign."""
+    scores = score_table(table, truth, groups)
     mean = scores[scores["test_set"] == MEAN_OVER_TESTS]
     last = mean.groupby("method")["point"].transform("max")
-    return dict(mean[mean["point"] == last].set_index("method")["pearson"])
+    pearson = mean[mean["point"] == last].set_index("method")["pearson"]
+    cells = largest_cells(truth, floor)
+    out = {}
+    for method in methods:
+        if method not in pearson.index:
+            continue
+        right, total = signs_right(estimate_at(table, method), truth, cells)
+        out[method] = {"pearson": float(pearson[method]), "signs_right": right,
+                       "signs_total": total}
+    return out
 
 
-def run_draw(spec: JobSpec, job: str, pretrain_seed: int, seed: int, uri: str,
-             ldo_seeds: int | None) -> tuple[Draw, dict[str, float]]:
-    """The paper's run of one draw: every method, LDO included."""
-    result = accuracy.run_seed(spec, seed, uri, ldo_seeds)
-    truth = accuracy.truth_from(result.ldo_seeds)
-    scores = fixed_point_scores(result.outcome.table, truth)
-    agree = result.outcome.agreement.get("untrac_vs_untrac_inv", float("nan"))
-    draw = Draw(job, pretrain_seed, seed, result.outcome.run_id, truth,
-                dict(result.outcome.seconds_by_method), agree)
-    return draw, scores
+def truth_and_floor(ldo_seeds: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ground truth (mean over LDO seeds) and, per cell, twice its standard error: a cell
+    nearer zero than that has no sign to get right."""
+    truth = accuracy.truth_from(ldo_seeds)
+    n = ldo_seeds["seed"].nunique()
+    if n < 2:
+        return truth, truth * 0.0
+    std = ldo_seeds.pivot_table(index="train_set", columns="test_set", values="influence",
+                                aggfunc="std")
+    return truth, 2 * std / np.sqrt(n)
 
 
-def run_variant(spec: JobSpec, draw: Draw, settings: dict, uri: str,
-                ldo_seeds: int | None) -> tuple[dict[str, float], dict[str, float]]:
-    """UnTrac and UnTrac-Inv of one variant on a draw's base model, against its ground truth
-    (read from the paper's run): Pearson and actor seconds per method."""
-    s = accuracy.seeded_spec(spec, draw.seed, ldo_seeds)
+def run_paper(spec: JobSpec, seed: int, uri: str, ldo_seeds: int | None,
+              baselines: bool) -> tuple[accuracy.SeedResult, pd.DataFrame, pd.DataFrame]:
+    """The paper's UnTrac and UnTrac-Inv with LDO (the ground truth) on one draw, and the
+    baselines when `baselines` (only the report seeds need them)."""
+    s = spec.model_copy(deep=True)
+    if not baselines:
+        for method in OPPONENTS + ("graddot",):
+            setattr(s.methods, method, None)
+    result = accuracy.run_seed(s, seed, uri, ldo_seeds)
+    truth, floor = truth_and_floor(result.ldo_seeds)
+    return result, truth, floor
+
+
+def run_variant(spec: JobSpec, seed: int, truth_run: str, settings: dict, uri: str,
+                ldo_seeds: int | None) -> tuple[pd.DataFrame, dict[str, float]]:
+    """UnTrac and UnTrac-Inv of one variant (those it names) on a draw's base model, with the
+    draw's ground truth read back, not retrained: the table and actor seconds per method."""
+    s = accuracy.seeded_spec(spec, seed, ldo_seeds)
     for method in OURS:
         current = getattr(s.methods, method)
-        if current is not None:
-            setattr(s.methods, method, current.model_copy(update=settings.get(method, {})))
+        keep = current is not None and method in settings
+        setattr(s.methods, method, current.model_copy(update=settings[method]) if keep else None)
     for method in ("ldo", "graddot", "gradcos", "tracin", "ekfac"):
         setattr(s.methods, method, None)
-    s.ground_truth = GroundTruthSpec(run_id=draw.run_id, tracking_uri=uri)
+    s.ground_truth = GroundTruthSpec(run_id=truth_run, tracking_uri=uri)
     s = accuracy.with_settings(s, [])  # validated again
     outcome = run_job(s, uri)
-    scores = fixed_point_scores(outcome.table, draw.truth)
-    return scores, dict(outcome.seconds_by_method)
+    return outcome.table, dict(outcome.seconds_by_method)
 
 
 def seconds_of(seconds: dict[str, float], method: str) -> float:
@@ -140,6 +168,49 @@ def seconds_of(seconds: dict[str, float], method: str) -> float:
     return float("nan")
 
 
+def run_draws(job: Path, pretrain_seeds: list[int], seeds: list[int], phase: str,
+              variants: dict[str, dict], uri: str, ldo_seeds: int | None,
+              out: Path | None) -> list[dict]:
+    """Every draw of one job in one phase: the paper's run, then each variant; one row per
+    (method, variant), appended to `out` as soon as a draw is done."""
+    base = load_spec(job)
+    groups = base.data.test_groups()
+    rows = []
+    for p in pretrain_seeds:
+        spec = pretrained_with(base, p)
+        accuracy.share_pretraining(spec)
+        for seed in seeds:
+            print(f"[{time.strftime('%H:%M:%S')}] {base.name} pretraining {p} seed {seed} "
+                  f"({phase})", file=sys.stderr, flush=True)
+            result, truth, floor = run_paper(spec, seed, uri, ldo_seeds, phase == "report")
+            noise = ground_truth_noise(result.ldo_seeds)
+            common = {"job": base.name, "pretrain_seed": p, "seed": seed, "phase": phase,
+                      "ldo_seconds": seconds_of(result.outcome.seconds_by_method, "ldo"),
+                      "ldo_n": noise["n"], "snr_mean": noise["snr_mean"],
+                      "agreement": result.outcome.agreement.get("untrac_vs_untrac_inv",
+                                                                np.nan)}
+            table = result.outcome.table
+            methods = sorted(set(table["method"]) - {"ldo"})
+            draw_rows = [{**common, "method": m, "variant": PAPER, **v,
+                          "seconds": seconds_of(result.outcome.seconds_by_method, m)}
+                         for m, v in method_rows(table, truth, floor, groups, methods).items()]
+            for name, settings in variants.items():
+                try:
+                    vtable, secs = run_variant(spec, seed, result.outcome.run_id, settings,
+                                               uri, ldo_seeds)
+                except UntracError as err:  # e.g. a retain term with one test set
+                    print(f"{base.name}: variant {name} skipped: {err}", file=sys.stderr)
+                    continue
+                got = method_rows(vtable, truth, floor, groups, list(OURS))
+                draw_rows += [{**common, "method": m, "variant": name, **v,
+                               "seconds": seconds_of(secs, m)} for m, v in got.items()]
+            rows += draw_rows
+            if out is not None:
+                frame = pd.DataFrame(draw_rows, columns=ROW_COLUMNS)
+                frame.to_csv(out, mode="a", header=not out.exists(), index=False)
+    return rows
+
+
 def choose(rows: pd.DataFrame, seeds: list[int]) -> dict[str, str]:
     """Per method, the variant with the best mean Pearson over `seeds` (all jobs and
     pretraining draws pooled)."""
@@ -148,46 +219,56 @@ def choose(rows: pd.DataFrame, seeds: list[int]) -> dict[str, str]:
     return {m: str(means.loc[m].idxmax()) for m in OURS if m in means.index.get_level_values(0)}
 
 
-def report(rows: pd.DataFrame, draws: list[Draw], seeds: list[int], chosen: dict[str, str],
-           ldo_label: str = "ldo") -> None:
-    """The report-seed table per job (see the module docstring)."""
+def std_of(values: np.ndarray) -> float:
+    """Sample std (0 for one value)."""
+    return float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def report(rows: pd.DataFrame, seeds: list[int], chosen: dict[str, str]) -> None:
+    """The report-seed table per job (see the module docstring). Cost is against one LDO
+    retraining per training set (LDO's seconds over its seeds), the cheapest ground truth."""
     part = rows[rows["seed"].isin(seeds)]
     for job, jrows in part.groupby("job", sort=False):
-        print(f"\n=== {job}: report seeds {seeds} ===")
-        print(f"{'estimate':<28}{'mean':>7}{'std':>6}{'min':>7}  {'per pretraining draw':<24}"
-              f"{'cost / LDO':>11}  targets")
-        ldo = np.mean([d.seconds.get(ldo_label, np.nan) for d in draws if d.job == job])
+        draws = jrows.drop_duplicates(["pretrain_seed", "seed"])
+        ldo_one = float((draws["ldo_seconds"] / draws["ldo_n"]).mean())
+        print(f"\n=== {job}: report seeds {sorted(set(jrows['seed']))}, pretraining draws "
+              f"{sorted(set(jrows['pretrain_seed']))}; ground truth SNR (mean of "
+              f"{int(draws['ldo_n'].max())} LDO seeds) "
+              f"{draws['snr_mean'].min():.1f}-{draws['snr_mean'].max():.1f} ===")
+        print(f"{'estimate':<30}{'mean':>7}{'std':>6}{'min':>7}  {'per pretraining draw':<22}"
+              f"{'signs':>7}{'cost/LDO':>10}  targets")
         opponents = jrows[jrows["method"].isin(OPPONENTS)].pivot_table(
             index=["pretrain_seed", "seed"], columns="method", values="pearson")
         for (method, variant), r in jrows.groupby(["method", "variant"], sort=False):
             values = r["pearson"].to_numpy(dtype=float)
             by_draw = r.groupby("pretrain_seed")["pearson"].mean()
-            cost = r["seconds"].mean() / ldo if ldo else np.nan
+            cost = r["seconds"].mean() / ldo_one if ldo_one else np.nan
             label = method if variant == PAPER else f"{method} + {variant}"
-            if chosen.get(method) == variant:
+            if chosen.get(method) == variant and variant != PAPER:
                 label += " *"
             verdict = ""
             if method in OURS:
                 mine = r.set_index(["pretrain_seed", "seed"])["pearson"]
-                beats = all((mine.loc[i] > opponents.loc[i].max()) for i in mine.index
+                beats = all(mine.loc[i] > opponents.loc[i].max() for i in mine.index
                             if i in opponents.index)
-                ok = (np.nanmean(values) >= PEARSON_TARGET and np.nanstd(values, ddof=1 if len(
-                    values) > 1 else 0) <= STD_TARGET and beats and cost <= COST_TARGET)
-                verdict = "PASS" if ok else "MISS"
+                ok = (np.nanmean(values) >= PEARSON_TARGET and std_of(values) <= STD_TARGET
+                      and beats and cost <= COST_TARGET)
+                verdict = "PASS" if ok else "MISS" + ("" if beats else " (beaten)")
+            signs = f"{int(r['signs_right'].sum())}/{int(r['signs_total'].sum())}"
             spread = " ".join(f"{v:+.2f}" for v in by_draw)
-            std = np.nanstd(values, ddof=1) if len(values) > 1 else 0.0
-            print(f"{label:<28}{np.nanmean(values):+7.2f}{std:6.2f}{np.nanmin(values):+7.2f}  "
-                  f"{spread:<24}{cost:11.3f}  {verdict}")
-        print("(* chosen on the selection seeds; spread over pretraining draws: the mean of "
-              "each draw, beside the std over seeds)")
+            print(f"{label:<30}{np.nanmean(values):+7.2f}{std_of(values):6.2f}"
+                  f"{np.nanmin(values):+7.2f}  {spread:<22}{signs:>7}{cost:10.3f}  {verdict}")
+        print("(* chosen on the selection seeds. per pretraining draw: the mean of each, beside "
+              "the std over all report draws. signs: the largest helpful and harmful LDO cell of "
+              "each test set beyond 2 standard errors, how many the estimate signs right. "
+              "cost: actor seconds against one LDO retraining per set)")
 
 
-def trust(rows: pd.DataFrame, draws: list[Draw]) -> None:
+def trust(rows: pd.DataFrame) -> None:
     """Does low agreement of UnTrac with UnTrac-Inv predict low accuracy?"""
     paper = rows[(rows["variant"] == PAPER) & rows["method"].isin(OURS)]
-    acc = paper.groupby(["job", "pretrain_seed", "seed"])["pearson"].mean()
-    agree = pd.Series({(d.job, d.pretrain_seed, d.seed): d.agreement for d in draws})
-    both = pd.concat([agree.rename("agreement"), acc.rename("accuracy")], axis=1).dropna()
+    both = paper.groupby(["job", "pretrain_seed", "seed"]).agg(
+        agreement=("agreement", "first"), accuracy=("pearson", "mean")).dropna()
     print(f"\n=== trust signal over {len(both)} draws: agreement of UnTrac with UnTrac-Inv "
           "vs their mean Pearson with LDO ===")
     if len(both) < 3:
@@ -199,6 +280,10 @@ def trust(rows: pd.DataFrame, draws: list[Draw]) -> None:
     print(f"Spearman(agreement, accuracy) {rho:+.2f}; mean accuracy with agreement < "
           f"{AGREEMENT_LOW}: {low.mean():+.2f} ({len(low)} draws), >= {AGREEMENT_LOW}: "
           f"{high.mean():+.2f} ({len(high)} draws)")
+    for job, part in both.groupby(level="job", sort=False):
+        cells = [f"p{p}s{s} {a:+.2f}/{c:+.2f}" for (_, p, s), a, c in
+                 zip(part.index, part["agreement"], part["accuracy"], strict=True)]
+        print(f"  {job} (pretraining, seed: agreement/accuracy): " + ", ".join(cells))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -206,52 +291,57 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=Path, nargs="+", default=[ROOT / "jobs" /
                                                                  "synthetic_b.yaml"])
     parser.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--select-seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--report-seeds", type=int, nargs="+", default=[4, 5, 6])
+    parser.add_argument("--select-seeds", type=int, nargs="*", default=[1, 2, 3])
+    parser.add_argument("--report-seeds", type=int, nargs="*", default=[4, 5, 6])
     parser.add_argument("--variants", type=Path, default=ROOT / "benchmarks" / "variants.yaml")
+    parser.add_argument("--chosen", nargs="+", default=None, metavar="METHOD=VARIANT",
+                        help="the choice of an earlier selection run (untrac=NAME "
+                        "untrac_inv=NAME; paper for none): skips the selection seeds")
     parser.add_argument("--ldo-seeds", type=int, default=None)
+    parser.add_argument("--rows", type=Path, default=None,
+                        help="append every draw's rows to this CSV as it finishes")
+    parser.add_argument("--from-rows", type=Path, nargs="+", default=None,
+                        help="print the report of earlier runs' --rows files; run nothing")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: one pretraining draw, seeds 1 | 2, one LDO seed")
     parser.add_argument("--tracking-uri", default=None)
     args = parser.parse_args(argv)
     if set(args.select_seeds) & set(args.report_seeds):
         raise SystemExit("--select-seeds and --report-seeds must not share a seed")
+    if args.from_rows:
+        table = pd.concat([pd.read_csv(f) for f in args.from_rows], ignore_index=True)
+        chosen = dict(c.split("=", 1) for c in args.chosen or [])
+        report(table[table["phase"] == "report"], args.report_seeds, chosen)
+        trust(table)
+        return
     pre, select, rep, ldo_seeds = (args.pretrain_seeds, args.select_seeds, args.report_seeds,
                                    args.ldo_seeds)
     if args.quick:
         pre, select, rep, ldo_seeds = pre[:1], select[:1], rep[:1], 1
     variants: dict[str, dict] = yaml.safe_load(args.variants.read_text())
     uri = args.tracking_uri or f"sqlite:///{tempfile.mkdtemp(prefix='variants-')}/mlflow.db"
-    rows, draws = [], []
-    for job in args.jobs:
-        base = load_spec(job)
-        for p in pre:
-            spec = pretrained_with(base, p)
-            accuracy.share_pretraining(spec)
-            for seed in [*select, *rep]:
-                print(f"[{time.strftime('%H:%M:%S')}] {base.name} pretraining {p} seed {seed}",
-                      file=sys.stderr, flush=True)
-                draw, scores = run_draw(spec, base.name, p, seed, uri, ldo_seeds)
-                draws.append(draw)
-                for method, value in scores.items():
-                    rows.append({"job": base.name, "pretrain_seed": p, "seed": seed,
-                                 "method": method, "variant": PAPER, "pearson": value,
-                                 "seconds": seconds_of(draw.seconds, method)})
-                for name, settings in variants.items():
-                    try:
-                        got, secs = run_variant(spec, draw, settings, uri, ldo_seeds)
-                    except UntracError as err:  # e.g. a retain term with one test set
-                        print(f"{base.name}: variant {name} skipped: {err}", file=sys.stderr)
-                        continue
-                    rows += [{"job": base.name, "pretrain_seed": p, "seed": seed,
-                              "method": m, "variant": name, "pearson": got[m],
-                              "seconds": seconds_of(secs, m)} for m in OURS if m in got]
-    table = pd.DataFrame(rows)
-    chosen = choose(table, select)
+    rows: list[dict] = []
+    if args.chosen is not None:
+        chosen = dict(c.split("=", 1) for c in args.chosen)
+        unknown = set(chosen.values()) - set(variants) - {PAPER}
+        if unknown or set(chosen) - set(OURS):
+            raise SystemExit(f"--chosen: unknown {sorted(unknown | (set(chosen) - set(OURS)))}")
+    else:
+        for job in args.jobs:
+            rows += run_draws(job, pre, select, "select", variants, uri, ldo_seeds, args.rows)
+        chosen = choose(pd.DataFrame(rows), select)
     print(f"tracking {uri}; variants {', '.join(variants)}; chosen on seeds {select}: "
-          + ", ".join(f"{m}: {v}" for m, v in chosen.items()))
-    report(table, draws, rep, chosen)
-    trust(table, draws)
+          + ", ".join(f"{m}: {v}" for m, v in chosen.items()), flush=True)
+    # the report seeds run the chosen variants only: the choice is fixed before they exist
+    picked: dict[str, dict] = {}
+    for method, name in chosen.items():
+        if name != PAPER:
+            picked.setdefault(name, {})[method] = variants[name][method]
+    for job in args.jobs:
+        rows += run_draws(job, pre, rep, "report", picked, uri, ldo_seeds, args.rows)
+    table = pd.DataFrame(rows, columns=ROW_COLUMNS)
+    report(table[table["phase"] == "report"], rep, chosen)
+    trust(table)
 
 
 if __name__ == "__main__":

@@ -250,7 +250,7 @@ def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> 
     if truth is None and "ldo" in enabled:
         truth = truth_matrix(table)
     if truth is not None and spec.methods.estimates():
-        outcome.scores = score_table(table, truth)
+        outcome.scores = score_table(table, truth, spec.data.test_groups())
         outcome.score_summary = summary(outcome.scores, headline)
         run.log_scores(outcome.scores, outcome.score_summary)
     log_figures(run, table, truth, outcome.score_summary, train, test)

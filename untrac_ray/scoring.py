@@ -80,28 +80,71 @@ def check_truth_matches(truth: pd.DataFrame, train: list[str], test: list[str],
         )
 
 
-def score_table(table: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
-    """Scores of every method other than the ground truth, at every point it recorded."""
+def group_mean(per_test: Mapping[str, float], groups: Mapping[str, str] | None) -> float:
+    """The mean over test sets, as the paper averages: the subsets of one test set (`groups`:
+    subset -> its test set) are averaged first, then the test sets; a test set without a group
+    is its own. NaN values are left out (counted apart by the caller); NaN when all are."""
+    groups = groups or {}
+    by_group: dict[str, list[float]] = {}
+    for test_set, value in per_test.items():
+        if not np.isnan(value):
+            by_group.setdefault(groups.get(test_set, test_set), []).append(float(value))
+    if not by_group:
+        return float("nan")
+    return float(np.mean([np.mean(values) for values in by_group.values()]))
+
+
+def score_table(table: pd.DataFrame, truth: pd.DataFrame,
+                groups: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Scores of every method other than the ground truth, at every point it recorded. The
+    mean over test sets averages the subsets of a test set first (`groups`, see group_mean)."""
     out = []
     estimates = table[table["method"] != GROUND_TRUTH]
     for (method, point), rows in estimates.groupby(["method", "point"], sort=False):
         est = rows.pivot_table(index="train_set", columns="test_set", values="influence")
         est = est.reindex(index=truth.index, columns=truth.columns)
-        per_test = []
+        ps, ss = {}, {}
         for test_set in truth.columns:
             x, y = est[test_set].to_numpy(), truth[test_set].to_numpy()
-            p, s = pearson(x, y), spearman(x, y)
-            per_test.append((p, s))
-            out.append([method, int(point), test_set, p, s, len(x), int(np.isnan(p))])
-        ps, ss = np.array(per_test, dtype=float).T
-        out.append([method, int(point), MEAN_OVER_TESTS,
-                    float(np.nanmean(ps)) if not np.isnan(ps).all() else np.nan,
-                    float(np.nanmean(ss)) if not np.isnan(ss).all() else np.nan,
-                    len(truth.columns), int(np.isnan(ps).sum())])
+            ps[test_set], ss[test_set] = pearson(x, y), spearman(x, y)
+            out.append([method, int(point), test_set, ps[test_set], ss[test_set], len(x),
+                        int(np.isnan(ps[test_set]))])
+        out.append([method, int(point), MEAN_OVER_TESTS, group_mean(ps, groups),
+                    group_mean(ss, groups), len(truth.columns),
+                    int(np.isnan(list(ps.values())).sum())])
         x, y = est.to_numpy().ravel(), truth.to_numpy().ravel()
         p = pearson(x, y)
         out.append([method, int(point), ALL_CELLS, p, spearman(x, y), x.size, int(np.isnan(p))])
     return pd.DataFrame(out, columns=SCORE_COLUMNS)
+
+
+def largest_cells(truth: pd.DataFrame, floor: float | pd.DataFrame = 0.0
+                  ) -> list[tuple[str, str]]:
+    """The cells whose sign matters most: per test set, the training set whose removal costs
+    most (the largest ground-truth cell, a set that helps) and the one whose removal helps
+    most (the smallest, a set that harms), each only where it stands beyond `floor` (a
+    scalar, or one value per cell such as twice its standard error over LDO seeds)."""
+    floors = (floor.reindex(index=truth.index, columns=truth.columns)
+              if isinstance(floor, pd.DataFrame) else
+              pd.DataFrame(float(floor), index=truth.index, columns=truth.columns))
+    cells = []
+    for test_set in truth.columns:
+        column = truth[test_set].dropna()
+        if column.empty:
+            continue
+        top, bottom = column.idxmax(), column.idxmin()
+        if column[top] > floors.loc[top, test_set]:
+            cells.append((top, test_set))
+        if column[bottom] < -floors.loc[bottom, test_set]:
+            cells.append((bottom, test_set))
+    return cells
+
+
+def signs_right(estimate: pd.DataFrame, truth: pd.DataFrame,
+                cells: list[tuple[str, str]]) -> tuple[int, int]:
+    """How many of `cells` the estimate gives the ground truth's sign (right, of all)."""
+    right = sum(int(np.sign(estimate.loc[c]) == np.sign(truth.loc[c])) for c in cells)
+    return right, len(cells)
 
 
 SUMMARY_COLUMNS = ["method", "point", "pearson_mean", "spearman_mean", "pearson_all_cells",

@@ -176,7 +176,7 @@ class TrialLogger:
             handle.log_figure(plots.heatmap(table, method, self.train, self.test),
                               f"figures/heatmap_{method}.png")
         if self.truth is not None:
-            scores = score_table(table, self.truth)
+            scores = score_table(table, self.truth, self.spec.data.test_groups())
             handle.log_scores(scores, summary(scores))
 
     def replay(self, trial_id: str, config: dict[str, Any], reports: list[dict],

@@ -147,7 +147,7 @@ def objective_of(table: pd.DataFrame, truth: pd.DataFrame | None, spec: JobSpec,
     per_method: dict[str, float] = {}
     if metric_fn is None:
         where, stat = _SCORE_FIELD[objective.metric]
-        scores = score_table(table, truth)
+        scores = score_table(table, truth, spec.data.test_groups())
         for method, part in scores[scores["test_set"] == where].groupby("method"):
             per_method[str(method)] = float(part[stat].iloc[-1])
     else:

@@ -127,6 +127,10 @@ class DatasetSpec(_Strict):
         None, gt=0, description="keep the first max_rows rows (after subset), e.g. to cut a "
         "set to a size"
     )
+    group: str | None = Field(
+        None, description="test sets only: the test set this one is a subset of; scores "
+        "average the Pearsons of a test set's subsets first, then the test sets (the paper's "
+        "ToxiGen groups, WinoBias and TruthfulQA categories)")
     subset_column: str = "dataset"
     text_column: str = "text"
     prompt_column: str = "prompt"
@@ -168,6 +172,9 @@ class DataSpec(_Strict):
                 if ds.name in seen:
                     raise ValueError(f"{role} dataset name {ds.name!r} is used twice")
                 seen.add(ds.name)
+        if any(ds.group is not None for ds in self.train):
+            raise ValueError("group: only test sets are grouped (into the test set they are "
+                             "subsets of)")
         both = {d.name for d in self.train} & {d.name for d in self.test}
         if both:
             raise ValueError(
@@ -175,6 +182,10 @@ class DataSpec(_Strict):
                 "give each dataset its own name"
             )
         return self
+
+    def test_groups(self) -> dict[str, str]:
+        """Test set -> the test set it is a subset of (only those with a group)."""
+        return {ds.name: ds.group for ds in self.test if ds.group is not None}
 
 
 class UnlearnSpec(_Strict):
