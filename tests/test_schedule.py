@@ -10,7 +10,16 @@ import pytest
 
 from untrac_ray.results import influence_table, matrix, with_points
 from untrac_ray.schedule import eval_schedules, headline_point
-from untrac_ray.scoring import MEAN_OVER_TESTS, pearson, score_table, spearman, summary
+from untrac_ray.scoring import (
+    MEAN_OVER_TESTS,
+    group_mean,
+    largest_cells,
+    pearson,
+    score_table,
+    signs_right,
+    spearman,
+    summary,
+)
 from untrac_ray.spec import UnlearnSpec
 
 # The case: dataset A's training sets cut to 256, 64, 128 and 32 rows, batch 8.
@@ -112,3 +121,44 @@ def test_one_correlation_nan_in_nan_out():
     assert math.isnan(pearson(np.array([1.0, 2.0]), np.array([3.0, 3.0])))
     assert math.isnan(pearson(np.array([1.0, np.nan, 3.0]), np.array([1.0, 2.0, 3.0])))
     assert spearman(np.array([1.0, 5.0, 3.0]), np.array([10.0, 30.0, 20.0])) == 1.0
+
+
+def test_the_mean_over_test_sets_averages_a_test_sets_subsets_first():
+    per_test = {"a1": 1.0, "a2": 1.0, "b": 0.0}
+    assert group_mean(per_test, None) == pytest.approx(2 / 3)  # three test sets
+    assert group_mean(per_test, {"a1": "A", "a2": "A"}) == pytest.approx(0.5)  # (1 + 0) / 2
+    # an undefined subset is left out of its group's mean, not counted as zero
+    assert group_mean({"a1": np.nan, "a2": 1.0, "b": 0.0}, {"a1": "A", "a2": "A"}) == 0.5
+    assert math.isnan(group_mean({"a1": np.nan}, {"a1": "A"}))
+
+
+def test_score_table_uses_the_groups_for_its_mean():
+    train = ["p", "q", "r"]
+    truth = pd.DataFrame({"a1": [1.0, 2.0, 3.0], "a2": [3.0, 1.0, 2.0], "b": [1.0, 2.0, 3.0]},
+                         index=train)
+    estimate = truth.copy()
+    estimate["b"] = -truth["b"]  # a1, a2 right (+1), b reversed (-1)
+    rows = [{"method": "untrac", "point": 1, "train_set": t, "test_set": s,
+             "influence": estimate.loc[t, s]} for t in train for s in truth.columns]
+    table = pd.DataFrame(rows)
+
+    def mean(groups):
+        scores = score_table(table, truth, groups)
+        return scores[scores["test_set"] == MEAN_OVER_TESTS]["pearson"].item()
+
+    assert mean(None) == pytest.approx(1 / 3)  # (1 + 1 - 1) / 3
+    assert mean({"a1": "A", "a2": "A"}) == pytest.approx(0.0)  # (1 - 1) / 2
+
+
+def test_the_largest_cells_are_the_top_helper_and_harmer_of_each_test_beyond_the_floor():
+    truth = pd.DataFrame({"t": [0.5, -0.2, 0.01], "u": [0.03, 0.02, 0.3]},
+                         index=["help", "harm", "none"])
+    assert largest_cells(truth) == [("help", "t"), ("harm", "t"), ("none", "u")]
+    # test u has no negative cell: only its top one counts
+    assert largest_cells(truth, 0.25) == [("help", "t"), ("none", "u")]  # -0.2 is within 0.25
+    floor = pd.DataFrame({"t": [0.1, 0.1, 0.1], "u": [0.1, 0.1, 0.5]}, index=truth.index)
+    assert largest_cells(truth, floor) == [("help", "t"), ("harm", "t")]  # u's 0.3 < 0.5
+    estimate = pd.DataFrame({"t": [0.9, 0.4, 0.0], "u": [0.0, 0.0, 0.1]}, index=truth.index)
+    # UnTrac's typical miss: every cell positive, so the harmful set gets the wrong sign
+    assert signs_right(estimate, truth, largest_cells(truth)) == (2, 3)
+    assert signs_right(estimate, truth, []) == (0, 0)

@@ -4,6 +4,7 @@ ensembles. Checked by hand on a Workbench, then once through a whole job."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from pydantic import ValidationError
@@ -15,6 +16,7 @@ from untrac_ray.errors import SpecError
 from untrac_ray.methods import average_members, plan_unlearning
 from untrac_ray.modeling import token_loss_sum
 from untrac_ray.schedule import eval_schedules
+from untrac_ray.scoring import agreement, agreement_of
 from untrac_ray.spec import UnlearnSpec, load_spec, parse_spec
 from untrac_ray.task_store import decode, encode
 from untrac_ray.tasks import TaskResult, UnlearnTask
@@ -176,10 +178,6 @@ def test_a_job_with_every_variant_gives_a_complete_matrix(tmp_path, ray_cluster)
 
 
 def test_agreement_by_hand():
-    import pandas as pd
-
-    from untrac_ray.scoring import agreement, agreement_of
-
     a = pd.Series([1.0, 2.0, 3.0], index=["x", "y", "z"])
     assert agreement_of([a, 2 * a]) == pytest.approx(1.0)
     assert agreement_of([a, -a, a]) == pytest.approx((-1 - 1 + 1) / 3)
@@ -203,8 +201,6 @@ def test_the_stored_result_type_is_unchanged_for_the_paper(bench):
 
 
 def test_the_selection_protocol_chooses_on_the_selection_seeds_only():
-    import pandas as pd
-
     module = load_benchmark("variants")
     rows = pd.DataFrame([
         # on selection seeds 1-2 "retain" is better; on report seed 3 "paper" would win
@@ -215,3 +211,30 @@ def test_the_selection_protocol_chooses_on_the_selection_seeds_only():
     assert module.choose(rows, [1, 2]) == {"untrac": "retain"}
     assert module.choose(rows, [3]) == {"untrac": "paper"}
     assert module.seconds_of({"graddot+gradcos": 5.0, "ldo": 9.0}, "gradcos") == 5.0
+
+
+def test_the_targets_name_what_each_estimate_missed():
+    module = load_benchmark("variants")
+    draws = pd.MultiIndex.from_tuples([(0, 4), (1, 4), (0, 5)], names=["pretrain_seed", "seed"])
+    opponents = pd.DataFrame({"tracin": [0.7, 0.8, 0.6], "gradcos": [0.5, 0.5, 0.5],
+                              "ekfac": [0.85, 0.7, 0.8]}, index=draws)
+    good = pd.Series([0.9, 0.85, 0.88], index=draws)
+    assert module.targets(good, opponents, 0.1) == "PASS"
+    assert module.targets(good, opponents, 0.3) == "MISS (cost)"
+    # first draw below EK-FAC's 0.85: beaten, though the mean passes
+    assert module.targets(pd.Series([0.84, 0.9, 0.9], index=draws), opponents, 0.1) == \
+        "MISS (beaten)"
+    assert module.targets(pd.Series([0.99, 0.99, 0.5], index=draws), opponents, 0.1) == \
+        "MISS (std, beaten)"
+
+
+def test_test_sets_group_into_the_test_set_they_are_subsets_of(tmp_path):
+    spec = parse_spec(merge(tiny_spec(tmp_path), {"data": {"test": [
+        {"name": "next_a", "source": "test.csv", "subset": "next_number", "group": "next"},
+        {"name": "next_b", "source": "test.csv", "subset": "next_number", "group": "next"},
+        {"name": "twice", "source": "test.csv", "subset": "twice"}]}}), base_dir=tmp_path)
+    assert spec.data.test_groups() == {"next_a": "next", "next_b": "next"}
+    with pytest.raises(SpecError, match="group: only test sets are grouped"):
+        parse_spec(merge(tiny_spec(tmp_path), {"data": {"train": [
+            {"name": "add_one", "source": "train.csv", "subset": "add_one", "group": "g"}]}}),
+            base_dir=tmp_path)
