@@ -30,6 +30,7 @@ from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
 from untrac_ray.runner import run_job
 from untrac_ray.schedule import eval_schedules
 from untrac_ray.search import run_search, tune_space
+from untrac_ray.search_logging import result_status
 from untrac_ray.segments import SegmentTask
 from untrac_ray.spec import load_spec, parse_spec
 from untrac_ray.tasks import BASE, UnlearnTask
@@ -407,3 +408,14 @@ def test_the_search_demo_job_validates_and_searches_six_settings_against_ldo():
     assert spec.search.num_trials() == 6
     space = tune_space(spec.search)
     assert set(space["untrac"]) == {"learning_rate", "optimizer"}
+
+
+def test_a_trial_that_reported_its_last_round_is_finished_with_or_without_tunes_done_flag():
+    last = {"round": 3, "rounds": 3}
+    assert result_status({**last, "done": True}, None) == "completed"
+    # a driver killed within a second of the trial's end: Tune's saved state lacks `done`
+    assert result_status(last, None) == "completed"
+    assert result_status({"round": 1, "rounds": 3, "done": True}, None) == "stopped early"
+    assert result_status({"round": 1, "rounds": 3}, None) == "pending"  # cut off: runs again
+    assert result_status({}, None) == "pending"
+    assert result_status(last, "ValueError: boom") == "failed"

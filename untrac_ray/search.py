@@ -45,7 +45,7 @@ from untrac_ray.search_logging import (
     SearchReporter,
     TrialLogger,
     error_line,
-    trial_status,
+    result_status,
 )
 from untrac_ray.search_space import (
     CELL_FIELDS,
@@ -480,12 +480,7 @@ def _finish(run, spec: JobSpec, logger: TrialLogger, grid, name: str, path: str,
         trial_id = metrics.get("trial_id") or Path(result.path).name.split("_", 1)[-1]
         config = result.config or {}
         error = error_line(str(result.error)) if result.error else None
-        if error:
-            status = "failed"
-        elif metrics.get("done"):
-            status = trial_status(metrics)
-        else:
-            status = "pending"  # interrupted before it finished
+        status = result_status(metrics, error)
         before = logger.children.get(trial_id)
         if (status != "pending" and trial_id not in logger.views
                 and (before is None or before[1] == "RUNNING")):

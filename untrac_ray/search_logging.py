@@ -79,6 +79,19 @@ def trial_status(report: dict[str, Any] | None) -> str:
     return "completed" if report.get("round", 0) >= report.get("rounds", 1) else "stopped early"
 
 
+def result_status(metrics: dict[str, Any], error: str | None) -> str:
+    """A trial's status from Tune's last result of it: failed, completed, stopped early, or
+    pending (interrupted before it ended: `--resume` runs it again). A trial that reported its
+    last round is complete even without Tune's `done` flag: a driver killed within a second
+    of the trial's end can leave that flag out of Tune's saved state, and the trial would
+    otherwise stay pending through every resume."""
+    if error:
+        return "failed"
+    if metrics.get("done") or (metrics and trial_status(metrics) == "completed"):
+        return trial_status(metrics)
+    return "pending"
+
+
 class TrialLogger:
     """The driver's side of every trial: its MLflow child run and its line in the CLI."""
 
