@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import pickle
 import resource
 import socket
@@ -51,14 +52,30 @@ def gang_worker(rank: int, port: int, inputs: dict[str, Any], out: str) -> None:
     from untrac_ray.sharded import ShardedWorkbench, close_gang, init_gang
 
     torch.set_num_threads(1)
-    gang = init_gang(rank, WORLD, "127.0.0.1", port, backend="gloo", device="cpu")
+    listen_fd = None
+    if rank == 0:  # as gang.rendezvous_address does: the store listens on that address only
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        listen_fd = sock.detach()
+    gang = init_gang(rank, WORLD, "127.0.0.1", port, backend="gloo", device="cpu",
+                     listen_fd=listen_fd)
     bench = ShardedWorkbench(inputs["weights"], inputs["datasets"], inputs["indices"],
                              inputs["eval_batch_size"], gang)
     results = [(r.losses, r.row_losses, r.seconds) for r in map(bench.run, inputs["tasks"])]
     bench.reset("base")
     base = bench.full_arrays()
-    Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps({"results": results, "base": base}))
+    Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(
+        {"results": results, "base": base, "listening": listening()}))
     close_gang()
+
+
+def listening() -> list[str]:
+    """The local addresses this process listens on (TCP), after the gang's collectives ran."""
+    import psutil
+
+    return sorted({c.laddr.ip for c in psutil.Process().net_connections(kind="inet")
+                   if c.status == psutil.CONN_LISTEN})
 
 
 def memory_worker(rank: int, port: int, world: int, out: str) -> None:
@@ -309,6 +326,29 @@ def test_leave_dataset_out_training_matches_one_process(compared):
     too."""
     rel, _ = max_cell_diff(compared, "ldo")
     assert rel < TOL
+
+
+def test_a_gang_on_loopback_listens_on_loopback_only(compared):
+    # the rendezvous store, and gloo's data sockets (pinned to the interface that reaches
+    # the rendezvous, not the one the host name resolves to)
+    for rank in compared["ranks"]:
+        assert rank["listening"] and set(rank["listening"]) <= {"127.0.0.1"}, rank["listening"]
+
+
+def test_gloo_and_nccl_are_pinned_to_the_interface_that_reaches_the_rendezvous(monkeypatch):
+    import psutil
+
+    from untrac_ray.sharded import SOCKET_INTERFACE_VARS, interface_towards, pin_data_sockets
+
+    loopback = interface_towards("127.0.0.1", 29500)
+    assert any(a.address == "127.0.0.1" for a in psutil.net_if_addrs()[loopback])
+    for var in SOCKET_INTERFACE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    pin_data_sockets("127.0.0.1", 29500)
+    assert all(os.environ[var] == loopback for var in SOCKET_INTERFACE_VARS)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "mine")  # the user's choice is kept
+    pin_data_sockets("127.0.0.1", 29500)
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "mine"
 
 
 def test_comparisons_are_not_vacuous(compared):

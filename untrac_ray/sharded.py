@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import socket
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -80,6 +82,38 @@ def default_backend(device: torch.device | str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+SOCKET_INTERFACE_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def interface_towards(address: str, port: int) -> str | None:
+    """The name of this machine's network interface that reaches `address` (the one the
+    system routes through; the loopback interface for 127.0.0.1), or None when unknown."""
+    import psutil
+
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:  # no packet is sent
+        try:
+            probe.connect((address, port))
+        except OSError:
+            return None
+        local = probe.getsockname()[0]
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%", 1)[0] == local for a in addresses):
+            return name
+    return None
+
+
+def pin_data_sockets(master_addr: str, master_port: int) -> None:
+    """Make gloo and NCCL open their data sockets on the interface that reaches the gang's
+    rendezvous, not on the one the host name resolves to: on an embedded local Ray that is
+    the loopback interface, so nothing of a gang listens beyond the machine. A variable the
+    user set is kept."""
+    name = interface_towards(master_addr, master_port)
+    if name is not None:
+        for var in SOCKET_INTERFACE_VARS:
+            os.environ.setdefault(var, name)
+
+
 def init_gang(
     rank: int,
     world_size: int,
@@ -107,6 +141,7 @@ def init_gang(
         torch.cuda.set_device(device)
     backend = backend or default_backend(device)
     if not dist.is_initialized():
+        pin_data_sockets(master_addr, master_port)
         timeout = timedelta(seconds=timeout_s)
         store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0,
                               timeout=timeout, master_listen_fd=listen_fd)
