@@ -1,31 +1,35 @@
 """Unlearning variants against leave-dataset-out, chosen and reported honestly (issue 15).
 
-The protocol, in one run:
+The protocol:
 
 1. **Draws.** For each job (benchmark), each pretraining seed (``--pretrain-seeds``: the
    pretrained model is drawn again, not only what follows it) and each seed, the job runs once
-   with every method (the paper's UnTrac and UnTrac-Inv, the baselines, LDO: the ground truth),
-   as ``benchmarks/accuracy.py`` runs a seed. Then every variant (``--variants``, a YAML file of
-   name -> settings of ``methods.untrac`` / ``methods.untrac_inv``) runs UnTrac and UnTrac-Inv
-   alone on the same base model, scored against the same ground truth (read back, not
-   retrained).
+   with the paper's UnTrac and UnTrac-Inv and LDO (the ground truth; the baselines too on
+   report seeds), as ``benchmarks/accuracy.py`` runs a seed. Then each variant (``--variants``,
+   a YAML file of name -> settings of ``methods.untrac`` and/or ``methods.untrac_inv``) runs
+   the methods it names alone on the same base model, scored against the same ground truth
+   (read back, not retrained). Every draw's rows are appended to ``--rows`` when it is done.
 2. **Selection** on ``--select-seeds`` only: per method (UnTrac, UnTrac-Inv), the variant with
-   the best mean Pearson at the point fixed in advance, averaged over jobs and pretraining
-   seeds. The report seeds are not looked at while choosing.
-3. **Report** on ``--report-seeds``: for every job, every variant beside the paper's methods
-   and every baseline, the mean, std and min over the report seeds of the Pearson at the fixed
-   point; the spread over pretraining draws (std of the per-draw means) beside the spread over
-   seeds; each one's compute time against LDO's; the chosen variant marked. Targets (issue 15):
-   mean >= 0.8 with std <= 0.1, beating TracIn, GradCos and EK-FAC in every report seed, cost
-   <= 1/5 of LDO.
+   the best mean Pearson at the point fixed in advance, over all jobs and pretraining draws
+   (or ``--chosen``, an earlier selection run's choice). The report seeds have not run yet.
+3. **Report** on ``--report-seeds``: per job, every variant (or ``--report-variants chosen``:
+   the chosen one only) beside the paper's methods and every baseline: mean, std and min over
+   the report draws of the Pearson at the fixed point (a test set's subsets averaged first),
+   the mean of each pretraining draw beside them, how many of the largest helpful and harmful
+   LDO cells each estimate signs right, its compute against one LDO retraining per set, the
+   ground truth's SNR, and the targets of issue 15 (mean >= 0.8, std <= 0.1, above TracIn,
+   GradCos and EK-FAC in every report draw, cost <= 1/5 of LDO) as PASS or what was missed.
 4. **Trust signal.** Over every draw: the agreement of UnTrac with UnTrac-Inv (Pearson over the
    cells, ``scoring.agreement``) against their accuracy; whether low agreement predicts low
    accuracy (Spearman over the draws, and the mean accuracy below and above the threshold).
 
-Run (hours on 2 cores at full size; ``--quick`` for a smoke test of the protocol):
+Run (hours on 2 cores: about 10 minutes a draw and job with every variant):
     .venv/bin/python benchmarks/variants.py --jobs jobs/synthetic_b.yaml \\
+        jobs/text_corpora.yaml jobs/text_corpora_unequal.yaml jobs/harm_mixture.yaml \\
         jobs/synthetic_a_full.yaml --pretrain-seeds 0 1 --select-seeds 1 2 3 \\
-        --report-seeds 4 5 6 [--variants benchmarks/variants.yaml]
+        --report-seeds 4 5 6 --rows rows.csv
+    .venv/bin/python benchmarks/variants.py --from-rows rows.csv --report-seeds 4 5 6 \\
+        --chosen untrac=NAME untrac_inv=NAME     # print the report again
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ PAPER = "paper"
 OURS = ("untrac", "untrac_inv")
 OPPONENTS = ("tracin", "gradcos", "ekfac")  # the issue's: beaten in every report seed
 PEARSON_TARGET, STD_TARGET, COST_TARGET = 0.8, 0.1, 0.2
+LDO_RETRAININGS = 3  # per training set, as every benchmark job's methods.ldo.seeds
 
 
 def _accuracy_module():
@@ -242,9 +247,11 @@ def targets(mine: pd.Series, opponents: pd.DataFrame, cost: float) -> str:
     return "PASS" if not missed else "MISS (" + ", ".join(missed) + ")"
 
 
-def report(rows: pd.DataFrame, seeds: list[int], chosen: dict[str, str]) -> None:
-    """The report-seed table per job (see the module docstring). Cost is against one LDO
-    retraining per training set (LDO's seconds over its seeds), the cheapest ground truth."""
+def report(rows: pd.DataFrame, seeds: list[int], chosen: dict[str, str],
+           ldo_retrainings: int = LDO_RETRAININGS) -> None:
+    """The report-seed table per job (see the module docstring). Cost is against LDO as the
+    jobs run it (`ldo_retrainings` per training set; the target's reference) and against one
+    retraining per set, the cheapest ground truth there is (LDO1)."""
     part = rows[rows["seed"].isin(seeds)]
     for job, jrows in part.groupby("job", sort=False):
         draws = jrows.drop_duplicates(["pretrain_seed", "seed"])
@@ -254,13 +261,14 @@ def report(rows: pd.DataFrame, seeds: list[int], chosen: dict[str, str]) -> None
               f"{int(draws['ldo_n'].max())} LDO seeds) "
               f"{draws['snr_mean'].min():.1f}-{draws['snr_mean'].max():.1f} ===")
         print(f"{'estimate':<30}{'mean':>7}{'std':>6}{'min':>7}  {'per pretraining draw':<22}"
-              f"{'signs':>7}{'cost/LDO':>10}  targets")
+              f"{'signs':>7}{'cost/LDO':>10}{'/LDO1':>7}  targets")
         opponents = jrows[jrows["method"].isin(OPPONENTS)].pivot_table(
             index=["pretrain_seed", "seed"], columns="method", values="pearson")
         for (method, variant), r in jrows.groupby(["method", "variant"], sort=False):
             values = r["pearson"].to_numpy(dtype=float)
             by_draw = r.groupby("pretrain_seed")["pearson"].mean()
-            cost = r["seconds"].mean() / ldo_one if ldo_one else np.nan
+            cost_one = r["seconds"].mean() / ldo_one if ldo_one else np.nan
+            cost = cost_one / ldo_retrainings
             label = method if variant == PAPER else f"{method} + {variant}"
             if chosen.get(method) == variant and variant != PAPER:
                 label += " *"
@@ -271,11 +279,13 @@ def report(rows: pd.DataFrame, seeds: list[int], chosen: dict[str, str]) -> None
             signs = f"{int(r['signs_right'].sum())}/{int(r['signs_total'].sum())}"
             spread = " ".join(f"{v:+.2f}" for v in by_draw)
             print(f"{label:<30}{np.nanmean(values):+7.2f}{std_of(values):6.2f}"
-                  f"{np.nanmin(values):+7.2f}  {spread:<22}{signs:>7}{cost:10.3f}  {verdict}")
+                  f"{np.nanmin(values):+7.2f}  {spread:<22}{signs:>7}{cost:10.3f}{cost_one:7.2f}  "
+                  f"{verdict}")
         print("(* chosen on the selection seeds. per pretraining draw: the mean of each, beside "
               "the std over all report draws. signs: the largest helpful and harmful LDO cell of "
               "each test set beyond 2 standard errors, how many the estimate signs right. "
-              "cost: actor seconds against one LDO retraining per set)")
+              f"cost: actor seconds against LDO's with {ldo_retrainings} retrainings a set as "
+              "the jobs run it, and against one (LDO1))")
 
 
 def trust(rows: pd.DataFrame) -> None:
@@ -311,6 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chosen", nargs="+", default=None, metavar="METHOD=VARIANT",
                         help="the choice of an earlier selection run (untrac=NAME "
                         "untrac_inv=NAME; paper for none): skips the selection seeds")
+    parser.add_argument("--report-variants", choices=["all", "chosen"], default="all",
+                        help="the variants run on the report seeds: all of them beside the "
+                        "chosen one (default), or the chosen one only (cheaper)")
     parser.add_argument("--ldo-seeds", type=int, default=None)
     parser.add_argument("--rows", type=Path, default=None,
                         help="append every draw's rows to this CSV as it finishes")
@@ -346,11 +359,13 @@ def main(argv: list[str] | None = None) -> None:
         chosen = choose(pd.DataFrame(rows), select)
     print(f"tracking {uri}; variants {', '.join(variants)}; chosen on seeds {select}: "
           + ", ".join(f"{m}: {v}" for m, v in chosen.items()), flush=True)
-    # the report seeds run the chosen variants only: the choice is fixed before they exist
-    picked: dict[str, dict] = {}
-    for method, name in chosen.items():
-        if name != PAPER:
-            picked.setdefault(name, {})[method] = variants[name][method]
+    # the choice is fixed before the report seeds run
+    picked: dict[str, dict] = variants
+    if args.report_variants == "chosen":
+        picked = {}
+        for method, name in chosen.items():
+            if name != PAPER:
+                picked.setdefault(name, {})[method] = variants[name][method]
     for job in args.jobs:
         rows += run_draws(job, pre, rep, "report", picked, uri, ldo_seeds, args.rows)
     table = pd.DataFrame(rows, columns=ROW_COLUMNS)
