@@ -55,6 +55,17 @@ def test_redact_masks_userinfo_secret_query_values_and_learnt_secrets():
         "cannot read http://***@h/x.csv")
 
 
+def test_the_redacting_stream_reports_its_streams_state_after_it_closed():
+    import io
+
+    inner = io.StringIO()
+    stream = redaction.RedactingStream(inner)
+    stream.write("http://bob:pw1234@host/")
+    assert inner.getvalue() == "http://***@host/" and not stream.closed
+    inner.close()  # e.g. a test runner's capture, before an atexit hook asks for a terminal
+    assert stream.closed and not stream.isatty()
+
+
 def test_credentials_become_environment_variables_and_placeholders():
     assert redaction.split_credentials("http://alice:p%40ss@host:5000/p") == (
         "http://host:5000/p",
@@ -104,6 +115,9 @@ def test_a_submitted_job_carries_its_secrets_only_as_environment_variables(tmp_p
         assert "--tracking-uri http://mlflow:5000" in request["entrypoint"]
         assert env_vars["MLFLOW_TRACKING_USERNAME"] == "bob"
         assert env_vars["MLFLOW_TRACKING_PASSWORD"] == CLI_SECRET
+        # `stop` interrupts the driver and gives it time to close its run KILLED
+        assert env_vars["RAY_JOB_STOP_SIGNAL"] == "SIGINT"
+        assert int(env_vars["RAY_JOB_STOP_WAIT_TIME_S"]) >= 30
         # on the cluster, the job's environment fills the staged file back in
         on_cluster = {k: v for k, v in env_vars.items() if k.startswith("UNTRAC_RAY_SECRET_")}
         old = {k: os.environ.get(k) for k in on_cluster}

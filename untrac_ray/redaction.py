@@ -185,7 +185,12 @@ class RedactingStream(io.TextIOBase):
         self.stream.flush()
 
     def isatty(self) -> bool:
-        return self.stream.isatty()
+        return not self.closed and self.stream.isatty()
+
+    @property
+    def closed(self) -> bool:  # type: ignore[override]
+        """The wrapped stream's state (a closed one, e.g. at exit, is no terminal)."""
+        return bool(getattr(self.stream, "closed", False))
 
     def fileno(self) -> int:
         return self.stream.fileno()

@@ -368,6 +368,9 @@ def entrypoint(python: str, tracking_uri: str, spec_file: str = STAGED_SPEC,
     return " ".join(shlex.quote(p) for p in parts)
 
 
+STOP_GRACE_S = 30  # how long `stop` lets the driver close its run before Ray kills it
+
+
 def job_request(staged: StagedJob, tracking_uri: str, submission_id: str, *,
                 python: str = "python", ship_package: bool = True,
                 pip: list[str] | tuple[str, ...] = (), command: str = "run",
@@ -381,9 +384,11 @@ def job_request(staged: StagedJob, tracking_uri: str, submission_id: str, *,
     clean_uri, env_vars = tracking_credentials(tracking_uri, environ)
     runtime_env: dict[str, Any] = {
         "working_dir": str(staged.folder),
-        # `stop` interrupts the driver (KeyboardInterrupt), so its MLflow run ends KILLED
+        # `stop` interrupts the driver (KeyboardInterrupt), so its MLflow run ends KILLED;
+        # Ray's default of 3 s before SIGKILL was too short for that on a busy head
         "env_vars": {SUBMISSION_ENV: submission_id, "RAY_JOB_STOP_SIGNAL": "SIGINT",
-                     **env_vars, **staged.secrets},
+                     "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S), **env_vars,
+                     **staged.secrets},
     }
     if ship_package:
         runtime_env["py_modules"] = [str(package_dir())]
