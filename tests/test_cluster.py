@@ -266,6 +266,10 @@ def test_one_actor_per_gpu_and_stop_ends_a_long_running_job(head, tmp_path, monk
     listed = cli("jobs", "--address", head.url, env=env)
     (line,) = [ln for ln in listed.output.splitlines() if sid in ln]
     assert "long" in line and "STOPPED" in line
+    # the driver closes its run within the stop's grace period (submission.STOP_GRACE_S)
+    deadline = time.monotonic() + sub.STOP_GRACE_S
+    while only_run(uri).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(1)
     assert only_run(uri).info.status == "KILLED"
 
 
