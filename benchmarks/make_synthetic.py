@@ -57,14 +57,16 @@ def in_format(n: int, fmt: str) -> str:
     return words(n) if fmt == "words" else str(n)
 
 
-def pseudo_words(rng: random.Random, count: int, taken: set[str]) -> list[str]:
-    """Distinct pronounceable pseudo-words of 3..13 letters, none of them in `taken`."""
+def pseudo_words(rng: random.Random, count: int, taken: set[str],
+                 max_letters: int = 13) -> list[str]:
+    """Distinct pronounceable pseudo-words of 3..max_letters letters, none of them in `taken`
+    (each one drawn is added to it)."""
     onsets = list("bcdfghjklmnprstvwz") + ["br", "ch", "st", "tr", "pl", "gr", "sh", "th"]
     vowels = ["a", "e", "i", "o", "u", "ai", "ou", "ea"]
     codas = ["", "", "", "n", "r", "s", "l", "t", "m", "ck", "nd"]
     out: list[str] = []
     while len(out) < count:
-        length = rng.randint(3, 13)
+        length = rng.randint(3, max_letters)
         w = ""
         while len(w) < length:
             w += rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)

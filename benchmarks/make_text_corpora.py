@@ -76,8 +76,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import random
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -592,23 +594,22 @@ def test_sets(rng: random.Random, taken: set[str]) -> list[tuple[str, str, str, 
 
 # --- the harm mixture (prompt/target) ---------------------------------------------------------
 
+def _load_synthetic():
+    """benchmarks/make_synthetic.py, beside this file (a script, not a package)."""
+    path = Path(__file__).resolve().parent / "make_synthetic.py"
+    spec = importlib.util.spec_from_file_location("make_synthetic", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_synthetic", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+synthetic = _load_synthetic()
+
+
 def pseudo_words(rng: random.Random, count: int) -> list[str]:
-    """Distinct pronounceable pseudo-words of 3..11 letters (as make_synthetic.py's)."""
-    onsets = list("bcdfghjklmnprstvwz") + ["br", "ch", "st", "tr", "pl", "gr", "sh", "th"]
-    vowels = ["a", "e", "i", "o", "u", "ai", "ou", "ea"]
-    codas = ["", "", "", "n", "r", "s", "l", "t", "m", "ck", "nd"]
-    out: set[str] = set()
-    ordered: list[str] = []
-    while len(ordered) < count:
-        length = rng.randint(3, 11)
-        w = ""
-        while len(w) < length:
-            w += rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
-        w = w[:length]
-        if w not in out:
-            out.add(w)
-            ordered.append(w)
-    return ordered
+    """Distinct pronounceable pseudo-words of 3..11 letters (make_synthetic.py's generator)."""
+    return synthetic.pseudo_words(rng, count, set(), max_letters=11)
 
 
 SUCC_Q = "What is the number that comes after {n}?"
