@@ -76,11 +76,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import random
 import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/make_synthetic.py
+import make_synthetic as synthetic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 20240916
@@ -594,17 +596,6 @@ def test_sets(rng: random.Random, taken: set[str]) -> list[tuple[str, str, str, 
 
 # --- the harm mixture (prompt/target) ---------------------------------------------------------
 
-def _load_synthetic():
-    """benchmarks/make_synthetic.py, beside this file (a script, not a package)."""
-    path = Path(__file__).resolve().parent / "make_synthetic.py"
-    spec = importlib.util.spec_from_file_location("make_synthetic", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_synthetic", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-synthetic = _load_synthetic()
 
 
 def pseudo_words(rng: random.Random, count: int) -> list[str]:

@@ -35,7 +35,6 @@ Run (hours on 2 cores: about 10 minutes a draw and job with every variant):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -70,18 +69,8 @@ PEARSON_TARGET, STD_TARGET, COST_TARGET = 0.8, 0.1, 0.2
 LDO_RETRAININGS = 3  # per training set, as every benchmark job's methods.ldo.seeds
 
 
-def _accuracy_module():
-    """benchmarks/accuracy.py (one seed of a job, its ground truth, --set overrides)."""
-    path = ROOT / "benchmarks" / "accuracy.py"
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("accuracy_benchmark", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-accuracy = _accuracy_module()
-
+sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/accuracy.py
+import accuracy  # noqa: E402
 
 ROW_COLUMNS = ["job", "pretrain_seed", "seed", "phase", "method", "variant", "pearson",
                "seconds", "ldo_seconds", "ldo_n", "snr_mean", "agreement", "signs_right",
