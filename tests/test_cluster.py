@@ -270,7 +270,7 @@ def test_one_actor_per_gpu_and_stop_ends_a_long_running_job(head, tmp_path, monk
     deadline = time.monotonic() + sub.STOP_GRACE_S
     while only_run(uri).info.status == "RUNNING" and time.monotonic() < deadline:
         time.sleep(1)
-    assert only_run(uri).info.status == "KILLED"
+    assert only_run(uri).info.status == "KILLED", cluster.logs(sid)[-3000:]
 
 
 @pytest.mark.ray_head

@@ -264,7 +264,7 @@ def test_a_pool_starts_only_the_actors_that_fit_beside_the_drivers_gpu(engine_in
     resources = ResourcesSpec(gpus_per_actor=1, cpus_per_actor=1, placement_timeout_s=3)
     names = list(data.tables)
     with Engine(resources, weights, data.tables, data.tokenizer.pad_token_id, indices, 16,
-                max_useful_actors=len(names), start_timeout_s=20) as engine:
+                max_useful_actors=len(names), start_timeout_s=90) as engine:
         assert engine.size == 1 and engine.reservation.wanted == 2
         assert ray.available_resources().get("GPU", 0) == 0  # the pool's and the driver's
         results = engine.map([EvalTask((n,)) for n in names])
@@ -278,7 +278,7 @@ def test_a_pool_starts_only_the_actors_that_fit_beside_the_drivers_gpu(engine_in
     # nodes join, and the map does not wait for them
     autoscaled = resources.model_copy(update={"autoscale": True, "num_actors": 3})
     with Engine(autoscaled, weights, data.tables, data.tokenizer.pad_token_id, indices, 16,
-                max_useful_actors=len(names), start_timeout_s=20) as engine:
+                max_useful_actors=len(names), start_timeout_s=90) as engine:
         assert engine.size == 3
         assert len(engine.map([EvalTask((n,)) for n in names])) == len(names)
     ray.kill(holder)
