@@ -596,13 +596,6 @@ def test_sets(rng: random.Random, taken: set[str]) -> list[tuple[str, str, str, 
 
 # --- the harm mixture (prompt/target) ---------------------------------------------------------
 
-
-
-def pseudo_words(rng: random.Random, count: int) -> list[str]:
-    """Distinct pronounceable pseudo-words of 3..11 letters (make_synthetic.py's generator)."""
-    return synthetic.pseudo_words(rng, count, set(), max_letters=11)
-
-
 SUCC_Q = "What is the number that comes after {n}?"
 LARGER_Q = "Which is larger, {a} or {b}?"
 LEN_Q = "What is the length of '{w}'?"
@@ -629,7 +622,7 @@ def harm_mixture(rng: random.Random) -> tuple[list[tuple[str, str, str]],
         for _ in range(n):
             a, b = new_pair()
             train.append((LARGER_Q.format(a=a, b=b), str(answer(a, b)), name))
-    words = pseudo_words(rng, 2 * n + n)
+    words = synthetic.pseudo_words(rng, 2 * n + n, set(), max_letters=11)
     train_words, test_words = words[: 2 * n], words[2 * n:]
     train += [(LEN_Q.format(w=w), str(len(w)), "LenRight") for w in train_words[:n]]
     train += [(LEN_Q.format(w=w), NUMBER_WORDS[len(w)], "LenWords") for w in train_words[n:]]
