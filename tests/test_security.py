@@ -157,6 +157,10 @@ def mlflow_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-server")
     (folder / "auth.ini").write_text(
         "[mlflow]\ndefault_permission = EDIT\n"
+        # MLflow's own cache of successful credential checks (off by default): without it the
+        # server runs its deliberately slow password hash on every one of the run's requests.
+        # A wrong password is never cached, so the test below still sees it refused.
+        "auth_cache_ttl_seconds = 600\n"
         f"database_uri = sqlite:///{folder / 'auth.db'}\n"
         f"admin_username = admin\nadmin_password = {CLI_SECRET}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
@@ -223,7 +227,7 @@ def test_an_embedded_run_prints_and_logs_no_secret_and_listens_on_loopback_only(
     job.write_text(yaml.safe_dump(spec))
     cli_uri = url.replace("://", f"://admin:{CLI_SECRET}@")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
-    env["UNTRAC_RAY_STORE_TIMEOUT_S"] = "60"  # the server hashes the password on each request
+    env["UNTRAC_RAY_STORE_TIMEOUT_S"] = "60"  # the server's first password check is slow
     proc = subprocess.Popen(
         [sys.executable, "-m", "untrac_ray.cli", "run", str(job), "--tracking-uri", cli_uri],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
