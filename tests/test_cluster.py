@@ -236,7 +236,7 @@ def test_status_logs_and_jobs_describe_the_finished_job(head, local_and_cluster)
 @pytest.mark.ray_head
 def test_one_actor_per_gpu_and_stop_ends_a_long_running_job(head, tmp_path, monkeypatch):
     """On the head's 2 logical GPUs, 3 unlearning tasks get 2 actors (the third queues);
-    `stop` ends the job: `logs --follow` and `jobs` say STOPPED."""
+    `stop` ends the job and its MLflow run is marked KILLED."""
     job = write_job(tmp_path / "long", {"name": "long", "resources": {
         "gpus_per_actor": 1, "cpus_per_actor": 0.5}, "methods": {
         "untrac": {"max_steps": 100000, "eval_every": 100000}, "untrac_inv": None}})
@@ -266,10 +266,13 @@ def test_one_actor_per_gpu_and_stop_ends_a_long_running_job(head, tmp_path, monk
     listed = cli("jobs", "--address", head.url, env=env)
     (line,) = [ln for ln in listed.output.splitlines() if sid in ln]
     assert "long" in line and "STOPPED" in line
-    # That the stopped driver closes its MLflow run KILLED is checked by the slow test below.
-    # Checked here, it failed in 3 whole-suite runs (2 beside a benchmark, 1 in CI): the run
-    # stayed RUNNING after the 30 s grace. It passed in all 11 runs of this file or test alone.
-    # The cause is not found yet.
+    # the driver closes its run within the stop's grace period (submission.STOP_GRACE_S), also
+    # when this suite (and so the head and its jobs) was started with SIGINT ignored, as `cmd &`
+    # in a script does: the driver then handles SIGINT itself (signals.py)
+    deadline = time.monotonic() + sub.STOP_GRACE_S
+    while only_run(uri).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert only_run(uri).info.status == "KILLED", cluster.logs(sid)[-3000:]
 
 
 @pytest.mark.ray_head

@@ -64,3 +64,47 @@ def test_sigterm_ends_the_run_killed_with_the_partial_table_and_exit_143(tmp_pat
     assert run.info.status == "KILLED"
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "influence_partial.parquet" in names and "influence.parquet" not in names
+
+
+def _lose_the_interrupt(sig: signal.Signals) -> None:
+    """Send sig to this process and swallow the exception its handler raises, as a finalizer
+    or a library that catches everything would."""
+    import os
+
+    try:
+        os.kill(os.getpid(), sig)
+        time.sleep(1)  # the handler runs here
+    except KeyboardInterrupt:
+        pass
+
+
+def test_a_stop_whose_interrupt_was_lost_still_ends_the_engines_wait(ray_cluster):
+    import pytest
+    import ray
+
+    from untrac_ray.engine import STOP_POLL_S, wait_first
+    from untrac_ray.signals import Terminated, raise_if_stopped, sigterm_as_interrupt
+
+    @ray.remote(num_cpus=0)
+    def never() -> None:
+        time.sleep(600)
+
+    ref = never.remote()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        # a process started by `cmd &` in a script (a Ray head, and so its jobs' drivers)
+        # inherits SIGINT ignored; `stop` sends SIGINT: inside the block it is handled anyway
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig, raised in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)):
+            with sigterm_as_interrupt():
+                assert wait_first([ref], timeout=0.2) == []  # no stop: an ordinary timeout
+                _lose_the_interrupt(sig)
+                started = time.monotonic()
+                with pytest.raises(raised):
+                    wait_first([ref], timeout=None)  # would block for ever without the record
+                assert time.monotonic() - started <= STOP_POLL_S + 1
+            raise_if_stopped()  # the record ends with the block
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # put back
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        ray.cancel(ref, force=True)

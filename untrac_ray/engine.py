@@ -48,6 +48,7 @@ from untrac_ray.placement import (
 )
 from untrac_ray.precision import configure_tf32
 from untrac_ray.sharded import Gang, ShardedWorkbench, init_gang
+from untrac_ray.signals import raise_if_stopped
 from untrac_ray.spec import ResourcesSpec
 from untrac_ray.tasks import Task, TaskResult, needs_of
 from untrac_ray.tokenization import TokenizedSet
@@ -529,7 +530,7 @@ class Engine:
                     )
                 waiting_since = waiting_since or time.monotonic()
                 timeout = max(0.0, waiting_since + self.start_timeout_s - time.monotonic())
-            ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=timeout)
+            ready = wait_first([*inflight, *starting], timeout)
             if not ready:
                 raise UntracError(self._no_actor_message(sum(r is not None for r in results)))
             (ref,) = ready
@@ -620,6 +621,22 @@ class Engine:
         return (f"no actor could be started in {self.start_timeout_s:g} s (no node of the Ray "
                 f"cluster had {need} free for {one}; the dead actors' nodes may be gone); "
                 f"stopped with {done} tasks finished")
+
+
+STOP_POLL_S = 1.0  # how often a blocked wait looks for a stop signal whose interrupt was lost
+
+
+def wait_first(refs: list[ray.ObjectRef], timeout: float | None) -> list[ray.ObjectRef]:
+    """ray.wait for the first of refs to be ready (none ready after timeout s: []), in slices
+    of STOP_POLL_S; between slices a recorded stop signal is raised again (signals.py)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        raise_if_stopped()
+        left = STOP_POLL_S if deadline is None else max(
+            0.0, min(STOP_POLL_S, deadline - time.monotonic()))
+        ready, _ = ray.wait(refs, num_returns=1, timeout=left)
+        if ready or (deadline is not None and time.monotonic() >= deadline):
+            return ready
 
 
 def _kill(actor: Any) -> None:
