@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -81,18 +82,26 @@ class RayHead:
         return {"Authorization": f"Bearer {self.token}"}
 
 
+def _sigint_ignored() -> None:
+    """As `ray start --head &` in a script leaves it: SIGINT ignored, in the head and in every
+    job driver it starts (the disposition is inherited through fork and exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def local_head(command: str, root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(LOCAL_HEAD), command, "--state", str(root), *args],
         capture_output=True, text=True, timeout=HEAD_READY_S + 60,
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        preexec_fn=_sigint_ignored if command == "start" else None,
     )
 
 
 @pytest.fixture(scope="module")
 def head():
     """`ray start --head` on loopback with its own free ports and a short temp dir (Unix
-    socket paths are limited), 2 CPUs and 2 logical GPUs, token authentication on."""
+    socket paths are limited), 2 CPUs and 2 logical GPUs, token authentication on; started
+    with SIGINT ignored, as a script's `ray start --head &` is."""
     root = Path(tempfile.mkdtemp(prefix="ur-", dir="/tmp"))
     started = local_head("start", root, "--free-ports", "--num-cpus", "2", "--num-gpus", "2",
                          "--object-store-mb", "200", "--timeout", str(HEAD_READY_S))
@@ -266,9 +275,8 @@ def test_one_actor_per_gpu_and_stop_ends_a_long_running_job(head, tmp_path, monk
     listed = cli("jobs", "--address", head.url, env=env)
     (line,) = [ln for ln in listed.output.splitlines() if sid in ln]
     assert "long" in line and "STOPPED" in line
-    # the driver closes its run within the stop's grace period (submission.STOP_GRACE_S), also
-    # when this suite (and so the head and its jobs) was started with SIGINT ignored, as `cmd &`
-    # in a script does: the driver then handles SIGINT itself (signals.py)
+    # the driver closes its run within the stop's grace period (submission.STOP_GRACE_S),
+    # although it inherited SIGINT (the stop signal) ignored from the head (signals.py)
     deadline = time.monotonic() + sub.STOP_GRACE_S
     while only_run(uri).info.status == "RUNNING" and time.monotonic() < deadline:
         time.sleep(1)

@@ -5,6 +5,7 @@ code 143, and no crash dump from Ray."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sqlite3
 import subprocess
@@ -12,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -69,8 +72,6 @@ def test_sigterm_ends_the_run_killed_with_the_partial_table_and_exit_143(tmp_pat
 def _lose_the_interrupt(sig: signal.Signals) -> None:
     """Send sig to this process and swallow the exception its handler raises, as a finalizer
     or a library that catches everything would."""
-    import os
-
     try:
         os.kill(os.getpid(), sig)
         time.sleep(1)  # the handler runs here
@@ -79,9 +80,6 @@ def _lose_the_interrupt(sig: signal.Signals) -> None:
 
 
 def test_a_stop_whose_interrupt_was_lost_still_ends_the_engines_wait(ray_cluster):
-    import pytest
-    import ray
-
     from untrac_ray.engine import STOP_POLL_S, wait_first
     from untrac_ray.signals import Terminated, raise_if_stopped, sigterm_as_interrupt
 

@@ -33,15 +33,11 @@ _received: list[int] = []  # the SIGTERMs received: Ray may re-raise a plain Key
 _pending: list[int] = []  # the stop signals received inside the block, SIGTERM or SIGINT
 
 
-def _raise_terminated(signum: int, frame) -> None:
-    _received.append(signum)
+def _record_and_raise(signum: int, frame) -> None:
+    if signum == signal.SIGTERM:
+        _received.append(signum)
     _pending.append(signum)
-    raise Terminated("terminated by SIGTERM")
-
-
-def _raise_interrupt(signum: int, frame) -> None:
-    _pending.append(signum)
-    raise KeyboardInterrupt
+    raise_if_stopped()
 
 
 def raise_if_stopped() -> None:
@@ -63,8 +59,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises Terminated and SIGINT KeyboardInterrupt, and both are
     recorded for raise_if_stopped() (the previous handlers come back after)."""
     _pending.clear()
-    previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
-    previous_int = signal.signal(signal.SIGINT, _raise_interrupt)
+    previous_term = signal.signal(signal.SIGTERM, _record_and_raise)
+    previous_int = signal.signal(signal.SIGINT, _record_and_raise)
     try:
         yield
     finally:
