@@ -2,7 +2,7 @@
 
 One job (default ``jobs/synthetic_a_full.yaml``: pretraining on a general corpus, the training
 mixture, then LDO, UnTrac, UnTrac-Inv, GradDot, GradCos, TracIn and EK-FAC) is run once per seed
-with ``untrac_ray.runner.run_job``. Per seed ``s`` the spec is overridden so that the runs are
+with ``untrac_ray.run.runner.run_job``. Per seed ``s`` the spec is overridden so that the runs are
 independent draws of everything after pretraining:
 
 - ``training.seed = s`` (the base model's batch order in the mixture stage);
@@ -63,15 +63,15 @@ import pandas as pd
 import torch
 import yaml
 
-from untrac_ray.data import load_dataset_rows
-from untrac_ray.evaluation import mean_loss, sample_indices
-from untrac_ray.job_setup import prepare_data
-from untrac_ray.modeling import load_model
-from untrac_ray.runner import JobOutcome, run_job
-from untrac_ray.scoring import MEAN_OVER_TESTS, ground_truth_noise, score_table
-from untrac_ray.spec import GroundTruthSpec, JobSpec, load_spec, parse_spec
-from untrac_ray.tokenization import SEPARATOR, load_tokenizer
-from untrac_ray.training import pretrained_dir, read_train_record, trained_model_dir
+from untrac_ray.compute.evaluation import mean_loss, sample_indices
+from untrac_ray.compute.modeling import load_model
+from untrac_ray.compute.training import pretrained_dir, read_train_record, trained_model_dir
+from untrac_ray.inputs.data import load_dataset_rows
+from untrac_ray.inputs.spec import GroundTruthSpec, JobSpec, load_spec, parse_spec
+from untrac_ray.inputs.tokenization import SEPARATOR, load_tokenizer
+from untrac_ray.results.scoring import MEAN_OVER_TESTS, ground_truth_noise, score_table
+from untrac_ray.run.job_setup import prepare_data
+from untrac_ray.run.runner import JobOutcome, run_job
 
 ROOT = Path(__file__).resolve().parent.parent
 PEARSON_TARGET = 0.8
@@ -222,7 +222,7 @@ def earlier_ldo_run(spec: JobSpec, reuse_uri: str) -> str:
     """The newest finished run in `reuse_uri` of the same job that computed `ldo` on the same
     base model (same cached model folder, so same data, training settings and seed) with the
     same LDO seeds; exits naming what is missing."""
-    from untrac_ray.tracking import list_runs
+    from untrac_ray.results.tracking import list_runs
 
     query = (f"tags.`untrac_ray.job` = '{spec.name}' and attributes.status = 'FINISHED' "
              f"and params.`training.seed` = '{spec.training.seed}' "
@@ -256,7 +256,7 @@ def run_seed(spec: JobSpec, seed: int, uri: str, ldo_seeds: int | None,
     base_seconds = float(read_train_record(outcome.model_dir).get("seconds", 0.0))
     acc = test_accuracy(s, outcome.model_dir)
     if truth_run is not None:
-        from untrac_ray.tracking import read_run_table
+        from untrac_ray.results.tracking import read_run_table
 
         ldo = read_run_table(truth_run, reuse_uri, "ldo_seeds")
     else:

@@ -6,7 +6,7 @@ three ways in one process:
 
 1. bare: one process, ``torch.set_num_threads(1)``, one in-process ``Workbench`` running each
    task with ``bench.run(task)``;
-2. engine x1: ``untrac_ray.engine.Engine`` with one actor (1 CPU, 1 thread);
+2. engine x1: ``untrac_ray.engine.pool.Engine`` with one actor (1 CPU, 1 thread);
 3. engine x2: the engine with two actors (1 CPU, 1 thread each).
 
 What is timed (wall clock, ``time.perf_counter``):
@@ -63,13 +63,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine_load.py
 from machine_load import busy_cores, machine_cpu, others_load  # noqa: E402
 
-from untrac_ray.engine import Engine
-from untrac_ray.job_setup import PreparedData, eval_sample, prepare_data
-from untrac_ray.methods import plan_unlearning
-from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
-from untrac_ray.spec import JobSpec, ResourcesSpec, parse_spec
-from untrac_ray.tasks import BASE, EvalTask, TaskResult, UnlearnTask
-from untrac_ray.workbench import Workbench
+from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
+from untrac_ray.engine.pool import Engine
+from untrac_ray.inputs.spec import JobSpec, ResourcesSpec, parse_spec
+from untrac_ray.methods.plans import plan_unlearning
+from untrac_ray.methods.tasks import BASE, EvalTask, TaskResult, UnlearnTask
+from untrac_ray.methods.workbench import Workbench
+from untrac_ray.run.job_setup import PreparedData, eval_sample, prepare_data
 
 OVERHEAD_TARGET = 1.10
 SPEEDUP_TARGET = 1.6

@@ -27,12 +27,12 @@ import time
 import numpy as np
 import torch
 
-from untrac_ray.evaluation import mean_loss
-from untrac_ray.modeling import build_model, config_from_dict
-from untrac_ray.precision import configure_tf32, precision_context
-from untrac_ray.spec import UnlearnSpec
-from untrac_ray.tokenization import TokenizedSet
-from untrac_ray.unlearning import unlearn
+from untrac_ray.compute.evaluation import mean_loss
+from untrac_ray.compute.modeling import build_model, config_from_dict
+from untrac_ray.compute.precision import configure_tf32, precision_context
+from untrac_ray.compute.unlearning import unlearn
+from untrac_ray.inputs.spec import UnlearnSpec
+from untrac_ray.inputs.tokenization import TokenizedSet
 
 SIZES = {  # GPT-2 small is OPT-125M's size class
     "gpt2-small": {"n_layer": 12, "n_head": 12, "n_embd": 768},

@@ -17,14 +17,14 @@ The data: four training sets of 16, 24, 32 and 20 prompt/target rows and one tes
 2. Actor memory against untrac_ray/memory.py. Each actor's peak RSS is divided by
    `actor_memory(...).total(runtime)` for the job's settings (Adam, 8 rows of the longest row's
    tokens, fp32, one weight set, one test set). The runtime term is measured here: the RSS of
-   an idle Ray actor that imported untrac_ray.engine, torch and transformers. The formula's
+   an idle Ray actor that imported untrac_ray.engine.pool, torch and transformers. The formula's
    terms are printed in MB, and each actor's peak split into private and shared pages (the
    libraries' pages of the idle actor, the shared weights, and what else it mapped), so a
    ratio far from 1 points at the term that is off. Target: measured / formula <= 1.3 for
    every actor.
 3. Engine against a bare loop. The job's four UnTrac tasks (plan_unlearning; here they evaluate
    no set, so that their time is the ascent steps and the reset) run (a) in this process on a
-   Workbench with T torch threads and (b) on untrac_ray.engine.Engine with one actor of
+   Workbench with T torch threads and (b) on untrac_ray.engine.pool.Engine with one actor of
    cpus_per_actor T (the actor sets T threads). One more task first, untimed, warms each up.
    Tokens: those of the ascent steps' batches (the same seeded rows), labelled ones
    (modeling.label_count: the targets the loss is taken on) and all of them (rows x padded
@@ -79,16 +79,16 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine_load.py
 from machine_load import busy_cores, machine_cpu, others_load  # noqa: E402
 
-from untrac_ray.engine import Engine, ensure_ray
-from untrac_ray.job_setup import PreparedData, eval_sample, prepare_data
-from untrac_ray.memory import ActorMemory, actor_memory
-from untrac_ray.methods import plan_unlearning
-from untrac_ray.modeling import SharedWeights, build_model, config_from_dict, label_count
-from untrac_ray.spec import JobSpec, ResourcesSpec, load_spec
-from untrac_ray.tasks import BASE, TaskResult, UnlearnTask
-from untrac_ray.tokenization import byte_level_tokenizer
-from untrac_ray.unlearning import batch_schedule
-from untrac_ray.workbench import Workbench
+from untrac_ray.compute.memory import ActorMemory, actor_memory
+from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict, label_count
+from untrac_ray.compute.unlearning import batch_schedule
+from untrac_ray.engine.pool import Engine, ensure_ray
+from untrac_ray.inputs.spec import JobSpec, ResourcesSpec, load_spec
+from untrac_ray.inputs.tokenization import byte_level_tokenizer
+from untrac_ray.methods.plans import plan_unlearning
+from untrac_ray.methods.tasks import BASE, TaskResult, UnlearnTask
+from untrac_ray.methods.workbench import Workbench
+from untrac_ray.run.job_setup import PreparedData, eval_sample, prepare_data
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the run's subprocess and the actors inherit it
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -277,7 +277,7 @@ class IdleActor:
         import torch  # noqa: F401
         import transformers  # noqa: F401
 
-        import untrac_ray.engine  # noqa: F401
+        import untrac_ray.engine.pool  # noqa: F401
 
         gc.collect()
         time.sleep(0.5)  # let lazy imports and threads settle
@@ -286,7 +286,7 @@ class IdleActor:
 
 
 def runtime_rss() -> Peak:
-    """The RSS of an idle actor that imported untrac_ray.engine, torch and transformers, and
+    """The RSS of an idle actor that imported untrac_ray.engine.pool, torch and transformers, and
     the shared pages in it (Ray must be running)."""
     actor = IdleActor.remote()
     try:
@@ -426,7 +426,7 @@ def free_port() -> int:
 def gang_rank(rank: int, port: int, work: dict[str, Any], out: str) -> None:
     """One rank of the gang (a spawned process): join, build a ShardedWorkbench, warm up, run
     the tasks, and pickle their seconds, the wall time and this rank's parameter bytes."""
-    from untrac_ray.sharded import ShardedWorkbench, close_gang, init_gang
+    from untrac_ray.engine.sharded import ShardedWorkbench, close_gang, init_gang
 
     # OPT's decoder layers return a .view() of their output, which FSDP2 warns of; no in-place
     # op follows it (modeling_opt), and the warm-up's loss is printed beside the bare loop's.

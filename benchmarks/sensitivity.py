@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from untrac_ray.search import run_search  # noqa: E402
-from untrac_ray.search_logging import SearchReporter  # noqa: E402
-from untrac_ray.spec import load_spec, parse_spec  # noqa: E402
+from untrac_ray.inputs.spec import load_spec, parse_spec  # noqa: E402
+from untrac_ray.search.driver import run_search  # noqa: E402
+from untrac_ray.search.reporting import SearchReporter  # noqa: E402
 
 
 class Progress(SearchReporter):
@@ -116,8 +116,8 @@ def findings(adam: pd.DataFrame, sgd: pd.DataFrame, inv: pd.DataFrame) -> list[s
 
 def truth_quality(gt: str, uri: str) -> str:
     """How far the ground truth stands above its own seed noise (when it has several seeds)."""
-    from untrac_ray.scoring import ground_truth_noise
-    from untrac_ray.tracking import read_influence, read_run_table
+    from untrac_ray.results.scoring import ground_truth_noise
+    from untrac_ray.results.tracking import read_influence, read_run_table
 
     seeds = read_run_table(gt, uri, "ldo_seeds")
     if seeds is None or seeds["seed"].nunique() < 2:
@@ -189,8 +189,8 @@ def log_report(outcome, base: dict, text: str, grids: list[pd.DataFrame], titles
     """The report and the three heatmaps side by side, on the first search's parent run."""
     import matplotlib.pyplot as plt
 
-    from untrac_ray.search_plots import objective_heatmap
-    from untrac_ray.tracking import SearchRun
+    from untrac_ray.results.tracking import SearchRun
+    from untrac_ray.search.plots import objective_heatmap
 
     spec = parse_spec({k: v for k, v in base.items() if k != "search"})
     with SearchRun(spec, uri, run_id=outcome.parent_run_id) as run:

@@ -45,9 +45,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from untrac_ray.errors import UntracError
-from untrac_ray.runner import run_job
-from untrac_ray.scoring import (
+from untrac_ray.inputs.errors import UntracError
+from untrac_ray.inputs.spec import GroundTruthSpec, JobSpec, load_spec
+from untrac_ray.results.scoring import (
     AGREEMENT_LOW,
     MEAN_OVER_TESTS,
     cells_at,
@@ -57,7 +57,7 @@ from untrac_ray.scoring import (
     signs_right,
     spearman,
 )
-from untrac_ray.spec import GroundTruthSpec, JobSpec, load_spec
+from untrac_ray.run.runner import run_job
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # truths read back
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

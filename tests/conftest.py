@@ -115,7 +115,7 @@ def run_through_cli(tmp: Path, spec: dict[str, Any]) -> dict[str, Any]:
     from typer.testing import CliRunner
 
     from untrac_ray.cli import app
-    from untrac_ray.tracking import read_influence
+    from untrac_ray.results.tracking import read_influence
 
     job = tmp / "job.yaml"
     job.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -146,10 +146,10 @@ def make_job(tmp_path: Path):
 def engine_inputs(make_job):
     """What an Engine is built from, for the tiny job: spec, tokenized data, a randomly
     initialised base model's weights, every row evaluated."""
-    from untrac_ray.evaluation import sample_indices
-    from untrac_ray.job_setup import prepare_data
-    from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
-    from untrac_ray.spec import load_spec
+    from untrac_ray.compute.evaluation import sample_indices
+    from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
+    from untrac_ray.inputs.spec import load_spec
+    from untrac_ray.run.job_setup import prepare_data
 
     spec = load_spec(make_job())
     data = prepare_data(spec)
@@ -163,10 +163,10 @@ def engine_inputs(make_job):
 def bench_parts(make_job):
     """What a Workbench is built from, for the tiny job: a randomly initialised base model's
     shared weights, every tokenized set, and every row of each set as its evaluation rows."""
-    from untrac_ray.evaluation import sample_indices
-    from untrac_ray.job_setup import prepare_data
-    from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
-    from untrac_ray.spec import load_spec
+    from untrac_ray.compute.evaluation import sample_indices
+    from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
+    from untrac_ray.inputs.spec import load_spec
+    from untrac_ray.run.job_setup import prepare_data
 
     spec = load_spec(make_job())
     data = prepare_data(spec)

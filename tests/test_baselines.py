@@ -17,14 +17,20 @@ from typer.testing import CliRunner
 
 from conftest import merge, tiny_spec
 from untrac_ray.cli import app
-from untrac_ray.errors import SpecError, UntracError
-from untrac_ray.evaluation import sample_indices
-from untrac_ray.job_setup import prepare_data
-from untrac_ray.modeling import build_model, config_from_dict, load_model
-from untrac_ray.runner import run_job
-from untrac_ray.scoring import ALL_CELLS, MEAN_OVER_TESTS, score_table, summary, truth_matrix
-from untrac_ray.spec import load_spec
-from untrac_ray.training import read_train_record
+from untrac_ray.compute.evaluation import sample_indices
+from untrac_ray.compute.modeling import build_model, config_from_dict, load_model
+from untrac_ray.compute.training import read_train_record
+from untrac_ray.inputs.errors import SpecError, UntracError
+from untrac_ray.inputs.spec import load_spec
+from untrac_ray.results.scoring import (
+    ALL_CELLS,
+    MEAN_OVER_TESTS,
+    score_table,
+    summary,
+    truth_matrix,
+)
+from untrac_ray.run.job_setup import prepare_data
+from untrac_ray.run.runner import run_job
 
 TRAIN, TEST = ["add_one", "double", "spell"], ["next_number", "twice"]
 
@@ -214,7 +220,7 @@ def test_ldo_and_tracin_need_a_model_this_job_trains(make_job, tmp_path):
 
 
 def test_read_influence_of_a_missing_run_is_a_clear_error(ground):
-    from untrac_ray.tracking import read_influence
+    from untrac_ray.results.tracking import read_influence
 
     with pytest.raises(UntracError, match="not found"):
         read_influence("f" * 32, ground["uri"])

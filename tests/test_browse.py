@@ -24,12 +24,12 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from conftest import merge, tiny_spec
-from untrac_ray import plots
 from untrac_ray.cli import app
-from untrac_ray.results import matrix
-from untrac_ray.runner import run_job
-from untrac_ray.spec import load_spec
-from untrac_ray.tracking import read_influence, read_run_table
+from untrac_ray.inputs.spec import load_spec
+from untrac_ray.results import plots
+from untrac_ray.results.tables import matrix
+from untrac_ray.results.tracking import read_influence, read_run_table
+from untrac_ray.run.runner import run_job
 
 runner = CliRunner()
 TRAIN, TEST = ["add_one", "double", "spell"], ["next_number", "twice"]
@@ -87,8 +87,8 @@ def test_runs_piped_at_80_columns_and_on_an_80_column_terminal_reads_well(store)
     terminal, optional columns go by priority and the kept ones are never crushed."""
     from rich.console import Console
 
-    from untrac_ray import browse
-    from untrac_ray.tracking import list_runs
+    from untrac_ray.results import browse
+    from untrac_ray.results.tracking import list_runs
 
     piped = runner.invoke(app, ["runs", "--tracking-uri", store.uri], env={"COLUMNS": "80"})
     assert piped.exit_code == 0, piped.output

@@ -34,14 +34,14 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from conftest import merge, tiny_spec
-from untrac_ray import submission as sub
 from untrac_ray.cli import app
-from untrac_ray.engine import plan_pool_size
-from untrac_ray.errors import SpecError, UntracError
-from untrac_ray.placement import actor_slots
-from untrac_ray.precision import configure_tf32, precision_context
-from untrac_ray.spec import ResourcesSpec, load_spec
-from untrac_ray.tracking import read_influence
+from untrac_ray.compute.precision import configure_tf32, precision_context
+from untrac_ray.engine.placement import actor_slots
+from untrac_ray.engine.pool import plan_pool_size
+from untrac_ray.inputs.errors import SpecError, UntracError
+from untrac_ray.inputs.spec import ResourcesSpec, load_spec
+from untrac_ray.results.tracking import read_influence
+from untrac_ray.submit import submission as sub
 
 runner = CliRunner()
 HEAD_READY_S = 180  # deadline for the job server of a fresh head to answer
@@ -511,7 +511,7 @@ def test_actors_are_counted_node_by_node():
 
 
 def tiny_model():
-    from untrac_ray.modeling import build_model, config_from_dict
+    from untrac_ray.compute.modeling import build_model, config_from_dict
 
     config = config_from_dict({"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32,
                                "n_positions": 32}, vocab_size=64)
@@ -567,7 +567,7 @@ def test_tf32_uses_the_older_switches_before_torch_2_9(monkeypatch):
 def test_precision_options_in_the_spec():
     assert ResourcesSpec().precision == "fp32" and ResourcesSpec().tf32 is False
     assert ResourcesSpec(precision="bf16", tf32=True).precision == "bf16"
-    from untrac_ray.spec import parse_spec
+    from untrac_ray.inputs.spec import parse_spec
 
     with pytest.raises(SpecError, match="resources.precision"):
         parse_spec(merge(tiny_spec_mapping(), {"resources": {"precision": "fp16"}}))
@@ -581,9 +581,9 @@ def tiny_spec_mapping() -> dict:
 def test_a_bf16_job_runs_its_actors_under_autocast(tmp_path, ray_cluster):
     """The actors' base losses of a bf16 job are close to, but not, the float32 losses of the
     same model on the same rows (computed here)."""
-    from untrac_ray.evaluation import mean_loss
-    from untrac_ray.job_setup import eval_sample, prepare_data
-    from untrac_ray.modeling import load_model
+    from untrac_ray.compute.evaluation import mean_loss
+    from untrac_ray.compute.modeling import load_model
+    from untrac_ray.run.job_setup import eval_sample, prepare_data
 
     job = write_job(tmp_path, {"methods": {"untrac_inv": None},
                                "resources": {"precision": "bf16"}})
@@ -617,7 +617,7 @@ def test_the_gpu_check_runs_on_cpu_in_smoke_mode(capsys):
 
 
 def test_the_driver_trains_on_a_gpu_only_when_ray_gave_it_one():
-    from untrac_ray.training import driver_device
+    from untrac_ray.compute.training import driver_device
 
     in_job = {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}
     assert driver_device({}, cuda_available=True) == "cuda"  # a local run: the machine's GPU

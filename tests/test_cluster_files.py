@@ -23,8 +23,8 @@ import yaml
 
 import untrac_ray
 from untrac_ray.cli import app
-from untrac_ray.data import load_dataset_rows
-from untrac_ray.spec import DatasetSpec, load_spec
+from untrac_ray.inputs.data import load_dataset_rows
+from untrac_ray.inputs.spec import DatasetSpec, load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"

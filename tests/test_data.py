@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from untrac_ray.data import load_dataset_rows
-from untrac_ray.errors import DataError
-from untrac_ray.spec import DatasetSpec, TokenizerSpec
-from untrac_ray.tokenization import (
+from untrac_ray.inputs.data import load_dataset_rows
+from untrac_ray.inputs.errors import DataError
+from untrac_ray.inputs.spec import DatasetSpec, TokenizerSpec
+from untrac_ray.inputs.tokenization import (
     IGNORE_INDEX,
     TokenizedSet,
     byte_level_tokenizer,

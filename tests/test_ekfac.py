@@ -13,17 +13,17 @@ import torch.nn.functional as F
 
 pytest.importorskip("kronfluence")
 
-from untrac_ray.baselines import ekfac_influence  # noqa: E402
-from untrac_ray.modeling import SharedWeights, build_model, config_from_dict  # noqa: E402
-from untrac_ray.spec import DatasetSpec, EkfacSpec, TokenizerSpec  # noqa: E402
-from untrac_ray.tasks import EkfacTask, EvalTask  # noqa: E402
-from untrac_ray.tokenization import (  # noqa: E402
+from untrac_ray.compute.baselines import ekfac_influence  # noqa: E402
+from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict  # noqa: E402
+from untrac_ray.inputs.spec import DatasetSpec, EkfacSpec, TokenizerSpec  # noqa: E402
+from untrac_ray.inputs.tokenization import (  # noqa: E402
     IGNORE_INDEX,
     TokenizedSet,
     byte_level_tokenizer,
     tokenize_rows,
 )
-from untrac_ray.workbench import Workbench  # noqa: E402
+from untrac_ray.methods.tasks import EkfacTask, EvalTask  # noqa: E402
+from untrac_ray.methods.workbench import Workbench  # noqa: E402
 
 ROWS = {  # training sets of unequal sizes (6, 10, 24 rows), two test sets (5 and 7 rows)
     "add_one": [(f"What comes after {i}?", str(i + 1)) for i in range(6)],

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from ray import cloudpickle
 
-from untrac_ray.engine import Engine, plan_pool_size
-from untrac_ray.errors import UntracError
-from untrac_ray.spec import ResourcesSpec
-from untrac_ray.tasks import EvalTask
+from untrac_ray.engine.pool import Engine, plan_pool_size
+from untrac_ray.inputs.errors import UntracError
+from untrac_ray.inputs.spec import ResourcesSpec
+from untrac_ray.methods.tasks import EvalTask
 
 # The tasks below are defined in this test module: ship them to the workers by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

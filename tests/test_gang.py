@@ -29,12 +29,12 @@ from mlflow.tracking import MlflowClient
 from ray import cloudpickle
 
 from conftest import merge, tiny_spec
-from untrac_ray.engine import Engine, plan_pool_size
-from untrac_ray.errors import SpecError, UntracError
-from untrac_ray.runner import run_job
-from untrac_ray.spec import SHARDED_UNLEARNING, ResourcesSpec, load_spec
-from untrac_ray.tasks import EvalTask
-from untrac_ray.tracking import TAG_PREFIX
+from untrac_ray.engine.pool import Engine, plan_pool_size
+from untrac_ray.inputs.errors import SpecError, UntracError
+from untrac_ray.inputs.spec import SHARDED_UNLEARNING, ResourcesSpec, load_spec
+from untrac_ray.methods.tasks import EvalTask
+from untrac_ray.results.tracking import TAG_PREFIX
+from untrac_ray.run.runner import run_job
 
 # SlowEval and FailOnRank1 below are defined in this test module: ship it to the workers by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -118,9 +118,9 @@ class SlowEval(EvalTask):
 @pytest.fixture
 def llama_inputs(tmp_path):
     """What an Engine is built from, for the tiny job on the tiny Llama."""
-    from untrac_ray.evaluation import sample_indices
-    from untrac_ray.job_setup import prepare_data
-    from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
+    from untrac_ray.compute.evaluation import sample_indices
+    from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
+    from untrac_ray.run.job_setup import prepare_data
 
     spec = load_spec(write_job(tmp_path, llama_job(tmp_path)))
     data = prepare_data(spec)
@@ -144,7 +144,7 @@ class FailOnRank1(EvalTask):
 def test_a_gang_that_loses_a_member_mid_task_is_replaced_and_the_task_retried(
     llama_inputs, ray_cluster, tmp_path
 ):
-    from untrac_ray.workbench import Workbench
+    from untrac_ray.methods.workbench import Workbench
 
     data, weights, indices = llama_inputs
     names = tuple(data.tables)
@@ -259,8 +259,8 @@ def test_other_settings_a_gang_lacks_are_refused(tmp_path):
 
 
 def test_the_spec_allows_only_optimizers_the_sharded_bench_runs():
-    from untrac_ray.sharded import SHARDED_OPTIMIZERS
-    from untrac_ray.spec import TrainingSpec
+    from untrac_ray.engine.sharded import SHARDED_OPTIMIZERS
+    from untrac_ray.inputs.spec import TrainingSpec
 
     assert set(SHARDED_UNLEARNING) <= set(SHARDED_OPTIMIZERS)
     training = TrainingSpec.model_fields["optimizer"].annotation.__args__

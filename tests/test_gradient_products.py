@@ -15,15 +15,15 @@ import ray
 from ray import cloudpickle
 from ray.exceptions import ObjectLostError
 
-from untrac_ray.baselines import dataset_gradient
-from untrac_ray.engine import LOST_INPUTS, Engine
-from untrac_ray.evaluation import sample_indices
-from untrac_ray.job_setup import prepare_data
-from untrac_ray.methods import plan_gradients
-from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
-from untrac_ray.spec import ResourcesSpec, load_spec
-from untrac_ray.task_store import encode
-from untrac_ray.tasks import BASE, GradientTask
+from untrac_ray.compute.baselines import dataset_gradient
+from untrac_ray.compute.evaluation import sample_indices
+from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
+from untrac_ray.engine.pool import LOST_INPUTS, Engine
+from untrac_ray.inputs.spec import ResourcesSpec, load_spec
+from untrac_ray.methods.plans import plan_gradients
+from untrac_ray.methods.tasks import BASE, GradientTask
+from untrac_ray.results.task_store import encode
+from untrac_ray.run.job_setup import prepare_data
 
 # The tasks below are defined in this test module: ship them to the workers by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -15,13 +15,13 @@ from typer.testing import CliRunner
 
 from conftest import run_through_cli, tiny_spec
 from untrac_ray.cli import app
-from untrac_ray.evaluation import sample_indices
-from untrac_ray.job_setup import Reporter, prepare_data
-from untrac_ray.modeling import SharedWeights, load_model
-from untrac_ray.results import matrix
-from untrac_ray.runner import run_job
-from untrac_ray.spec import load_spec
-from untrac_ray.tracking import read_influence
+from untrac_ray.compute.evaluation import sample_indices
+from untrac_ray.compute.modeling import SharedWeights, load_model
+from untrac_ray.inputs.spec import load_spec
+from untrac_ray.results.tables import matrix
+from untrac_ray.results.tracking import read_influence
+from untrac_ray.run.job_setup import Reporter, prepare_data
+from untrac_ray.run.runner import run_job
 
 runner = CliRunner()
 

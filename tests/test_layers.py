@@ -4,7 +4,7 @@
   functions and under `if TYPE_CHECKING:` (a deferred import still ties two modules together);
 - no module uses another untrac_ray module's private names (`from untrac_ray.x import _y`, or
   `x._y` on an imported untrac_ray module);
-- only untrac_ray/tracking.py imports mlflow;
+- only untrac_ray/results/tracking.py imports mlflow;
 - every name imported from an untrac_ray module exists there (a deferred import of a moved
   name fails only when its command runs).
 """
@@ -209,19 +209,19 @@ def test_no_module_uses_another_modules_private_names():
 def test_only_tracking_imports_mlflow():
     offenders = [
         f"{imp.where}: {'import ' + imp.module if imp.name is None else 'from ' + imp.module}"
-        for module in MODULES if module != f"{PACKAGE}.tracking"
+        for module in MODULES if module != f"{PACKAGE}.results.tracking"
         for imp in _imports(module)
         if imp.module.split(".")[0] == "mlflow"
     ]
-    assert not offenders, "mlflow imported outside untrac_ray/tracking.py:\n" + "\n".join(offenders)
+    assert not offenders, "mlflow imported outside untrac_ray/results/tracking.py:\n" + "\n".join(offenders)
 
 
 def test_the_checks_see_the_whole_package():
     """Guard against a check that passes because it looked at nothing."""
     graph = _graph()
-    assert f"{PACKAGE}.cli" in MODULES and f"{PACKAGE}.tracking" in MODULES
-    assert f"{PACKAGE}.errors" in graph[f"{PACKAGE}.cli"]
-    assert any(imp.module == "mlflow" for imp in _imports(f"{PACKAGE}.tracking"))
+    assert f"{PACKAGE}.cli.main" in MODULES and f"{PACKAGE}.results.tracking" in MODULES
+    assert f"{PACKAGE}.inputs.errors" in graph[f"{PACKAGE}.cli.main"]
+    assert any(imp.module == "mlflow" for imp in _imports(f"{PACKAGE}.results.tracking"))
 
 
 def _top_level_names(module: str) -> set[str]:

@@ -19,13 +19,13 @@ import torch
 from ray import cloudpickle
 from ray.cluster_utils import Cluster
 
-from untrac_ray import engine as engine_module
-from untrac_ray.engine import Engine, workbench_from_refs
-from untrac_ray.errors import UntracError
-from untrac_ray.job_setup import Reporter
-from untrac_ray.runner import run_job
-from untrac_ray.spec import ResourcesSpec, load_spec
-from untrac_ray.tasks import EvalTask
+from untrac_ray.engine import pool as engine_module
+from untrac_ray.engine.pool import Engine, workbench_from_refs
+from untrac_ray.inputs.errors import UntracError
+from untrac_ray.inputs.spec import ResourcesSpec, load_spec
+from untrac_ray.methods.tasks import EvalTask
+from untrac_ray.run.job_setup import Reporter
+from untrac_ray.run.runner import run_job
 
 # The tasks below are defined in this test module: ship them to the workers by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from untrac_ray.modeling import SharedWeights, build_model, load_arrays
-from untrac_ray.schedule import eval_schedules
-from untrac_ray.spec import UnlearnSpec
-from untrac_ray.tasks import EvalTask, UnlearnTask
-from untrac_ray.workbench import Workbench
+from untrac_ray.compute.modeling import SharedWeights, build_model, load_arrays
+from untrac_ray.inputs.spec import UnlearnSpec
+from untrac_ray.methods.schedule import eval_schedules
+from untrac_ray.methods.tasks import EvalTask, UnlearnTask
+from untrac_ray.methods.workbench import Workbench
 
 TINY = {
     "gpt2": dict(n_embd=32, n_head=2, n_layer=2, n_positions=64),
@@ -119,7 +119,7 @@ def test_load_arrays_casts_the_shared_float32_arrays_into_bf16_parameters(parts)
 
 
 def test_activation_bytes_by_hand():
-    from untrac_ray.memory import Shape, activation_bytes
+    from untrac_ray.compute.memory import Shape, activation_bytes
 
     shape = Shape(layers=2, hidden=4, heads=1, vocab=10)
     # per layer (34*S*B*H + 5*A*S^2*B) * 2 in float32 = (272 + 20) * 2; logits 3*B*S*V*4 = 240
@@ -130,7 +130,7 @@ def test_activation_bytes_by_hand():
 
 
 def test_optimizer_state_bytes_by_hand():
-    from untrac_ray.memory import optimizer_state_bytes
+    from untrac_ray.compute.memory import optimizer_state_bytes
 
     model = torch.nn.Linear(3, 5)  # weight 5x3, bias 5: 20 parameters
     assert optimizer_state_bytes(model, "adam", 4) == 2 * 4 * 20
@@ -140,7 +140,7 @@ def test_optimizer_state_bytes_by_hand():
 
 
 def test_actor_memory_adds_its_terms(parts):
-    from untrac_ray.memory import actor_memory
+    from untrac_ray.compute.memory import actor_memory
 
     weights, _, _ = parts
     model = weights.build("cpu")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import load_benchmark
-from untrac_ray.modeling import label_count
+from untrac_ray.compute.modeling import label_count
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from untrac_ray.results import influence_table, matrix, with_points
-from untrac_ray.schedule import eval_schedules, headline_point
-from untrac_ray.scoring import (
+from untrac_ray.inputs.spec import UnlearnSpec
+from untrac_ray.methods.schedule import eval_schedules, headline_point
+from untrac_ray.results.scoring import (
     MEAN_OVER_TESTS,
     group_mean,
     largest_cells,
@@ -20,7 +20,7 @@ from untrac_ray.scoring import (
     spearman,
     summary,
 )
-from untrac_ray.spec import UnlearnSpec
+from untrac_ray.results.tables import influence_table, matrix, with_points
 
 # The case: dataset A's training sets cut to 256, 64, 128 and 32 rows, batch 8.
 SIZES = {"SimSame": 256, "SimDiff": 64, "DisSame": 128, "DisDiff": 32}

@@ -23,19 +23,19 @@ from typer.testing import CliRunner
 
 from conftest import merge, tiny_spec
 from untrac_ray.cli import app
-from untrac_ray.errors import SpecError
-from untrac_ray.evaluation import sample_indices
-from untrac_ray.job_setup import prepare_data
-from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
-from untrac_ray.runner import run_job
-from untrac_ray.schedule import eval_schedules
-from untrac_ray.search import run_search, tune_space
-from untrac_ray.search_logging import result_status
-from untrac_ray.segments import SegmentTask
-from untrac_ray.spec import load_spec, parse_spec
-from untrac_ray.tasks import BASE, UnlearnTask
-from untrac_ray.tracking import read_influence, read_run_text
-from untrac_ray.workbench import Workbench
+from untrac_ray.compute.evaluation import sample_indices
+from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
+from untrac_ray.inputs.errors import SpecError
+from untrac_ray.inputs.spec import load_spec, parse_spec
+from untrac_ray.methods.schedule import eval_schedules
+from untrac_ray.methods.segments import SegmentTask
+from untrac_ray.methods.tasks import BASE, UnlearnTask
+from untrac_ray.methods.workbench import Workbench
+from untrac_ray.results.tracking import read_influence, read_run_text
+from untrac_ray.run.job_setup import prepare_data
+from untrac_ray.run.runner import run_job
+from untrac_ray.search.driver import run_search, tune_space
+from untrac_ray.search.reporting import result_status
 
 TRAIN, TEST = ["add_one", "double", "spell"], ["next_number", "twice"]
 PARENT = "mlflow.parentRunId"
@@ -329,7 +329,7 @@ def _trials_done(storage: Path) -> int:
 def test_resume_after_a_killed_driver_runs_only_the_missing_trials(tmp_path, ray_cluster):
     (tmp_path / "metric.py").write_text(  # slow rounds, so that the kill lands mid-search
         "import time\n"
-        "from untrac_ray.scoring import score_table\n"
+        "from untrac_ray.results.scoring import score_table\n"
         "def slow_pearson(table, truth):\n"
         "    time.sleep(1.0)\n"
         "    scores = score_table(table, truth)\n"
@@ -380,7 +380,7 @@ def test_resume_after_a_killed_driver_runs_only_the_missing_trials(tmp_path, ray
 
 
 def test_submit_can_run_a_search_on_a_cluster(tmp_path):
-    from untrac_ray.submission import entrypoint, stage_job
+    from untrac_ray.submit.submission import entrypoint, stage_job
 
     assert entrypoint("python", "http://mlflow:5000", command="tune").startswith(
         "python -m untrac_ray.cli tune job.yaml --address auto")
@@ -400,7 +400,7 @@ def test_submit_can_run_a_search_on_a_cluster(tmp_path):
 
 
 def test_the_search_demo_job_validates_and_searches_six_settings_against_ldo():
-    from untrac_ray.preflight import check_job
+    from untrac_ray.inputs.preflight import check_job
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "jobs" / "search_demo.yaml")
     check_job(spec)  # its data, columns and subsets, as `validate` checks them

@@ -49,7 +49,7 @@ def free_port() -> int:
 
 def gang_worker(rank: int, port: int, inputs: dict[str, Any], out: str) -> None:
     """One rank: join the gang, run every task on a ShardedWorkbench, pickle the results."""
-    from untrac_ray.sharded import ShardedWorkbench, close_gang, init_gang
+    from untrac_ray.engine.sharded import ShardedWorkbench, close_gang, init_gang
 
     torch.set_num_threads(1)
     listen_fd = None
@@ -83,7 +83,7 @@ def memory_worker(rank: int, port: int, world: int, out: str) -> None:
     1), and record this process's parameter, gradient and optimizer-state bytes, how much its
     resident memory grew (rss) and its peak. A first run on the tiny Llama warms up (imports,
     gloo's buffers), so the growth is the model's."""
-    from untrac_ray.sharded import close_gang, init_gang
+    from untrac_ray.engine.sharded import close_gang, init_gang
 
     torch.set_num_threads(1)
     gang = init_gang(rank, world, "127.0.0.1", port, backend="gloo", device="cpu") \
@@ -107,9 +107,9 @@ def memory_worker(rank: int, port: int, world: int, out: str) -> None:
 def two_adam_steps(values: dict[str, Any], gang) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """A Llama of `values` (whole, or sharded over the gang: its shards drawn at random) after
     two Adam steps on random tokens; returns it and its optimizer."""
-    from untrac_ray.modeling import build_model, config_from_dict
-    from untrac_ray.sharded import GangModel, local_tensors, shard_model
-    from untrac_ray.unlearning import make_optimizer
+    from untrac_ray.compute.modeling import build_model, config_from_dict
+    from untrac_ray.compute.unlearning import make_optimizer
+    from untrac_ray.engine.sharded import GangModel, local_tensors, shard_model
 
     config = config_from_dict(values)
     if gang is None:
@@ -171,10 +171,10 @@ def llama_inputs(tmp: Path, config: dict[str, Any] = LLAMA) -> dict[str, Any]:
     """Tokenized data of the tests' tiny job, a tiny model's (Llama's) base and initial
     weights, every row evaluated."""
     from conftest import merge, tiny_spec
-    from untrac_ray.evaluation import sample_indices
-    from untrac_ray.job_setup import prepare_data
-    from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
-    from untrac_ray.spec import load_spec
+    from untrac_ray.compute.evaluation import sample_indices
+    from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
+    from untrac_ray.inputs.spec import load_spec
+    from untrac_ray.run.job_setup import prepare_data
 
     job = tmp / "job.yaml"
     spec = merge(tiny_spec(tmp), {"model": None})  # replace the GPT-2 config, not merge into it
@@ -197,8 +197,8 @@ def gang_tasks(spec) -> dict[str, Any]:
     """The tasks compared, by name: UnTrac with Adam (batches of 5 rows: uneven splits),
     UnTrac with micro-batches of 2 and clipping, UnTrac-Inv with SGD and clipping, base
     losses and leave-dataset-out retraining (AdamW)."""
-    from untrac_ray.spec import UnlearnSpec
-    from untrac_ray.tasks import EvalTask, LdoTask, UnlearnTask
+    from untrac_ray.inputs.spec import UnlearnSpec
+    from untrac_ray.methods.tasks import EvalTask, LdoTask, UnlearnTask
 
     train, test = ("add_one", "double", "spell"), ("next_number", "twice")
 
@@ -222,7 +222,7 @@ def gang_tasks(spec) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory) -> dict[str, Any]:
     """The tasks' results from the gang (each rank's) and from one Workbench, side by side."""
-    from untrac_ray.workbench import Workbench
+    from untrac_ray.methods.workbench import Workbench
 
     tmp = tmp_path_factory.mktemp("sharded")
     inputs = llama_inputs(tmp)
@@ -338,7 +338,7 @@ def test_a_gang_on_loopback_listens_on_loopback_only(compared):
 def test_gloo_and_nccl_are_pinned_to_the_interface_that_reaches_the_rendezvous(monkeypatch):
     import psutil
 
-    from untrac_ray.sharded import SOCKET_INTERFACE_VARS, interface_towards, pin_data_sockets
+    from untrac_ray.engine.sharded import SOCKET_INTERFACE_VARS, interface_towards, pin_data_sockets
 
     loopback = interface_towards("127.0.0.1", 29500)
     assert any(a.address == "127.0.0.1" for a in psutil.net_if_addrs()[loopback])
@@ -396,9 +396,9 @@ def test_sharding_shrinks_the_memory_per_process(tmp_path, monkeypatch):
 def test_tasks_a_sharded_bench_cannot_run_are_refused():
     """Gradient and EK-FAC tasks, and Adafactor (plain-tensor state), fail with a clear error
     before any collective, the same on every rank."""
-    from untrac_ray.sharded import check_sharded_task
-    from untrac_ray.spec import EkfacSpec, UnlearnSpec
-    from untrac_ray.tasks import EkfacTask, GradientTask, UnlearnTask
+    from untrac_ray.engine.sharded import check_sharded_task
+    from untrac_ray.inputs.spec import EkfacSpec, UnlearnSpec
+    from untrac_ray.methods.tasks import EkfacTask, GradientTask, UnlearnTask
 
     with pytest.raises(ValueError, match="cannot run GradientTask"):
         check_sharded_task(GradientTask("base", "add_one", True, 4))
@@ -413,7 +413,7 @@ def test_tasks_a_sharded_bench_cannot_run_are_refused():
 @pytest.mark.parametrize(("n_rows", "world"), [(5, 2), (1, 2), (7, 3), (0, 2), (8, 4)])
 def test_row_shares_cover_the_rows_in_order(n_rows, world):
     """Contiguous shares of ceil(n / N) rows: concatenated in rank order they are the rows."""
-    from untrac_ray.sharded import Gang, row_share
+    from untrac_ray.engine.sharded import Gang, row_share
 
     shares = [row_share(n_rows, Gang(r, world, torch.device("cpu"), None)) for r in range(world)]
     assert [i for start, stop in shares for i in range(start, stop)] == list(range(n_rows))

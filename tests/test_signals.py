@@ -80,8 +80,8 @@ def _lose_the_interrupt(sig: signal.Signals) -> None:
 
 
 def test_a_stop_whose_interrupt_was_lost_still_ends_the_engines_wait(ray_cluster):
-    from untrac_ray.engine import STOP_POLL_S, wait_first
-    from untrac_ray.signals import Terminated, raise_if_stopped, sigterm_as_interrupt
+    from untrac_ray.engine.pool import STOP_POLL_S, wait_first
+    from untrac_ray.engine.signals import Terminated, raise_if_stopped, sigterm_as_interrupt
 
     @ray.remote(num_cpus=0)
     def never() -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from untrac_ray.errors import SpecError
-from untrac_ray.schedule import eval_schedules
-from untrac_ray.spec import UnlearnSpec, load_spec
+from untrac_ray.inputs.errors import SpecError
+from untrac_ray.inputs.spec import UnlearnSpec, load_spec
+from untrac_ray.methods.schedule import eval_schedules
 
 ROOT = Path(__file__).resolve().parents[1]
 

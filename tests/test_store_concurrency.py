@@ -19,7 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import merge, tiny_spec
-from untrac_ray.tracking import read_influence
+from untrac_ray.results.tracking import read_influence
 
 # A tiny job: UnTrac only, one epoch, one actor on a 1-CPU embedded Ray per process.
 SMALL = {
@@ -83,8 +83,8 @@ WORKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
 
-    from untrac_ray.spec import load_spec
-    from untrac_ray.tracking import JobRun, check_store
+    from untrac_ray.inputs.spec import load_spec
+    from untrac_ray.results.tracking import JobRun, check_store
 
     job, uri, gate, index, writes = sys.argv[1:]
     spec = load_spec(job)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_spec
-from untrac_ray.spec import JobSpec, UnlearnSpec
-from untrac_ray.task_store import StoredResultError, TaskStore, decode, encode, task_key
-from untrac_ray.tasks import EkfacTask, EvalTask, GradientTask, TaskResult, UnlearnTask
-from untrac_ray.tracking import JobRun
+from untrac_ray.inputs.spec import JobSpec, UnlearnSpec
+from untrac_ray.methods.tasks import EkfacTask, EvalTask, GradientTask, TaskResult, UnlearnTask
+from untrac_ray.results.task_store import StoredResultError, TaskStore, decode, encode, task_key
+from untrac_ray.results.tracking import JobRun
 
 
 def _unlearn(lr: float = 1e-3) -> UnlearnTask:

@@ -17,14 +17,14 @@ from typer.testing import CliRunner
 
 from conftest import TRAIN_GROUPS, merge, run_through_cli, tiny_spec, write_rows
 from untrac_ray.cli import app
-from untrac_ray.evaluation import sample_indices
-from untrac_ray.job_setup import prepare_data
-from untrac_ray.modeling import SharedWeights, build_model, config_from_dict
-from untrac_ray.results import matrix, points_of
-from untrac_ray.spec import METHODS, load_spec
-from untrac_ray.tasks import GradientTask
-from untrac_ray.tracking import read_influence, read_run_table
-from untrac_ray.workbench import Workbench
+from untrac_ray.compute.evaluation import sample_indices
+from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
+from untrac_ray.inputs.spec import METHODS, load_spec
+from untrac_ray.methods.tasks import GradientTask
+from untrac_ray.methods.workbench import Workbench
+from untrac_ray.results.tables import matrix, points_of
+from untrac_ray.results.tracking import read_influence, read_run_table
+from untrac_ray.run.job_setup import prepare_data
 
 runner = CliRunner()
 GROUPS = {**TRAIN_GROUPS, "negate": lambda i: (f"What is minus {i}?", str(-i))}

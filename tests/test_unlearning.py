@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from untrac_ray.errors import NonFiniteLossError
-from untrac_ray.schedule import eval_schedules
-from untrac_ray.spec import UnlearnSpec
-from untrac_ray.tasks import EvalTask, UnlearnTask
-from untrac_ray.workbench import Workbench
+from untrac_ray.inputs.errors import NonFiniteLossError
+from untrac_ray.inputs.spec import UnlearnSpec
+from untrac_ray.methods.schedule import eval_schedules
+from untrac_ray.methods.tasks import EvalTask, UnlearnTask
+from untrac_ray.methods.workbench import Workbench
 
 
 @pytest.fixture

@@ -12,16 +12,16 @@ from typer.testing import CliRunner
 
 from conftest import load_benchmark, merge, run_through_cli, tiny_spec
 from untrac_ray.cli import app
-from untrac_ray.errors import SpecError
-from untrac_ray.methods import average_members, plan_unlearning
-from untrac_ray.modeling import token_loss_sum
-from untrac_ray.schedule import eval_schedules
-from untrac_ray.scoring import agreement, agreement_of
-from untrac_ray.spec import UnlearnSpec, load_spec, parse_spec
-from untrac_ray.task_store import decode, encode
-from untrac_ray.tasks import TaskResult, UnlearnTask
-from untrac_ray.unlearning import Retain
-from untrac_ray.workbench import Workbench
+from untrac_ray.compute.modeling import token_loss_sum
+from untrac_ray.compute.unlearning import Retain
+from untrac_ray.inputs.errors import SpecError
+from untrac_ray.inputs.spec import UnlearnSpec, load_spec, parse_spec
+from untrac_ray.methods.plans import average_members, plan_unlearning
+from untrac_ray.methods.schedule import eval_schedules
+from untrac_ray.methods.tasks import TaskResult, UnlearnTask
+from untrac_ray.methods.workbench import Workbench
+from untrac_ray.results.scoring import agreement, agreement_of
+from untrac_ray.results.task_store import decode, encode
 
 TEST_SETS = ("next_number", "twice")
 
@@ -100,7 +100,7 @@ def test_the_stopping_rule_stops_at_the_first_check_past_the_rise(bench):
     short = bench.run(_task(bench, "add_one", before, evaluate=("add_one",))).losses
     assert short[stopped - 1]["add_one"] - base < 0.3  # one step earlier it had not risen enough
     # the cells report the step where it stopped
-    from untrac_ray.results import influence_rows
+    from untrac_ray.results.tables import influence_rows
 
     rows = influence_rows(result, {n: 0.0 for n in ("add_one", *TEST_SETS)})
     assert {r["step"] for r in rows} == {stopped} and {r["point"] for r in rows} == {1}

@@ -1,0 +1,209 @@
+"""The `untrac-ray` command line: it parses, calls the runner, and prints. Nothing more."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from untrac_ray.cli.progress import CliReporter
+from untrac_ray.inputs.errors import UntracError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Trace which training datasets shaped a language model's behaviour (UnTrac on Ray).",
+)
+err_console = Console(stderr=True)
+out_console = Console()
+
+JobFile = Annotated[Path, typer.Argument(help="the job spec (YAML)", show_default=False)]
+TrackingUri = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+                 "then the spec's tracking.uri, then sqlite:///mlflow.db)"),
+]
+Address = Annotated[
+    str | None,
+    typer.Option("--address", help="Ray cluster address (default: the spec's, else local Ray)"),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+
+@app.callback()
+def _quiet_libraries() -> None:
+    """Keep library chatter (download bars, store migrations) off the terminal, and every
+    credential out of what is printed (redaction.py: before anything else runs)."""
+    import logging
+    import os
+
+    from untrac_ray.inputs.redaction import install_output_redaction
+
+    install_output_redaction()
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _fail(err: Exception) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def _print_matrices(outcome) -> None:
+    from untrac_ray.results.tables import matrix, point_label, points_of
+
+    train = list(dict.fromkeys(outcome.table["train_set"]))
+    test = list(dict.fromkeys(outcome.table["test_set"]))
+    for method in dict.fromkeys(outcome.table["method"]):
+        mat = matrix(outcome.table, method, train=train, test=test)
+        where = point_label(mat.attrs["point"], mat.attrs["steps"],
+                            len(points_of(outcome.table, method)))
+        table = Table(title=f"{method} at {where}" if where else method)
+        table.add_column("train \\ test")
+        for t in test:
+            table.add_column(t, justify="right")
+        bound = float(abs(mat.to_numpy()).max()) or 1.0
+        for name, row in mat.iterrows():
+            cells = []
+            for v in row:
+                style = "red" if v > 0.25 * bound else "blue" if v < -0.25 * bound else ""
+                cells.append(f"[{style}]{v:+.4f}[/]" if style else f"{v:+.4f}")
+            table.add_row(str(name), *cells)
+        out_console.print(table)
+    out_console.print("influence: positive means the training set helped the model fit the "
+                      "test set (UnTrac, UnTrac-Inv, LDO: loss after - loss before)")
+    if outcome.score_summary is not None:
+        _print_scores(outcome.score_summary)
+
+
+def _print_scores(summary) -> None:
+    """Method x score against the ground truth at each method's point fixed in advance (the
+    headline), with the best point in hindsight beside it."""
+    table = Table(title="correlation with leave-dataset-out (ground truth)")
+    for col in ("method", "pearson", "spearman", "pearson all cells", "at point",
+                "best point (hindsight)"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    order = summary.sort_values("pearson_mean", ascending=False, na_position="last")
+    for r in order.itertuples():
+        hindsight = "-" if r.point == 0 else f"{r.pearson_mean_best:+.3f} @ {r.best_point}"
+        table.add_row(r.method, f"{r.pearson_mean:+.3f}", f"{r.spearman_mean:+.3f}",
+                      f"{r.pearson_all_cells:+.3f}", str(r.point) if r.point else "-",
+                      hindsight)
+    out_console.print(table)
+    out_console.print("pearson, spearman: mean over test sets of the correlation over training "
+                      "sets, at the point fixed in advance (the last, or score_point); the best "
+                      "point is chosen on the ground truth itself, so it flatters")
+    for r in summary.itertuples():
+        if r.undefined:
+            out_console.print(f"[yellow]warning:[/] {r.method}: correlation undefined on test "
+                              f"set(s) {r.undefined} (a constant estimate or ground truth); "
+                              "the mean is over the other test sets", highlight=False)
+
+
+@app.command()
+def validate(job: JobFile) -> None:
+    """Check a job spec and what it names (data, columns, subsets, model folder, cache_dir),
+    then print it resolved (paths absolute, defaults filled in)."""
+    from untrac_ray.inputs.preflight import check_job
+    from untrac_ray.inputs.spec import load_spec
+
+    try:
+        spec = load_spec(job)
+        check_job(spec)
+    except UntracError as err:
+        raise _fail(err) from None
+    sys.stdout.write(spec.to_yaml())
+
+
+@app.command()
+def train(job: JobFile, quiet: Quiet = False) -> None:
+    """Train the job's base model on its training datasets and save it (save_pretrained)."""
+    from untrac_ray.inputs.spec import load_spec
+    from untrac_ray.run.job_setup import prepare_data, train_model_for
+
+    try:
+        spec = load_spec(job)
+        with CliReporter(quiet) as reporter:
+            reporter.stage("loading and tokenizing datasets")
+            data = prepare_data(spec)
+            folder = train_model_for(spec, data, reporter)
+    except UntracError as err:
+        raise _fail(err) from None
+    out_console.print(f"model saved to {folder}")
+
+
+@app.command()
+def run(
+    job: JobFile,
+    tracking_uri: TrackingUri = None,
+    address: Address = None,
+    quiet: Quiet = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="continue this job's newest unfinished run (killed, failed, or left "
+        "running by a dead driver): its finished tasks are restored, only the others run, and "
+        "the same MLflow run ends FINISHED")] = False,
+    resume_if_any: Annotated[bool, typer.Option(
+        "--resume-if-any", help="as --resume when there is such a run, else start a new one "
+        "(for retried cluster jobs)")] = False,
+) -> None:
+    """Run a job: train or reuse the base model, unlearn on Ray actors, log to MLflow."""
+    import os
+
+    from untrac_ray.engine.signals import EXIT_CODE as SIGTERM_EXIT_CODE
+    from untrac_ray.engine.signals import sigterm_as_interrupt, was_terminated
+    from untrac_ray.inputs.spec import load_spec
+    from untrac_ray.run.runner import run_job
+    from untrac_ray.submit.submission import submission_tags
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # restoring tasks
+    try:
+        spec = load_spec(job)
+        with sigterm_as_interrupt(), CliReporter(quiet) as reporter:
+            # Inside a Ray job, the run is tagged with its submission id.
+            outcome = run_job(spec, tracking_uri, address, reporter, tags=submission_tags(),
+                              resume="strict" if resume else "if_any" if resume_if_any else None)
+    except UntracError as err:
+        raise _fail(err) from None
+    except KeyboardInterrupt:  # the MLflow run ended KILLED, keeping the finished cells
+        if not was_terminated():
+            raise  # Ctrl-C
+        err_console.print("terminated (SIGTERM): the MLflow run is marked KILLED with the "
+                          "cells that finished; `run --resume` continues it", highlight=False)
+        raise typer.Exit(code=SIGTERM_EXIT_CODE) from None
+    _print_matrices(outcome)
+    from untrac_ray.results.browse import agreement_text
+
+    trust = agreement_text(outcome.agreement)
+    if trust is not None:
+        out_console.print(trust, highlight=False)
+    if outcome.restored is not None:
+        out_console.print("resumed: restored {} of {} tasks".format(*outcome.restored),
+                          highlight=False)
+    out_console.print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}", highlight=False)
+
+
+from untrac_ray.cli.cluster import register as _register_cluster_commands  # noqa: E402
+
+_register_cluster_commands(app)  # submit, status, logs, stop, jobs
+
+from untrac_ray.cli.browse import register as _register_browse  # noqa: E402
+
+_register_browse(app)  # runs, show, compare, ui
+
+from untrac_ray.cli.search import register as _register_search  # noqa: E402
+
+_register_search(app)  # tune
+

@@ -1,0 +1,126 @@
+"""Checks of a job's inputs and cache before any work starts (`validate`, and `run` first).
+
+A spec that parses can still name things that are not there: a data file, a column, a
+subset, model weights, a tokenizer, a cache folder that cannot be written. On a cluster each
+of these fails only after minutes of start-up (Ray workers, MLflow, tokenizing), with a long
+traceback. `check_job` finds them in a second and raises one clear line (an UntracError).
+
+What is read: `validate` reads local datasets whole (`load_dataset_rows`: every row, to check
+columns, empty sets and subsets; cheap for the sizes a laptop holds). `run` checks only that
+they exist and their header, as for datasets at a URI, which are never downloaded here (see
+`check_dataset_header`): a run reads the rows anyway when it tokenizes them (once, then from
+its cache), and a big corpus should not be read twice. The model folder and tokenizer folder
+are listed, not loaded.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from untrac_ray.inputs.data import check_dataset_header, load_dataset_rows
+from untrac_ray.inputs.errors import DataError, SpecError
+from untrac_ray.inputs.spec import DatasetSpec, JobSpec, encoder_decoder_refusal, is_uri
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def check_job(spec: JobSpec, read_rows: bool = True) -> None:
+    """Raise an UntracError (one line, naming the key) for what the job would fail on.
+
+    Checks every dataset (data.train, data.test, pretraining.data; with read_rows, local ones
+    are read whole), the model folder (model.path), the tokenizer folder (tokenizer kind
+    pretrained) and cache_dir.
+    """
+    roles = [("data.train", spec.data.train), ("data.test", spec.data.test)]
+    if spec.pretraining is not None:
+        roles.append(("pretraining.data", spec.pretraining.data))
+    for key, datasets in roles:
+        for ds in datasets:
+            check_dataset(ds, key, read_rows)
+    if spec.model.path is not None:
+        from untrac_ray.compute.modeling import (  # imports torch: only when needed
+            check_model_folder,
+            folder_is_encoder_decoder,
+        )
+
+        check_model_folder(spec.model.path)
+        text = spec.text_datasets()
+        if text and folder_is_encoder_decoder(spec.model.path):
+            raise SpecError(encoder_decoder_refusal(*text[0]))
+    if spec.tokenizer.kind == "pretrained":
+        check_tokenizer_folder(spec.tokenizer.path or spec.model.path)
+    if spec.cache_dir is not None:
+        check_cache_dir(spec.cache_dir)
+
+
+def check_dataset(ds: DatasetSpec, key: str, read_rows: bool = True) -> None:
+    """Raise DataError, prefixed with the spec key (e.g. data.test), unless `ds` can be read
+    (its rows too with read_rows, for a local file)."""
+    try:
+        if is_uri(ds.source) or not read_rows:
+            check_dataset_header(ds)
+        else:
+            load_dataset_rows(ds)
+    except DataError as err:
+        raise DataError(f"{key}: {err}") from None
+
+
+def check_tokenizer_folder(path: str | None) -> None:
+    """Raise SpecError unless `path` is a folder holding tokenizer files."""
+    if not path or not Path(path).is_dir():
+        raise SpecError(f"tokenizer.path: tokenizer folder not found: {path}")
+    if not any(Path(path, f).is_file() for f in TOKENIZER_FILES):
+        raise SpecError(
+            f"tokenizer.path: {path} has no tokenizer files "
+            f"(expected one of {', '.join(TOKENIZER_FILES)})"
+        )
+
+
+def check_cache_dir(path: str) -> None:
+    """Raise SpecError unless cache_dir is (or can be made) a folder this process can write.
+
+    Folders that are missing are created to try, then removed again (a run creates them
+    when it needs them). A URI is not checked.
+    """
+    if is_uri(path):
+        return
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise SpecError(f"cache_dir: {path} is a file, not a folder")
+    missing = []
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SpecError(f"cache_dir: cannot create {path}: {parent} is a file, not a folder")
+    try:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SpecError(f"cache_dir: cannot create {path}: {_reason(err)}") from None
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise SpecError(f"cache_dir: {path} is not writable: {_reason(err)}") from None
+    finally:
+        for made in missing:  # innermost first; keep any that another process filled
+            try:
+                made.rmdir()
+            except OSError:
+                break
+
+
+def _reason(err: OSError) -> str:
+    """The system's words for an OSError (e.g. 'Permission denied'), without the path."""
+    return err.strerror or str(err) or type(err).__name__

@@ -1,0 +1,218 @@
+"""Each method as tasks to run and a rule to turn their results into influence cells.
+
+A `MethodPlan` holds a method's tasks and its `assemble` function; the runner pools the tasks
+of all methods on the engine and hands each plan back its results. Every method yields rows of
+the same tidy table (method, step, train_set, test_set, influence, loss_before, loss_after).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from untrac_ray.inputs.errors import SpecError
+from untrac_ray.inputs.spec import JobSpec
+from untrac_ray.methods.schedule import eval_schedules, headline_point
+from untrac_ray.methods.tasks import (
+    BASE,
+    EkfacTask,
+    GradientTask,
+    LdoTask,
+    Task,
+    TaskResult,
+    UnlearnTask,
+)
+from untrac_ray.results.scoring import agreement_of, cells_at
+from untrac_ray.results.tables import influence_rows
+
+Assemble = Callable[[list[TaskResult], dict[str, float]], list[dict]]
+
+
+@dataclass
+class MethodPlan:
+    """The tasks of one or more methods and how to turn their results into table rows."""
+
+    methods: list[str]
+    tasks: list[Task]
+    assemble: Assemble
+    extras: dict = field(default_factory=dict)  # side results (LDO per seed, drill-down)
+    headline: dict[str, int] = field(default_factory=dict)  # method -> point scored, fixed
+
+
+def _cell(method, train, test, influence, before=np.nan, after=np.nan) -> dict:
+    """A cell of a method without a trajectory (point 0, step 0)."""
+    return {"method": method, "point": 0, "step": 0, "train_set": train, "test_set": test,
+            "influence": float(influence), "loss_before": float(before),
+            "loss_after": float(after)}
+
+
+def plan_unlearning(spec: JobSpec, method: str, train: list[str], test: list[str],
+                    n_rows: dict[str, int]) -> MethodPlan:
+    """UnTrac: one task per training set; UnTrac-Inv: one per test set (with drill-down).
+
+    Every trajectory is evaluated at the same points of its own schedule (schedule.py);
+    n_rows gives each unlearned set's size, which sets its number of steps."""
+    settings = spec.methods.enabled()[method]
+    inverse = method == "untrac_inv"
+    forget, evaluate = (test, train) if inverse else (train, test)
+    schedules = eval_schedules(settings, {name: n_rows[name] for name in forget})
+    try:
+        headline = headline_point(settings, len(next(iter(schedules.values()))))
+    except ValueError as err:
+        raise SpecError(f"methods.{method}.{err}") from None
+    kept = settings.retain_weight > 0
+    if kept and len(forget) < 2:
+        raise SpecError(f"methods.{method}.retain_weight: the retain term descends on the other "
+                        f"{'test' if inverse else 'training'} sets, and there is only one")
+    # an ensemble: the same unlearning under seeds seed, seed+1, ... (its cells averaged)
+    members = [settings.model_copy(update={"seed": settings.seed + i})
+               for i in range(settings.ensemble)]
+    tasks = [UnlearnTask(method, name, tuple(evaluate), member, schedules[name],
+                         per_row=inverse and i == 0,
+                         retain=tuple(n for n in forget if n != name) if kept else ())
+             for name in forget for i, member in enumerate(members)]
+
+    plan = MethodPlan([method], tasks, lambda results, base: [], headline={method: headline})
+
+    def assemble(results: list[TaskResult], base: dict[str, float]) -> list[dict]:
+        by_seed: dict[int, list[dict]] = {}
+        for r in results:
+            by_seed.setdefault(r.task.settings.seed, []).extend(influence_rows(r, base))
+        rows = [row for seed_rows in by_seed.values() for row in seed_rows]
+        if len(members) == 1:
+            return rows
+        # the trust signal of an ensemble: how well its members agree, at the headline point
+        vectors = [cells_at(pd.DataFrame(seed_rows), method, headline)
+                   for seed_rows in by_seed.values()]
+        plan.extras.setdefault("agreement", {})[f"{method}_seeds"] = agreement_of(vectors)
+        return average_members(rows)
+
+    plan.assemble = assemble
+    return plan
+
+
+def average_members(rows: list[dict]) -> list[dict]:
+    """The cells of an ensemble's members averaged per (method, point, train set, test set):
+    influence, loss after and (for runs stopped by their loss) the step."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["point"], row["train_set"], row["test_set"]),
+                          []).append(row)
+    out = []
+    for cells in groups.values():
+        cell = dict(cells[0])
+        for name in ("influence", "loss_after"):
+            cell[name] = float(np.mean([c[name] for c in cells]))
+        cell["step"] = int(round(np.mean([c["step"] for c in cells])))
+        out.append(cell)
+    return out
+
+
+def plan_ldo(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
+    """Leave-dataset-out: per seed, one training on all sets and one without each set."""
+    seeds = spec.methods.ldo.seeds or [spec.training.seed]
+    tasks = [LdoTask(left_out, tuple(train), tuple(test), spec.training, seed)
+             for seed in seeds for left_out in [None, *train]]
+    plan = MethodPlan(["ldo"], tasks, lambda results, base: [])
+
+    def assemble(results: list[TaskResult], base: dict[str, float]) -> list[dict]:
+        per_seed = []
+        for seed in seeds:
+            ours = {r.task.left_out: r.losses[0] for r in results if r.task.seed == seed}
+            for k in train:
+                for j in test:
+                    per_seed.append({"seed": seed, "train_set": k, "test_set": j,
+                                     "loss_full": ours[None][j], "loss_without": ours[k][j]})
+        plan.extras["ldo_seeds"] = per_seed
+        rows = []
+        for k in train:
+            for j in test:
+                cells = [c for c in per_seed if c["train_set"] == k and c["test_set"] == j]
+                full = np.mean([c["loss_full"] for c in cells])
+                without = np.mean([c["loss_without"] for c in cells])
+                rows.append(_cell("ldo", k, j, without - full, full, without))
+        return rows
+
+    plan.assemble = assemble
+    return plan
+
+
+def plan_gradients(
+    spec: JobSpec, train: list[str], test: list[str], checkpoints: list[dict]
+) -> MethodPlan:
+    """GradDot and GradCos at the base weights, TracIn summed over the training checkpoints
+    (weighted by their learning rates). Training sets' gradients follow each method's
+    `aggregate` (GradCos: scale-free, so either).
+
+    One task per (weights, training set): it computes the set's gradient on an actor and
+    returns only its dot products with the test sets' gradients at the same weights (and the
+    squared norms), which the engine computes first, once each, and keeps in Ray's object
+    store (GradientTask.needs). No gradient is sent to the driver or stored with the run.
+    """
+    enabled = spec.methods.enabled()
+    methods = [m for m in ("graddot", "gradcos", "tracin") if m in enabled]
+    batch = max(enabled[m].batch_size for m in methods)
+    reduction: dict[str, str] = {}  # weight set -> how training sets' losses are aggregated
+    if "graddot" in enabled or "gradcos" in enabled:
+        reduction[BASE] = (enabled.get("graddot") or enabled["gradcos"]).aggregate
+    if "tracin" in enabled:
+        reduction.update({f"ckpt/{c['step']}": enabled["tracin"].aggregate for c in checkpoints})
+    weight_sets = list(reduction)
+    tasks = [GradientTask(w, k, True, batch, reduction[w], tests=tuple(test))
+             for w in weight_sets for k in train]
+    lr = {f"ckpt/{c['step']}": c["learning_rate"] for c in checkpoints}
+
+    def assemble(results: list[TaskResult], base: dict[str, float]) -> list[dict]:
+        # (weights, a, b) -> g_a . g_b at those weights (GradientTask's payload)
+        gram = {(r.task.weights, *pair): v for r in results for pair, v in r.payload.items()}
+        rows = []
+        for k in train:
+            for j in test:
+                if BASE in weight_sets:
+                    dot = gram[BASE, k, j]
+                    norms = math.sqrt(gram[BASE, k, k]) * math.sqrt(gram[BASE, j, j])
+                    if "graddot" in enabled:
+                        rows.append(_cell("graddot", k, j, dot))
+                    if "gradcos" in enabled:
+                        rows.append(_cell("gradcos", k, j, dot / norms if norms else 0.0))
+                if "tracin" in enabled:
+                    total = sum(lr[w] * gram[w, k, j] for w in weight_sets if w != BASE)
+                    rows.append(_cell("tracin", k, j, total))
+        return rows
+
+    return MethodPlan(methods, tasks, assemble)
+
+
+def plan_ekfac(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
+    """Influence functions with EK-FAC: one task (factors are fitted once over all sets)."""
+    task = EkfacTask(tuple(train), tuple(test), spec.methods.ekfac, spec.evaluation.seed)
+
+    def assemble(results: list[TaskResult], base: dict[str, float]) -> list[dict]:
+        scores = results[0].payload
+        return [_cell("ekfac", k, j, scores[(k, j)]) for k in train for j in test]
+
+    return MethodPlan(["ekfac"], [task], assemble)
+
+
+def plan_methods(
+    spec: JobSpec, train: list[str], test: list[str], checkpoints: list[dict],
+    n_rows: dict[str, int],
+) -> list[MethodPlan]:
+    """The plans of every method the spec asks for, the costliest first (n_rows: the size
+    of every dataset, which sets the length of its unlearning trajectory)."""
+    enabled = spec.methods.enabled()
+    plans = []
+    if "ldo" in enabled:
+        plans.append(plan_ldo(spec, train, test))
+    if "ekfac" in enabled:
+        plans.append(plan_ekfac(spec, train, test))
+    if {"graddot", "gradcos", "tracin"} & set(enabled):
+        plans.append(plan_gradients(spec, train, test, checkpoints))
+    for method in ("untrac", "untrac_inv"):
+        if method in enabled:
+            plans.append(plan_unlearning(spec, method, train, test, n_rows))
+    return plans

@@ -1,0 +1,648 @@
+"""Submitting a job to a Ray cluster through the Ray Jobs API, and watching it.
+
+`submit` validates the spec here first, stages the job file and the local files it names into
+a small folder (the job's `working_dir`, uploaded by Ray), and starts
+`python -m untrac_ray.cli run job.yaml --address auto --tracking-uri URI` on the cluster.
+Paths on a filesystem the nodes share (`shared` prefixes) and remote URIs (s3://, gs://,
+hdfs://) are passed as they are, but for their secrets: a password or token in a URI (the
+tracking URI's, a data source's) travels as an environment variable of the job, never in the
+entrypoint or a staged file (see `job_request`). The token of a cluster with token
+authentication is found the way Ray finds it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+~/.ray/auth_token) and sent as a bearer header; it is never printed or logged.
+
+Nothing here prints or parses arguments; errors are UntracError subclasses with one-line
+messages. The Typer commands are in cli_cluster.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from untrac_ray.inputs.errors import UntracError
+from untrac_ray.inputs.redaction import has_secret, redact, split_credentials, to_placeholders
+from untrac_ray.inputs.spec import DatasetSpec, JobSpec, is_uri, load_spec
+
+UPLOAD_LIMIT_BYTES = 100 * 2**20  # a working_dir above ~100 MiB fails in practice
+SUBMISSION_ENV = "UNTRAC_RAY_SUBMISSION_ID"  # set in the job's runtime env
+SUBMISSION_TAG = "untrac_ray.ray_submission_id"  # the MLflow tag holding it
+META_JOB = "untrac_ray.job"  # metadata key that marks an untrac-ray job (value: job name)
+META_TRACKING = "untrac_ray.tracking_uri"
+META_SPEC = "untrac_ray.spec"
+STAGED_SPEC = "job.yaml"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
+_RUN_LINE = re.compile(r"MLflow run ([0-9a-f]{32}) in ")
+_TOKEN_HELP = (
+    "set RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH at the token file, or put it in "
+    "~/.ray/auth_token (on the head: `ray get-auth-token`)"
+)
+
+
+class ClusterError(UntracError):
+    """The cluster cannot be reached or asked (no address, no answer, unknown job)."""
+
+
+class ClusterAuthError(ClusterError):
+    """The cluster wants a token that was not found, or refused the one sent."""
+
+
+class UploadError(UntracError):
+    """A file the job names cannot travel with it (missing, or above the upload limit)."""
+
+
+# ---------------------------------------------------------------- address and token
+
+
+def resolve_address(address: str | None) -> str:
+    """The Jobs API URL: --address, else RAY_ADDRESS, else a clear error."""
+    given = address or os.environ.get("RAY_ADDRESS")
+    if not given:
+        raise ClusterError(
+            "no Ray cluster address: pass --address http://HEAD:8265 (the dashboard) or set "
+            "RAY_ADDRESS"
+        )
+    given = given.strip().rstrip("/")
+    if given == "auto" or given.startswith("ray://"):
+        raise ClusterError(
+            f"address {given!r} is not a Jobs API address; give the head's dashboard URL, "
+            "such as http://HEAD:8265"
+        )
+    if "://" not in given:
+        given = f"http://{given}"
+    if urlsplit(given).scheme not in ("http", "https"):
+        raise ClusterError(f"address {given!r}: expected an http:// or https:// URL")
+    return given
+
+
+@dataclass(frozen=True)
+class Token:
+    """A cluster token and where it came from (the value never appears in messages)."""
+
+    value: str
+    source: str
+
+    def __repr__(self) -> str:  # keep the value out of tracebacks and logs
+        return f"Token(source={self.source!r})"
+
+
+def find_token(environ: dict[str, str] | None = None, home: Path | None = None) -> Token | None:
+    """The token the way Ray looks for it: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token.
+
+    Returns None when there is none (a cluster without token authentication needs none).
+    """
+    env = os.environ if environ is None else environ
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return Token(env["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN")
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        if not path.is_file():
+            raise ClusterAuthError(f"RAY_AUTH_TOKEN_PATH names a file that does not exist: {path}")
+        value = path.read_text().strip()
+        if not value:
+            raise ClusterAuthError(f"the token file {path} (RAY_AUTH_TOKEN_PATH) is empty")
+        return Token(value, f"RAY_AUTH_TOKEN_PATH ({path})")
+    path = (home or Path.home()) / ".ray" / "auth_token"
+    if path.is_file() and path.read_text().strip():
+        return Token(path.read_text().strip(), str(path))
+    return None
+
+
+def auth_headers(token: Token | None) -> dict[str, str]:
+    """The bearer header for a token (empty without one)."""
+    return {"Authorization": f"Bearer {token.value}"} if token else {}
+
+
+@contextlib.contextmanager
+def _env_without(*names: str) -> Iterator[None]:
+    """Hide environment variables for a moment (Ray's client lets RAY_ADDRESS override the
+    address it is given; here --address wins)."""
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+# ---------------------------------------------------------------- staging a job
+
+
+@dataclass
+class StagedJob:
+    """A folder holding the job file and the local files it names, ready for upload."""
+
+    folder: Path
+    job_file: Path
+    spec: JobSpec
+    uploaded: dict[str, str]  # local path -> path inside the folder
+    passed: list[str]  # shared paths (as the cluster sees them) and URIs
+    size: int
+    # the secret parts of the spec's URIs, by the ${NAME} standing for them in the staged
+    # job file: they travel as environment variables of the job, never in a file
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _parts(node: Any) -> Iterator[Any]:
+    """Every pydantic model inside a spec, the spec included (depth first)."""
+    if hasattr(type(node), "model_fields"):
+        yield node
+        for name in type(node).model_fields:
+            yield from _parts(getattr(node, name))
+    elif isinstance(node, list | tuple):
+        for item in node:
+            yield from _parts(item)
+
+
+def _datasets(node: Any) -> Iterator[DatasetSpec]:
+    """Every DatasetSpec anywhere in a spec (train, test, and any other list of datasets)."""
+    return (p for p in _parts(node) if isinstance(p, DatasetSpec))
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def shared_prefixes(shared: list[str] | tuple[str, ...]) -> list[tuple[Path, str]]:
+    """--shared values as (local prefix, cluster prefix): `PATH` is the same path on both
+    sides, `LOCAL=CLUSTER` maps a local folder to where the nodes see the same files."""
+    out = []
+    for item in shared:
+        local, sep, remote = item.partition("=")
+        prefix = Path(local).expanduser().resolve()
+        out.append((prefix, remote if sep else str(prefix)))
+    return out
+
+
+def on_cluster(path: str, shared: list[tuple[Path, str]]) -> str | None:
+    """Where the cluster finds a local path under a shared prefix (None: not shared)."""
+    p = Path(path)
+    for local, remote in shared:
+        if p == local or local in p.parents:
+            rel = p.relative_to(local).as_posix()
+            return remote if rel == "." else f"{remote.rstrip('/')}/{rel}"
+    return None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def stage_job(
+    job_file: str | Path,
+    shared: list[str] | tuple[str, ...] = (),
+    limit: int = UPLOAD_LIMIT_BYTES,
+    extra_bytes: int = 0,
+) -> StagedJob:
+    """Validate a job file and stage it with the local files it names.
+
+    Local data files, the model and tokenizer folders are copied (keeping their file names, so
+    content fingerprints do not change); URIs are kept, and paths under a `shared` prefix
+    (see `shared_prefixes`) become the cluster's paths, without being read here.
+    Raises SpecError for a bad spec, UploadError for a missing file or one that would take
+    the upload above `limit` bytes (with `extra_bytes` already used, e.g. by the package).
+    """
+    spec = load_spec(job_file)
+    mapping = shared_prefixes(shared)
+    wanted: dict[str, str] = {}  # local path -> key naming it in the spec
+    for ds in _datasets(spec):
+        wanted.setdefault(ds.source, f"dataset {ds.name!r}")
+    if spec.model.path:
+        wanted.setdefault(spec.model.path, "model.path")
+    if spec.tokenizer.path:
+        wanted.setdefault(spec.tokenizer.path, "tokenizer.path")
+    metric = spec.search.objective.function if spec.search else None  # a user metric file
+    if metric and metric.split(":")[0].endswith(".py"):
+        wanted.setdefault(metric.split(":")[0], "search.objective.function")
+
+    remote = {p: p if is_uri(p) else on_cluster(p, mapping) for p in wanted}
+    local = [p for p in wanted if remote[p] is None]
+    for p in local:
+        if not Path(p).exists():
+            raise UploadError(
+                f"{wanted[p]}: {p} does not exist here; a path that exists only on the "
+                "cluster's shared filesystem needs --shared PREFIX (or LOCAL=CLUSTER)"
+            )
+    sizes = {p: _size(Path(p)) for p in local}
+    total = sum(sizes.values()) + extra_bytes
+    if total > limit:
+        big = sorted(sizes, key=sizes.get, reverse=True)[:3]
+        listed = ", ".join(f"{wanted[p]} {p} ({_human(sizes[p])})" for p in big)
+        raise UploadError(
+            f"the job's local files come to {_human(total)}, above the {_human(limit)} that "
+            f"Ray uploads with a job (largest: {listed}); put them on a filesystem the nodes "
+            "share and pass --shared PREFIX (or LOCAL=CLUSTER), or on remote storage "
+            "(s3://, gs://, hdfs://)"
+        )
+
+    folder = Path(tempfile.mkdtemp(prefix="untrac-ray-submit-"))
+    uploaded: dict[str, str] = {}
+    try:
+        for i, p in enumerate(local):
+            src = Path(p)
+            rel = f"files/{i}/{src.name}"
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, folder / rel)
+            else:
+                shutil.copy2(src, folder / rel)
+            uploaded[p] = rel
+        where = {p: uploaded.get(p) or remote[p] for p in wanted}
+        staged = spec.model_copy(deep=True)
+        for ds in _datasets(staged):
+            ds.source = where[ds.source]
+        if staged.model.path:
+            staged.model.path = where[staged.model.path]
+        if staged.tokenizer.path:
+            staged.tokenizer.path = where[staged.tokenizer.path]
+        # Outputs and caches stay on the cluster: on the shared filesystem when they are
+        # under a shared prefix, else in the job's own folder there.
+        for part in _parts(staged):
+            out = getattr(part, "output_dir", None)
+            if isinstance(out, str) and not is_uri(out):
+                part.output_dir = on_cluster(out, mapping)
+        if staged.cache_dir and not is_uri(staged.cache_dir):
+            staged.cache_dir = on_cluster(staged.cache_dir, mapping)
+        if staged.search is not None:  # Tune's storage like a cache; the metric file uploaded
+            s = staged.search
+            if s.storage_path and not is_uri(s.storage_path):
+                s.storage_path = on_cluster(s.storage_path, mapping)
+            if metric and metric.split(":")[0] in where:
+                s.objective.function = f"{where[metric.split(':')[0]]}:{metric.split(':')[1]}"
+        text, secrets = to_placeholders(staged.to_yaml())
+        (folder / STAGED_SPEC).write_text(text)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    passed = [remote[p] for p in wanted if remote[p] is not None]
+    return StagedJob(folder, Path(job_file), spec, uploaded, [redact(p) for p in passed], total,
+                     secrets)
+
+
+def package_dir() -> Path:
+    """The folder of the untrac_ray package (shipped to the cluster as a py_module)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def package_size() -> int:
+    return sum(
+        f.stat().st_size for f in package_dir().rglob("*")
+        if f.is_file() and "__pycache__" not in f.parts
+    )
+
+
+def cluster_tracking_uri(cli_uri: str | None, spec: JobSpec) -> str:
+    """Where the cluster job logs: --tracking-uri, MLFLOW_TRACKING_URI, the spec's tracking.uri.
+
+    A relative SQLite path is made absolute (it only works where the cluster shares this
+    filesystem); with none of the three, a clear error: the default local store would stay
+    on the head.
+    """
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri
+    if not uri:
+        raise UntracError(
+            "a cluster job logs to your MLflow tracking server: pass --tracking-uri "
+            "http://MLFLOW-HOST:5000 or set tracking.uri in the spec"
+        )
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                      "MLFLOW_TRACKING_TOKEN")
+
+
+def tracking_credentials(tracking_uri: str,
+                         environ: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    """The tracking URI a cluster job is given (never with a password in it) and the
+    environment variables that carry its credentials instead: the URI's user:password, else
+    this shell's MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN."""
+    env = os.environ if environ is None else environ
+    clean, creds = split_credentials(tracking_uri)
+    if not creds:
+        creds = {k: env[k] for k in MLFLOW_CREDENTIALS if env.get(k)}
+    return clean, creds
+
+
+COMMANDS = ("run", "run --resume", "run --resume-if-any", "tune", "tune --resume")
+
+
+def entrypoint(python: str, tracking_uri: str, spec_file: str = STAGED_SPEC,
+               command: str = "run") -> str:
+    """The shell command a submitted job runs on the head (its environment, its interpreter).
+
+    `command` is `run` or `tune` (the job's hyperparameter search), each possibly followed by
+    `--resume` (continue the job's unfinished run or search); `run --resume-if-any` continues
+    one if there is one, else starts anew (what a retried KubeRay RayJob runs)."""
+    if command not in COMMANDS:
+        raise UntracError(f"--command: expected one of {', '.join(map(repr, COMMANDS))} "
+                          f"(got {command!r})")
+    if has_secret(tracking_uri):
+        raise UntracError("a tracking URI with credentials never goes on a command line: "
+                          "pass them as MLFLOW_TRACKING_USERNAME/PASSWORD (see job_request)")
+    parts = [python, "-m", "untrac_ray.cli", *command.split(), spec_file, "--address", "auto",
+             "--tracking-uri", tracking_uri]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+STOP_GRACE_S = 30  # how long `stop` lets the driver close its run before Ray kills it
+
+
+def job_request(staged: StagedJob, tracking_uri: str, submission_id: str, *,
+                python: str = "python", ship_package: bool = True,
+                pip: list[str] | tuple[str, ...] = (), command: str = "run",
+                environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """What is sent to the Jobs API for a staged job: entrypoint, runtime_env, metadata.
+
+    No credential is in the entrypoint (the head's process table, `ray job list`), the
+    metadata or the staged files: the tracking URI's and the spec's secrets are environment
+    variables of the job's runtime environment (readable through the Jobs API, which the
+    cluster's token protects)."""
+    clean_uri, env_vars = tracking_credentials(tracking_uri, environ)
+    runtime_env: dict[str, Any] = {
+        "working_dir": str(staged.folder),
+        # `stop` interrupts the driver (KeyboardInterrupt), so its MLflow run ends KILLED;
+        # Ray's default of 3 s before SIGKILL was too short for that on a busy head
+        "env_vars": {SUBMISSION_ENV: submission_id, "RAY_JOB_STOP_SIGNAL": "SIGINT",
+                     "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S), **env_vars,
+                     **staged.secrets},
+    }
+    if ship_package:
+        runtime_env["py_modules"] = [str(package_dir())]
+        runtime_env["excludes"] = ["__pycache__", "*.pyc"]
+    if pip:
+        runtime_env["pip"] = list(pip)
+    metadata = {
+        META_JOB: staged.spec.name,
+        META_SPEC: staged.job_file.name,
+        META_TRACKING: redact(clean_uri),
+        "job_name": staged.spec.name,
+    }
+    return {"entrypoint": entrypoint(python, clean_uri, command=command),
+            "runtime_env": runtime_env, "metadata": metadata}
+
+
+def new_submission_id(job_name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", job_name.lower()).strip("-")[:40] or "job"
+    return f"untrac-{slug}-{secrets.token_hex(4)}"
+
+
+def submission_id_here(environ: dict[str, str] | None = None) -> str | None:
+    """The Ray submission id of the job this process runs in, if any.
+
+    Set by `submit` (UNTRAC_RAY_SUBMISSION_ID); for jobs submitted otherwise (`ray job submit`,
+    a KubeRay RayJob) it is read from the job config Ray hands to the entrypoint.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(SUBMISSION_ENV):
+        return env[SUBMISSION_ENV]
+    raw = env.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if raw:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            return json.loads(raw).get("metadata", {}).get("job_submission_id") or None
+    return None
+
+
+def submission_tags(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """MLflow tags naming the Ray submission this run belongs to (none outside a job)."""
+    sid = submission_id_here(environ)
+    return {SUBMISSION_TAG: sid} if sid else {}
+
+
+# ---------------------------------------------------------------- the cluster
+
+
+@dataclass
+class JobRow:
+    """One line of `untrac-ray jobs`."""
+
+    submission_id: str
+    job_name: str
+    status: str
+    start: float | None  # seconds since the epoch
+    end: float | None
+    mlflow_run: str | None
+    message: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def duration(self) -> float | None:
+        if self.start is None:
+            return None
+        return (self.end or time.time()) - self.start
+
+
+@dataclass
+class Submitted:
+    submission_id: str
+    entrypoint: str
+    tracking_uri: str
+    uploaded: dict[str, str]
+    passed: list[str]
+    size: int
+
+
+class Cluster:
+    """A Ray cluster's Jobs API, with clear errors instead of tracebacks."""
+
+    def __init__(self, address: str | None = None, timeout: float = 10.0) -> None:
+        self.url = resolve_address(address)
+        self.token = find_token()
+        self._check(timeout)
+        from ray.job_submission import JobSubmissionClient
+
+        for name in ("ray.dashboard", "ray._private.runtime_env"):  # upload/websocket chatter
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+        with _env_without("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"), self._errors():
+            self.client = JobSubmissionClient(self.url, headers=auth_headers(self.token))
+
+    def _check(self, timeout: float) -> None:
+        """Ask the dashboard for its version with a deadline (Ray's client has none)."""
+        import requests
+
+        try:
+            r = requests.get(f"{self.url}/api/version", headers=auth_headers(self.token),
+                             timeout=timeout)
+        except requests.exceptions.RequestException as err:
+            reason = type(err).__name__
+            raise ClusterError(
+                f"no Ray cluster answers at {self.url} ({reason}); is the head running with "
+                "its dashboard (ray start --head --include-dashboard true) and is this its "
+                "dashboard port (8265 by default)?"
+            ) from None
+        self._raise_for_auth(r.status_code)
+        if r.status_code != 200:
+            raise ClusterError(
+                f"{self.url} answered HTTP {r.status_code} to /api/version; is it a Ray "
+                "dashboard?"
+            )
+
+    def _raise_for_auth(self, status: int) -> None:
+        if status == 401:
+            raise ClusterAuthError(
+                f"the Ray cluster at {self.url} requires a token and none was found: "
+                + _TOKEN_HELP
+            )
+        if status == 403:
+            raise ClusterAuthError(
+                f"the Ray cluster at {self.url} refused the token from "
+                f"{self.token.source if self.token else '(none)'}; use that cluster's token"
+            )
+
+    @contextlib.contextmanager
+    def _errors(self, job: str | None = None) -> Iterator[None]:
+        """Ray's exceptions as one-line ClusterErrors."""
+        import requests
+        from ray.exceptions import AuthenticationError
+
+        try:
+            yield
+        except UntracError:
+            raise
+        except AuthenticationError as err:
+            status = 403 if "Authentication failed" in str(err.message) else 401
+            self._raise_for_auth(status)
+            raise ClusterAuthError(f"the Ray cluster at {self.url} refused the request") from None
+        except (requests.exceptions.RequestException, ConnectionError, OSError) as err:
+            raise ClusterError(
+                f"lost the Ray cluster at {self.url} ({type(err).__name__})"
+            ) from None
+        except RuntimeError as err:
+            text = str(err)
+            if job and ("does not exist" in text or "404" in text):
+                raise ClusterError(f"no job {job!r} on the Ray cluster at {self.url}") from None
+            first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+            raise ClusterError(f"the Ray cluster at {self.url} refused: {first}") from None
+
+    # -- submitting
+
+    def submit(
+        self,
+        staged: StagedJob,
+        tracking_uri: str,
+        *,
+        python: str = "python",
+        ship_package: bool = True,
+        pip: list[str] | tuple[str, ...] = (),
+        submission_id: str | None = None,
+        entrypoint_num_gpus: float | None = None,
+        entrypoint_num_cpus: float | None = None,
+        command: str = "run",
+    ) -> Submitted:
+        """Submit a staged job (see `stage_job`); the staged folder is uploaded by Ray."""
+        sid = submission_id or new_submission_id(staged.spec.name)
+        request = job_request(staged, tracking_uri, sid, python=python,
+                              ship_package=ship_package, pip=pip, command=command)
+        with self._errors():
+            got = self.client.submit_job(
+                submission_id=sid, entrypoint_num_gpus=entrypoint_num_gpus,
+                entrypoint_num_cpus=entrypoint_num_cpus, **request,
+            )
+        return Submitted(got, request["entrypoint"], redact(tracking_uri), staged.uploaded,
+                         staged.passed, staged.size)
+
+    # -- watching
+
+    def status(self, job: str) -> str:
+        with self._errors(job):
+            return str(self.client.get_job_status(job).value)
+
+    def info(self, job: str) -> JobRow:
+        with self._errors(job):
+            details = self.client.get_job_info(job)
+        return self._row(details, with_run=True)
+
+    def logs(self, job: str) -> str:
+        with self._errors(job):
+            return self.client.get_job_logs(job)
+
+    def follow(self, job: str, write: Callable[[str], None], poll: float = 1.0) -> str:
+        """Stream a job's logs to `write` until it ends; returns its final status."""
+        async def tail() -> None:
+            async for chunk in self.client.tail_job_logs(job):
+                write(chunk)
+
+        with self._errors(job):
+            self.client.get_job_status(job)  # an unknown id fails here, clearly
+            try:
+                asyncio.run(tail())
+            except RuntimeError as err:
+                if "does not exist" in str(err):
+                    raise
+                # the log socket closed early: fall back to polling below
+            status = self.client.get_job_status(job)
+            while not status.is_terminal():
+                time.sleep(poll)
+                status = self.client.get_job_status(job)
+        return str(status.value)
+
+    def wait(self, job: str, timeout: float, poll: float = 0.5) -> str:
+        """Poll until the job ends or `timeout` seconds pass; returns the last status."""
+        deadline = time.monotonic() + timeout
+        status = self.status(job)
+        while status not in TERMINAL and time.monotonic() < deadline:
+            time.sleep(poll)
+            status = self.status(job)
+        return status
+
+    def stop(self, job: str) -> bool:
+        """Ask the cluster to stop a job; False when it had already ended."""
+        with self._errors(job):
+            return bool(self.client.stop_job(job))
+
+    def jobs(self, everything: bool = False) -> list[JobRow]:
+        """This cluster's untrac-ray jobs (all jobs with `everything`), oldest first."""
+        with self._errors():
+            listed = self.client.list_jobs()
+        rows = [
+            self._row(d, with_run=True) for d in listed
+            if d.submission_id and (everything or META_JOB in (d.metadata or {}))
+        ]
+        return sorted(rows, key=lambda r: r.start or 0)
+
+    def _row(self, details: Any, with_run: bool) -> JobRow:
+        meta = dict(details.metadata or {})
+        status = str(details.status.value)
+        run = None
+        if with_run and status == "SUCCEEDED" and details.submission_id:
+            run = mlflow_run_from_logs(self.logs(details.submission_id))
+        return JobRow(
+            submission_id=details.submission_id or details.job_id or "",
+            job_name=meta.get(META_JOB, meta.get("job_name", "")),
+            status=status,
+            start=details.start_time / 1000 if details.start_time else None,
+            end=details.end_time / 1000 if details.end_time else None,
+            mlflow_run=run,
+            message=details.message or "",
+            metadata=meta,
+        )
+
+
+def mlflow_run_from_logs(logs: str) -> str | None:
+    """The MLflow run id `untrac-ray run` printed at its end, if it did."""
+    found = _RUN_LINE.findall(logs)
+    return found[-1] if found else None
