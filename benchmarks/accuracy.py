@@ -67,7 +67,10 @@ from untrac_ray.compute.evaluation import mean_loss, sample_indices
 from untrac_ray.compute.modeling import load_model
 from untrac_ray.compute.training import pretrained_dir, read_train_record, trained_model_dir
 from untrac_ray.inputs.data import load_dataset_rows
-from untrac_ray.inputs.spec import GroundTruthSpec, JobSpec, load_spec, parse_spec
+from untrac_ray.inputs.fingerprints import pretrain_key
+from untrac_ray.inputs.loading import load_spec, parse_spec
+from untrac_ray.inputs.spec import JobSpec
+from untrac_ray.inputs.spec_sections import GroundTruthSpec
 from untrac_ray.inputs.tokenization import SEPARATOR, load_tokenizer
 from untrac_ray.results.scoring import MEAN_OVER_TESTS, ground_truth_noise, score_table
 from untrac_ray.run.job_setup import prepare_data
@@ -193,7 +196,7 @@ def share_pretraining(spec: JobSpec) -> None:
     folder = pretrained_dir(spec)
     if folder.exists():
         return
-    for other in sorted(folder.parent.glob(f"*-{spec.pretrain_key()}")):
+    for other in sorted(folder.parent.glob(f"*-{pretrain_key(spec)}")):
         if (other / "untrac_train.json").is_file():
             folder.symlink_to(other.resolve(), target_is_directory=True)
             print(f"reusing the pretrained model {other}", file=sys.stderr)
@@ -222,7 +225,7 @@ def earlier_ldo_run(spec: JobSpec, reuse_uri: str) -> str:
     """The newest finished run in `reuse_uri` of the same job that computed `ldo` on the same
     base model (same cached model folder, so same data, training settings and seed) with the
     same LDO seeds; exits naming what is missing."""
-    from untrac_ray.results.tracking import list_runs
+    from untrac_ray.results.runs import list_runs
 
     query = (f"tags.`untrac_ray.job` = '{spec.name}' and attributes.status = 'FINISHED' "
              f"and params.`training.seed` = '{spec.training.seed}' "
@@ -256,7 +259,7 @@ def run_seed(spec: JobSpec, seed: int, uri: str, ldo_seeds: int | None,
     base_seconds = float(read_train_record(outcome.model_dir).get("seconds", 0.0))
     acc = test_accuracy(s, outcome.model_dir)
     if truth_run is not None:
-        from untrac_ray.results.tracking import read_run_table
+        from untrac_ray.results.runs import read_run_table
 
         ldo = read_run_table(truth_run, reuse_uri, "ldo_seeds")
     else:

@@ -65,7 +65,9 @@ from machine_load import busy_cores, machine_cpu, others_load  # noqa: E402
 
 from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
 from untrac_ray.engine.pool import Engine
-from untrac_ray.inputs.spec import JobSpec, ResourcesSpec, parse_spec
+from untrac_ray.inputs.loading import parse_spec
+from untrac_ray.inputs.spec import JobSpec
+from untrac_ray.inputs.spec_sections import ResourcesSpec
 from untrac_ray.methods.plans import plan_unlearning
 from untrac_ray.methods.tasks import BASE, EvalTask, TaskResult, UnlearnTask
 from untrac_ray.methods.workbench import Workbench

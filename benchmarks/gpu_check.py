@@ -31,7 +31,7 @@ from untrac_ray.compute.evaluation import mean_loss
 from untrac_ray.compute.modeling import build_model, config_from_dict
 from untrac_ray.compute.precision import configure_tf32, precision_context
 from untrac_ray.compute.unlearning import unlearn
-from untrac_ray.inputs.spec import UnlearnSpec
+from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.inputs.tokenization import TokenizedSet
 
 SIZES = {  # GPT-2 small is OPT-125M's size class

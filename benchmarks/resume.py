@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading tables back
 
-from untrac_ray.inputs.spec import load_spec  # noqa: E402
-from untrac_ray.results.tracking import read_influence  # noqa: E402
+from untrac_ray.inputs.loading import load_spec  # noqa: E402
+from untrac_ray.results.runs import read_influence  # noqa: E402
 
 
 def _cli(*args: str) -> subprocess.Popen:

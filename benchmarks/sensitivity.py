@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from untrac_ray.inputs.spec import load_spec, parse_spec  # noqa: E402
+from untrac_ray.inputs.loading import load_spec, parse_spec  # noqa: E402
 from untrac_ray.search.driver import run_search  # noqa: E402
 from untrac_ray.search.reporting import SearchReporter  # noqa: E402
 
@@ -116,8 +116,8 @@ def findings(adam: pd.DataFrame, sgd: pd.DataFrame, inv: pd.DataFrame) -> list[s
 
 def truth_quality(gt: str, uri: str) -> str:
     """How far the ground truth stands above its own seed noise (when it has several seeds)."""
+    from untrac_ray.results.runs import read_influence, read_run_table
     from untrac_ray.results.scoring import ground_truth_noise
-    from untrac_ray.results.tracking import read_influence, read_run_table
 
     seeds = read_run_table(gt, uri, "ldo_seeds")
     if seeds is None or seeds["seed"].nunique() < 2:

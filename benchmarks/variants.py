@@ -46,7 +46,9 @@ import pandas as pd
 import yaml
 
 from untrac_ray.inputs.errors import UntracError
-from untrac_ray.inputs.spec import GroundTruthSpec, JobSpec, load_spec
+from untrac_ray.inputs.loading import load_spec
+from untrac_ray.inputs.spec import JobSpec
+from untrac_ray.inputs.spec_sections import GroundTruthSpec
 from untrac_ray.results.scoring import (
     AGREEMENT_LOW,
     MEAN_OVER_TESTS,

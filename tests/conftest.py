@@ -115,7 +115,7 @@ def run_through_cli(tmp: Path, spec: dict[str, Any]) -> dict[str, Any]:
     from typer.testing import CliRunner
 
     from untrac_ray.cli import app
-    from untrac_ray.results.tracking import read_influence
+    from untrac_ray.results.runs import read_influence
 
     job = tmp / "job.yaml"
     job.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -148,7 +148,7 @@ def engine_inputs(make_job):
     initialised base model's weights, every row evaluated."""
     from untrac_ray.compute.evaluation import sample_indices
     from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
-    from untrac_ray.inputs.spec import load_spec
+    from untrac_ray.inputs.loading import load_spec
     from untrac_ray.run.job_setup import prepare_data
 
     spec = load_spec(make_job())
@@ -165,7 +165,7 @@ def bench_parts(make_job):
     shared weights, every tokenized set, and every row of each set as its evaluation rows."""
     from untrac_ray.compute.evaluation import sample_indices
     from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
-    from untrac_ray.inputs.spec import load_spec
+    from untrac_ray.inputs.loading import load_spec
     from untrac_ray.run.job_setup import prepare_data
 
     spec = load_spec(make_job())

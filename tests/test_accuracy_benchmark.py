@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from conftest import load_benchmark, merge, tiny_spec
-from untrac_ray.inputs.spec import load_spec
+from untrac_ray.inputs.loading import load_spec
+from untrac_ray.results.runs import read_influence
 from untrac_ray.results.scoring import ground_truth_noise
-from untrac_ray.results.tracking import read_influence
 
 REPO = Path(__file__).resolve().parent.parent
 

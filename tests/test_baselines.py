@@ -21,7 +21,7 @@ from untrac_ray.compute.evaluation import sample_indices
 from untrac_ray.compute.modeling import build_model, config_from_dict, load_model
 from untrac_ray.compute.training import read_train_record
 from untrac_ray.inputs.errors import SpecError, UntracError
-from untrac_ray.inputs.spec import load_spec
+from untrac_ray.inputs.loading import load_spec
 from untrac_ray.results.scoring import (
     ALL_CELLS,
     MEAN_OVER_TESTS,
@@ -220,7 +220,7 @@ def test_ldo_and_tracin_need_a_model_this_job_trains(make_job, tmp_path):
 
 
 def test_read_influence_of_a_missing_run_is_a_clear_error(ground):
-    from untrac_ray.results.tracking import read_influence
+    from untrac_ray.results.runs import read_influence
 
     with pytest.raises(UntracError, match="not found"):
         read_influence("f" * 32, ground["uri"])

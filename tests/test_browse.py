@@ -25,10 +25,10 @@ from typer.testing import CliRunner
 
 from conftest import merge, tiny_spec
 from untrac_ray.cli import app
-from untrac_ray.inputs.spec import load_spec
+from untrac_ray.inputs.loading import load_spec
 from untrac_ray.results import plots
+from untrac_ray.results.runs import read_influence, read_run_table
 from untrac_ray.results.tables import matrix
-from untrac_ray.results.tracking import read_influence, read_run_table
 from untrac_ray.run.runner import run_job
 
 runner = CliRunner()
@@ -87,8 +87,8 @@ def test_runs_piped_at_80_columns_and_on_an_80_column_terminal_reads_well(store)
     terminal, optional columns go by priority and the kept ones are never crushed."""
     from rich.console import Console
 
-    from untrac_ray.results import browse
-    from untrac_ray.results.tracking import list_runs
+    from untrac_ray.cli.render import runs_table
+    from untrac_ray.results.runs import list_runs
 
     piped = runner.invoke(app, ["runs", "--tracking-uri", store.uri], env={"COLUMNS": "80"})
     assert piped.exit_code == 0, piped.output
@@ -98,7 +98,7 @@ def test_runs_piped_at_80_columns_and_on_an_80_column_terminal_reads_well(store)
         assert word in piped.stdout, word
     records = list_runs(store.uri)
     console = Console(width=80, record=True, force_terminal=True, color_system=None)
-    console.print(browse.runs_table(records, "runs", width=80))
+    console.print(runs_table(records, "runs", width=80))
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
     for word in ("tiny_full", "tiny_proxy", "FINISHED", "status", "job", "duration"):

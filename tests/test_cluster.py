@@ -39,9 +39,11 @@ from untrac_ray.compute.precision import configure_tf32, precision_context
 from untrac_ray.engine.placement import actor_slots
 from untrac_ray.engine.pool import plan_pool_size
 from untrac_ray.inputs.errors import SpecError, UntracError
-from untrac_ray.inputs.spec import ResourcesSpec, load_spec
-from untrac_ray.results.tracking import read_influence
-from untrac_ray.submit import submission as sub
+from untrac_ray.inputs.loading import load_spec
+from untrac_ray.inputs.spec_sections import ResourcesSpec
+from untrac_ray.results.runs import read_influence
+from untrac_ray.submit import client as jobs_api
+from untrac_ray.submit import staging
 
 runner = CliRunner()
 HEAD_READY_S = 180  # deadline for the job server of a fresh head to answer
@@ -209,9 +211,9 @@ def test_submit_follow_runs_the_job_on_the_cluster_with_the_same_matrix(head, lo
     assert "SUCCEEDED" in result.output and "MLflow run" in result.output
     cluster_run = only_run(local_and_cluster["cluster_uri"])
     assert cluster_run.info.status == "FINISHED"
-    assert cluster_run.data.tags[sub.SUBMISSION_TAG] == sid
+    assert cluster_run.data.tags[staging.SUBMISSION_TAG] == sid
     local_run = only_run(local_and_cluster["local_uri"])
-    assert sub.SUBMISSION_TAG not in local_run.data.tags
+    assert staging.SUBMISSION_TAG not in local_run.data.tags
     on_cluster = read_influence(cluster_run.info.run_id, local_and_cluster["cluster_uri"])
     here = read_influence(local_run.info.run_id, local_and_cluster["local_uri"])
     key = ["method", "point", "step", "train_set", "test_set"]
@@ -255,7 +257,7 @@ def test_one_actor_per_gpu_and_stop_ends_a_long_running_job(head, tmp_path, monk
     assert submitted.exit_code == 0, submitted.output
     sid = submitted.stdout.splitlines()[0].strip()
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(head.token_file))
-    cluster = sub.Cluster(head.url)
+    cluster = jobs_api.Cluster(head.url)
     deadline = time.monotonic() + 120
     actors = None
     while actors is None and time.monotonic() < deadline:  # until the pool is up
@@ -264,7 +266,7 @@ def test_one_actor_per_gpu_and_stop_ends_a_long_running_job(head, tmp_path, monk
         time.sleep(0.5)
     assert actors == "2"
     run = only_run(uri)
-    assert run.data.tags[sub.SUBMISSION_TAG] == sid
+    assert run.data.tags[staging.SUBMISSION_TAG] == sid
     stopped = cli("stop", sid, "--address", head.url, env=env)
     assert stopped.exit_code == 0, stopped.output
     assert f"{sid}: STOPPED" in stopped.output
@@ -277,7 +279,7 @@ def test_one_actor_per_gpu_and_stop_ends_a_long_running_job(head, tmp_path, monk
     assert "long" in line and "STOPPED" in line
     # the driver closes its run within the stop's grace period (submission.STOP_GRACE_S),
     # although it inherited SIGINT (the stop signal) ignored from the head (signals.py)
-    deadline = time.monotonic() + sub.STOP_GRACE_S
+    deadline = time.monotonic() + staging.STOP_GRACE_S
     while only_run(uri).info.status == "RUNNING" and time.monotonic() < deadline:
         time.sleep(1)
     assert only_run(uri).info.status == "KILLED", cluster.logs(sid)[-3000:]
@@ -372,28 +374,28 @@ def test_an_unreachable_address_gives_a_clear_error(tmp_path):
 
 def test_addresses_come_from_the_option_then_ray_address(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://env-head:8265")
-    assert sub.resolve_address("head:8265") == "http://head:8265"
-    assert sub.resolve_address(None) == "http://env-head:8265"
+    assert jobs_api.resolve_address("head:8265") == "http://head:8265"
+    assert jobs_api.resolve_address(None) == "http://env-head:8265"
     for bad in ("auto", "ray://head:10001"):
-        with pytest.raises(sub.ClusterError, match="dashboard URL"):
-            sub.resolve_address(bad)
+        with pytest.raises(jobs_api.ClusterError, match="dashboard URL"):
+            jobs_api.resolve_address(bad)
     monkeypatch.delenv("RAY_ADDRESS")
-    with pytest.raises(sub.ClusterError, match="--address"):
-        sub.resolve_address(None)
+    with pytest.raises(jobs_api.ClusterError, match="--address"):
+        jobs_api.resolve_address(None)
 
 
 def test_the_token_is_found_the_way_ray_finds_it(tmp_path):
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("home-token\n")
     (tmp_path / "file").write_text("file-token")
-    assert sub.find_token({"RAY_AUTH_TOKEN": "env-token"}, tmp_path).value == "env-token"
-    found = sub.find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "file")}, tmp_path)
+    assert jobs_api.find_token({"RAY_AUTH_TOKEN": "env-token"}, tmp_path).value == "env-token"
+    found = jobs_api.find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "file")}, tmp_path)
     assert found.value == "file-token" and "file-token" not in repr(found)
-    assert sub.find_token({}, tmp_path).value == "home-token"
-    assert sub.find_token({}, tmp_path / "elsewhere") is None
-    with pytest.raises(sub.ClusterAuthError, match="does not exist"):
-        sub.find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "nope")}, tmp_path)
-    assert sub.auth_headers(found) == {"Authorization": "Bearer file-token"}
+    assert jobs_api.find_token({}, tmp_path).value == "home-token"
+    assert jobs_api.find_token({}, tmp_path / "elsewhere") is None
+    with pytest.raises(jobs_api.ClusterAuthError, match="does not exist"):
+        jobs_api.find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "nope")}, tmp_path)
+    assert jobs_api.auth_headers(found) == {"Authorization": "Bearer file-token"}
 
 
 def test_staging_uploads_local_files_and_keeps_shared_paths_and_uris(tmp_path):
@@ -403,12 +405,12 @@ def test_staging_uploads_local_files_and_keeps_shared_paths_and_uris(tmp_path):
         {"name": "next_number", "source": str(shared / "test.csv"), "subset": "next_number"},
         {"name": "twice", "source": "s3://bucket/test.parquet", "subset": "twice"}]}})
     shutil.copy(tmp_path / "job" / "test.csv", shared / "test.csv")
-    staged = sub.stage_job(job, shared=[str(shared)])
+    staged = staging.stage_job(job, shared=[str(shared)])
     try:
         assert list(staged.uploaded.values()) == ["files/0/train.csv"]
         assert sorted(staged.passed) == sorted([str(shared / "test.csv"),
                                                 "s3://bucket/test.parquet"])
-        moved = load_spec(staged.folder / sub.STAGED_SPEC)
+        moved = load_spec(staged.folder / staging.STAGED_SPEC)
         assert moved.data.train[0].source == str(staged.folder / "files/0/train.csv")
         assert moved.data.test[0].source == str(shared / "test.csv")
         assert moved.data.test[1].source == "s3://bucket/test.parquet"
@@ -426,25 +428,25 @@ def test_shared_folders_can_sit_elsewhere_on_the_cluster(tmp_path):
     job = write_job(tmp_path / "job", {
         "data": {"test": [{"name": "far", "source": "../data/far.csv"}]},
         "cache_dir": "../data/cache"})
-    staged = sub.stage_job(job, shared=[f"{tmp_path / 'data'}=/mnt/nfs/data"])
+    staged = staging.stage_job(job, shared=[f"{tmp_path / 'data'}=/mnt/nfs/data"])
     try:
-        moved = yaml.safe_load((staged.folder / sub.STAGED_SPEC).read_text())
+        moved = yaml.safe_load((staged.folder / staging.STAGED_SPEC).read_text())
         assert moved["data"]["test"][0]["source"] == "/mnt/nfs/data/far.csv"
         assert moved["cache_dir"] == "/mnt/nfs/data/cache"
         assert staged.passed == ["/mnt/nfs/data/far.csv"]
     finally:
         staged.cleanup()
-    assert sub.on_cluster("/a/b/c", sub.shared_prefixes(["/a=/x/"])) == "/x/b/c"
-    assert sub.on_cluster("/a", sub.shared_prefixes(["/a=/x"])) == "/x"
-    assert sub.on_cluster("/ab/c", sub.shared_prefixes(["/a"])) is None
+    assert staging.on_cluster("/a/b/c", staging.shared_prefixes(["/a=/x/"])) == "/x/b/c"
+    assert staging.on_cluster("/a", staging.shared_prefixes(["/a=/x"])) == "/x"
+    assert staging.on_cluster("/ab/c", staging.shared_prefixes(["/a"])) is None
 
 
 def test_staging_refuses_files_above_the_upload_limit(tmp_path):
     job = write_job(tmp_path)
-    with pytest.raises(sub.UploadError, match="--shared PREFIX .*, or on remote storage"):
-        sub.stage_job(job, limit=1000)
+    with pytest.raises(staging.UploadError, match="--shared PREFIX .*, or on remote storage"):
+        staging.stage_job(job, limit=1000)
     with pytest.raises(SpecError):
-        sub.stage_job(tmp_path / "no-such-job.yaml")
+        staging.stage_job(tmp_path / "no-such-job.yaml")
 
 
 def test_cluster_tracking_uri_and_entrypoint(tmp_path, monkeypatch):
@@ -452,24 +454,24 @@ def test_cluster_tracking_uri_and_entrypoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = load_spec(write_job(tmp_path))
     with pytest.raises(UntracError, match="--tracking-uri"):
-        sub.cluster_tracking_uri(None, spec)
-    assert sub.cluster_tracking_uri("sqlite:///m.db", spec) == f"sqlite:///{tmp_path}/m.db"
-    assert sub.cluster_tracking_uri("http://mlflow:5000", spec) == "http://mlflow:5000"
-    command = sub.entrypoint("/opt/py env/bin/python", "http://mlflow:5000")
+        staging.cluster_tracking_uri(None, spec)
+    assert staging.cluster_tracking_uri("sqlite:///m.db", spec) == f"sqlite:///{tmp_path}/m.db"
+    assert staging.cluster_tracking_uri("http://mlflow:5000", spec) == "http://mlflow:5000"
+    command = staging.entrypoint("/opt/py env/bin/python", "http://mlflow:5000")
     assert command == ("'/opt/py env/bin/python' -m untrac_ray.cli run job.yaml "
                        "--address auto --tracking-uri http://mlflow:5000")
-    assert " run --resume job.yaml " in sub.entrypoint("python", "x", command="run --resume")
+    assert " run --resume job.yaml " in staging.entrypoint("python", "x", command="run --resume")
     with pytest.raises(UntracError, match="--command: expected one of"):
-        sub.entrypoint("python", "x", command="run; rm -rf /")
+        staging.entrypoint("python", "x", command="run; rm -rf /")
 
 
 def test_the_submission_id_reaches_the_mlflow_tags():
-    assert sub.submission_tags({}) == {}
-    assert sub.submission_tags({sub.SUBMISSION_ENV: "untrac-a-1"}) == {
-        sub.SUBMISSION_TAG: "untrac-a-1"}
+    assert staging.submission_tags({}) == {}
+    assert staging.submission_tags({staging.SUBMISSION_ENV: "untrac-a-1"}) == {
+        staging.SUBMISSION_TAG: "untrac-a-1"}
     ray_json = '{"metadata": {"job_submission_id": "raysubmit_X"}}'
-    assert sub.submission_tags({"RAY_JOB_CONFIG_JSON_ENV_VAR": ray_json}) == {
-        sub.SUBMISSION_TAG: "raysubmit_X"}
+    assert staging.submission_tags({"RAY_JOB_CONFIG_JSON_ENV_VAR": ray_json}) == {
+        staging.SUBMISSION_TAG: "raysubmit_X"}
 
 
 # ---------------------------------------------------------------- GPU placement, fake counts
@@ -567,7 +569,7 @@ def test_tf32_uses_the_older_switches_before_torch_2_9(monkeypatch):
 def test_precision_options_in_the_spec():
     assert ResourcesSpec().precision == "fp32" and ResourcesSpec().tf32 is False
     assert ResourcesSpec(precision="bf16", tf32=True).precision == "bf16"
-    from untrac_ray.inputs.spec import parse_spec
+    from untrac_ray.inputs.loading import parse_spec
 
     with pytest.raises(SpecError, match="resources.precision"):
         parse_spec(merge(tiny_spec_mapping(), {"resources": {"precision": "fp16"}}))

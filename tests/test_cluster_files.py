@@ -24,7 +24,8 @@ import yaml
 import untrac_ray
 from untrac_ray.cli import app
 from untrac_ray.inputs.data import load_dataset_rows
-from untrac_ray.inputs.spec import DatasetSpec, load_spec
+from untrac_ray.inputs.loading import load_spec
+from untrac_ray.inputs.spec_sections import DatasetSpec
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"

@@ -11,7 +11,7 @@ import pytest
 
 from untrac_ray.inputs.data import load_dataset_rows
 from untrac_ray.inputs.errors import DataError
-from untrac_ray.inputs.spec import DatasetSpec, TokenizerSpec
+from untrac_ray.inputs.spec_sections import DatasetSpec, TokenizerSpec
 from untrac_ray.inputs.tokenization import (
     IGNORE_INDEX,
     TokenizedSet,

@@ -15,7 +15,8 @@ pytest.importorskip("kronfluence")
 
 from untrac_ray.compute.baselines import ekfac_influence  # noqa: E402
 from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict  # noqa: E402
-from untrac_ray.inputs.spec import DatasetSpec, EkfacSpec, TokenizerSpec  # noqa: E402
+from untrac_ray.inputs.spec_methods import EkfacSpec
+from untrac_ray.inputs.spec_sections import DatasetSpec, TokenizerSpec
 from untrac_ray.inputs.tokenization import (  # noqa: E402
     IGNORE_INDEX,
     TokenizedSet,

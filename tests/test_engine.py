@@ -12,7 +12,7 @@ from ray import cloudpickle
 
 from untrac_ray.engine.pool import Engine, plan_pool_size
 from untrac_ray.inputs.errors import UntracError
-from untrac_ray.inputs.spec import ResourcesSpec
+from untrac_ray.inputs.spec_sections import ResourcesSpec
 from untrac_ray.methods.tasks import EvalTask
 
 # The tasks below are defined in this test module: ship them to the workers by value.

@@ -31,9 +31,10 @@ from ray import cloudpickle
 from conftest import merge, tiny_spec
 from untrac_ray.engine.pool import Engine, plan_pool_size
 from untrac_ray.inputs.errors import SpecError, UntracError
-from untrac_ray.inputs.spec import SHARDED_UNLEARNING, ResourcesSpec, load_spec
+from untrac_ray.inputs.loading import load_spec
+from untrac_ray.inputs.spec_sections import SHARDED_UNLEARNING, ResourcesSpec
 from untrac_ray.methods.tasks import EvalTask
-from untrac_ray.results.tracking import TAG_PREFIX
+from untrac_ray.results.store import TAG_PREFIX
 from untrac_ray.run.runner import run_job
 
 # SlowEval and FailOnRank1 below are defined in this test module: ship it to the workers by value.
@@ -260,7 +261,7 @@ def test_other_settings_a_gang_lacks_are_refused(tmp_path):
 
 def test_the_spec_allows_only_optimizers_the_sharded_bench_runs():
     from untrac_ray.engine.sharded import SHARDED_OPTIMIZERS
-    from untrac_ray.inputs.spec import TrainingSpec
+    from untrac_ray.inputs.spec_sections import TrainingSpec
 
     assert set(SHARDED_UNLEARNING) <= set(SHARDED_OPTIMIZERS)
     training = TrainingSpec.model_fields["optimizer"].annotation.__args__

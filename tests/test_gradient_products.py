@@ -19,7 +19,8 @@ from untrac_ray.compute.baselines import dataset_gradient
 from untrac_ray.compute.evaluation import sample_indices
 from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
 from untrac_ray.engine.pool import LOST_INPUTS, Engine
-from untrac_ray.inputs.spec import ResourcesSpec, load_spec
+from untrac_ray.inputs.loading import load_spec
+from untrac_ray.inputs.spec_sections import ResourcesSpec
 from untrac_ray.methods.plans import plan_gradients
 from untrac_ray.methods.tasks import BASE, GradientTask
 from untrac_ray.results.task_store import encode

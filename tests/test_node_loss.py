@@ -20,9 +20,11 @@ from ray import cloudpickle
 from ray.cluster_utils import Cluster
 
 from untrac_ray.engine import pool as engine_module
-from untrac_ray.engine.pool import Engine, workbench_from_refs
+from untrac_ray.engine.actor import workbench_from_refs
+from untrac_ray.engine.pool import Engine
 from untrac_ray.inputs.errors import UntracError
-from untrac_ray.inputs.spec import ResourcesSpec, load_spec
+from untrac_ray.inputs.loading import load_spec
+from untrac_ray.inputs.spec_sections import ResourcesSpec
 from untrac_ray.methods.tasks import EvalTask
 from untrac_ray.run.job_setup import Reporter
 from untrac_ray.run.runner import run_job

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from untrac_ray.inputs.spec import UnlearnSpec
+from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.methods.tasks import TaskResult, UnlearnTask
 from untrac_ray.results import plots
 from untrac_ray.results.tables import influence_rows, influence_table, matrix

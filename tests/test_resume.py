@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from conftest import merge, tiny_spec
 from untrac_ray.cli import app
-from untrac_ray.results.tracking import read_influence
+from untrac_ray.results.runs import read_influence
 
 
 def _stored_tasks(tmp: Path) -> dict[str, float]:
@@ -140,7 +140,7 @@ def test_resume_with_nothing_to_resume_says_so_and_resume_if_any_starts_anew(
 def test_a_running_run_is_stale_when_its_driver_is_gone_or_silent():
     import socket
 
-    from untrac_ray.results.tracking import driver_is_gone
+    from untrac_ray.results.runs import driver_is_gone
 
     here, now = socket.gethostname(), 1_000_000.0
     alive = {"untrac_ray.driver": f"{here}:{os.getpid()}", "untrac_ray.heartbeat_s": "30",

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig
 
 from untrac_ray.compute.modeling import SharedWeights, build_model, load_arrays
-from untrac_ray.inputs.spec import UnlearnSpec
+from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.methods.schedule import eval_schedules
 from untrac_ray.methods.tasks import EvalTask, UnlearnTask
 from untrac_ray.methods.workbench import Workbench

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from untrac_ray.inputs.spec import UnlearnSpec
+from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.methods.schedule import eval_schedules, headline_point
 from untrac_ray.results.scoring import (
     MEAN_OVER_TESTS,

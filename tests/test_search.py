@@ -26,12 +26,12 @@ from untrac_ray.cli import app
 from untrac_ray.compute.evaluation import sample_indices
 from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
 from untrac_ray.inputs.errors import SpecError
-from untrac_ray.inputs.spec import load_spec, parse_spec
+from untrac_ray.inputs.loading import load_spec, parse_spec
 from untrac_ray.methods.schedule import eval_schedules
 from untrac_ray.methods.segments import SegmentTask
 from untrac_ray.methods.tasks import BASE, UnlearnTask
 from untrac_ray.methods.workbench import Workbench
-from untrac_ray.results.tracking import read_influence, read_run_text
+from untrac_ray.results.runs import read_influence, read_run_text
 from untrac_ray.run.job_setup import prepare_data
 from untrac_ray.run.runner import run_job
 from untrac_ray.search.driver import run_search, tune_space
@@ -380,7 +380,7 @@ def test_resume_after_a_killed_driver_runs_only_the_missing_trials(tmp_path, ray
 
 
 def test_submit_can_run_a_search_on_a_cluster(tmp_path):
-    from untrac_ray.submit.submission import entrypoint, stage_job
+    from untrac_ray.submit.staging import entrypoint, stage_job
 
     assert entrypoint("python", "http://mlflow:5000", command="tune").startswith(
         "python -m untrac_ray.cli tune job.yaml --address auto")

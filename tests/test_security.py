@@ -26,8 +26,8 @@ import yaml
 from conftest import tiny_spec
 from untrac_ray.inputs import redaction
 from untrac_ray.inputs.errors import DataError, SpecError
-from untrac_ray.inputs.spec import load_spec
-from untrac_ray.submit.submission import entrypoint, job_request, stage_job
+from untrac_ray.inputs.loading import load_spec
+from untrac_ray.submit.staging import entrypoint, job_request, stage_job
 
 SPEC_SECRET = "SpecPass7731"  # in the spec's tracking.uri (unused: --tracking-uri wins)
 CLI_SECRET = "CliPass5526x"  # the MLflow server's admin password, in --tracking-uri

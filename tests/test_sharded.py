@@ -173,7 +173,7 @@ def llama_inputs(tmp: Path, config: dict[str, Any] = LLAMA) -> dict[str, Any]:
     from conftest import merge, tiny_spec
     from untrac_ray.compute.evaluation import sample_indices
     from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
-    from untrac_ray.inputs.spec import load_spec
+    from untrac_ray.inputs.loading import load_spec
     from untrac_ray.run.job_setup import prepare_data
 
     job = tmp / "job.yaml"
@@ -197,7 +197,7 @@ def gang_tasks(spec) -> dict[str, Any]:
     """The tasks compared, by name: UnTrac with Adam (batches of 5 rows: uneven splits),
     UnTrac with micro-batches of 2 and clipping, UnTrac-Inv with SGD and clipping, base
     losses and leave-dataset-out retraining (AdamW)."""
-    from untrac_ray.inputs.spec import UnlearnSpec
+    from untrac_ray.inputs.spec_methods import UnlearnSpec
     from untrac_ray.methods.tasks import EvalTask, LdoTask, UnlearnTask
 
     train, test = ("add_one", "double", "spell"), ("next_number", "twice")
@@ -397,7 +397,7 @@ def test_tasks_a_sharded_bench_cannot_run_are_refused():
     """Gradient and EK-FAC tasks, and Adafactor (plain-tensor state), fail with a clear error
     before any collective, the same on every rank."""
     from untrac_ray.engine.sharded import check_sharded_task
-    from untrac_ray.inputs.spec import EkfacSpec, UnlearnSpec
+    from untrac_ray.inputs.spec_methods import EkfacSpec, UnlearnSpec
     from untrac_ray.methods.tasks import EkfacTask, GradientTask, UnlearnTask
 
     with pytest.raises(ValueError, match="cannot run GradientTask"):

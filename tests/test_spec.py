@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from untrac_ray.inputs.errors import SpecError
-from untrac_ray.inputs.spec import UnlearnSpec, load_spec
+from untrac_ray.inputs.loading import load_spec
+from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.methods.schedule import eval_schedules
 
 ROOT = Path(__file__).resolve().parents[1]

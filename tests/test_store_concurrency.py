@@ -19,7 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import merge, tiny_spec
-from untrac_ray.results.tracking import read_influence
+from untrac_ray.results.runs import read_influence
 
 # A tiny job: UnTrac only, one epoch, one actor on a 1-CPU embedded Ray per process.
 SMALL = {

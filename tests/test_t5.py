@@ -21,8 +21,8 @@ from untrac_ray.compute.modeling import (
 )
 from untrac_ray.compute.training import trained_model_dir
 from untrac_ray.inputs.errors import SpecError
+from untrac_ray.inputs.loading import load_spec, parse_spec
 from untrac_ray.inputs.preflight import check_job
-from untrac_ray.inputs.spec import load_spec, parse_spec
 from untrac_ray.inputs.tokenization import TokenizedSet, byte_level_tokenizer, tokenize_rows
 from untrac_ray.results.tables import matrix
 
@@ -119,7 +119,7 @@ def test_t5_splits_prompt_and_target_and_counts_the_same_tokens():
     rows = [("What comes after 7?", "8"), ("Hi", "hello there")]
     import pyarrow as pa
 
-    from untrac_ray.inputs.spec import DatasetSpec, TokenizerSpec
+    from untrac_ray.inputs.spec_sections import DatasetSpec, TokenizerSpec
 
     table = tokenize_rows(DatasetSpec(name="d", source="d.csv"),
                           pa.table({"prompt": [p for p, _ in rows],

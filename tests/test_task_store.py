@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_spec
-from untrac_ray.inputs.spec import JobSpec, UnlearnSpec
+from untrac_ray.inputs.spec import JobSpec
+from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.methods.tasks import EkfacTask, EvalTask, GradientTask, TaskResult, UnlearnTask
 from untrac_ray.results.task_store import StoredResultError, TaskStore, decode, encode, task_key
 from untrac_ray.results.tracking import JobRun

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from untrac_ray.inputs.data import load_dataset_rows
+from untrac_ray.inputs.loading import load_spec
 from untrac_ray.inputs.preflight import check_job
-from untrac_ray.inputs.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 FILES = ("general_corpus.csv", "corpora.csv", "tests.csv", "harm_train.csv", "harm_eval.csv")

@@ -19,11 +19,12 @@ from conftest import TRAIN_GROUPS, merge, run_through_cli, tiny_spec, write_rows
 from untrac_ray.cli import app
 from untrac_ray.compute.evaluation import sample_indices
 from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
-from untrac_ray.inputs.spec import METHODS, load_spec
+from untrac_ray.inputs.loading import load_spec
+from untrac_ray.inputs.spec_sections import METHODS
 from untrac_ray.methods.tasks import GradientTask
 from untrac_ray.methods.workbench import Workbench
+from untrac_ray.results.runs import read_influence, read_run_table
 from untrac_ray.results.tables import matrix, points_of
-from untrac_ray.results.tracking import read_influence, read_run_table
 from untrac_ray.run.job_setup import prepare_data
 
 runner = CliRunner()

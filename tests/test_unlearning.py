@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from untrac_ray.inputs.errors import NonFiniteLossError
-from untrac_ray.inputs.spec import UnlearnSpec
+from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.methods.schedule import eval_schedules
 from untrac_ray.methods.tasks import EvalTask, UnlearnTask
 from untrac_ray.methods.workbench import Workbench

@@ -15,7 +15,8 @@ from untrac_ray.cli import app
 from untrac_ray.compute.modeling import token_loss_sum
 from untrac_ray.compute.unlearning import Retain
 from untrac_ray.inputs.errors import SpecError
-from untrac_ray.inputs.spec import UnlearnSpec, load_spec, parse_spec
+from untrac_ray.inputs.loading import load_spec, parse_spec
+from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.methods.plans import average_members, plan_unlearning
 from untrac_ray.methods.schedule import eval_schedules
 from untrac_ray.methods.tasks import TaskResult, UnlearnTask

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 # Modules a user's script may import by the name the README gave them before the package had
 # layers: the name still imports the module, with a DeprecationWarning naming the new one.
-MOVED = {"untrac_ray.tracking": "untrac_ray.results.tracking"}
+MOVED = {"untrac_ray.tracking": "untrac_ray.results.runs"}
 
 
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):

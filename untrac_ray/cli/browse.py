@@ -1,7 +1,8 @@
 """Browsing results from the terminal: `runs`, `show`, `compare`, and `ui` (the MLflow UI).
 
-`register(app)` adds the commands to the main Typer app. Reading the store is tracking.py's
-job, formatting browse.py's; this module parses options and prints.
+`register(app)` adds the commands to the main Typer app. Reading the store is
+results/runs.py's job, computing what to show results/browse.py's, drawing it render.py's;
+this module parses options and prints.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _fail(err: Exception) -> typer.Exit:
 
 
 def _uri(cli_value: str | None) -> str:
-    from untrac_ray.results.tracking import resolve_tracking_uri
+    from untrac_ray.results.store import resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet downloads
     return resolve_tracking_uri(cli_value, None)
@@ -100,7 +101,7 @@ def _emit(fmt: Format, frame, data, output: Path | None) -> None:
 def _load(run: str, uri: str):
     """A run's record and influence table (or the partial one a failed run kept)."""
     from untrac_ray.results.browse import BrowseError
-    from untrac_ray.results.tracking import get_run_record, read_run_table
+    from untrac_ray.results.runs import get_run_record, read_run_table
 
     record = get_run_record(run, uri)
     table = read_run_table(record.run_id, uri, "influence")
@@ -127,8 +128,9 @@ def runs(
 ) -> None:
     """List untrac-ray runs, newest first: job, methods, model, sets, status, best correlation
     with the ground truth, start and duration."""
+    from untrac_ray.cli.render import runs_table
     from untrac_ray.results import browse
-    from untrac_ray.results.tracking import list_runs
+    from untrac_ray.results.runs import list_runs
 
     uri = _uri(tracking_uri)
     try:
@@ -139,7 +141,7 @@ def runs(
                         + (f" (experiment {experiment})" if experiment else "")], output)
             else:
                 width = out_console.width if out_console.is_terminal and not output else None
-                _print([browse.runs_table(records, f"untrac-ray runs in {uri}", width)],
+                _print([runs_table(records, f"untrac-ray runs in {uri}", width)],
                        output)
             return
         data = {"tracking_uri": uri, "runs": [browse.record_dict(r) for r in records]}
@@ -167,8 +169,9 @@ def show(
 ) -> None:
     """A run's influence matrices, rows sorted by influence, the top training sets per test set
     and the scores against the ground truth. csv/parquet: the cells, tidy, ranked."""
+    from untrac_ray.cli.render import show_renderables
     from untrac_ray.results import browse
-    from untrac_ray.results.tracking import list_run_artifacts, read_run_table
+    from untrac_ray.results.runs import list_run_artifacts, read_run_table
 
     uri = _uri(tracking_uri)
     try:
@@ -182,7 +185,7 @@ def show(
                  if examples else None)
         if fmt is Format.text:
             figures = [Path(p).name for p in list_run_artifacts(record.run_id, uri, "figures")]
-            _print(browse.show_renderables(record, views, top, scores, drill, examples,
+            _print(show_renderables(record, views, top, scores, drill, examples,
                                            n_examples, figures, partial, _basic()), output)
             return
         data = browse.show_json(record, views, top, scores, drill, examples, n_examples)
@@ -208,6 +211,7 @@ def compare(
 ) -> None:
     """Two matrices side by side with their correlation: two runs (a small proxy model vs the
     large one), or two methods of one run (UnTrac vs UnTrac-Inv, the default for one run)."""
+    from untrac_ray.cli.render import compare_renderables
     from untrac_ray.results import browse
 
     uri = _uri(tracking_uri)
@@ -232,7 +236,7 @@ def compare(
         label_b = f"{record_b.run_name or record_b.run_id[:8]} {vb.method} @ {vb.point}"
         comparison = browse.compare_views(va, vb, label_a, label_b)
         if fmt is Format.text:
-            _print(browse.compare_renderables(comparison, _basic()), output)
+            _print(compare_renderables(comparison, _basic()), output)
             return
         _emit(fmt, browse.compare_frame(comparison),
               browse.compare_json(comparison, record_a, record_b), output)
@@ -301,7 +305,8 @@ def ui(
         "--start-timeout", help="seconds to wait for the server to answer")] = 180.0,
 ) -> None:
     """Start the MLflow UI for the tracking store on 127.0.0.1 and print its address."""
-    from untrac_ray.results.tracking import store_exists, ui_command
+    from untrac_ray.results.runs import ui_command
+    from untrac_ray.results.store import store_exists
 
     uri = _uri(tracking_uri)
     if uri.startswith(("http://", "https://")):

@@ -1,7 +1,7 @@
 """`untrac-ray submit / status / logs / stop / jobs`: jobs on a Ray cluster (Ray Jobs API).
 
-Thin: each command parses its options, calls untrac_ray.submit.submission, and prints. cli.py calls
-`register(app)` to add them to the main app.
+Thin: each command parses its options, calls untrac_ray.submit (staging.py, client.py), and
+prints. main.py calls `register(app)` to add them to the main app.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _took(seconds: float | None) -> str:
 def _follow(cluster, job: str) -> None:
     """Stream a job's logs to stdout, then exit with its status (0 succeeded, 1 failed,
     3 stopped)."""
-    from untrac_ray.submit.submission import EXIT_CODES
+    from untrac_ray.submit.client import EXIT_CODES
 
     def write(chunk: str) -> None:
         sys.stdout.write(chunk)
@@ -122,12 +122,8 @@ def submit(
                            "with --command tune) where it stopped: a resubmitted job")] = False,
 ) -> None:
     """Submit a job to a Ray cluster with its files; print the submission id."""
-    from untrac_ray.submit.submission import (
-        Cluster,
-        cluster_tracking_uri,
-        package_size,
-        stage_job,
-    )
+    from untrac_ray.submit.client import Cluster
+    from untrac_ray.submit.staging import cluster_tracking_uri, package_size, stage_job
 
     try:
         # Everything local first: a bad spec or a missing file never reaches the cluster.
@@ -163,7 +159,7 @@ def submit(
 
 def status(job: JobId, address: Address = None) -> None:
     """Print a job's status, times and MLflow run."""
-    from untrac_ray.submit.submission import Cluster
+    from untrac_ray.submit.client import Cluster
 
     try:
         row = Cluster(address).info(job)
@@ -183,7 +179,7 @@ def status(job: JobId, address: Address = None) -> None:
 
 def logs(job: JobId, address: Address = None, follow: Follow = False) -> None:
     """Print a job's logs (with --follow, stream them until it ends)."""
-    from untrac_ray.submit.submission import Cluster
+    from untrac_ray.submit.client import Cluster
 
     try:
         cluster = Cluster(address)
@@ -200,7 +196,7 @@ def stop(
     wait: Annotated[float, typer.Option("--wait", help="seconds to wait for it to end")] = 30.0,
 ) -> None:
     """Stop a running job."""
-    from untrac_ray.submit.submission import Cluster
+    from untrac_ray.submit.client import Cluster
 
     try:
         cluster = Cluster(address)
@@ -218,7 +214,7 @@ def jobs(
     all_jobs: Annotated[bool, typer.Option("--all", help="also jobs not from untrac-ray")] = False,
 ) -> None:
     """List this cluster's untrac-ray jobs: id, job name, status, start, duration, MLflow run."""
-    from untrac_ray.submit.submission import Cluster
+    from untrac_ray.submit.client import Cluster
 
     try:
         cluster = Cluster(address)

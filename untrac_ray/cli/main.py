@@ -37,7 +37,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 @app.callback()
 def _quiet_libraries() -> None:
     """Keep library chatter (download bars, store migrations) off the terminal, and every
-    credential out of what is printed (redaction.py: before anything else runs)."""
+    credential out of what is printed (inputs/redaction.py: before anything else runs)."""
     import logging
     import os
 
@@ -117,8 +117,8 @@ def _print_scores(summary) -> None:
 def validate(job: JobFile) -> None:
     """Check a job spec and what it names (data, columns, subsets, model folder, cache_dir),
     then print it resolved (paths absolute, defaults filled in)."""
+    from untrac_ray.inputs.loading import load_spec
     from untrac_ray.inputs.preflight import check_job
-    from untrac_ray.inputs.spec import load_spec
 
     try:
         spec = load_spec(job)
@@ -131,7 +131,7 @@ def validate(job: JobFile) -> None:
 @app.command()
 def train(job: JobFile, quiet: Quiet = False) -> None:
     """Train the job's base model on its training datasets and save it (save_pretrained)."""
-    from untrac_ray.inputs.spec import load_spec
+    from untrac_ray.inputs.loading import load_spec
     from untrac_ray.run.job_setup import prepare_data, train_model_for
 
     try:
@@ -164,9 +164,9 @@ def run(
 
     from untrac_ray.engine.signals import EXIT_CODE as SIGTERM_EXIT_CODE
     from untrac_ray.engine.signals import sigterm_as_interrupt, was_terminated
-    from untrac_ray.inputs.spec import load_spec
+    from untrac_ray.inputs.loading import load_spec
     from untrac_ray.run.runner import run_job
-    from untrac_ray.submit.submission import submission_tags
+    from untrac_ray.submit.staging import submission_tags
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # restoring tasks
     try:
@@ -184,7 +184,7 @@ def run(
                           "cells that finished; `run --resume` continues it", highlight=False)
         raise typer.Exit(code=SIGTERM_EXIT_CODE) from None
     _print_matrices(outcome)
-    from untrac_ray.results.browse import agreement_text
+    from untrac_ray.cli.render import agreement_text
 
     trust = agreement_text(outcome.agreement)
     if trust is not None:

@@ -1,4 +1,4 @@
-"""The CLI's progress display, shared by `run`, `train` (cli.py) and `tune` (cli_search.py).
+"""The CLI's progress display, shared by `run`, `train` (main.py) and `tune` (search.py).
 
 Light on purpose: rich only, so that `untrac-ray --help` stays fast.
 """

@@ -1,6 +1,6 @@
 """`untrac-ray tune`: the job's hyperparameter search on Ray Tune, with a live table of trials.
 
-Thin: parses options, calls search.run_search, prints. cli.py calls `register(app)`.
+Thin: parses options, calls search/driver.run_search, prints. main.py calls `register(app)`.
 """
 
 from __future__ import annotations
@@ -173,9 +173,9 @@ def tune(
     nested MLflow run, and the best settings are written as a job file."""
     import os
 
-    from untrac_ray.inputs.spec import load_spec
+    from untrac_ray.inputs.loading import load_spec
     from untrac_ray.search.driver import SearchInterrupted, objective_label, run_search
-    from untrac_ray.submit.submission import submission_tags
+    from untrac_ray.submit.staging import submission_tags
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading back
 

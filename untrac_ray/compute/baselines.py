@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from untrac_ray.compute.modeling import token_loss_sum
-from untrac_ray.inputs.spec import EkfacSpec
+from untrac_ray.inputs.spec_methods import EkfacSpec
 from untrac_ray.inputs.tokenization import IGNORE_INDEX, TokenizedSet
 
 

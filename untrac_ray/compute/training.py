@@ -23,7 +23,9 @@ from untrac_ray.compute.modeling import (
 )
 from untrac_ray.compute.unlearning import batch_schedule, make_optimizer
 from untrac_ray.inputs.errors import NonFiniteLossError
-from untrac_ray.inputs.spec import JobSpec, TrainingSpec
+from untrac_ray.inputs.fingerprints import model_key, pretrain_key
+from untrac_ray.inputs.spec import JobSpec
+from untrac_ray.inputs.spec_sections import TrainingSpec
 from untrac_ray.inputs.tokenization import TokenizedSet
 
 TRAIN_RECORD = "untrac_train.json"
@@ -101,7 +103,7 @@ def trained_model_dir(spec: JobSpec) -> Path:
     """Where `train` saves this spec's model: training.output_dir, else the cache by spec hash."""
     if spec.training.output_dir:
         return Path(spec.training.output_dir)
-    return Path(spec.cache_dir, "models", f"{spec.name}-{spec.model_key()}")
+    return Path(spec.cache_dir, "models", f"{spec.name}-{model_key(spec)}")
 
 
 def find_trained_model(spec: JobSpec) -> Path | None:
@@ -109,14 +111,14 @@ def find_trained_model(spec: JobSpec) -> Path | None:
     folder = trained_model_dir(spec)
     record = folder / TRAIN_RECORD
     if has_weights(folder) and record.is_file():
-        if json.loads(record.read_text()).get("model_key") == spec.model_key():
+        if json.loads(record.read_text()).get("model_key") == model_key(spec):
             return folder
     return None
 
 
 def pretrained_dir(spec: JobSpec) -> Path:
     """Where the general pretraining stage's model is cached."""
-    return Path(spec.cache_dir, "pretrained", f"{spec.name}-{spec.pretrain_key()}")
+    return Path(spec.cache_dir, "pretrained", f"{spec.name}-{pretrain_key(spec)}")
 
 
 def ensure_pretrained(
@@ -131,7 +133,7 @@ def ensure_pretrained(
     folder = pretrained_dir(spec)
     record = folder / TRAIN_RECORD
     if has_weights(folder) and record.is_file():
-        if json.loads(record.read_text()).get("model_key") == spec.pretrain_key():
+        if json.loads(record.read_text()).get("model_key") == pretrain_key(spec):
             return folder
     sets = [
         TokenizedSet.from_table(
@@ -143,7 +145,7 @@ def ensure_pretrained(
     config = config_from_dict(spec.model.config, len(tokenizer), tokenizer.eos_token_id)
     model = build_model(config, seed=spec.pretraining.training.seed)
     _train_and_save(model, sets, spec.pretraining.training, folder, tokenizer,
-                    spec.pretrain_key(), spec.name, on_step)
+                    pretrain_key(spec), spec.name, on_step)
     return folder
 
 
@@ -235,6 +237,6 @@ def train_base_model(
     """Train the job's model on its training sets from its initial weights, and save it."""
     model = initial_model(spec, tokenizer, spec.training.seed, on_step)
     folder = trained_model_dir(spec)
-    _train_and_save(model, train_sets, spec.training, folder, tokenizer, spec.model_key(),
+    _train_and_save(model, train_sets, spec.training, folder, tokenizer, model_key(spec),
                     spec.name, on_step)
     return folder

@@ -10,7 +10,7 @@ import torch
 
 from untrac_ray.compute.modeling import label_count, token_loss_sum
 from untrac_ray.inputs.errors import NonFiniteLossError
-from untrac_ray.inputs.spec import UnlearnSpec
+from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.inputs.tokenization import TokenizedSet
 
 

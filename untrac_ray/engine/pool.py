@@ -6,38 +6,31 @@ Ray and on a cluster address. The engine outlives its actors: a task whose actor
 a lost node) runs again on a live one, and a replacement actor joins when resources allow.
 With resources.actors_per_task N > 1 each place in the pool is a gang of N actors running
 every task together on one sharded model (gang.py), replaced whole when a member dies.
+
+Starting Ray is ray_start.py; the actor itself, actor.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import re
-import signal
-import threading
 import time
-import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from untrac_ray.compute.modeling import SharedWeights
-from untrac_ray.compute.precision import configure_tf32
+from untrac_ray.engine.actor import WorkbenchActor
 from untrac_ray.engine.gang import (
     ActorGang,
-    RankRunner,
-    rendezvous_address,
     start_gang,
-    take_listener,
 )
 from untrac_ray.engine.placement import (
     Reservation,
@@ -46,60 +39,10 @@ from untrac_ray.engine.placement import (
     alive_node_resources,
     reserve_actors,
 )
-from untrac_ray.engine.sharded import Gang, ShardedWorkbench, init_gang
 from untrac_ray.engine.signals import raise_if_stopped
 from untrac_ray.inputs.errors import UntracError
-from untrac_ray.inputs.spec import ResourcesSpec
-from untrac_ray.inputs.tokenization import TokenizedSet
+from untrac_ray.inputs.spec_sections import ResourcesSpec
 from untrac_ray.methods.tasks import Task, TaskResult, needs_of
-from untrac_ray.methods.workbench import Workbench
-
-LOOPBACK = "127.0.0.1"
-
-
-@contextlib.contextmanager
-def _loopback_node() -> Iterator[None]:
-    """Let the embedded node take 127.0.0.1 as its address, so that GCS, raylet, workers and
-    agents listen on loopback only. Ray turns a loopback node address into the machine's
-    network address unless its multi-node switch is off (the one RAY_ENABLE_WINDOWS_OR_OSX_
-    CLUSTER sets when Ray is imported); it is off only while the node starts. A cluster
-    address never goes through here. tests/test_security.py checks every listening socket."""
-    from ray._private import ray_constants
-
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
-
-
-def ensure_ray(resources: ResourcesSpec, address: str | None = None) -> bool:
-    """Connect to a cluster or start an embedded local Ray; True when this call started it."""
-    if ray.is_initialized():
-        return False
-    # ray.init replaces the driver's SIGTERM handler with its own (an exit through Ray's crash
-    # handler); a handler the caller installed (signals.py) is put back after it.
-    sigterm = signal.getsignal(signal.SIGTERM)
-    address = address or resources.address
-    kwargs: dict[str, Any] = {"logging_level": "ERROR", "configure_logging": True}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        mem = resources.object_store_memory_mb
-        with _loopback_node():
-            ray.init(
-                address="local",  # always a new embedded instance, even if `ray start` ran
-                num_cpus=resources.local_cpus or os.cpu_count(),
-                object_store_memory=mem * 2**20 if mem else None,
-                include_dashboard=False,
-                _node_ip_address=LOOPBACK,
-                dashboard_host=LOOPBACK,
-                **kwargs,
-            )
-    if callable(sigterm) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, sigterm)
-    return True
 
 
 def plan_pool_size(
@@ -140,164 +83,6 @@ def plan_pool_size(
         n = math.floor(cluster.get("CPU", 1) / cpus + 1e-9)
     return max(1, min(n, max_useful))
 
-
-class _ObjectStoreWeights(Mapping):
-    """Weight sets read from Ray's object store on first use (zero-copy on the node)."""
-
-    def __init__(self, refs: dict[str, ray.ObjectRef]) -> None:
-        self._refs = refs
-        self._loaded: dict[str, SharedWeights] = {}
-
-    def __getitem__(self, name: str) -> SharedWeights:
-        if name not in self._loaded:
-            self._loaded[name] = ray.get(self._refs[name])
-        return self._loaded[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._refs)
-
-    def __len__(self) -> int:
-        return len(self._refs)
-
-
-def workbench_from_refs(
-    shared: Mapping[str, Mapping[str, ray.ObjectRef]],
-    pad_id: int,
-    eval_indices: dict[str, np.ndarray],
-    eval_batch_size: int,
-    device: torch.device | str,
-    precision: str = "fp32",
-    weights_dtype: str = "fp32",
-    gradient_checkpointing: bool = False,
-    gang: Gang | None = None,
-) -> Workbench | ShardedWorkbench:
-    """A Workbench built from object-store references, in a Ray worker (an actor, a trial);
-    with `gang`, this rank's ShardedWorkbench of the gang (every rank builds one; `device`
-    is the gang's, and the memory settings must be the defaults: resources' validation).
-
-    `shared` holds {"weights": {name: ref to SharedWeights}, "datasets": {name: ref to a
-    tokenized Arrow table}} (refs nested in a dict reach a remote call unresolved). The tables
-    are read now; each weight set on first use (zero-copy on the node). `precision` is every
-    task's numerics; `weights_dtype` and `gradient_checkpointing` the model's memory settings
-    (ResourcesSpec).
-    """
-    weights = _ObjectStoreWeights(dict(shared["weights"]))
-    names = list(shared["datasets"])
-    tables = ray.get([shared["datasets"][n] for n in names])
-    datasets = {
-        n: TokenizedSet.from_table(n, t, pad_id) for n, t in zip(names, tables, strict=True)
-    }
-    if gang is not None:
-        if weights_dtype != "fp32" or gradient_checkpointing:
-            raise ValueError("a sharded bench keeps fp32 weights, without gradient "
-                             "checkpointing")
-        return ShardedWorkbench(weights, datasets, eval_indices, eval_batch_size, gang,
-                                precision=precision)
-    return Workbench(weights, datasets, eval_indices, eval_batch_size, device,
-                     precision=precision, weights_dtype=weights_dtype,
-                     gradient_checkpointing=gradient_checkpointing)
-
-
-@ray.remote
-class WorkbenchActor:
-    """A Ray actor around one Workbench; it builds its model from the shared weights once.
-
-    The object-store references (weights, tokenized tables) reach the actor through method
-    calls, never its constructor: Ray cannot restart an actor whose constructor arguments live
-    in the object store (ray-project/ray#53727). `prepare` builds the Workbench right after
-    start (the engine gives an actor tasks only once it has); `run` builds it too, for tasks
-    sent with `Engine.submit` straight after start.
-
-    A member of a gang (gang.py) starts with `join_gang` instead of `prepare`: its bench is
-    then its rank's ShardedWorkbench, and its gang work runs through its RankRunner.
-    """
-
-    def __init__(
-        self,
-        pad_id: int,
-        eval_indices: dict[str, np.ndarray],
-        eval_batch_size: int,
-        threads: int,
-        precision: str = "fp32",
-        tf32: bool = False,
-        weights_dtype: str = "fp32",
-        gradient_checkpointing: bool = False,
-    ) -> None:
-        torch.set_num_threads(threads)
-        warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecations
-        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        configure_tf32(tf32, self.device)
-        self.pad_id, self.eval_indices, self.eval_batch_size = pad_id, eval_indices, eval_batch_size
-        self.precision = precision
-        self.memory = {"weights_dtype": weights_dtype,
-                       "gradient_checkpointing": gradient_checkpointing}
-        self.bench: Workbench | ShardedWorkbench | None = None
-        self.label = f"{ray.get_runtime_context().get_node_id()[:8]}/pid{os.getpid()}/{self.device}"
-        self.gang: Gang | None = None
-        self.rank: RankRunner | None = None
-
-    def prepare(self, shared: dict[str, dict[str, ray.ObjectRef]]) -> str:
-        """Build the Workbench from the shared objects; returns the actor's label (node/pid)."""
-        if self.bench is None:
-            self.bench = workbench_from_refs(shared, self.pad_id, self.eval_indices,
-                                             self.eval_batch_size, self.device, self.precision,
-                                             **self.memory, gang=self.gang)
-        return self.label
-
-    def gang_address(self) -> tuple[str, int]:
-        """Where this actor, as rank 0 of a gang, will listen for the others (gang.py)."""
-        return rendezvous_address()
-
-    def join_gang(self, rank: int, world_size: int, address: tuple[str, int],
-                  shared: dict[str, dict[str, ray.ObjectRef]],
-                  peers: Sequence[ray.ObjectRef] = ()) -> str:
-        """Join a gang as rank `rank` of `world_size` (rank 0 listens at `address`) and build
-        this rank's ShardedWorkbench; returns the label. Rank 0 watches the others' joins
-        (`peers`)."""
-        self.rank = RankRunner(rank, world_size)
-
-        def join() -> str:
-            device = torch.device("cuda", torch.cuda.current_device()) \
-                if self.device == "cuda" else torch.device("cpu")  # Ray's GPU: an index
-            listen_fd = take_listener(address[1]) if rank == 0 else None
-            self.gang = init_gang(rank, world_size, *address, device=device, listen_fd=listen_fd)
-            self.label += f"/rank{rank}of{world_size}"
-            return self.prepare(shared)
-
-        return self.rank.run(join, peers)
-
-    def run(self, task: Task, shared: dict[str, dict[str, ray.ObjectRef]],
-            inputs: Sequence[ray.ObjectRef] = (), peers: Sequence[ray.ObjectRef] = ()
-            ) -> TaskResult | None:
-        """Run a task; `inputs` refer to the payloads of the tasks it needs, read here from the
-        object store (zero-copy on this node). A gang's members all run it, rank 0 watching
-        the others' calls (`peers`); only rank 0 returns the result (None from the others)."""
-        if self.rank is not None:
-            result = self.rank.run(lambda: self._run_here(task, shared, inputs), peers)
-            return result if self.rank.rank == 0 else None
-        return self._run_here(task, shared, inputs)
-
-    def _run_here(self, task: Task, shared: dict[str, dict[str, ray.ObjectRef]],
-                 inputs: Sequence[ray.ObjectRef] = ()) -> TaskResult:
-        """`run` on this actor's bench."""
-        self.prepare(shared)
-        result = self.bench.run(task, ray.get(list(inputs))) if inputs else self.bench.run(task)
-        result.worker = self.label
-        return result
-
-    @ray.method(num_returns=2)
-    def run_kept(self, task: Task, shared: dict[str, dict[str, ray.ObjectRef]],
-                 inputs: Sequence[ray.ObjectRef] = (), peers: Sequence[ray.ObjectRef] = ()
-                 ) -> tuple[TaskResult, Any]:
-        """`run`, for a task whose payload stays in the object store: the result without its
-        payload, and the payload as a second object (the driver keeps only its reference)."""
-        result = self.run(task, shared, inputs, peers)
-        payload, result.payload = result.payload, None
-        return result, payload
-
-
-# How long a map waits for an actor to start (and build its model) when it has none ready:
-# a replacement for dead actors may wait for a node to come back or the autoscaler to add one.
 START_TIMEOUT_S = 600.0
 
 # A dead actor, or the result of its task lost with its node: the task goes to another actor.

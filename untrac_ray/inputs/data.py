@@ -16,7 +16,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from untrac_ray.inputs.errors import DataError
-from untrac_ray.inputs.spec import DatasetSpec, is_uri
+from untrac_ray.inputs.spec_sections import DatasetSpec, is_uri
 
 
 def _open_input(source: str):

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from untrac_ray.inputs.data import check_dataset_header, load_dataset_rows
 from untrac_ray.inputs.errors import DataError, SpecError
-from untrac_ray.inputs.spec import DatasetSpec, JobSpec, encoder_decoder_refusal, is_uri
+from untrac_ray.inputs.spec import JobSpec, encoder_decoder_refusal
+from untrac_ray.inputs.spec_sections import DatasetSpec, is_uri
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -11,7 +11,7 @@ One rule, `redact(text)`, for any text:
 
 The CLI wraps stdout and stderr in `RedactingStream` before anything else runs, so every line a
 command prints, and every line Ray forwards from its workers, goes through the rule; what goes
-to MLflow (params, tags, text artifacts) passes through it in tracking.py.
+to MLflow (params, tags, text artifacts) passes through it in results/tracking.py.
 
 Secrets travel by environment variables, never in text: `split_credentials` turns a tracking
 URI's user:password into MLflow's MLFLOW_TRACKING_USERNAME/PASSWORD, and `to_placeholders`

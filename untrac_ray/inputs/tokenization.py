@@ -24,7 +24,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from untrac_ray.inputs.data import load_dataset_rows
 from untrac_ray.inputs.errors import DataError, SpecError
-from untrac_ray.inputs.spec import DatasetSpec, TokenizerSpec, file_fingerprint, spec_hash
+from untrac_ray.inputs.fingerprints import file_fingerprint, spec_hash
+from untrac_ray.inputs.spec_sections import DatasetSpec, TokenizerSpec
 
 IGNORE_INDEX = -100
 SEPARATOR = "\n"

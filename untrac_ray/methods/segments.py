@@ -33,7 +33,7 @@ from untrac_ray.compute.unlearning import (
     check_eval_losses,
     make_optimizer,
 )
-from untrac_ray.inputs.spec import UnlearnSpec
+from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.methods.tasks import BASE, Bench, Output
 
 # Trajectory states by workbench (one per actor), then by task key.

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from untrac_ray.compute.unlearning import check_eval_losses, unlearn
-from untrac_ray.inputs.spec import EkfacSpec, TrainingSpec, UnlearnSpec
+from untrac_ray.inputs.spec_methods import EkfacSpec, UnlearnSpec
+from untrac_ray.inputs.spec_sections import TrainingSpec
 from untrac_ray.inputs.tokenization import TokenizedSet
 
 BASE = "base"

@@ -1,6 +1,6 @@
 """Where tasks run, in plain PyTorch: one model, the shared weight sets and the datasets.
 
-The Ray actors in engine.py each own one Workbench; tests and the benchmark's bare loop use
+The Ray actors in engine/actor.py each own one Workbench; tests and the benchmark's bare loop use
 one directly. Nothing here knows Ray.
 """
 

@@ -11,7 +11,7 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:  # the public reader, without importing MLflow up front
     if name == "read_influence":
-        from untrac_ray.results.tracking import read_influence
+        from untrac_ray.results.runs import read_influence
 
         return read_influence
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -53,7 +53,8 @@ def heatmap(table: pd.DataFrame, method: str, train: list[str], test: list[str])
 
 def trajectory(table: pd.DataFrame, method: str, train: list[str], test: list[str]):
     """Influence along unlearning: one panel per test set, a line per training set, against
-    the evaluation points (the same progress through each set's own schedule; schedule.py)."""
+    the evaluation points (the same progress through each set's own schedule:
+    methods/schedule.py)."""
     rows = table[table["method"] == method]
     cols = min(3, len(test))
     nrows = math.ceil(len(test) / cols)

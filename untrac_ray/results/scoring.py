@@ -1,6 +1,6 @@
 """Scoring estimates against the ground truth (leave-dataset-out): Pearson and Spearman
 correlation per test set (over the training sets), their mean, and pooled over all cells, at
-every evaluation point of every method (schedule.py: points line trajectories up).
+every evaluation point of every method (methods/schedule.py: points line trajectories up).
 
 The headline score of a method is the one at a point fixed in advance (the last, or the spec's
 score_point), never the best point in hindsight: that is chosen against the very ground truth
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from untrac_ray.inputs.errors import UntracError
-from untrac_ray.inputs.spec import GROUND_TRUTH
+from untrac_ray.inputs.spec_sections import GROUND_TRUTH
 
 ALL_CELLS = "__all__"
 MEAN_OVER_TESTS = "__mean__"

@@ -12,9 +12,9 @@ if TYPE_CHECKING:  # the browsing commands read tables without importing torch
 
 COLUMNS = ["method", "point", "step", "train_set", "test_set", "influence", "loss_before",
            "loss_after"]
-# `point` lines trajectories up (schedule.py): the same progress through every set's schedule.
-# `step` is the absolute step of the unlearned set at that point. Methods without a trajectory
-# (LDO and the gradient baselines) have point 0 and step 0.
+# `point` lines trajectories up (methods/schedule.py): the same progress through every set's
+# schedule. `step` is the absolute step of the unlearned set at that point. Methods without a
+# trajectory (LDO and the gradient baselines) have point 0 and step 0.
 
 
 def unlearning_cells(method: str, forget: str, point: int, step: int, losses: dict[str, float],

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from untrac_ray.inputs.spec import spec_hash
+from untrac_ray.inputs.fingerprints import spec_hash
 from untrac_ray.methods.tasks import TaskResult
 
 FOLDER = "tasks"  # the artifact folder of a run that holds its finished tasks

@@ -26,11 +26,12 @@ from untrac_ray.compute.training import (
 )
 from untrac_ray.inputs.errors import ModelError, UntracError
 from untrac_ray.inputs.preflight import check_job
-from untrac_ray.inputs.spec import GROUND_TRUTH, JobSpec
+from untrac_ray.inputs.spec import JobSpec
+from untrac_ray.inputs.spec_sections import GROUND_TRUTH
 from untrac_ray.inputs.tokenization import TokenizedSet, load_tokenizer, tokenized_dataset
 from untrac_ray.methods.tasks import BASE, init_weights_name
+from untrac_ray.results.runs import read_influence
 from untrac_ray.results.scoring import check_truth_matches, truth_matrix
-from untrac_ray.results.tracking import read_influence
 
 if TYPE_CHECKING:
     from untrac_ray.methods.tasks import TaskResult

@@ -15,27 +15,23 @@ from typing import Literal
 import pandas as pd
 
 from untrac_ray.inputs.errors import TrackingError
-from untrac_ray.inputs.spec import UNLEARNING_METHODS, JobSpec
+from untrac_ray.inputs.fingerprints import job_spec_key
+from untrac_ray.inputs.spec import JobSpec
+from untrac_ray.inputs.spec_sections import UNLEARNING_METHODS
 from untrac_ray.methods.plans import average_members, plan_methods
 from untrac_ray.methods.tasks import EkfacTask, EvalTask, LdoTask, TaskResult, UnlearnTask
 from untrac_ray.results import plots
+from untrac_ray.results.runs import find_resumable_run
 from untrac_ray.results.scoring import agreement, score_table, summary, truth_matrix
+from untrac_ray.results.store import TAG_PREFIX, check_store, resolve_tracking_uri
 from untrac_ray.results.tables import influence_rows, influence_table, matrix, top_examples
-from untrac_ray.results.tracking import (
-    TAG_PREFIX,
-    JobRun,
-    check_store,
-    find_resumable_run,
-    metric_key,
-    resolve_tracking_uri,
-)
+from untrac_ray.results.tracking import JobRun, metric_key
 from untrac_ray.run.job_setup import Reporter
 from untrac_ray.run.session import (
     DATA_KEY,
     MODEL_KEY,
     SPEC_KEY,
     JobSession,
-    job_spec_key,
     open_session,
     run_tasks,
 )

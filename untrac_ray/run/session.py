@@ -26,12 +26,14 @@ import pandas as pd
 import pyarrow as pa
 import ray
 
-from untrac_ray.engine.pool import Engine, ensure_ray
+from untrac_ray.engine.pool import Engine
+from untrac_ray.engine.ray_start import ensure_ray
 from untrac_ray.inputs.errors import UntracError
-from untrac_ray.inputs.spec import JobSpec, file_fingerprint, spec_hash
+from untrac_ray.inputs.fingerprints import file_fingerprint, job_spec_key, spec_hash
+from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.methods.tasks import TaskResult
+from untrac_ray.results.store import resolve_tracking_uri
 from untrac_ray.results.task_store import TaskStore
-from untrac_ray.results.tracking import resolve_tracking_uri
 from untrac_ray.run.job_setup import (
     PreparedData,
     Reporter,
@@ -47,15 +49,6 @@ SPEC_KEY, DATA_KEY, MODEL_KEY = "spec_key", "data_key", "model_key"  # run tags 
 
 class ResumeError(UntracError):
     """A run cannot be resumed with this job (changed spec, data or model)."""
-
-
-def job_spec_key(spec: JobSpec) -> str:
-    """Hash of the spec's settings that decide results: everything but where it runs and
-    logs (tracking, resources other than numerics, a search's storage and concurrency)."""
-    dump = spec.model_dump(mode="json", exclude={
-        "tracking": True, "search": {"storage_path", "max_concurrent"}})
-    dump["resources"] = {k: dump["resources"][k] for k in ("precision", "tf32")}
-    return spec_hash(dump)
 
 
 def table_fingerprint(table: pa.Table) -> str:

@@ -16,13 +16,10 @@ import numpy as np
 import pandas as pd
 
 from untrac_ray.inputs.errors import UntracError
-from untrac_ray.inputs.spec import (
-    UNLEARNING_METHODS,
-    GroundTruthSpec,
-    JobSpec,
-    SearchSpec,
-    UnlearnSpec,
-)
+from untrac_ray.inputs.spec import JobSpec
+from untrac_ray.inputs.spec_methods import UnlearnSpec
+from untrac_ray.inputs.spec_search import SearchSpec
+from untrac_ray.inputs.spec_sections import UNLEARNING_METHODS, GroundTruthSpec
 from untrac_ray.results.scoring import ALL_CELLS, MEAN_OVER_TESTS, score_table
 from untrac_ray.results.tables import COLUMNS
 

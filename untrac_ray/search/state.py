@@ -9,10 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from untrac_ray.inputs.spec import (
-    JobSpec,
-    spec_hash,
-)
+from untrac_ray.inputs.fingerprints import spec_hash
+from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.search.space import SearchError
 
 STATE_FILE = "untrac_search.json"  # beside Tune's state: the parent run, the spec's hash

@@ -1,0 +1,184 @@
+"""The methods' settings in a job spec (`methods:`): each method with its own section, the
+unlearning settings of UnTrac and UnTrac-Inv first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from untrac_ray.inputs.spec_sections import (
+    GROUND_TRUTH,
+    KRONFLUENCE_INSTALL,
+    METHODS,
+    Optimizer,
+    StrictModel,
+)
+
+
+class UnlearnSpec(StrictModel):
+    """Gradient-ascent settings of one method (the unlearning loop in compute/unlearning.py).
+
+    Where a trajectory is evaluated: `eval_points: P` evaluates every set at 1/P, 2/P ... P/P of
+    its own schedule, so that sets of different sizes line up by progress (a bigger set takes
+    more steps per point). `eval_steps` / `eval_every` name absolute steps instead; they are
+    counted on the longest trajectory, and shorter ones are evaluated at the same fractions of
+    their own schedule (equal-size sets: exactly the steps named). methods/schedule.py resolves
+    both.
+    """
+
+    optimizer: Optimizer = "adam"
+    learning_rate: float = Field(5e-5, ge=0)
+    batch_size: int = Field(1, gt=0)
+    micro_batch_size: int | None = Field(None, gt=0, description="split batches to save memory")
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
+    max_grad_norm: float | None = Field(None, gt=0)
+    eval_points: int | None = Field(
+        None, gt=0, description="evaluate at 1/P ... P/P of each set's own schedule"
+    )
+    eval_steps: list[int] | None = Field(None, description="steps at which to evaluate")
+    eval_every: int | None = Field(None, gt=0)
+    score_point: int | None = Field(
+        None, gt=0, description="the evaluation point whose scores are the headline, fixed in "
+        "advance (default: the last)",
+    )
+    seed: int = 0
+    # Variants that bring unlearning a set closer to "trained without it" (README: Unlearning
+    # variants). The defaults are the paper's UnTrac.
+    retain_weight: float = Field(
+        0.0, ge=0, description="each ascent step also descends on a batch of the sets that are "
+        "kept (UnTrac: the other training sets; UnTrac-Inv: the other test sets), weighted by "
+        "this, so that skills they share with the unlearned set stay")
+    retain_batch_size: int | None = Field(
+        None, gt=0, description="rows of that batch (default: batch_size)")
+    stop_loss_rise: float | None = Field(
+        None, gt=0, description="stop once the unlearned set's own loss rose this much (mean "
+        "token loss) above the base model's, so every set is forgotten to the same degree; "
+        "max_steps or epochs cap the run; one evaluation point, where it stopped")
+    stop_check_every: int = Field(
+        1, gt=0, description="steps between checks of the stopping rule (each evaluates the "
+        "unlearned set's evaluation rows)")
+    ensemble: int = Field(
+        1, ge=1, description="unlearn each set with this many seeds (seed, seed+1, ...: batch "
+        "orders and dropout) and average the cells; costs that many times the compute")
+
+    @field_validator("eval_steps")
+    @classmethod
+    def _positive_steps(cls, steps: list[int] | None) -> list[int] | None:
+        if steps is not None:
+            if not steps:
+                raise ValueError("eval_steps must not be empty")
+            if any(s <= 0 for s in steps):
+                raise ValueError("eval_steps must be positive step numbers")
+        return steps
+
+    @model_validator(mode="after")
+    def _one_kind_of_schedule(self) -> UnlearnSpec:
+        if self.eval_points is not None and (self.eval_steps or self.eval_every):
+            raise ValueError("eval_points: give either eval_points (progress through each "
+                             "set's schedule) or eval_steps/eval_every (absolute steps)")
+        if self.stop_loss_rise is not None and (
+                (self.eval_points or 1) > 1 or self.eval_steps or self.eval_every):
+            raise ValueError("stop_loss_rise: a trajectory that stops by its loss has one "
+                             "evaluation point, where it stops; drop eval_points/eval_steps/"
+                             "eval_every")
+        if self.eval_points is not None and self.score_point is not None and (
+                self.score_point > self.eval_points):
+            raise ValueError(f"score_point: {self.score_point} is beyond the last of "
+                             f"{self.eval_points} eval_points")
+        return self
+
+    def total_steps(self, n_rows: int) -> int:
+        """Optimizer steps for a dataset of n_rows: max_steps, else epochs over the rows."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return self.epochs * math.ceil(n_rows / self.batch_size)
+
+
+class LdoSpec(StrictModel):
+    """Leave-dataset-out retraining, the ground truth: one retraining per training set and seed."""
+
+    seeds: list[int] | None = Field(
+        None, description="training seeds; the ground truth is the mean over them "
+        "(default: training.seed)", min_length=1,
+    )
+
+
+class GradientSpec(StrictModel):
+    """GradDot, GradCos and TracIn: dataset-level gradients accumulated over batches.
+
+    `aggregate` is how a training set's examples add up. mean (the default, the paper's): the
+    gradient of its mean token loss, every set on the same footing; sum: of its summed token
+    loss, so a set with more tokens weighs more, as in a first-order view of training without
+    it. On sets of unequal size (jobs/synthetic_b_unequal.yaml, README) mean followed
+    leave-dataset-out as well or slightly better. The test side is always the mean token loss
+    that UnTrac measures. GradCos is the same under both (a cosine ignores scale).
+    """
+
+    batch_size: int = Field(32, gt=0)
+    aggregate: Literal["sum", "mean"] = Field(
+        "mean", description="training-set gradient of the mean or summed token loss"
+    )
+
+
+class EkfacSpec(StrictModel):
+    """Influence functions with EK-FAC (kronfluence).
+
+    Aggregated like the gradient baselines: the test side is the gradient of the test set's
+    mean token loss; `aggregate` sum takes the training set's summed token loss (rows sampled
+    by max_train_examples are scaled up to the whole set's tokens), mean its mean token loss.
+    """
+
+    strategy: Literal["ekfac", "kfac", "diagonal", "identity"] = "ekfac"
+    damping: float | None = Field(None, gt=0, description="default: kronfluence's heuristic")
+    batch_size: int = Field(16, gt=0)
+    max_train_examples: int | None = Field(
+        None, gt=0, description="rows per training set scored (default: all)"
+    )
+    aggregate: Literal["sum", "mean"] = Field(
+        "mean", description="training-set influence of its mean or summed token loss"
+    )
+
+
+class MethodsSpec(StrictModel):
+    """The methods to run, each with its own settings."""
+
+    untrac: UnlearnSpec | None = None
+    untrac_inv: UnlearnSpec | None = None
+    ldo: LdoSpec | None = None
+    graddot: GradientSpec | None = None
+    gradcos: GradientSpec | None = None
+    tracin: GradientSpec | None = None
+    ekfac: EkfacSpec | None = None
+
+    @field_validator("ekfac")
+    @classmethod
+    def _kronfluence_installed(cls, value: EkfacSpec | None) -> EkfacSpec | None:
+        if value is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("kronfluence") is None:
+                raise ValueError(
+                    "method ekfac needs the kronfluence library, which is not installed; "
+                    f"install it without its dependencies: {KRONFLUENCE_INSTALL}"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> MethodsSpec:
+        if not self.enabled():
+            raise ValueError("name at least one method: " + ", ".join(METHODS))
+        return self
+
+    def enabled(self) -> dict[str, Any]:
+        """The requested methods by name, in a fixed order."""
+        return {m: getattr(self, m) for m in METHODS if getattr(self, m) is not None}
+
+    def estimates(self) -> list[str]:
+        """The requested methods other than the ground truth."""
+        return [m for m in self.enabled() if m != GROUND_TRUTH]
+
+
