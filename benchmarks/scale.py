@@ -81,7 +81,7 @@ from machine_load import busy_cores, machine_cpu, others_load  # noqa: E402
 
 from untrac_ray.compute.memory import ActorMemory, actor_memory
 from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict, label_count
-from untrac_ray.compute.unlearning import batch_schedule
+from untrac_ray.compute.optim import batch_schedule
 from untrac_ray.engine.pool import Engine
 from untrac_ray.engine.ray_start import ensure_ray
 from untrac_ray.inputs.loading import load_spec

@@ -1,10 +1,14 @@
 """The package's layering, checked statically (the modules are parsed, never imported).
 
+- the package's folders are its layers, lowest first (LAYERS); a module imports only from its
+  own layer and those below it, and no .py file sits at the top but __init__ and __main__;
+- only untrac_ray/results/ imports mlflow, and only engine/, run/, search/ and submit/ import
+  ray (where work is placed);
+- no module is over MAX_LINES lines;
 - no cycle in the graph of imports between untrac_ray modules, counting imports inside
   functions and under `if TYPE_CHECKING:` (a deferred import still ties two modules together);
 - no module uses another untrac_ray module's private names (`from untrac_ray.x import _y`, or
   `x._y` on an imported untrac_ray module);
-- only untrac_ray/results/ imports mlflow;
 - every name imported from an untrac_ray module exists there (a deferred import of a moved
   name fails only when its command runs).
 """
@@ -50,11 +54,11 @@ class Import:
     binds: str
 
 
-def _imports(module: str) -> list[Import]:
+def _imports(module: str, trees: dict[str, ast.Module] = TREES) -> list[Import]:
     """Every import in the module, at any depth (functions, TYPE_CHECKING blocks, ...)."""
     is_package = MODULES[module].name == "__init__.py"
     found = []
-    for node in ast.walk(TREES[module]):
+    for node in ast.walk(trees[module]):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 # `import a.b` binds `a`; `import a.b as c` binds c to a.b.
@@ -206,14 +210,87 @@ def test_no_module_uses_another_modules_private_names():
         sorted(set(offenders)))
 
 
-def test_only_results_imports_mlflow():
-    offenders = [
-        f"{imp.where}: {'import ' + imp.module if imp.name is None else 'from ' + imp.module}"
-        for module in MODULES if not module.startswith(f"{PACKAGE}.results.")
-        for imp in _imports(module)
-        if imp.module.split(".")[0] == "mlflow"
-    ]
-    assert not offenders, "mlflow imported outside untrac_ray/results/:\n" + "\n".join(offenders)
+# --- the layers ---------------------------------------------------------------------------------
+
+LAYERS = ("inputs", "compute", "methods", "results", "engine", "run", "search", "submit", "cli")
+# Third-party packages only some layers may import: MLflow only where results are written and
+# read, Ray only where work is placed.
+ONLY_IN = {"mlflow": ("results",), "ray": ("engine", "run", "search", "submit")}
+MAX_LINES = 500
+
+
+def _layer(module: str) -> str | None:
+    """The layer a module belongs to (its subpackage), None for the package's top."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def layer_violations(trees: dict[str, ast.Module]) -> list[str]:
+    """Every import that runs up the layers (or sideways out of them) and every import of a
+    package outside the layers allowed to use it, as 'where: what' lines."""
+    out = []
+    for module in trees:
+        layer = _layer(module)
+        if layer is None:  # untrac_ray/__init__.py, __main__.py: above every layer
+            continue
+        rank = LAYERS.index(layer)
+        for imp in _imports(module, trees):
+            for target in _targets(imp):
+                up = _layer(target)
+                if up is not None and LAYERS.index(up) > rank:
+                    out.append(f"{imp.where}: {layer} imports {target} ({up} is above it)")
+            top = imp.module.split(".")[0]
+            if top in ONLY_IN and layer not in ONLY_IN[top]:
+                out.append(f"{imp.where}: {layer} imports {top} (only "
+                           f"{', '.join(ONLY_IN[top])} may)")
+    return out
+
+
+def test_each_layer_imports_only_from_the_layers_below_it():
+    violations = layer_violations(TREES)
+    assert not violations, "imports that break the layering:\n" + "\n".join(violations)
+
+
+def test_every_module_is_in_a_layer_and_under_the_size_limit():
+    loose = [str(path.relative_to(ROOT.parent)) for module, path in MODULES.items()
+             if _layer(module) is None and module != PACKAGE
+             and path.name not in ("__init__.py", "__main__.py")]
+    loose += [str(path.relative_to(ROOT.parent)) for module, path in MODULES.items()
+              if path.parent == ROOT and path.name not in ("__init__.py", "__main__.py")]
+    assert not loose, f"modules outside the layer subpackages: {sorted(set(loose))}"
+    assert {p.name for p in ROOT.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(
+        LAYERS)
+    big = {str(path.relative_to(ROOT.parent)): n for path in MODULES.values()
+           if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not big, f"modules over {MAX_LINES} lines: {big}"
+
+
+def _with_line(module: str, line: str) -> dict[str, ast.Module]:
+    """The package's trees with one line added at the end of a module (nothing is written)."""
+    trees = dict(TREES)
+    trees[module] = ast.parse(MODULES[module].read_text() + "\n" + line + "\n")
+    return trees
+
+
+def test_the_layering_check_fails_on_a_back_running_import():
+    """The rule catches what it is for: an import that runs up the layers, even deferred inside
+    a function, and mlflow or ray where they do not belong."""
+    assert not layer_violations(TREES)
+    cases = {
+        ("untrac_ray.inputs.spec", "from untrac_ray.compute.modeling import build_model"):
+            "inputs imports untrac_ray.compute.modeling (compute is above it)",
+        ("untrac_ray.methods.plans", "def f():\n    from untrac_ray.results import scoring"):
+            "methods imports untrac_ray.results.scoring (results is above it)",
+        ("untrac_ray.engine.pool", "import untrac_ray.run.session"):
+            "engine imports untrac_ray.run.session (run is above it)",
+        ("untrac_ray.compute.training", "import mlflow"):
+            "compute imports mlflow (only results may)",
+        ("untrac_ray.results.tracking", "from ray import tune"):
+            "results imports ray (only engine, run, search, submit may)",
+    }
+    for (module, line), expected in cases.items():
+        found = [v.split(": ", 1)[1] for v in layer_violations(_with_line(module, line))]
+        assert expected in found, (module, line, found)
 
 
 def test_the_checks_see_the_whole_package():
@@ -222,6 +299,7 @@ def test_the_checks_see_the_whole_package():
     assert f"{PACKAGE}.cli.main" in MODULES and f"{PACKAGE}.results.tracking" in MODULES
     assert f"{PACKAGE}.inputs.errors" in graph[f"{PACKAGE}.cli.main"]
     assert any(imp.module == "mlflow" for imp in _imports(f"{PACKAGE}.results.runs"))
+    assert {_layer(m) for m in MODULES} == {None, *LAYERS}
 
 
 def _top_level_names(module: str) -> set[str]:

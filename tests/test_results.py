@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from untrac_ray.inputs.spec_methods import UnlearnSpec
+from untrac_ray.methods.cells import influence_rows
 from untrac_ray.methods.tasks import TaskResult, UnlearnTask
 from untrac_ray.results import plots
-from untrac_ray.results.tables import influence_rows, influence_table, matrix
+from untrac_ray.results.tables import influence_table, matrix
 
 TRAIN, TEST = ["a", "b", "c"], ["x", "y"]
 BASE = {"a": 1.0, "b": 2.0, "c": 3.0, "x": 10.0, "y": 20.0}

@@ -108,7 +108,7 @@ def two_adam_steps(values: dict[str, Any], gang) -> tuple[torch.nn.Module, torch
     """A Llama of `values` (whole, or sharded over the gang: its shards drawn at random) after
     two Adam steps on random tokens; returns it and its optimizer."""
     from untrac_ray.compute.modeling import build_model, config_from_dict
-    from untrac_ray.compute.unlearning import make_optimizer
+    from untrac_ray.compute.optim import make_optimizer
     from untrac_ray.engine.sharded import GangModel, local_tensors, shard_model
 
     config = config_from_dict(values)

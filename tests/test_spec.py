@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,21 @@ def test_eval_points_exclude_absolute_steps_and_bound_score_point(make_job):
     assert "give either eval_points" in _error(make_job, both)
     beyond = {"methods": {"untrac": {"eval_points": 4, "eval_every": None, "score_point": 5}}}
     assert "score_point: 5 is beyond the last of 4" in _error(make_job, beyond)
+
+
+def test_a_spec_loads_without_torch_or_transformers():
+    """Loading and validating a spec (a T5 config among them) imports neither: what a job is
+    made of is checked in a second, and the model's kind by preflight, which runs first."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys\n"
+        "from untrac_ray.inputs.loading import load_spec\n"
+        f"for job in ('synthetic_a', 'synthetic_a_t5', 'text_corpora', 'search_demo'):\n"
+        f"    load_spec({str(root / 'jobs')!r} + '/' + job + '.yaml')\n"
+        "heavy = [m for m in ('torch', 'transformers', 'ray', 'mlflow') if m in sys.modules]\n"
+        "print(heavy)\n"
+        "sys.exit(1 if heavy else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -151,8 +151,10 @@ def test_t5_with_text_data_is_refused_in_one_line(tmp_path):
     spec = tiny_spec(tmp_path)
     text = {"data": {"train": [{"name": "corpus", "source": "train.csv", "kind": "text",
                                 "text_column": "prompt"}]}}
+    # the spec loads without transformers; validate and run refuse it before reading any data
+    t5_config = parse_spec(merge(spec, {"model": {"config": TINY_T5}, **text}))
     with pytest.raises(SpecError, match="data.train: dataset 'corpus' is text") as err:
-        parse_spec(merge(spec, {"model": {"config": TINY_T5}, **text}))
+        check_job(t5_config)
     assert "\n" not in str(err.value)
     # a model folder (relative: resolved from the job's folder) is read by validate / run
     tok = byte_level_tokenizer()

@@ -17,7 +17,8 @@ from untrac_ray.compute.unlearning import Retain
 from untrac_ray.inputs.errors import SpecError
 from untrac_ray.inputs.loading import load_spec, parse_spec
 from untrac_ray.inputs.spec_methods import UnlearnSpec
-from untrac_ray.methods.plans import average_members, plan_unlearning
+from untrac_ray.methods.cells import average_members
+from untrac_ray.methods.plans import plan_unlearning
 from untrac_ray.methods.schedule import eval_schedules
 from untrac_ray.methods.tasks import TaskResult, UnlearnTask
 from untrac_ray.methods.workbench import Workbench
@@ -101,7 +102,7 @@ def test_the_stopping_rule_stops_at_the_first_check_past_the_rise(bench):
     short = bench.run(_task(bench, "add_one", before, evaluate=("add_one",))).losses
     assert short[stopped - 1]["add_one"] - base < 0.3  # one step earlier it had not risen enough
     # the cells report the step where it stopped
-    from untrac_ray.results.tables import influence_rows
+    from untrac_ray.methods.cells import influence_rows
 
     rows = influence_rows(result, {n: 0.0 for n in ("add_one", *TEST_SETS)})
     assert {r["step"] for r in rows} == {stopped} and {r["point"] for r in rows} == {1}

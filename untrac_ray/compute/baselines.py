@@ -120,11 +120,8 @@ def _kronfluence_task():
     from kronfluence.module.utils import get_tracked_module_names, set_attention_mask
     from kronfluence.task import Task
 
-    from untrac_ray.compute.modeling import (
-        is_encoder_decoder,
-        logits_and_labels,
-        split_prompt_target,
-    )
+    from untrac_ray.compute.modeling import logits_and_labels, split_prompt_target
+    from untrac_ray.inputs.model_folder import is_encoder_decoder
 
     def module_masks(model: torch.nn.Module, batch) -> torch.Tensor | dict[str, torch.Tensor]:
         """The padding mask of each tracked module's inputs: the row's for a causal LM; for an

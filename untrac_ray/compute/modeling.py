@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,33 +12,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
 from untrac_ray.inputs.errors import ModelError, SpecError
-from untrac_ray.inputs.spec import is_encoder_decoder
+from untrac_ray.inputs.model_folder import check_model_folder, is_encoder_decoder
 from untrac_ray.inputs.tokenization import IGNORE_INDEX
-
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-
-
-def has_weights(path: str | Path) -> bool:
-    """True when a folder holds Hugging Face weight files."""
-    return any(Path(path, f).is_file() for f in WEIGHT_FILES)
-
-
-def check_model_folder(path: str) -> None:
-    """Raise ModelError unless `path` is a model folder with a config and weights."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ModelError(f"model.path: model folder not found: {path}")
-    if not (folder / "config.json").is_file():
-        raise ModelError(f"model.path: {path} has no config.json")
-    if not has_weights(folder):
-        raise ModelError(
-            f"model.path: {path} has no weights (expected one of {', '.join(WEIGHT_FILES)})"
-        )
 
 
 def config_from_dict(config: dict[str, Any], vocab_size: int | None = None,
@@ -69,27 +42,15 @@ def config_from_dict(config: dict[str, Any], vocab_size: int | None = None,
     return config
 
 
-# --- The model kind: causal LM or encoder-decoder (seq2seq). is_encoder_decoder, the test, is ---
-# --- in spec.py (a spec's model.config is checked on load, and spec.py is below this module). ---
-
-
-def folder_is_encoder_decoder(path: str | Path) -> bool:
-    """True when a model folder's config.json describes an encoder-decoder model."""
-    try:
-        config = json.loads(Path(path, "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "model_type" in config and is_encoder_decoder(config)
-
-
-def _auto_class(config: Any) -> type:
+def auto_class(config: Any) -> type:
+    """The Auto class of a config: seq2seq for encoder-decoder models, else causal LM."""
     return AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
 
 
 def build_model(config, seed: int = 0) -> PreTrainedModel:
     """A randomly initialised causal or encoder-decoder LM for a config (seeded)."""
     torch.manual_seed(seed)
-    return _auto_class(config).from_config(config)
+    return auto_class(config).from_config(config)
 
 
 def load_model(path: str) -> PreTrainedModel:
@@ -97,7 +58,7 @@ def load_model(path: str) -> PreTrainedModel:
     check_model_folder(path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        return _auto_class(config).from_pretrained(
+        return auto_class(config).from_pretrained(
             path, config=config, dtype=torch.float32, local_files_only=True
         )
     except Exception as err:  # noqa: BLE001
@@ -131,7 +92,7 @@ class SharedWeights:
         values = dict(self.config)
         config = AutoConfig.for_model(values.pop("model_type"), **values)
         with torch.device("meta"):
-            model = _auto_class(config).from_config(config)
+            model = auto_class(config).from_config(config)
         model = model.to_empty(device=device)
         model.tie_weights()  # to_empty gives tied parameters (lm_head, embeddings) apart
         load_arrays(model, self.arrays)

@@ -16,14 +16,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from untrac_ray.compute.modeling import (
     build_model,
     config_from_dict,
-    has_weights,
     label_count,
     load_model,
     token_loss_sum,
 )
-from untrac_ray.compute.unlearning import batch_schedule, make_optimizer
+from untrac_ray.compute.optim import batch_schedule, make_optimizer
 from untrac_ray.inputs.errors import NonFiniteLossError
 from untrac_ray.inputs.fingerprints import model_key, pretrain_key
+from untrac_ray.inputs.model_folder import has_weights
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import TrainingSpec
 from untrac_ray.inputs.tokenization import TokenizedSet

@@ -37,11 +37,10 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoConfig
 
-from untrac_ray.compute.modeling import SharedWeights, token_losses
+from untrac_ray.compute.modeling import SharedWeights, auto_class, token_losses
 from untrac_ray.compute.precision import check_precision, precision_context
-from untrac_ray.inputs.spec import is_encoder_decoder
 from untrac_ray.inputs.tokenization import TokenizedSet
 from untrac_ray.methods.tasks import BASE, EvalTask, LdoTask, Output, Task, TaskResult, UnlearnTask
 
@@ -168,11 +167,6 @@ def row_share(n_rows: int, gang: Gang) -> tuple[int, int]:
 # --- Building and loading a sharded model ---
 
 
-def model_class(config: Any) -> type:
-    """The Auto class of a config: seq2seq for encoder-decoder models, else causal LM."""
-    return AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
-
-
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Create modules' parameters on the meta device (no memory) but their buffers for real:
@@ -204,7 +198,7 @@ def shard_model(config: dict[str, Any], gang: Gang) -> torch.nn.Module:
     values = dict(config)
     hf_config = AutoConfig.for_model(values.pop("model_type"), **values)
     with parameters_on_meta():
-        model = model_class(hf_config).from_config(hf_config)
+        model = auto_class(hf_config).from_config(hf_config)
     blocks = block_classes(model)
     for module in model.modules():
         if type(module).__name__ in blocks:

@@ -20,7 +20,13 @@ from pathlib import Path
 
 from untrac_ray.inputs.data import check_dataset_header, load_dataset_rows
 from untrac_ray.inputs.errors import DataError, SpecError
-from untrac_ray.inputs.spec import JobSpec, encoder_decoder_refusal
+from untrac_ray.inputs.model_folder import (
+    check_model_folder,
+    encoder_decoder_refusal,
+    folder_is_encoder_decoder,
+    is_encoder_decoder,
+)
+from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import DatasetSpec, is_uri
 
 TOKENIZER_FILES = (
@@ -41,6 +47,9 @@ def check_job(spec: JobSpec, read_rows: bool = True) -> None:
     are read whole), the model folder (model.path), the tokenizer folder (tokenizer kind
     pretrained) and cache_dir.
     """
+    text = spec.text_datasets()
+    if text and spec.model.config is not None and is_encoder_decoder(spec.model.config):
+        raise SpecError(encoder_decoder_refusal(*text[0]))  # before reading any data
     roles = [("data.train", spec.data.train), ("data.test", spec.data.test)]
     if spec.pretraining is not None:
         roles.append(("pretraining.data", spec.pretraining.data))
@@ -48,13 +57,7 @@ def check_job(spec: JobSpec, read_rows: bool = True) -> None:
         for ds in datasets:
             check_dataset(ds, key, read_rows)
     if spec.model.path is not None:
-        from untrac_ray.compute.modeling import (  # imports torch: only when needed
-            check_model_folder,
-            folder_is_encoder_decoder,
-        )
-
         check_model_folder(spec.model.path)
-        text = spec.text_datasets()
         if text and folder_is_encoder_decoder(spec.model.path):
             raise SpecError(encoder_decoder_refusal(*text[0]))
     if spec.tokenizer.kind == "pretrained":

@@ -11,8 +11,6 @@ spec_search.py; loading.py reads it from YAML, fingerprints.py hashes what decid
 
 from __future__ import annotations
 
-from typing import Any
-
 import yaml
 from pydantic import Field, model_validator
 
@@ -124,18 +122,6 @@ class JobSpec(StrictModel):
         """The resolved spec (absolute paths, defaults filled in) as YAML."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-    @model_validator(mode="after")
-    def _encoder_decoder_needs_prompts(self) -> JobSpec:
-        """An encoder-decoder model (T5) reads the prompt and predicts the target: text rows,
-        packed into blocks, have no such split. A model folder is checked by preflight.py,
-        once its path is resolved."""
-        text = self.text_datasets()
-        if not text or self.model.config is None:  # spare the import of torch otherwise
-            return self
-        if is_encoder_decoder(self.model.config):
-            raise ValueError(encoder_decoder_refusal(*text[0]))
-        return self
-
     def text_datasets(self) -> list[tuple[str, str]]:
         """(spec key, name) of every dataset of kind text, pretraining included."""
         sets = [("data.train", d) for d in self.data.train]
@@ -143,27 +129,3 @@ class JobSpec(StrictModel):
         sets += [("pretraining.data", d) for d in (self.pretraining.data if self.pretraining
                                                    else [])]
         return [(where, ds.name) for where, ds in sets if ds.kind == "text"]
-
-
-
-def is_encoder_decoder(config: Any) -> bool:
-    """True for an encoder-decoder config (T5, BART...): a transformers config or a mapping
-    with a model_type (as in model.config of a spec)."""
-    if not isinstance(config, dict):
-        return bool(getattr(config, "is_encoder_decoder", False))
-    if "is_encoder_decoder" in config:
-        return bool(config["is_encoder_decoder"])
-    from transformers import AutoConfig  # here, so that loading a spec stays light
-
-    try:
-        return bool(AutoConfig.for_model(config["model_type"]).is_encoder_decoder)
-    except Exception:  # noqa: BLE001 - an unknown model_type is reported when the model is built
-        return False
-
-
-def encoder_decoder_refusal(where: str, name: str) -> str:
-    """The one line that refuses a text dataset for an encoder-decoder model."""
-    return (f"{where}: dataset {name!r} is text, but an encoder-decoder model (model_type "
-            "t5...) needs prompt_target rows (text blocks have no prompt/target split)")
-
-

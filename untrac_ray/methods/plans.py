@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 
 from untrac_ray.inputs.errors import SpecError
 from untrac_ray.inputs.spec import JobSpec
+from untrac_ray.methods.cells import average_members, cell, influence_rows
 from untrac_ray.methods.schedule import eval_schedules, headline_point
 from untrac_ray.methods.tasks import (
     BASE,
@@ -26,8 +26,6 @@ from untrac_ray.methods.tasks import (
     TaskResult,
     UnlearnTask,
 )
-from untrac_ray.results.scoring import agreement_of, cells_at
-from untrac_ray.results.tables import influence_rows
 
 Assemble = Callable[[list[TaskResult], dict[str, float]], list[dict]]
 
@@ -41,13 +39,6 @@ class MethodPlan:
     assemble: Assemble
     extras: dict = field(default_factory=dict)  # side results (LDO per seed, drill-down)
     headline: dict[str, int] = field(default_factory=dict)  # method -> point scored, fixed
-
-
-def _cell(method, train, test, influence, before=np.nan, after=np.nan) -> dict:
-    """A cell of a method without a trajectory (point 0, step 0)."""
-    return {"method": method, "point": 0, "step": 0, "train_set": train, "test_set": test,
-            "influence": float(influence), "loss_before": float(before),
-            "loss_after": float(after)}
 
 
 def plan_unlearning(spec: JobSpec, method: str, train: list[str], test: list[str],
@@ -85,31 +76,12 @@ def plan_unlearning(spec: JobSpec, method: str, train: list[str], test: list[str
         rows = [row for seed_rows in by_seed.values() for row in seed_rows]
         if len(members) == 1:
             return rows
-        # the trust signal of an ensemble: how well its members agree, at the headline point
-        vectors = [cells_at(pd.DataFrame(seed_rows), method, headline)
-                   for seed_rows in by_seed.values()]
-        plan.extras.setdefault("agreement", {})[f"{method}_seeds"] = agreement_of(vectors)
+        # each member's cells, for the ensemble's trust signal (how well its members agree)
+        plan.extras.setdefault("members", {})[method] = list(by_seed.values())
         return average_members(rows)
 
     plan.assemble = assemble
     return plan
-
-
-def average_members(rows: list[dict]) -> list[dict]:
-    """The cells of an ensemble's members averaged per (method, point, train set, test set):
-    influence, loss after and (for runs stopped by their loss) the step."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["method"], row["point"], row["train_set"], row["test_set"]),
-                          []).append(row)
-    out = []
-    for cells in groups.values():
-        cell = dict(cells[0])
-        for name in ("influence", "loss_after"):
-            cell[name] = float(np.mean([c[name] for c in cells]))
-        cell["step"] = int(round(np.mean([c["step"] for c in cells])))
-        out.append(cell)
-    return out
 
 
 def plan_ldo(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
@@ -134,7 +106,7 @@ def plan_ldo(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
                 cells = [c for c in per_seed if c["train_set"] == k and c["test_set"] == j]
                 full = np.mean([c["loss_full"] for c in cells])
                 without = np.mean([c["loss_without"] for c in cells])
-                rows.append(_cell("ldo", k, j, without - full, full, without))
+                rows.append(cell("ldo", k, j, without - full, full, without))
         return rows
 
     plan.assemble = assemble
@@ -176,12 +148,12 @@ def plan_gradients(
                     dot = gram[BASE, k, j]
                     norms = math.sqrt(gram[BASE, k, k]) * math.sqrt(gram[BASE, j, j])
                     if "graddot" in enabled:
-                        rows.append(_cell("graddot", k, j, dot))
+                        rows.append(cell("graddot", k, j, dot))
                     if "gradcos" in enabled:
-                        rows.append(_cell("gradcos", k, j, dot / norms if norms else 0.0))
+                        rows.append(cell("gradcos", k, j, dot / norms if norms else 0.0))
                 if "tracin" in enabled:
                     total = sum(lr[w] * gram[w, k, j] for w in weight_sets if w != BASE)
-                    rows.append(_cell("tracin", k, j, total))
+                    rows.append(cell("tracin", k, j, total))
         return rows
 
     return MethodPlan(methods, tasks, assemble)
@@ -193,7 +165,7 @@ def plan_ekfac(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
 
     def assemble(results: list[TaskResult], base: dict[str, float]) -> list[dict]:
         scores = results[0].payload
-        return [_cell("ekfac", k, j, scores[(k, j)]) for k in train for j in test]
+        return [cell("ekfac", k, j, scores[(k, j)]) for k in train for j in test]
 
     return MethodPlan(["ekfac"], [task], assemble)
 

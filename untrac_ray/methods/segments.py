@@ -26,13 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from untrac_ray.compute.unlearning import (
-    ascent_step,
-    batch_schedule,
-    check_ascent_loss,
-    check_eval_losses,
-    make_optimizer,
-)
+from untrac_ray.compute.optim import batch_schedule, make_optimizer
+from untrac_ray.compute.unlearning import ascent_step, check_ascent_loss, check_eval_losses
 from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.methods.tasks import BASE, Bench, Output
 

@@ -185,6 +185,12 @@ def agreement(table: pd.DataFrame, headline: Mapping[str, int] | None = None) ->
     return {"untrac_vs_untrac_inv": agreement_of(pair)}
 
 
+def ensemble_agreement(members: list[list[dict]], method: str, point: int) -> float:
+    """The trust signal of an ensemble (a method unlearned under several seeds): how well its
+    members' cells agree at `point` (agreement_of over the members)."""
+    return agreement_of([cells_at(pd.DataFrame(rows), method, point) for rows in members])
+
+
 def summary(scores: pd.DataFrame, headline: Mapping[str, int] | None = None) -> pd.DataFrame:
     """Per method: the scores at the headline point (fixed in advance: `headline[method]`,
     default the method's last point), the test sets whose Pearson is undefined there, and the

@@ -1,52 +1,12 @@
-"""Influence results as a tidy table (method, step, train set, test set, influence) and matrices."""
+"""The tidy influence table (every method's cells, methods/cells.py) in the spec's order of
+sets, its matrices at an evaluation point, how a point is named, and the drill-down table."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:  # the browsing commands read tables without importing torch
-    from untrac_ray.methods.tasks import TaskResult
-
-COLUMNS = ["method", "point", "step", "train_set", "test_set", "influence", "loss_before",
-           "loss_after"]
-# `point` lines trajectories up (methods/schedule.py): the same progress through every set's
-# schedule. `step` is the absolute step of the unlearned set at that point. Methods without a
-# trajectory (LDO and the gradient baselines) have point 0 and step 0.
-
-
-def unlearning_cells(method: str, forget: str, point: int, step: int, losses: dict[str, float],
-                     base_losses: dict[str, float]) -> list[dict]:
-    """The cells of one evaluation point of one unlearning trajectory: loss after minus loss
-    before, for every evaluated set.
-
-    UnTrac forgets a training set and measures test sets; UnTrac-Inv forgets a test set and
-    measures training sets. Either way a cell is indexed by (train set, test set).
-    """
-    rows = []
-    for evaluated, loss in losses.items():
-        train, test = (forget, evaluated) if method == "untrac" else (evaluated, forget)
-        before = base_losses[evaluated]
-        rows.append({
-            "method": method, "point": point, "step": step, "train_set": train,
-            "test_set": test, "influence": loss - before, "loss_before": before,
-            "loss_after": loss,
-        })
-    return rows
-
-
-def influence_rows(result: TaskResult, base_losses: dict[str, float]) -> list[dict]:
-    """The cells of one unlearning task at every evaluation point of its schedule."""
-    task = result.task  # an UnlearnTask
-    stopped = result.payload.get("stopped_at") if isinstance(result.payload, dict) else None
-    rows = []
-    for point, step in enumerate(task.schedule, start=1):
-        # a run stopped by its loss rise has one point, at the step where it stopped
-        rows += unlearning_cells(task.method, task.forget, point, int(stopped or step),
-                                 result.losses[step], base_losses)
-    return rows
+from untrac_ray.methods.cells import COLUMNS
 
 
 def influence_table(rows: list[dict], train: list[str], test: list[str]) -> pd.DataFrame:

@@ -17,7 +17,7 @@ import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
 from untrac_ray.compute.evaluation import sample_indices
-from untrac_ray.compute.modeling import SharedWeights, check_model_folder, load_model
+from untrac_ray.compute.modeling import SharedWeights, load_model
 from untrac_ray.compute.training import (
     find_trained_model,
     initial_model,
@@ -25,6 +25,7 @@ from untrac_ray.compute.training import (
     train_base_model,
 )
 from untrac_ray.inputs.errors import ModelError, UntracError
+from untrac_ray.inputs.model_folder import check_model_folder
 from untrac_ray.inputs.preflight import check_job
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import GROUND_TRUTH

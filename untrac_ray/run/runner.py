@@ -18,13 +18,20 @@ from untrac_ray.inputs.errors import TrackingError
 from untrac_ray.inputs.fingerprints import job_spec_key
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import UNLEARNING_METHODS
-from untrac_ray.methods.plans import average_members, plan_methods
+from untrac_ray.methods.cells import average_members, influence_rows
+from untrac_ray.methods.plans import plan_methods
 from untrac_ray.methods.tasks import EkfacTask, EvalTask, LdoTask, TaskResult, UnlearnTask
 from untrac_ray.results import plots
 from untrac_ray.results.runs import find_resumable_run
-from untrac_ray.results.scoring import agreement, score_table, summary, truth_matrix
+from untrac_ray.results.scoring import (
+    agreement,
+    ensemble_agreement,
+    score_table,
+    summary,
+    truth_matrix,
+)
 from untrac_ray.results.store import TAG_PREFIX, check_store, resolve_tracking_uri
-from untrac_ray.results.tables import influence_rows, influence_table, matrix, top_examples
+from untrac_ray.results.tables import influence_table, matrix, top_examples
 from untrac_ray.results.tracking import JobRun, metric_key
 from untrac_ray.run.job_setup import Reporter
 from untrac_ray.run.session import (
@@ -237,7 +244,10 @@ def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> 
         outcome.examples = drill_down(spec, data, results, plans, base_rows, session.indices)
         run.log_table(outcome.examples, "examples/top_examples")
     headline = {m: p for plan in plans for m, p in plan.headline.items()}
-    outcome.agreement = {**agreement(table, headline), **outcome.extras.get("agreement", {})}
+    outcome.agreement = agreement(table, headline)
+    for method, members in outcome.extras.pop("members", {}).items():
+        outcome.agreement[f"{method}_seeds"] = ensemble_agreement(members, method,
+                                                                  headline[method])
     if outcome.agreement:  # the trust signal: estimates of the same cells that disagree
         run.log_metrics({metric_key("agreement", k): v for k, v in outcome.agreement.items()
                          if v == v})

@@ -20,8 +20,8 @@ from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.inputs.spec_search import SearchSpec
 from untrac_ray.inputs.spec_sections import UNLEARNING_METHODS, GroundTruthSpec
+from untrac_ray.methods.cells import COLUMNS
 from untrac_ray.results.scoring import ALL_CELLS, MEAN_OVER_TESTS, score_table
-from untrac_ray.results.tables import COLUMNS
 
 OBJECTIVE = "objective"
 CELL_FIELDS = COLUMNS  # a report's cells travel as lists in this order

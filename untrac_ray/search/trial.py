@@ -21,10 +21,11 @@ from untrac_ray.engine.pool import Engine
 from untrac_ray.inputs.errors import UntracError
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_methods import UnlearnSpec
+from untrac_ray.methods.cells import unlearning_cells
 from untrac_ray.methods.schedule import eval_schedules
 from untrac_ray.methods.segments import SegmentTask
 from untrac_ray.methods.tasks import BASE, TaskResult
-from untrac_ray.results.tables import influence_table, unlearning_cells
+from untrac_ray.results.tables import influence_table
 from untrac_ray.search.space import (
     CELL_FIELDS,
     OBJECTIVE,
