@@ -114,6 +114,7 @@ def runs_table(records: list[RunRecord], title: str, width: int | None = None) -
         table.add_row(*cells)
     return table
 
+
 def heading(text: str) -> Text:
     """A section heading (printed above a table: table titles wrap to the table's width)."""
     return Text(text, style="bold")
@@ -149,6 +150,7 @@ def top_table(v: MatrixView, k: int) -> Table:
                                        for r in part.itertuples()])
     return table
 
+
 def scores_table(part: pd.DataFrame, v: MatrixView) -> Table:
     names = {MEAN_OVER_TESTS: "mean over test sets", ALL_CELLS: "all cells pooled"}
     table = Table()
@@ -159,6 +161,7 @@ def scores_table(part: pd.DataFrame, v: MatrixView) -> Table:
         table.add_row(Text(names.get(r.test_set, str(r.test_set)), style=style),
                       fmt_corr(r.pearson), fmt_corr(r.spearman))
     return table
+
 
 def examples_table(shown: pd.DataFrame, width: int = 70) -> Table:
     table = Table()
@@ -187,6 +190,7 @@ def agreement_text(values: dict[str, float]) -> Text | None:
     warning = (f"  (below {AGREEMENT_LOW}: the estimates disagree; treat them as uncertain)"
                if low else "")
     return Text("agreement: " + ", ".join(parts) + warning, style="yellow" if low else "")
+
 
 def header(record: RunRecord, figures: list[str] | None = None) -> Group:
     """Who, what and when of a run, a few lines."""
@@ -265,6 +269,7 @@ def show_renderables(record: RunRecord, views: list[MatrixView], k: int,
                                "row's loss rose when the test set was unlearned)"))
             out.append(examples_table(examples_for(examples, views, k, n_examples)))
     return out
+
 
 def compare_renderables(c: Comparison, basic: bool = False) -> list:
     """Both matrices side by side on the shared cells, then their agreement."""

@@ -35,8 +35,6 @@ def file_fingerprint(source: str) -> str:
     return digest.hexdigest()[:16]
 
 
-
-
 def pretrain_key(spec: JobSpec) -> str:
     """Hash of what decides the pretrained starting point (model, tokenizer, pretraining)."""
     assert spec.pretraining is not None
@@ -46,6 +44,7 @@ def pretrain_key(spec: JobSpec) -> str:
         [ds.model_dump() for ds in spec.pretraining.data],
         [file_fingerprint(ds.source) for ds in spec.pretraining.data],
     )
+
 
 def model_key(spec: JobSpec) -> str:
     """Hash of everything that decides the trained base model (model, tokenizer, data)."""

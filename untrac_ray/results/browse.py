@@ -38,6 +38,7 @@ class BrowseError(UntracError):
 
 # --- small helpers -----------------------------------------------------------------------------
 
+
 def _num(value: Any) -> Any:
     """JSON-safe numbers: NaN and infinities become None, NumPy scalars Python ones."""
     if isinstance(value, (float, np.floating)):
@@ -104,10 +105,12 @@ def duration_s(record: RunRecord, now_ms: int | None = None) -> float | None:
                else now_ms or int(time.time() * 1000))
     return max(0.0, (end - record.start_ms) / 1000) if end else None
 
+
 def _method_key(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 # --- runs --------------------------------------------------------------------------------------
+
 
 def best_of(record: RunRecord) -> tuple[str | None, float | None]:
     """The method whose headline correlation with the ground truth (at its point fixed in
@@ -139,6 +142,7 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
                          "duration_s": "float64"})
 
 # --- show --------------------------------------------------------------------------------------
+
 
 @dataclass
 class MatrixView:
@@ -239,6 +243,7 @@ def cells_frame(views: list[MatrixView]) -> pd.DataFrame:
     out = pd.concat(frames, ignore_index=True)
     return out[["method", "point", "train_set", "test_set", "influence", "rank"]]
 
+
 def scores_at(scores: pd.DataFrame | None, method: str, point: int) -> pd.DataFrame | None:
     """A method's scores against the ground truth at a point: per test set, mean, all cells."""
     if scores is None or scores.empty:
@@ -263,6 +268,7 @@ def best_point(scores: pd.DataFrame | None, method: str) -> tuple[int, float] | 
     best = mean.loc[mean["pearson"].idxmax()]
     return int(best["point"]), float(best["pearson"])
 
+
 def examples_for(examples: pd.DataFrame, views: list[MatrixView], k: int,
                  n: int) -> pd.DataFrame:
     """The drill-down rows shown: per test set, its top-k training sets (by the shown matrix of
@@ -282,6 +288,7 @@ def examples_for(examples: pd.DataFrame, views: list[MatrixView], k: int,
     out = pd.concat(parts, ignore_index=True)
     return out[["method", "test_set", "train_set", "rank", "row", "text", "loss_change"]]
 
+
 def record_dict(record: RunRecord) -> dict:
     """A run record for JSON, with readable times and the duration."""
     out = asdict(record)
@@ -289,6 +296,7 @@ def record_dict(record: RunRecord) -> dict:
     out["start_time"] = fmt_time(record.start_ms)
     out["duration_s"] = duration_s(record)
     return out
+
 
 def parse_agreement(tag: str | None) -> dict[str, float]:
     """The `untrac_ray.agreement` tag (name=value,...) as numbers."""
@@ -298,6 +306,7 @@ def parse_agreement(tag: str | None) -> dict[str, float]:
         if name and value:
             out[name] = float(value)
     return out
+
 
 def show_json(record: RunRecord, views: list[MatrixView], k: int,
               scores: pd.DataFrame | None, examples: pd.DataFrame | None,
@@ -324,6 +333,7 @@ def show_json(record: RunRecord, views: list[MatrixView], k: int,
     return out
 
 # --- compare -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Comparison:
@@ -425,6 +435,7 @@ def compare_json(c: Comparison, record_a: RunRecord, record_b: RunRecord) -> dic
     }
 
 # --- writing for scripts -----------------------------------------------------------------------
+
 
 def write_output(fmt: str, frame: pd.DataFrame | None, data: Any,
                  output: Path | None, write_stdout) -> None:

@@ -198,6 +198,7 @@ def _experiments(client: MlflowClient, name: str | None, uri: str) -> dict[str, 
     except Exception as err:  # noqa: BLE001
         raise TrackingError(f"cannot read MLflow store {uri}: {err}") from None
 
+
 def list_runs(
     tracking_uri: str, experiment: str | None = None, filter_string: str | None = None,
     limit: int = 50,
@@ -295,6 +296,7 @@ def read_run_table(run_id: str, tracking_uri: str, stem: str) -> pd.DataFrame | 
         table = with_points(table)
     return table
 
+
 def ui_command(tracking_uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
     """The `mlflow ui` command serving a store (one worker: a local, single-user UI)."""
     import sys
@@ -305,6 +307,7 @@ def ui_command(tracking_uri: str, port: int, host: str = "127.0.0.1") -> list[st
     if root is not None:  # experiments created from the UI keep artifacts beside the store
         cmd += ["--default-artifact-root", root]
     return cmd
+
 
 def read_run_text(run_id: str, tracking_uri: str, artifact_file: str) -> str | None:
     """A text artifact of a run (e.g. best_job.yaml), or None when the run has none."""

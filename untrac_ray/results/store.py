@@ -27,6 +27,7 @@ HEARTBEAT_TAG = "heartbeat"  # unix seconds, refreshed by a live driver
 HEARTBEAT_S = float(os.environ.get("UNTRAC_RAY_HEARTBEAT_S", "30"))
 STALE_AFTER = 3  # heartbeats missed before a RUNNING run counts as stale
 
+
 class RedactingClient(MlflowClient):
     """An MlflowClient whose writes of text (params, tags, text artifacts) pass through
     redaction.redact: no credential reaches the store, whatever a spec or an error held."""
@@ -62,6 +63,7 @@ def resolve_tracking_uri(cli_uri: str | None, spec: JobSpec | None = None) -> st
     )
     learn(uri)  # its password, if any, is masked wherever it would be printed or logged
     return uri
+
 
 def artifact_root(uri: str) -> str | None:
     """For a SQLite store, keep artifacts in a folder beside the database file."""
@@ -225,6 +227,7 @@ def get_or_create_experiment(client: MlflowClient, name: str,
         if exp is None:
             raise
         return exp.experiment_id
+
 
 def store_exists(uri: str) -> bool:
     """False for a SQLite file that is not there; a server that does not answer within

@@ -54,6 +54,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
         out[prefix] = str(value)[:6000]
     return out
 
+
 class JobRun:
     """An MLflow run for one job. FINISHED only when the `with` block ends without error.
 

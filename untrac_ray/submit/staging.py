@@ -38,6 +38,7 @@ META_TRACKING = "untrac_ray.tracking_uri"
 META_SPEC = "untrac_ray.spec"
 STAGED_SPEC = "job.yaml"
 
+
 class UploadError(UntracError):
     """A file the job names cannot travel with it (missing, or above the upload limit)."""
 
