@@ -83,8 +83,9 @@ WORKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
 
-    from untrac_ray.inputs.spec import load_spec
-    from untrac_ray.results.tracking import JobRun, check_store
+    from untrac_ray.inputs.loading import load_spec
+    from untrac_ray.results.store import check_store
+    from untrac_ray.results.tracking import JobRun
 
     job, uri, gate, index, writes = sys.argv[1:]
     spec = load_spec(job)
