@@ -17,7 +17,9 @@ The data: four training sets of 16, 24, 32 and 20 prompt/target rows and one tes
 2. Actor memory against untrac_ray/memory.py. Each actor's peak RSS is divided by
    `actor_memory(...).total(runtime)` for the job's settings (Adam, 8 rows of the longest row's
    tokens, fp32, one weight set, one test set). The runtime term is measured here: the RSS of
-   an idle Ray actor that imported untrac_ray.engine.pool, torch and transformers. The formula's
+   an idle Ray actor that imported untrac_ray.engine.pool, torch and transformers.
+   With --weights-dtype bf16 the job's actors keep bf16 weights (stepped with stochastic
+   rounding) and the formula is taken for them. The formula's
    terms are printed in MB, and each actor's peak split into private and shared pages (the
    libraries' pages of the idle actor, the shared weights, and what else it mapped), so a
    ratio far from 1 points at the term that is off. Target: measured / formula <= 1.3 for
@@ -47,6 +49,7 @@ a finding); non-zero when a step crashed.
     .venv/bin/python benchmarks/scale.py            # the full size: 10-15 min on 2 cores
     .venv/bin/python benchmarks/scale.py --smoke    # a tiny OPT, every part, 1-3 min
     .venv/bin/python benchmarks/scale.py --layers 6 --hidden 512 --heads 8 --ffn 2048
+    .venv/bin/python benchmarks/scale.py --weights-dtype bf16   # parts 1-2 with bf16 actors
 
 On a machine with CUDA, parts 3 and 4 run on the GPU (the gang needs 2 GPUs, else it is
 skipped); parts 1 and 2 measure host memory and keep the job's actors on the CPU.
@@ -168,7 +171,8 @@ def write_job(folder: Path, model_dir: Path, args: argparse.Namespace) -> Path:
         "methods": {"untrac": dict(UNLEARN), "untrac_inv": dict(UNLEARN),
                     "graddot": dict(GRADIENTS), "gradcos": dict(GRADIENTS)},
         "evaluation": {"batch_size": 16, "max_examples": 16},
-        "resources": {"num_actors": 2, "cpus_per_actor": 1, "local_cpus": 2},
+        "resources": {"num_actors": 2, "cpus_per_actor": 1, "local_cpus": 2,
+                      "weights_dtype": args.weights_dtype},
         "tracking": {"experiment": "scale-benchmark"},
         "cache_dir": str(folder / "cache"),
     }
@@ -304,11 +308,12 @@ def longest_row(data: PreparedData) -> int:
     return max(int(np.diff(data.tokenized(n).offsets).max()) for n in data.tables)
 
 
-def formula(model: torch.nn.Module, data: PreparedData) -> ActorMemory:
-    """actor_memory for the job's settings: Adam, 8 rows of the longest row, fp32 weights, the
-    base weight set only, one test set read by the gradient tasks."""
+def formula(model: torch.nn.Module, data: PreparedData,
+            weights_dtype: str = "fp32") -> ActorMemory:
+    """actor_memory for the job's settings: Adam, 8 rows of the longest row, the weights'
+    dtype, the base weight set only, one test set read by the gradient tasks."""
     return actor_memory(model, optimizer=UNLEARN["optimizer"], rows=UNLEARN["batch_size"],
-                        tokens=longest_row(data), weights_dtype="fp32", weight_sets=1,
+                        tokens=longest_row(data), weights_dtype=weights_dtype, weight_sets=1,
                         test_sets=len(TEST_SETS))
 
 
@@ -513,7 +518,8 @@ def print_header(args: argparse.Namespace, model: torch.nn.Module) -> None:
     print(flush=True)
 
 
-def print_memory(run: RunMemory, runtime: Peak, terms: ActorMemory, tokens: int) -> None:
+def print_memory(run: RunMemory, runtime: Peak, terms: ActorMemory, tokens: int,
+                 weights_dtype: str = "fp32") -> None:
     """Parts 1 and 2: the driver's peak, each actor's against the formula (the shared and the
     private pages apart), the formula's terms."""
     print(f"\n== 1. driver peak RSS (untrac-ray run: {run.seconds:.0f} s, "
@@ -525,7 +531,7 @@ def print_memory(run: RunMemory, runtime: Peak, terms: ActorMemory, tokens: int)
     # The formula's shared pages: the libraries (the idle actor's) and the weights it maps.
     shared = runtime.shared + terms.shared_weights + terms.shared_gradients
     print(f"\n== 2. actor peak RSS / formula (memory.actor_memory: Adam, 8 rows x {tokens} "
-          f"tokens, fp32, 1 weight set, {len(TEST_SETS)} test set)")
+          f"tokens, {weights_dtype}, 1 weight set, {len(TEST_SETS)} test set)")
     for a in run.actors:
         ratio = a.rss / total
         print(f"  {a.label:<16} {mb(a.rss):>9}  (shared {mb(a.shared)})  formula {mb(total)}  "
@@ -534,7 +540,7 @@ def print_memory(run: RunMemory, runtime: Peak, terms: ActorMemory, tokens: int)
               f"{mb(a.shared)} = libraries {mb(runtime.shared)} + shared weights "
               f"{mb(terms.shared_weights)} + test gradients {mb(terms.shared_gradients)} "
               f"{'+' if a.shared >= shared else '-'} {mb(abs(a.shared - shared))}")
-    unlearning = terms.gradients + terms.optimizer + terms.activations
+    unlearning = terms.gradients + terms.optimizer + max(terms.activations, terms.rounding)
     print("  the formula's terms:")
     rows = [("runtime (idle actor, measured)", runtime.rss),
             ("  of which shared (libraries)", runtime.shared), ("weights", terms.weights),
@@ -543,6 +549,7 @@ def print_memory(run: RunMemory, runtime: Peak, terms: ActorMemory, tokens: int)
             ("unlearning step", unlearning), ("  gradients", terms.gradients),
             ("  optimizer state (Adam)", terms.optimizer),
             ("  activations", terms.activations),
+            ("  or a bf16 step's float32 copies", terms.rounding),
             ("gradient task (grad, flat)", terms.gradient_task)]
     for name, value in rows:
         print(f"    {name:<36} {mb(value):>9}")
@@ -605,6 +612,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2,
                         help="T: torch threads of the bare loop, cpus_per_actor of the engine")
     parser.add_argument("--interval", type=float, default=0.2, help="RSS sampling period, s")
+    parser.add_argument("--weights-dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="the job's actors' resources.weights_dtype (parts 1 and 2)")
     parser.add_argument("--settle", type=float, default=3.0,
                         help="seconds of idling before each throughput run, to measure the "
                              "load of other processes (not timed)")
@@ -628,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         print("part 1: untrac-ray run ...", flush=True)
         run = measure_run(job, folder, args.interval)
         work = make_workload(job, model)
-        terms = formula(model, work.data)
+        terms = formula(model, work.data, args.weights_dtype)
 
         print("part 3: bare loop ...", flush=True)
         others = others_load(args.settle)
@@ -651,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
             gang[0].others = others
         tokens = longest_row(work.data)
 
-    print_memory(run, runtime, terms, tokens)
+    print_memory(run, runtime, terms, tokens, args.weights_dtype)
     rows = [bare, engine] + ([gang[0]] if gang else [])
     print_throughput(rows, startup, work)
     if gang:

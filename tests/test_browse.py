@@ -336,6 +336,9 @@ def test_scatter_vs_truth_is_readable_with_many_cells():
 
 # --- ui, and the run's page in a browser ---------------------------------------------------------
 
+UI_PROCESS: dict[str, int] = {}  # the `untrac-ray ui` process of ui_server
+
+
 @pytest.fixture(scope="module")
 def ui_server(store):
     """`untrac-ray ui --port 0` in a subprocess; yields the address it prints."""
@@ -349,6 +352,7 @@ def ui_server(store):
         assert line.startswith("MLflow UI: http://127.0.0.1:"), (line, proc.stderr.read()
                                                                   if proc.poll() else "")
         address = line.split()[2]
+        UI_PROCESS["pid"] = proc.pid
         yield address
     finally:
         proc.send_signal(signal.SIGTERM)  # the command stops the server it started
@@ -369,6 +373,15 @@ def test_ui_serves_the_store_on_loopback(store, ui_server):
     with urllib.request.urlopen(url, timeout=10) as reply:
         files = {f["path"] for f in json.load(reply)["files"]}
     assert "figures/heatmap_untrac.png" in files
+    # the store is named to the server by environment, never on a command line (`ps` shows
+    # those to every user: a database URI's password would be there)
+    import psutil
+
+    tree = psutil.Process(UI_PROCESS["pid"])
+    processes = [tree, *tree.children(recursive=True)]
+    assert any("mlflow" in " ".join(p.cmdline()) for p in processes[1:])  # the server
+    db = store.uri.removeprefix("sqlite:///")
+    assert not [p.cmdline() for p in processes[1:] if db in " ".join(p.cmdline())]
 
 
 def test_ui_refuses_a_missing_store_and_a_busy_port(store, tmp_path):

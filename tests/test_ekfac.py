@@ -70,11 +70,17 @@ def _tokens(data: TokenizedSet, rows: np.ndarray) -> int:
 
 def _linear_gradient(model, data: TokenizedSet, rows: np.ndarray, mean: bool) -> torch.Tensor:
     """Plain autograd, float64: the gradient of the rows' summed (or mean) token loss with
-    respect to the weights kronfluence tracks (every nn.Linear)."""
+    respect to the weights kronfluence tracks (every nn.Linear), each for its module's own
+    use of them: a head that shares the embedding matrix is untied first. The loss is the
+    jobs' (modeling.logits_and_labels): the next-token shift of a causal LM, or an encoder-
+    decoder's prompt to the encoder and target to the decoder."""
+    from untrac_ray.compute.modeling import logits_and_labels
+
     model = copy.deepcopy(model).double()
-    b = data.batch(rows)
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-    labels = b["labels"][:, 1:]
+    head = model.get_output_embeddings()
+    if head.weight is model.get_input_embeddings().weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    logits, labels = logits_and_labels(model, data.batch(rows))
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     if mean:
@@ -108,6 +114,31 @@ def test_identity_is_the_dataset_gradient_dot_product(llama, sets):
             errors.append(abs(scores[(t, q)] - expected) / abs(expected))
             assert scores[(t, q)] == pytest.approx(expected, rel=1e-4)
     print(f"identity vs hand-computed: max relative error {max(errors):.2e}")
+
+
+@pytest.fixture(scope="module")
+def t5() -> torch.nn.Module:
+    """A tiny T5, seeded. Its head shares the embedding matrix (transformers 5 ties T5's
+    always): kronfluence scores the head's use of it, not the embedding lookups'."""
+    config = config_from_dict({
+        "model_type": "t5", "d_model": 32, "num_layers": 1, "num_decoder_layers": 1,
+        "num_heads": 2, "d_kv": 16, "d_ff": 64,
+    }, vocab_size=257, eos_id=256)
+    model = build_model(config, seed=0).eval()
+    assert model.lm_head.weight is model.shared.weight
+    return model
+
+
+def test_identity_is_the_dataset_gradient_dot_product_on_t5(t5, sets):
+    """The same check on an encoder-decoder: EK-FAC's scores on T5 were only checked to be
+    finite; with no preconditioning they are the dataset gradients' dot products, taken on
+    the prompt/target split that every other method uses."""
+    scores = _influence(t5, sets, EkfacSpec(strategy="identity", batch_size=8, aggregate="sum"))
+    g_test = {q: _linear_gradient(t5, sets[q], _all(sets[q]), mean=True) for q in TEST}
+    for t in TRAIN:
+        g_train = _linear_gradient(t5, sets[t], _all(sets[t]), mean=False)
+        for q in TEST:
+            assert scores[(t, q)] == pytest.approx(float(g_train @ g_test[q]), rel=1e-4)
 
 
 def test_mean_is_the_sum_over_the_training_sets_tokens(llama, sets):

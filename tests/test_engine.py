@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -90,3 +91,74 @@ def test_an_error_in_a_task_stops_the_map_with_that_error(engine_inputs, ray_clu
                 indices, 16, max_useful_actors=1) as engine:
         with pytest.raises(UntracError, match="no_such_set"):
             engine.map([EvalTask(("no_such_set",))])
+
+
+def _live_groups() -> set[str]:
+    from ray.util import placement_group_table
+
+    return {k for k, g in placement_group_table().items() if g["state"] != "REMOVED"}
+
+
+def _named(name: str) -> bool:
+    """Whether an actor of that name is alive."""
+    import ray
+
+    try:
+        ray.get_actor(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _wait_for(condition, seconds: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return condition()
+
+
+def test_an_engine_that_fails_to_start_its_actors_releases_its_room(engine_inputs, ray_cluster):
+    """The pool reserves its placement groups, then starts actors: an error in between (here
+    the second actor refused: it asks for the name the first took) used to leak both, since
+    __exit__ never runs."""
+    import ray
+
+    _, data, weights, indices = engine_inputs
+    before, cpus = _live_groups(), ray.available_resources().get("CPU", 0)
+    with pytest.raises(ValueError, match="already taken"):
+        Engine(ResourcesSpec(num_actors=2, placement_timeout_s=5), weights, data.tables,
+               data.tokenizer.pad_token_id, indices, 16, max_useful_actors=2,
+               actor_options={"name": "untrac-test-one-name"})
+    assert _wait_for(lambda: not _live_groups() - before)  # every group it made is gone
+    assert _wait_for(lambda: not _named("untrac-test-one-name"))  # the first actor too
+    assert _wait_for(lambda: ray.available_resources().get("CPU", 0) >= cpus)
+
+
+def test_an_autoscaled_pool_withdraws_its_request_when_it_is_released(engine_inputs,
+                                                                      ray_cluster):
+    """resources.autoscale asks the autoscaler for the pool's actors (request_resources); a
+    request stands until replaced, so the cluster would keep the nodes it added after the
+    job. The pool withdraws it when released, after a failure too."""
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if is_autoscaler_v2():
+        pytest.skip("the request is read back from autoscaler v1's store")
+
+    def standing() -> list:
+        return json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"[]")
+
+    _, data, weights, indices = engine_inputs
+    autoscaled = ResourcesSpec(num_actors=2, autoscale=True)
+    with Engine(autoscaled, weights, data.tables, data.tokenizer.pad_token_id, indices, 16,
+                max_useful_actors=2, start_timeout_s=60) as engine:
+        assert standing() == [{"CPU": 1.0}, {"CPU": 1.0}]
+        assert len(engine.map([EvalTask((n,)) for n in data.tables])) == len(data.tables)
+    assert standing() == []
+    with pytest.raises(ValueError, match="already taken"):
+        Engine(autoscaled, weights, data.tables, data.tokenizer.pad_token_id, indices, 16,
+               max_useful_actors=2, actor_options={"name": "untrac-test-autoscaled"})
+    assert standing() == []

@@ -206,6 +206,72 @@ def test_a_map_finishes_when_an_actor_is_killed_mid_task(engine_inputs, ray_clus
 
 
 @dataclass(frozen=True)
+class Vector(EvalTask):
+    """A payload kept in the object store of the node where it is made, as a test gradient
+    is (1.6 MB: Ray keeps objects under 100 KiB with their owner, the driver, instead)."""
+
+    @property
+    def payload_in_store(self) -> bool:
+        return True
+
+    def run(self, bench):
+        out = super().run(bench)
+        out.payload = np.full(200_000, float(len(self.datasets[0])))
+        return out
+
+
+@dataclass(frozen=True)
+class SlowReader(EvalTask):
+    """Reads vectors, as a gradient task reads the test gradients, then sleeps."""
+
+    reads: tuple[str, ...] = ()
+    sleep: float = 0.0
+
+    def needs(self) -> tuple[Vector, ...]:
+        return tuple(Vector((name,)) for name in self.reads)
+
+    def run(self, bench, *vectors):
+        time.sleep(self.sleep)
+        out = super().run(bench)
+        out.payload = float(sum(v.sum() for v in vectors))
+        return out
+
+
+def test_a_lost_node_costs_only_its_own_task_one_retry(engine_inputs, cluster):
+    """The pool's two actors each make one of two vectors (test gradients, say); the slow
+    reader reads both, so its node holds both, and the other node only the one it made. That
+    node keeps the quick task, which reads none; then the slow reader's node is removed. The
+    slow reader is retried on the survivor, which makes the lost vector again first: with
+    max_retries 1 the map finishes. (The vector made on the lost node used to stay among the
+    pool's inputs: the retried reader read it, found it lost, and counted a second death: the
+    job failed.)"""
+    _, data, weights, indices = engine_inputs
+    tasks = [SlowReader(("spell",), sleep=0.2),
+             SlowReader(("double",), reads=("next_number", "twice"), sleep=6.0)]
+    retried = []
+    with Engine(ResourcesSpec(cpus_per_actor=1, max_retries=1), weights, data.tables,
+                data.tokenizer.pad_token_id, indices, 16, max_useful_actors=2) as engine:
+        engine.wait_ready()
+        assert engine.size == 2
+        removed = []
+
+        def on_result(result):
+            if not removed and result.task == tasks[0]:  # the other actor is at work on the
+                finished_on = result.worker.split("/")[0]  # slow reader: remove its node
+                (node,) = [n for n in cluster.worker_nodes
+                           if not n.node_id.startswith(finished_on)]
+                cluster.remove_node(node)
+                removed.append(node)
+
+        results = engine.map(tasks, on_result,
+                             on_retry=lambda task, reason: retried.append(reason))
+    assert removed and [r.task for r in results] == tasks
+    assert [r.payload for r in results] == [0.0, 2e5 * len("next_number" + "twice")]
+    deaths = [r for r in retried if "died" in r]
+    assert len(deaths) == 1 and "node has died" in deaths[0], retried
+
+
+@dataclass(frozen=True)
 class AlwaysCrash(EvalTask):
     """Kills whichever actor runs it (as a task that runs out of memory would)."""
 

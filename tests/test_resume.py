@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -41,22 +42,30 @@ def _cli(*args: str):
     return CliRunner().invoke(app, [*args, "--quiet"])
 
 
+def _driver_midway(tmp: Path, spec: dict, heartbeat_s: int) -> tuple[subprocess.Popen, Path,
+                                                                     str]:
+    """`untrac-ray run` of the job as a process, returned once 7 of its tasks are stored
+    (it is still running), with the job file and the store's URI."""
+    job = tmp / "job.yaml"
+    job.write_text(yaml.safe_dump(spec, sort_keys=False))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    env = {**os.environ, "UNTRAC_RAY_HEARTBEAT_S": str(heartbeat_s)}
+    proc = subprocess.Popen([sys.executable, "-m", "untrac_ray.cli", "run", str(job),
+                             "--tracking-uri", uri, "--quiet"], cwd=tmp, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while (len(_stored_tasks(tmp)) < 7 and proc.poll() is None
+           and time.monotonic() < deadline):
+        time.sleep(0.2)
+    if proc.poll() is not None:
+        raise AssertionError(f"the job ended before it could be stopped: {proc.communicate()}")
+    return proc, job, uri
+
+
 def test_a_killed_driver_resumes_the_same_run_and_runs_only_missing_tasks(tmp_path):
     spec = _job(tmp_path)
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(spec, sort_keys=False))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "UNTRAC_RAY_HEARTBEAT_S": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "untrac_ray.cli", "run", str(job),
-                             "--tracking-uri", uri, "--quiet"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, job, uri = _driver_midway(tmp_path, spec, heartbeat_s=2)
     try:
-        deadline = time.monotonic() + 300
-        while (len(_stored_tasks(tmp_path)) < 7 and proc.poll() is None
-               and time.monotonic() < deadline):
-            time.sleep(0.2)
-        assert proc.poll() is None, "the job ended before it could be killed: " + str(
-            proc.communicate())
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
@@ -154,3 +163,95 @@ def test_a_running_run_is_stale_when_its_driver_is_gone_or_silent():
     assert not driver_is_gone(elsewhere, now)  # another host's process: the heartbeat decides
     assert driver_is_gone({**elsewhere, "untrac_ray.heartbeat": str(now - 91)}, now)
     assert not driver_is_gone({}, now)  # runs from before heartbeats
+
+
+def test_a_store_failing_while_a_run_opens_leaves_it_closed_with_its_driver_tags(
+        tmp_path, monkeypatch):
+    """The run is created with its driver, heartbeat and owner tags at once; a store error
+    while it opens (here: its params refused) closes it FAILED, never a RUNNING run that no
+    heartbeat ever marks stale."""
+    from untrac_ray.inputs.loading import load_spec
+    from untrac_ray.results.store import RedactingClient
+    from untrac_ray.results.tracking import JobRun
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_spec(tmp_path), sort_keys=False))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    real = RedactingClient.log_batch
+
+    def refuse_params(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+        if params:
+            raise RuntimeError("the store went away")
+        return real(self, run_id, metrics=metrics, params=params, tags=tags,
+                    synchronous=synchronous)
+
+    monkeypatch.setattr(RedactingClient, "log_batch", refuse_params)
+    with pytest.raises(RuntimeError, match="went away"), JobRun(load_spec(job), uri):
+        pass
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FAILED"
+    assert {"untrac_ray.driver", "untrac_ray.heartbeat", "untrac_ray.owner"} <= set(
+        run.data.tags)
+    assert "went away" in run.data.tags["untrac_ray.error"]
+
+
+def test_an_interrupt_stays_an_interrupt_when_the_partial_table_cannot_be_stored(
+        tmp_path, monkeypatch, ray_cluster):
+    """Ctrl-C while the store refuses the partial table: the job still ends KILLED with
+    KeyboardInterrupt (the store's error used to replace it and end the run FAILED)."""
+    from untrac_ray.inputs.loading import load_spec
+    from untrac_ray.results.tracking import JobRun
+    from untrac_ray.run.job_setup import Reporter
+    from untrac_ray.run.runner import run_job
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(merge(tiny_spec(tmp_path), {
+        "methods": {"untrac_inv": None}}), sort_keys=False))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    class CtrlC(Reporter):
+        def task_done(self, result, cells: int) -> None:
+            if cells:  # an unlearning task's cells are in the partial table
+                raise KeyboardInterrupt
+
+    real = JobRun.log_table
+
+    def refuse_partial(self, table, stem):
+        if stem == "influence_partial":
+            raise RuntimeError("the store went away")
+        return real(self, table, stem)
+
+    monkeypatch.setattr(JobRun, "log_table", refuse_partial)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(load_spec(job), uri, reporter=CtrlC())
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "KILLED"
+
+
+def test_a_driver_whose_run_was_adopted_stops_and_leaves_it_to_the_new_one(tmp_path):
+    """A live driver that stopped beating (here: stopped with SIGSTOP) looks stale; `run
+    --resume` adopts its run and finishes it. The old driver, continued, finds another owner
+    before its next write and stops with one line, without writing or closing the run."""
+    old, job, uri = _driver_midway(tmp_path, _job(tmp_path), heartbeat_s=1)
+    try:
+        old.send_signal(signal.SIGSTOP)  # alive, but silent: no heartbeat, no write
+        time.sleep(5)  # three heartbeats missed: stale
+        adopted = CliRunner().invoke(app, ["run", str(job), "--tracking-uri", uri, "--resume",
+                                           "--quiet"], env={"UNTRAC_RAY_HEARTBEAT_S": "1"})
+        assert adopted.exit_code == 0, adopted.output
+        client = MlflowClient(tracking_uri=uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+        assert run.info.status == "FINISHED"
+        finished = dict(run.data.tags)
+        old.send_signal(signal.SIGCONT)
+        out, err = old.communicate(timeout=300)
+    finally:
+        old.kill()
+    assert old.returncode != 0
+    assert "was taken over by another driver" in err and "Traceback" not in err, err[-2000:]
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FINISHED"  # the old driver neither wrote nor closed it
+    assert run.data.tags["untrac_ray.owner"] == finished["untrac_ray.owner"]
+    assert run.data.tags["untrac_ray.heartbeat"] == finished["untrac_ray.heartbeat"]

@@ -277,3 +277,84 @@ def test_an_embedded_run_prints_and_logs_no_secret_and_listens_on_loopback_only(
         env=env, cwd=tmp_path)
     assert wrong.returncode != 0 and "WrongPass4242" not in wrong.stdout + wrong.stderr
     assert "***@127.0.0.1" in wrong.stderr
+
+
+def _command_lines(pid: int) -> list[str]:
+    """The command lines of a process's descendants (its own is the user's, as typed)."""
+    out = []
+    for p in _tree(pid) - {pid}:
+        try:
+            out.append(" ".join(psutil.Process(p).cmdline()))
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_a_search_and_its_resume_store_and_show_no_secret(tmp_path, mlflow_server):
+    """`tune` against the password-protected server, killed after a trial, then `tune
+    --resume` with the password in MLflow's environment variables only: no secret in what
+    they print, in any of their processes' command lines, in the MLflow store, in Tune's
+    storage folder (its state file, best_job.yaml) or in the cache."""
+    url, store = mlflow_server
+    (tmp_path / "metric.py").write_text(  # slow rounds, so that the kill lands mid-search
+        "import time\n"
+        "def slow(table, truth):\n"
+        "    time.sleep(1.0)\n"
+        "    return float(table['influence'].mean())\n")
+    spec = tiny_spec(tmp_path)
+    spec["tracking"] = {"uri": f"http://alice:{SPEC_SECRET}@127.0.0.1:9/", "experiment": "tune"}
+    train = spec["data"]["train"][0]
+    train["source"] = f"file://{tmp_path / train['source']}?token={DATA_SECRET}"
+    spec["methods"] = {"untrac": {"eval_points": 2}, "ldo": {}}
+    spec["resources"] = {"local_cpus": 2}
+    spec["search"] = {"space": {"untrac.learning_rate": [1e-4, 1e-3, 1e-2]},
+                      "algorithm": "grid", "objective": {"function": "metric.py:slow"},
+                      "max_concurrent": 1, "storage_path": str(tmp_path / "tune")}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    cli_uri = url.replace("://", f"://admin:{CLI_SECRET}@")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+    env["UNTRAC_RAY_STORE_TIMEOUT_S"] = "60"
+    lines: list[str] = []
+
+    def watch(proc: subprocess.Popen, until) -> None:
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and not until():
+            lines.extend(_command_lines(proc.pid))
+            assert time.monotonic() < deadline, "the search took too long"
+            time.sleep(0.3)
+
+    def finished_trials() -> int:
+        return sum(json.loads(f.read_text().splitlines()[-1]).get("round") == 2
+                   for f in (tmp_path / "tune").glob("*/run_trial_*/result.json")
+                   if f.read_text().strip())
+
+    first = subprocess.Popen(
+        [sys.executable, "-m", "untrac_ray.cli", "tune", str(job), "--tracking-uri", cli_uri,
+         "-q"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    watch(first, lambda: finished_trials() >= 1)
+    time.sleep(1.5)  # Tune saves its state every second
+    os.killpg(first.pid, 9)
+    out1, err1 = first.communicate()
+
+    resume_env = {**env, "MLFLOW_TRACKING_USERNAME": "admin",
+                  "MLFLOW_TRACKING_PASSWORD": CLI_SECRET}
+    second = subprocess.Popen(
+        [sys.executable, "-m", "untrac_ray.cli", "tune", str(job), "--resume", "-q"],
+        cwd=tmp_path, env=resume_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    watch(second, lambda: False)
+    out2, err2 = second.communicate()
+    assert second.returncode == 0, err2[-3000:]
+    assert (tmp_path / "tune").is_dir() and list((tmp_path / "tune").rglob("best_job.yaml"))
+
+    for secret in SECRETS:
+        assert secret not in out1 + err1 + out2 + err2, secret
+        assert not [line for line in lines if secret in line], secret
+    assert lines and any("ray::" in line or "raylet" in line for line in lines)
+    assert not _files_holding(store, SECRETS)
+    written = [f for f in _files_holding(tmp_path, SECRETS) if not f.startswith(f"{job}:")]
+    assert not written  # Tune's storage, the cache, the job's folder (but the job file)
+    best = next((tmp_path / "tune").rglob("best_job.yaml")).read_text()
+    assert f"tracking_uri: {url}" in best and "token=***" in best

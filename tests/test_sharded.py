@@ -66,7 +66,7 @@ def gang_worker(rank: int, port: int, inputs: dict[str, Any], out: str) -> None:
     bench.reset("base")
     base = bench.full_arrays()
     Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(
-        {"results": results, "base": base, "listening": listening()}))
+        {"results": results, "base": base, "listening": listening(), "rank": bench.rank}))
     close_gang()
 
 
@@ -203,8 +203,8 @@ def gang_tasks(spec) -> dict[str, Any]:
     train, test = ("add_one", "double", "spell"), ("next_number", "twice")
 
     def untrac(optimizer: str, **kw) -> UnlearnTask:
-        settings = UnlearnSpec(optimizer=optimizer, learning_rate=1e-2, batch_size=5,
-                               max_steps=4, **kw)
+        settings = UnlearnSpec(**{"optimizer": optimizer, "learning_rate": 1e-2,
+                                  "batch_size": 5, "max_steps": 4, **kw})
         return UnlearnTask("untrac", "add_one", test, settings, (1, 2, 4), per_row=True)
 
     inv = UnlearnSpec(optimizer="sgd", learning_rate=0.5, batch_size=7, max_steps=3,
@@ -212,6 +212,9 @@ def gang_tasks(spec) -> dict[str, Any]:
     return {
         "untrac_adam": untrac("adam"),
         "untrac_micro_clip": untrac("adam", micro_batch_size=2, max_grad_norm=0.5),
+        # plain SGD, unclipped: its step is the gradient itself, so a gradient scaled wrong
+        # (the gang's gathered rows counted once per rank, say) moves the cells
+        "untrac_sgd_micro": untrac("sgd", micro_batch_size=2, learning_rate=0.3),
         "untrac_inv_sgd": UnlearnTask("untrac_inv", "next_number", train, inv, (1, 2, 3)),
         "base": EvalTask(train + test, per_row=True),
         "ldo": LdoTask("double", train, test, spec.training.model_copy(
@@ -237,6 +240,9 @@ def compared(tmp_path_factory) -> dict[str, Any]:
     inv = tasks["untrac_inv_sgd"]
     unclipped = replace(inv, settings=inv.settings.model_copy(update={"max_grad_norm": None}))
     reference["unclipped_inv"] = bench.run(unclipped)
+    sgd = tasks["untrac_sgd_micro"]  # its gradients doubled: the same steps at twice the rate
+    reference["sgd_doubled"] = bench.run(replace(sgd, settings=sgd.settings.model_copy(
+        update={"learning_rate": 2 * sgd.settings.learning_rate})))
     wait(context)
     print(f"\ngang of {WORLD}: {time.perf_counter() - started:.1f} s in all")
     ranks = [pickle.loads((tmp / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)]
@@ -285,6 +291,36 @@ def test_ranks_load_their_shards_of_the_shared_weights(compared):
             np.testing.assert_array_equal(rank["base"][name], value, err_msg=name)
 
 
+def test_each_rank_draws_its_own_dropout_masks(compared, bench_parts):
+    """A rank of a gang takes its own rows of every batch, so it must draw its own dropout
+    masks for them, as one process draws independent masks for every row: each rank's bench
+    knows its rank, and the loops seed dropout from (seed, rank). Rank 0 keeps the seed of a
+    single process. With one seed for every rank (before), ranks 0 and 1 unlearned alike."""
+    from untrac_ray.inputs.spec_methods import UnlearnSpec
+    from untrac_ray.methods.tasks import UnlearnTask
+    from untrac_ray.methods.workbench import Workbench
+
+    assert [rank["rank"] for rank in compared["ranks"]] == list(range(WORLD))
+    weights, sets, indices = bench_parts
+    bench = Workbench({"base": weights}, sets, indices, 16)  # GPT-2, dropout 0.1 (training)
+    settings = UnlearnSpec(optimizer="sgd", learning_rate=0.5, batch_size=4, max_steps=3)
+    task = UnlearnTask("untrac", "add_one", ("next_number", "twice"), settings, (3,))
+    alone = bench.run(task).losses[3]
+    bench.rank = 0
+    assert bench.run(task).losses[3] == alone
+    bench.rank = 1
+    other = bench.run(task).losses[3]
+    assert max(abs(other[n] - alone[n]) for n in alone) > 1e-4  # other masks, other steps
+    bench.model.config.resid_pdrop = 0.0  # no dropout: the rank changes nothing
+    for module in bench.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    bench.rank = 0
+    plain = bench.run(task).losses[3]
+    bench.rank = 1
+    assert bench.run(task).losses[3] == plain
+
+
 def test_base_losses_and_rows_match_one_process(compared):
     """Evaluation split across ranks (sets of 6 to 24 rows, batches of 5: some ranks run a
     dummy batch) gathers the same mean and per-row losses as one process."""
@@ -297,12 +333,13 @@ def test_base_losses_and_rows_match_one_process(compared):
             np.testing.assert_allclose(rows[name], ref.row_losses[name], rtol=TOL)
 
 
-@pytest.mark.parametrize("name", ["untrac_adam", "untrac_micro_clip"])
+@pytest.mark.parametrize("name", ["untrac_adam", "untrac_micro_clip", "untrac_sgd_micro"])
 def test_untrac_cells_match_one_process(compared, name):
     """UnTrac (forget a training set, evaluate the test sets at steps 1, 2 and 4) gives the
     same cells on every rank of the gang as on one Workbench: Adam with 5-row batches (3 + 2
-    rows per rank), and micro-batches of 2, 2 and 1 rows (the last: one rank's share empty,
-    padded) with global-norm clipping."""
+    rows per rank), micro-batches of 2, 2 and 1 rows (the last: one rank's share empty,
+    padded) with global-norm clipping, and the same micro-batches with plain SGD, unclipped,
+    which follows the gradient's scale (Adam and clipping hide it)."""
     rel, cell = max_cell_diff(compared, name)
     assert rel < TOL and cell < TOL
     ref = compared["reference"][name].row_losses
@@ -352,14 +389,18 @@ def test_gloo_and_nccl_are_pinned_to_the_interface_that_reaches_the_rendezvous(m
 
 
 def test_comparisons_are_not_vacuous(compared):
-    """Unlearning changed the test losses, and clipping UnTrac-Inv's gradients changed its
-    losses, by far more than TOL."""
+    """Unlearning changed the test losses, clipping UnTrac-Inv's gradients changed its losses,
+    and doubling SGD's gradients changes its losses, by far more than TOL."""
     ref = compared["reference"]
     moved = max(abs(ref["untrac_adam"].losses[4][n] - ref["base"].losses[0][n])
                 for n in ("next_number", "twice"))
     clipped = max(abs(ref["untrac_inv_sgd"].losses[3][n] - ref["unclipped_inv"].losses[3][n])
                   for n in ("add_one", "double", "spell"))
     assert moved > 1000 * TOL and clipped > 1000 * TOL
+    # a gradient twice (or half) what it should be moves unclipped SGD's cells far past TOL
+    doubled = max(abs(ref["untrac_sgd_micro"].losses[4][n] - ref["sgd_doubled"].losses[4][n])
+                  for n in ("next_number", "twice"))
+    assert doubled > 100 * TOL, doubled
 
 
 @pytest.mark.slow  # a measurement (30 s); benchmarks/scale.py reports the same

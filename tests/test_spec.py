@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
+from conftest import merge
+from untrac_ray.inputs import fingerprints
 from untrac_ray.inputs.errors import SpecError
-from untrac_ray.inputs.loading import load_spec
+from untrac_ray.inputs.fingerprints import NOT_IN_RESULTS_KEY, results_key, results_key_material
+from untrac_ray.inputs.loading import load_spec, parse_spec
+from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_methods import UnlearnSpec
+from untrac_ray.inputs.spec_sections import TrackingSpec
 from untrac_ray.methods.schedule import eval_schedules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,3 +106,118 @@ def test_a_spec_loads_without_torch_or_transformers():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- the results key ---------------------------------------------------------------------------
+
+MISSING = object()
+
+
+def _model_of(annotation):
+    """The spec model inside an annotation (X, X | None, list[X]), else None (a leaf)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) is dict:
+        return None
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every leaf setting of a spec model, as a dotted path (lists of models: their fields)."""
+    out = set()
+    for name, field in model.model_fields.items():
+        inner = _model_of(field.annotation)
+        out |= {f"{prefix}{name}"} if inner is None else _field_paths(inner, f"{prefix}{name}.")
+    return out
+
+
+def _get(tree, path: str):
+    """The value at a dotted path of a dump (the first item of a list), or MISSING."""
+    for part in path.split("."):
+        if isinstance(tree, list):
+            tree = tree[0] if tree else MISSING
+        if not isinstance(tree, dict) or part not in tree:
+            return MISSING
+        tree = tree[part]
+    return tree
+
+
+def _excluded_paths(exclude: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in exclude.items():
+        if value is True:
+            out.add(prefix + key)
+        elif isinstance(value, dict):
+            out |= _excluded_paths(value, f"{prefix}{key}.")
+        else:
+            out |= {f"{prefix}{key}.{name}" for name in value}
+    return out
+
+
+def _full_specs() -> list[JobSpec]:
+    """Two specs that set every section between them (ldo and ground_truth exclude each
+    other)."""
+    data = [{"name": "a", "source": "a.csv"}]
+    unlearn = {"eval_points": 2}
+    full = {
+        "name": "full", "model": {"config": {"model_type": "gpt2", "n_layer": 1}},
+        "tokenizer": {"kind": "byte"}, "cache_dir": "/tmp/cache",
+        "pretraining": {"data": [{"name": "p", "source": "p.csv", "kind": "text"}],
+                        "training": {"output_dir": "/tmp/pre"}},
+        "training": {"checkpoints": [1], "output_dir": "/tmp/out"},
+        "data": {"train": data, "test": [{"name": "b", "source": "b.csv", "group": "g"}]},
+        "methods": {"untrac": unlearn, "untrac_inv": unlearn, "ldo": {"seeds": [0]},
+                    "graddot": {}, "gradcos": {}, "tracin": {}, "ekfac": {}},
+        "evaluation": {}, "resources": {"address": "auto"}, "tracking": {"uri": "sqlite:///x"},
+        "search": {"space": {"untrac.learning_rate": [1e-5, 1e-4]},
+                   "objective": {"methods": ["untrac"]}, "scheduler": {"kind": "asha"}},
+    }
+    truth = merge(full, {"ground_truth": {"run_id": "r"}})
+    truth["methods"] = {k: v for k, v in full["methods"].items() if k != "ldo"}
+    return [parse_spec(full), parse_spec(truth)]
+
+
+def test_every_setting_is_in_the_results_key_or_excluded_from_it():
+    """One function says which settings decide a result, by what it leaves out: walking the
+    spec's fields, each is either in what the key hashes or on NOT_IN_RESULTS_KEY, so a new
+    setting is in the key unless someone decides otherwise."""
+    paths = _field_paths(JobSpec)
+    excluded = _excluded_paths(NOT_IN_RESULTS_KEY)
+    assert all(any(p == e or p.startswith(e + ".") for p in paths) for e in excluded), (
+        excluded - paths)
+    reached = set()
+    for spec in _full_specs():
+        dump, material = spec.model_dump(mode="json"), results_key_material(spec)
+        for path in paths:
+            if _get(dump, path) is MISSING:
+                continue
+            reached.add(path)
+            out = any(path == e or path.startswith(e + ".") for e in excluded)
+            assert (_get(material, path) is MISSING) == out, path
+    assert reached == paths  # the two specs set every field
+    assert "resources.weights_dtype" in paths - excluded and "resources.num_actors" in excluded
+
+
+def test_the_results_key_follows_numerics_not_placement(monkeypatch):
+    """What `run --resume` and `tune --resume` match on: changing the weights' dtype, the
+    precision or the device changes it (the old keys kept only precision and tf32 for `run`,
+    and no resources at all for `tune`); more actors, another cluster or store do not."""
+    spec = _full_specs()[0]
+    key = results_key(spec)
+    for change in ({"weights_dtype": "bf16"}, {"precision": "bf16"}, {"gpus_per_actor": 1.0},
+                   {"gradient_checkpointing": True}, {"tf32": True}):
+        assert results_key(spec.model_copy(update={
+            "resources": spec.resources.model_copy(update=change)})) != key, change
+    for change in ({"num_actors": 8}, {"address": "ray://head:10001"}, {"max_retries": 0},
+                   {"gpus_per_actor": 0.0}):
+        assert results_key(spec.model_copy(update={
+            "resources": spec.resources.model_copy(update=change)})) == key, change
+    moved = spec.model_copy(update={"tracking": TrackingSpec(uri="http://mlflow:5000"),
+                                    "cache_dir": "/elsewhere", "name": "renamed"})
+    assert results_key(moved) == key
+    monkeypatch.setattr(fingerprints, "RESULTS_VERSION", fingerprints.RESULTS_VERSION + 1)
+    assert results_key(spec) != key  # results of another release are never restored

@@ -83,11 +83,6 @@ def _print(renderables: list, output: Path | None) -> None:
             console.print(r)
 
 
-def _basic() -> bool:
-    """True on terminals of 8 or 16 colours, where shaded backgrounds would turn yellow."""
-    return out_console.color_system in ("standard", "windows")
-
-
 def _emit(fmt: Format, frame, data, output: Path | None) -> None:
     from untrac_ray.results.browse import write_output
 
@@ -169,7 +164,7 @@ def show(
 ) -> None:
     """A run's influence matrices, rows sorted by influence, the top training sets per test set
     and the scores against the ground truth. csv/parquet: the cells, tidy, ranked."""
-    from untrac_ray.cli.render import show_renderables
+    from untrac_ray.cli.render import basic_colours, show_renderables
     from untrac_ray.results import browse
     from untrac_ray.results.runs import list_run_artifacts, read_run_table
 
@@ -185,8 +180,8 @@ def show(
                  if examples else None)
         if fmt is Format.text:
             figures = [Path(p).name for p in list_run_artifacts(record.run_id, uri, "figures")]
-            _print(show_renderables(record, views, top, scores, drill, examples,
-                                           n_examples, figures, partial, _basic()), output)
+            _print(show_renderables(record, views, top, scores, drill, examples, n_examples,
+                                    figures, partial, basic_colours(out_console)), output)
             return
         data = browse.show_json(record, views, top, scores, drill, examples, n_examples)
         _emit(fmt, browse.cells_frame(views), data, output)
@@ -211,7 +206,7 @@ def compare(
 ) -> None:
     """Two matrices side by side with their correlation: two runs (a small proxy model vs the
     large one), or two methods of one run (UnTrac vs UnTrac-Inv, the default for one run)."""
-    from untrac_ray.cli.render import compare_renderables
+    from untrac_ray.cli.render import basic_colours, compare_renderables
     from untrac_ray.results import browse
 
     uri = _uri(tracking_uri)
@@ -236,7 +231,7 @@ def compare(
         label_b = f"{record_b.run_name or record_b.run_id[:8]} {vb.method} @ {vb.point}"
         comparison = browse.compare_views(va, vb, label_a, label_b)
         if fmt is Format.text:
-            _print(compare_renderables(comparison, _basic()), output)
+            _print(compare_renderables(comparison, basic_colours(out_console)), output)
             return
         _emit(fmt, browse.compare_frame(comparison),
               browse.compare_json(comparison, record_a, record_b), output)
@@ -324,8 +319,10 @@ def ui(
     err_console.print(f"starting the MLflow UI for {uri} on {address} ...", highlight=False)
     log = tempfile.NamedTemporaryFile("w+b", prefix="untrac-ray-ui-", suffix=".log",
                                       delete=False)
-    proc = subprocess.Popen(ui_command(uri, port), stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    command, store = ui_command(uri, port)
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **store})
 
     def interrupt(signum, frame):  # SIGTERM stops the server too
         raise KeyboardInterrupt

@@ -63,26 +63,15 @@ def _fail(err: Exception) -> typer.Exit:
 
 
 def _print_matrices(outcome) -> None:
-    from untrac_ray.results.tables import matrix, point_label, points_of
+    """Each method's matrix at its last point, as `show` draws it (rows by mean influence)."""
+    from untrac_ray.cli.render import basic_colours, heading, matrix_table
+    from untrac_ray.results.browse import methods_of, view
 
-    train = list(dict.fromkeys(outcome.table["train_set"]))
-    test = list(dict.fromkeys(outcome.table["test_set"]))
-    for method in dict.fromkeys(outcome.table["method"]):
-        mat = matrix(outcome.table, method, train=train, test=test)
-        where = point_label(mat.attrs["point"], mat.attrs["steps"],
-                            len(points_of(outcome.table, method)))
-        table = Table(title=f"{method} at {where}" if where else method)
-        table.add_column("train \\ test")
-        for t in test:
-            table.add_column(t, justify="right")
-        bound = float(abs(mat.to_numpy()).max()) or 1.0
-        for name, row in mat.iterrows():
-            cells = []
-            for v in row:
-                style = "red" if v > 0.25 * bound else "blue" if v < -0.25 * bound else ""
-                cells.append(f"[{style}]{v:+.4f}[/]" if style else f"{v:+.4f}")
-            table.add_row(str(name), *cells)
-        out_console.print(table)
+    for method in methods_of(outcome.table):
+        v = view(outcome.table, method)
+        at = f" at {v.where()}" if v.point else ""
+        out_console.print(heading(f"{method}: influence{at}, training sets by mean influence"))
+        out_console.print(matrix_table(v, basic=basic_colours(out_console)))
     out_console.print("influence: positive means the training set helped the model fit the "
                       "test set (UnTrac, UnTrac-Inv, LDO: loss after - loss before)")
     if outcome.score_summary is not None:

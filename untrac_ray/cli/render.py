@@ -36,6 +36,11 @@ from untrac_ray.results.browse import (
 )
 
 
+def basic_colours(console) -> bool:
+    """True on terminals of 8 or 16 colours, where shaded backgrounds would turn yellow."""
+    return console.color_system in ("standard", "windows")
+
+
 def cell_style(value: float, bound: float, basic: bool = False) -> str:
     """A diverging background for a cell: red for positive, blue for negative, white at zero.
 

@@ -7,6 +7,10 @@ For P parameters held in `b` bytes each (4: fp32, 2: resources.weights_dtype bf1
 - gradients: P*b;
 - optimizer state: Adam and AdamW 2*P*b, SGD 0, Adafactor its factored second moments
   (rows + columns of each matrix, the whole of each vector) in float32;
+- with bf16 weights, the step itself (compute/optim.py, StochasticRounding): float32 copies of
+  one parameter at a time, the largest of N weights: its weights, gradient, per-weight state
+  (Adam 2, else 0), the random bits and the rounded result, (4 + state)*N*4 bytes, live after
+  the backward pass has freed the activations;
 - activations of one micro-batch of B rows of S tokens through L layers of width H with A
   heads, kept for the backward pass (Korthikanti et al. 2022, "Reducing Activation
   Recomputation in Large Transformer Models", per layer 34*S*B*H + 5*A*S^2*B bytes in 16-bit,
@@ -63,6 +67,15 @@ def optimizer_state_bytes(model: torch.nn.Module, optimizer: str, weight_bytes: 
     raise ValueError(f"unknown optimizer {optimizer!r}")
 
 
+def rounding_bytes(model: torch.nn.Module, optimizer: str, weight_bytes: int) -> int:
+    """Bytes of float32 copies a bf16 step holds at once (zero with float32 weights)."""
+    if weight_bytes == 4:
+        return 0
+    largest = max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
+    state = 2 if optimizer in ("adam", "adamw") else 0
+    return (4 + state) * largest * 4
+
+
 def activation_bytes(shape: Shape, rows: int, tokens: int, weight_bytes: int,
                      checkpointing: bool = False) -> int:
     """Activations one micro-batch keeps for its backward pass (see the module docstring)."""
@@ -86,11 +99,12 @@ class ActorMemory:
     shared_weights: int
     shared_gradients: int  # the test gradients a gradient task read, mapped from then on
     gradient_task: int
+    rounding: int = 0  # a bf16 step's float32 copies of one parameter (after the backward)
 
     def total(self, runtime: int = 0) -> int:
         """The peak: what stays (runtime, weights, mapped object-store pages) plus the larger
         of an unlearning step and a gradient task."""
-        unlearning = self.gradients + self.optimizer + self.activations
+        unlearning = self.gradients + self.optimizer + max(self.activations, self.rounding)
         stays = runtime + self.weights + self.shared_weights + self.shared_gradients
         return stays + max(unlearning, self.gradient_task)
 
@@ -114,4 +128,5 @@ def actor_memory(model: torch.nn.Module, *, optimizer: str, rows: int, tokens: i
         shared_weights=weight_sets * p * 4 if on_cpu else 0,
         shared_gradients=test_sets * p * 4 if on_cpu else 0,
         gradient_task=(p * b + p * 4) if test_sets else 0,
+        rounding=rounding_bytes(model, optimizer, b),
     )

@@ -20,7 +20,7 @@ from untrac_ray.compute.modeling import (
     load_model,
     token_loss_sum,
 )
-from untrac_ray.compute.optim import batch_schedule, make_optimizer
+from untrac_ray.compute.optim import batch_schedule, make_optimizer, seed_dropout
 from untrac_ray.inputs.errors import NonFiniteLossError
 from untrac_ray.inputs.fingerprints import model_key, pretrain_key
 from untrac_ray.inputs.model_folder import has_weights
@@ -52,13 +52,15 @@ def train_model(
     on_step: Callable[[int, int, float], None] | None = None,
     device: torch.device | str = "cpu",
     on_checkpoint: Callable[[int, float], None] | None = None,
+    rank: int = 0,
 ) -> list[float]:
     """Train on the union of `sets` (rows shuffled together); returns the loss of every step.
+    `rank`: this process's rank in a gang (its own dropout masks: optim.seed_dropout).
 
     on_checkpoint(step, learning_rate) is called after each of cfg's checkpoint steps, with the
     learning rate that step used (TracIn weighs checkpoints by it).
     """
-    torch.manual_seed(cfg.seed)
+    seed_dropout(cfg.seed, rank)
     sizes = [len(s) for s in sets]
     owners = np.repeat(np.arange(len(sets)), sizes)  # global row -> set
     local = np.concatenate([np.arange(n) for n in sizes])  # global row -> row in its set
@@ -66,7 +68,7 @@ def train_model(
     total = total_training_steps(sets, cfg)
     checkpoints = set(cfg.checkpoint_steps(total)) if on_checkpoint else set()
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.learning_rate,
-                               cfg.weight_decay)
+                               cfg.weight_decay, seed=cfg.seed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, total, cfg.warmup_steps)
     )
@@ -201,7 +203,6 @@ def _train_and_save(
         checkpoints.append({"step": step, "learning_rate": lr, "path": str(path)})
 
     # On a GPU when there is one (a submitted job's driver given --entrypoint-gpus); else CPU.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     device = driver_device()
     losses = train_model(model.to(device), sets, cfg, on_step, device=device,
                          on_checkpoint=keep)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from untrac_ray.compute.modeling import label_count, token_loss_sum
-from untrac_ray.compute.optim import batch_schedule, make_optimizer
+from untrac_ray.compute.optim import batch_schedule, make_optimizer, seed_dropout
 from untrac_ray.inputs.errors import NonFiniteLossError
 from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.inputs.tokenization import TokenizedSet
@@ -111,19 +111,22 @@ def unlearn(
     device: torch.device | str = "cpu",
     retain: list[TokenizedSet] | None = None,
     stop: Callable[[int], bool] | None = None,
+    rank: int = 0,
 ) -> int:
     """Gradient ascent on `data` for the settings' steps; calls on_eval(step) after each step
     in eval_steps (from schedule.eval_schedules). Returns the last step taken.
 
     With `retain` (the kept sets) and settings.retain_weight, each step also descends on a
     batch of them. With `stop`, the run ends after the first step for which stop(step) is
-    true, which is then evaluated (the stopping rule by loss rise).
+    true, which is then evaluated (the stopping rule by loss rise). `rank`: this process's
+    rank in a gang (its dropout masks are its own: optim.seed_dropout).
     Raises NonFiniteLossError naming the dataset and step when the loss stops being finite.
     """
-    torch.manual_seed(settings.seed)
+    seed_dropout(settings.seed, rank)
     total = settings.total_steps(len(data))
     eval_steps = set(eval_steps)
-    optimizer = make_optimizer(settings.optimizer, model.parameters(), settings.learning_rate)
+    optimizer = make_optimizer(settings.optimizer, model.parameters(), settings.learning_rate,
+                               seed=settings.seed)
     kept = None
     if retain and settings.retain_weight > 0:
         kept = Retain(retain, settings.retain_weight,

@@ -62,13 +62,25 @@ class Reservation:
     autoscale: bool = False
 
     def release(self) -> None:
-        """Give the groups' resources back to the cluster."""
+        """Give the groups' resources back to the cluster, and withdraw what the autoscaler
+        was asked for (a request stays until another replaces it: the cluster would keep
+        the nodes added for the job)."""
         from ray.util.placement_group import remove_placement_group
 
         for group in self.groups:
             with contextlib.suppress(Exception):  # gone already, with its node
                 remove_placement_group(group)
         self.groups = []
+        if self.autoscale:
+            withdraw_request()
+
+
+def withdraw_request() -> None:
+    """Clear this cluster's standing request to the autoscaler (request_resources)."""
+    from ray.autoscaler.sdk import request_resources
+
+    with contextlib.suppress(Exception):  # Ray shut down already: nothing stands
+        request_resources(bundles=[])
 
 
 def reserve_actors(bundle: dict[str, float], wanted: int, fit_timeout_s: float,
@@ -88,16 +100,23 @@ def reserve_actors(bundle: dict[str, float], wanted: int, fit_timeout_s: float,
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
+    strategy = "STRICT_PACK" if gang_size > 1 else "PACK"
     if autoscale:
         from ray.autoscaler.sdk import request_resources
 
         # a gang's bundles as one: the autoscaler adds nodes that hold a whole gang
         request_resources(bundles=[{k: v * gang_size for k, v in bundle.items()}] * wanted)
-    strategy = "STRICT_PACK" if gang_size > 1 else "PACK"
+        reservation = Reservation([], wanted, autoscale=True)
+        try:
+            for _ in range(wanted):
+                reservation.groups.append(
+                    placement_group([dict(bundle)] * gang_size, strategy=strategy))
+        except BaseException:
+            reservation.release()
+            raise
+        return reservation
     groups = [placement_group([dict(bundle)] * gang_size, strategy=strategy)
               for _ in range(wanted)]
-    if autoscale:
-        return Reservation(groups, wanted, autoscale=True)
     refs = {g.ready(): g for g in groups}
     placed, _ = ray.wait(list(refs), num_returns=len(refs), timeout=fit_timeout_s)
     if not placed:

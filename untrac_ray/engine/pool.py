@@ -60,9 +60,7 @@ def plan_pool_size(
     """
     per = resources.actors_per_task
     cpus, gpus = resources.cpus_per_actor * per, resources.gpus_per_actor * per
-    if resources.num_actors is not None and resources.autoscale:
-        n = resources.num_actors // per  # nodes join on demand: the cluster of now is no bound
-    elif resources.num_actors is not None:
+    if resources.num_actors is not None:  # with autoscale too: nodes join on demand
         n = resources.num_actors // per
     elif gpus > 0:
         if nodes is not None:
@@ -93,6 +91,19 @@ LOST_INPUTS = "the inputs it reads from the object store were lost (their node d
 
 
 @dataclass(eq=False)
+class _Slot:
+    """One place in the pool: its actor (None once given up; a gang.ActorGang with
+    actors_per_task > 1), the pending `prepare` of an actor still starting (None once ready),
+    the actor's label, and its failed starts in a row."""
+
+    actor: Any
+    prepared: ray.ObjectRef | None
+    label: str = ""
+    failed_starts: int = 0
+    group: Any = None  # the placement group the slot's actors live in (None: a caller's)
+
+
+@dataclass(eq=False)
 class _Call:
     """A task started on an actor: its result, its payload when that stays in the object
     store (None: in the result), and the payloads it reads, by the task that made each."""
@@ -102,13 +113,17 @@ class _Call:
     inputs: dict[Task, ray.ObjectRef]
 
 
-def _start(actor: Any, task: Task, shared: dict, needed: dict[Task, ray.ObjectRef]) -> _Call:
-    """Start a task on an actor, with references to the payloads it needs (the actor reads
-    them); one missing from `needed` (lost) is computed again on this actor first. A task
-    whose payload stays in the object store returns it as a second object, never fetched."""
+def _start(slot: _Slot, task: Task, shared: dict, needed: dict[Task, ray.ObjectRef],
+           producers: dict[Task, str]) -> _Call:
+    """Start a task on a slot's actor, with references to the payloads it needs (the actor
+    reads them); one missing from `needed` (lost) is computed again on this actor first, and
+    the actor noted as its producer. A task whose payload stays in the object store returns it
+    as a second object, never fetched."""
     for need in needs_of(task):
         if need not in needed:
-            needed[need] = actor.run_kept.remote(need, shared)[1]
+            needed[need] = slot.actor.run_kept.remote(need, shared)[1]
+            producers[need] = slot.label
+    actor = slot.actor
     inputs = {need: needed[need] for need in needs_of(task)}
     if getattr(task, "payload_in_store", False):
         ref, payload = actor.run_kept.remote(task, shared, list(inputs.values()))
@@ -129,17 +144,13 @@ def _forget_lost_inputs(call: _Call, cause: BaseException,
     return True
 
 
-@dataclass(eq=False)
-class _Slot:
-    """One place in the pool: its actor (None once given up; a gang.ActorGang with
-    actors_per_task > 1), the pending `prepare` of an actor still starting (None once ready),
-    the actor's label, and its failed starts in a row."""
-
-    actor: Any
-    prepared: ray.ObjectRef | None
-    label: str = ""
-    failed_starts: int = 0
-    group: Any = None  # the placement group the slot's actors live in (None: a caller's)
+def _forget_made_by(label: str, needed: dict[Task, ray.ObjectRef],
+                    producers: dict[Task, str]) -> None:
+    """Drop the payloads a dead actor made: they lived in its node's object store, and a task
+    sent to read them would fail (and lose a retry) before they were computed again."""
+    for need in [n for n, who in producers.items() if who == label]:
+        needed.pop(need, None)
+        del producers[need]
 
 
 class Engine:
@@ -204,7 +215,13 @@ class Engine:
                 autoscale=resources.autoscale, gang_size=self.gang_size)
             groups = list(self.reservation.groups)
         self.size = len(groups)
-        self._slots = [self._start_slot(_Slot(None, None, group=g)) for g in groups]
+        self._slots: list[_Slot] = []
+        try:  # a failure here would leak the groups and actors: __exit__ never runs
+            for group in groups:
+                self._slots.append(self._start_slot(_Slot(None, None, group=group)))
+        except BaseException:
+            self.shutdown()
+            raise
 
     def __enter__(self) -> Engine:
         return self
@@ -283,12 +300,17 @@ class Engine:
         The tasks that `tasks` need (tasks.needs_of) run first, once each, and their payloads
         stay in the object store; a task whose own payload stays there (`payload_in_store`)
         has a reference to it as its result's payload. If a payload a task reads is lost (its
-        node died), it is computed again on the task's actor, and the task retried.
+        node died), it is computed again on the task's actor, and the task retried. When an
+        actor dies, the payloads it made are dropped at once, so that no task is sent to read
+        them; only the task whose actor died counts a retry (a reader that found its inputs
+        gone counts none, within one more try per dead actor).
         """
-        needed = self._run_needs(tasks, on_retry)
+        needed, producers = self._run_needs(tasks, on_retry)
         results: list[TaskResult | None] = [None] * len(tasks)
         pending = deque(range(len(tasks)))
-        deaths = [0] * len(tasks)
+        deaths = [0] * len(tasks)  # the task's own actor died under it
+        lost = [0] * len(tasks)  # payloads it read were lost with another actor
+        pool_deaths = 0
         idle: list[_Slot] = []
         starting: dict[ray.ObjectRef, _Slot] = {}
         for slot in self._slots:
@@ -304,7 +326,7 @@ class Engine:
             while idle and pending:
                 index = pending.popleft()
                 slot = idle.pop()
-                call = _start(slot.actor, tasks[index], self._shared, needed)
+                call = _start(slot, tasks[index], self._shared, needed, producers)
                 inflight[call.ref] = (index, slot, call)
             timeout = None
             if not inflight:  # tasks wait, and no actor is ready to take them
@@ -336,10 +358,12 @@ class Engine:
                     raise type(cause)(str(cause)) from None
                 if not _forget_lost_inputs(call, cause, needed):
                     raise UntracError(f"task {describe(tasks[index])} failed: {cause!r}") from None
-                deaths[index] += 1
-                if deaths[index] > self.resources.max_retries:
+                # not a retry of its own: the inputs went with an actor whose death costs its
+                # own task one; each loss of a producer may cost a reader one more try
+                lost[index] += 1
+                if lost[index] > pool_deaths + 1:
                     raise UntracError(f"task {describe(tasks[index])} failed: {LOST_INPUTS} "
-                                      f"{deaths[index]} times") from None
+                                      f"{lost[index]} times") from None
                 pending.appendleft(index)
                 idle.append(slot)
                 if on_retry is not None:
@@ -347,6 +371,8 @@ class Engine:
                 continue
             except _ACTOR_LOST as err:
                 reason = f"actor {slot.label} died ({_death_reason(err)})"
+                _forget_made_by(slot.label, needed, producers)
+                pool_deaths += 1
                 self._lose(slot)
                 starting[slot.prepared] = slot
                 deaths[index] += 1
@@ -369,13 +395,15 @@ class Engine:
         return results  # type: ignore[return-value]
 
     def _run_needs(self, tasks: Sequence[Task], on_retry: Callable[[Task, str], None] | None
-                   ) -> dict[Task, ray.ObjectRef]:
+                   ) -> tuple[dict[Task, ray.ObjectRef], dict[Task, str]]:
         """Run the tasks that `tasks` need, once each (a map of their own); their payloads
-        stay in the object store, and the driver holds only references."""
+        stay in the object store, and the driver holds only references. Also returns which
+        actor (its label) made each payload."""
         needs = list(dict.fromkeys(n for task in tasks for n in needs_of(task)))
         if not needs:
-            return {}
-        return {r.task: _put(r.payload) for r in self.map(needs, on_retry=on_retry)}
+            return {}, {}
+        done = self.map(needs, on_retry=on_retry)
+        return {r.task: _put(r.payload) for r in done}, {r.task: r.worker for r in done}
 
     def _started(self, slot: _Slot, ref: ray.ObjectRef) -> bool:
         """Whether the actor whose `prepare` is `ref` is ready; one that died starting is

@@ -405,6 +405,7 @@ class ShardedWorkbench:
         precision: str = "fp32",
     ) -> None:
         self.gang = gang
+        self.rank = gang.rank  # its own dropout masks for its rows (optim.seed_dropout)
         self.device = gang.device
         self.precision = check_precision(precision)
         self.weights = weights

@@ -33,3 +33,7 @@ class NonFiniteLossError(UntracError):
 
 class TrackingError(UntracError):
     """The MLflow tracking store cannot be used or read."""
+
+
+class RunAdopted(TrackingError):
+    """Another driver took over this driver's MLflow run (`--resume` found it silent)."""

@@ -59,10 +59,39 @@ def model_key(spec: JobSpec) -> str:
     )
 
 
-def job_spec_key(spec: JobSpec) -> str:
-    """Hash of the spec's settings that decide results: everything but where it runs and
-    logs (tracking, resources other than numerics, a search's storage and concurrency)."""
-    dump = spec.model_dump(mode="json", exclude={
-        "tracking": True, "search": {"storage_path", "max_concurrent"}})
-    dump["resources"] = {k: dump["resources"][k] for k in ("precision", "tf32")}
-    return spec_hash(dump)
+# --- The results key: which settings decide a result ---
+
+# The version of what a stored result means: the format of a finished task and the algorithms
+# that compute it. A result stored under another version is never restored, so that an upgrade
+# that changes how a task computes does not resume with results of the old way.
+# 2: bf16 weights are stepped in float32 and rounded stochastically (compute/optim.py).
+RESULTS_VERSION = 2
+
+# The settings that never decide a result: the job's name, where and on how much it runs, how
+# long it waits and how often it retries, where it logs and keeps files. Every other setting
+# is in the key, a new one too: tests/test_spec.py walks the spec's fields to check that each
+# is either in the key or here. Whether actors compute on GPUs does decide the numbers: the key
+# keeps that (`on_gpu`) instead of gpus_per_actor.
+NOT_IN_RESULTS_KEY: dict[str, Any] = {
+    "name": True,
+    "cache_dir": True,
+    "tracking": True,
+    "training": {"output_dir"},
+    "pretraining": {"training": {"output_dir"}},
+    "resources": {"address", "num_actors", "cpus_per_actor", "gpus_per_actor", "local_cpus",
+                  "object_store_memory_mb", "max_retries", "placement_timeout_s", "autoscale"},
+    "search": {"storage_path", "max_concurrent", "max_failures", "actors_per_trial"},
+}
+
+
+def results_key_material(spec: JobSpec) -> dict[str, Any]:
+    """What the results key hashes: the spec without NOT_IN_RESULTS_KEY, plus `on_gpu`."""
+    material = spec.model_dump(mode="json", exclude=NOT_IN_RESULTS_KEY)
+    material["on_gpu"] = spec.resources.gpus_per_actor > 0
+    return material
+
+
+def results_key(spec: JobSpec) -> str:
+    """The one key of a job's results, for `run` and `tune`: a run or search is resumed, and
+    its finished tasks restored, only under the same key (RESULTS_VERSION included)."""
+    return spec_hash(RESULTS_VERSION, results_key_material(spec))

@@ -109,3 +109,11 @@ def expand_env_refs(raw: Any, origin: str = "job spec", where: str = "") -> Any:
     if isinstance(raw, list):
         return [expand_env_refs(v, origin, f"{where}.{i}") for i, v in enumerate(raw)]
     return raw
+
+
+def absolute_sqlite_uri(uri: str) -> str:
+    """A sqlite:/// tracking URI with a relative path made absolute (from the current folder),
+    so that it names the same file from any process; other URIs as they are."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from untrac_ray.compute.optim import batch_schedule, make_optimizer
+from untrac_ray.compute.optim import batch_schedule, make_optimizer, seed_dropout
 from untrac_ray.compute.unlearning import ascent_step, check_ascent_loss, check_eval_losses
 from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.methods.tasks import BASE, Bench, Output
@@ -57,9 +57,9 @@ def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> Non
 def _start(bench: Bench, settings: UnlearnSpec, n_rows: int) -> _Trajectory:
     """A new trajectory from the base weights, seeded as `unlearn` seeds one."""
     bench.reset(BASE)
-    torch.manual_seed(settings.seed)
+    seed_dropout(settings.seed)
     optimizer = make_optimizer(settings.optimizer, bench.model.parameters(),
-                               settings.learning_rate)
+                               settings.learning_rate, seed=settings.seed)
     total = settings.total_steps(n_rows)
     schedule = batch_schedule(n_rows, settings.batch_size, total, settings.seed)
     return _Trajectory(0, optimizer, schedule)

@@ -31,14 +31,16 @@ BASE = "base"
 
 
 class Bench(Protocol):
-    """What a task uses of the bench it runs on (workbench.Workbench is the one implementation):
-    the model, the datasets and each one's evaluation rows, the device and the precision."""
+    """What a task uses of the bench it runs on (workbench.Workbench; in a gang, each rank's
+    engine/sharded.ShardedWorkbench): the model, the datasets and each one's evaluation rows,
+    the device, the precision, and the rank of the process."""
 
     model: torch.nn.Module
     datasets: dict[str, TokenizedSet]
     eval_indices: dict[str, np.ndarray]
     device: torch.device
     precision: str
+    rank: int  # in a gang of processes sharing one sharded model; 0 alone
 
     def reset(self, weights: str = BASE) -> None:
         """Load the named shared weight set into the model."""
@@ -108,7 +110,8 @@ class UnlearnTask:
                 out.row_losses = rows
 
         taken = unlearn(bench.model, bench.datasets[self.forget], self.settings, self.schedule,
-                        record, bench.device, [bench.datasets[n] for n in self.retain], stop)
+                        record, bench.device, [bench.datasets[n] for n in self.retain], stop,
+                        rank=bench.rank)
         if stop is not None:
             out.payload = {"stopped_at": taken}
         return out
@@ -148,7 +151,7 @@ class LdoTask:
         bench.reset(init_weights_name(self.seed))
         sets = [bench.datasets[n] for n in self.train if n != self.left_out]
         cfg = self.training.model_copy(update={"seed": self.seed})
-        train_model(bench.model, sets, cfg, device=bench.device)
+        train_model(bench.model, sets, cfg, device=bench.device, rank=bench.rank)
         losses, _ = bench.evaluate(self.evaluate)
         return Output({0: losses})
 

@@ -46,6 +46,7 @@ class Workbench:
     ) -> None:
         self.device = torch.device(device)
         self.precision = check_precision(precision)
+        self.rank = 0  # one process: the Bench of a single-process run
         self.weights = weights
         # One copy of the model on the device, in the dtype asked for; resetting copies a
         # weight set in from the host arrays (zero-copy object-store memory on an actor)

@@ -297,16 +297,20 @@ def read_run_table(run_id: str, tracking_uri: str, stem: str) -> pd.DataFrame | 
     return table
 
 
-def ui_command(tracking_uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
-    """The `mlflow ui` command serving a store (one worker: a local, single-user UI)."""
+def ui_command(tracking_uri: str, port: int, host: str = "127.0.0.1"
+               ) -> tuple[list[str], dict[str, str]]:
+    """The `mlflow ui` command serving a store (one worker: a local, single-user UI), and the
+    environment variables that name the store: never on the command line, where `ps` and
+    every process of the machine would show a database password."""
     import sys
 
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
-           "--host", host, "--port", str(port), "--workers", "1"]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port),
+           "--workers", "1"]
+    env = {"MLFLOW_BACKEND_STORE_URI": tracking_uri}
     root = artifact_root(tracking_uri)
     if root is not None:  # experiments created from the UI keep artifacts beside the store
-        cmd += ["--default-artifact-root", root]
-    return cmd
+        env["MLFLOW_DEFAULT_ARTIFACT_ROOT"] = root
+    return cmd, env
 
 
 def read_run_text(run_id: str, tracking_uri: str, artifact_file: str) -> str | None:

@@ -26,6 +26,7 @@ TASKS = "tasks"  # the artifact folder of a run's finished tasks (task_store.py)
 HEARTBEAT_TAG = "heartbeat"  # unix seconds, refreshed by a live driver
 HEARTBEAT_S = float(os.environ.get("UNTRAC_RAY_HEARTBEAT_S", "30"))
 STALE_AFTER = 3  # heartbeats missed before a RUNNING run counts as stale
+OWNER_TAG = "owner"  # the generation of the driver that writes the run (tracking.JobRun)
 
 
 class RedactingClient(MlflowClient):

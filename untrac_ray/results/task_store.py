@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from untrac_ray.inputs.errors import RunAdopted
 from untrac_ray.inputs.fingerprints import spec_hash
 from untrac_ray.methods.tasks import TaskResult
 
@@ -200,6 +201,8 @@ class TaskStore:
     def _upload(self, path: Path) -> bool:
         try:
             self.remote.store_task(path)
+        except RunAdopted:  # another driver writes the run now: stop, not spool
+            raise
         except Exception as err:  # noqa: BLE001 - any failure of the store: keep it locally
             self.upload_error = _first_line(err)
             return False

@@ -14,6 +14,7 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,13 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
-from untrac_ray.inputs.errors import TrackingError
+from untrac_ray.inputs.errors import RunAdopted, TrackingError
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.results.store import (
     HEADLINE_TAG,
     HEARTBEAT_S,
     HEARTBEAT_TAG,
+    OWNER_TAG,
     TAG_PREFIX,
     TASKS,
     RedactingClient,
@@ -62,6 +64,13 @@ class JobRun:
     While open, a thread refreshes the heartbeat tag so that a run whose driver was killed
     (SIGKILL, a lost node) is recognisable as stale, and adoptable by `--resume`. The run
     also keeps the job's finished tasks (task_store.Remote: artifacts under tasks/).
+
+    Each driver that opens the run tags it as its owner (a new generation each time): a
+    driver whose heartbeats failed long enough for another to adopt its run finds another
+    owner before its next write and stops with one line (RunAdopted), leaving the run to its
+    new owner. The run is created with its driver, heartbeat and owner tags at once, so a
+    store that fails right after still leaves a run that shows stale and can be resumed; a
+    failure while opening closes the run FAILED.
     """
 
     def __init__(self, spec: JobSpec, tracking_uri: str, tags: dict[str, str] | None = None,
@@ -73,22 +82,36 @@ class JobRun:
         self.run_id = ""
         self.resume_id = run_id
         self.resumed = False
+        self.owner: str | None = None  # this driver's generation; None: a handle, no check
+        self.adopted = False  # another driver owns the run now: write nothing more
         self._beat: threading.Event | None = None
 
     def __enter__(self) -> JobRun:
         prepare_store(self.uri)
-        if self.resume_id is not None:
-            self._reopen(self.resume_id)
-        else:
-            self._create()
-        self._start_heartbeat()
+        self.owner = uuid.uuid4().hex
+        try:
+            if self.resume_id is not None:
+                self._reopen(self.resume_id)
+            else:
+                self._create()
+            self._start_heartbeat()
+        except BaseException as err:
+            self._close_after_failed_start(err)
+            raise
         return self
+
+    def _driver_tags(self) -> dict[str, str]:
+        """Who writes the run: host and pid, heartbeat, its period and this generation."""
+        return {TAG_PREFIX + "driver": f"{socket.gethostname()}:{os.getpid()}",
+                TAG_PREFIX + "heartbeat_s": f"{HEARTBEAT_S:g}",
+                TAG_PREFIX + HEARTBEAT_TAG: f"{time.time():.0f}",
+                TAG_PREFIX + OWNER_TAG: self.owner}
 
     def _create(self) -> None:
         try:
             self.client = RedactingClient(tracking_uri=self.uri)
             exp_id = get_or_create_experiment(self.client, self.spec.tracking.experiment,
-                                               artifact_root(self.uri))
+                                              artifact_root(self.uri))
         except Exception as err:  # noqa: BLE001
             raise TrackingError(f"cannot use MLflow store {self.uri}: {err}") from None
         tags = {
@@ -97,6 +120,7 @@ class JobRun:
             TAG_PREFIX + "model": self.spec.model.path or self.spec.model.config["model_type"],
             TAG_PREFIX + "n_train": str(len(self.spec.data.train)),
             TAG_PREFIX + "n_test": str(len(self.spec.data.test)),
+            **self._driver_tags(),
             **self.extra_tags,
         }
         run = self.client.create_run(
@@ -115,6 +139,8 @@ class JobRun:
         except Exception as err:  # noqa: BLE001
             raise TrackingError(f"the MLflow run {run_id} is not in {self.uri}: "
                                 f"{str(err).splitlines()[0]}") from None
+        for key, value in self._driver_tags().items():  # the owner first: this run is ours
+            self.client.set_tag(run_id, key, value)
         self.run_id = run_id
         self.resumed = True
         self.client.update_run(run_id, status="RUNNING")
@@ -123,28 +149,57 @@ class JobRun:
         if TAG_PREFIX + "error" in self.client.get_run(run_id).data.tags:
             self.client.delete_tag(run_id, TAG_PREFIX + "error")  # the last try's error
 
+    def _close_after_failed_start(self, err: BaseException) -> None:
+        """A run created or reopened, then a failure before it was ready: close it FAILED
+        (KILLED for an interrupt) as the job would have; the store may refuse that too."""
+        if self._beat is not None:
+            self._beat.set()
+        if self.client is None or not self.run_id:
+            return
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):
+            self.client.set_tag(self.run_id, TAG_PREFIX + "error", str(err)[:5000])
+        with contextlib.suppress(Exception):
+            self.client.set_terminated(self.run_id, status)
+
     def _start_heartbeat(self) -> None:
-        """Tag the driver (host, pid) and refresh the heartbeat from a daemon thread."""
-        self.client.set_tag(self.run_id, TAG_PREFIX + "driver", f"{socket.gethostname()}:"
-                            f"{os.getpid()}")
-        self.client.set_tag(self.run_id, TAG_PREFIX + "heartbeat_s", f"{HEARTBEAT_S:g}")
+        """Refresh the heartbeat from a daemon thread, while this driver owns the run."""
         stop = self._beat = threading.Event()
         client, run_id = RedactingClient(tracking_uri=self.uri), self.run_id
 
         def beat() -> None:
-            while True:
+            while not stop.wait(HEARTBEAT_S):
                 with contextlib.suppress(Exception):  # a store that hiccups: try next time
+                    if not self._owns(client):
+                        return
                     client.set_tag(run_id, TAG_PREFIX + HEARTBEAT_TAG, f"{time.time():.0f}")
-                if stop.wait(HEARTBEAT_S):
-                    return
 
         threading.Thread(target=beat, name="untrac-ray-heartbeat", daemon=True).start()
+
+    def _owns(self, client: MlflowClient | None = None) -> bool:
+        """Whether this driver still owns the run (True for a handle without an owner)."""
+        if self.owner is None:
+            return True
+        if not self.adopted:
+            tags = (client or self.client).get_run(self.run_id).data.tags
+            self.adopted = tags.get(TAG_PREFIX + OWNER_TAG, self.owner) != self.owner
+        return not self.adopted
+
+    def _check_owner(self) -> None:
+        """Before a write: RunAdopted (one line) if another driver owns the run now."""
+        if not self._owns():
+            raise RunAdopted(f"run {self.run_id} was taken over by another driver (`--resume` "
+                             "found this one silent); this driver stops and leaves the run "
+                             "to it")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._beat is not None:
             self._beat.set()
         if self.client is None or not self.run_id:
             return
+        with contextlib.suppress(Exception):  # an unreachable store: the status says nothing
+            if not self._owns():
+                return  # the new owner closes it
         if exc_type is None:
             status = RunStatus.FINISHED
         elif issubclass(exc_type, KeyboardInterrupt):
@@ -169,13 +224,16 @@ class JobRun:
 
     def store_task(self, path: Path) -> None:
         """Store one finished task's file in the run."""
+        self._check_owner()
         self.client.log_artifact(self.run_id, str(path), TASKS)
 
     def set_tag(self, key: str, value: str) -> None:
+        self._check_owner()
         self.client.set_tag(self.run_id, TAG_PREFIX + key, value)
 
     def log_metrics(self, values: dict[str, float], step: int = 0) -> None:
         """Log many metrics in one call."""
+        self._check_owner()
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
         for i in range(0, len(metrics), 1000):
@@ -187,6 +245,7 @@ class JobRun:
     def log_cells(self, rows: list[dict]) -> None:
         """Every cell's influence, keyed influence/<method>/<train>/<test>, at its evaluation
         point (the MLflow step: trajectories of sets of any size line up by point)."""
+        self._check_owner()
         now = int(time.time() * 1000)
         metrics = [
             Metric(metric_key("influence", r["method"], r["train_set"], r["test_set"]),
@@ -216,10 +275,12 @@ class JobRun:
         self.set_tag(HEADLINE_TAG, headline)
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        self._check_owner()
         self.client.log_text(self.run_id, text, artifact_file)
 
     def log_table(self, table: pd.DataFrame, stem: str) -> None:
         """A table as Parquet and CSV artifacts (stem may hold a folder: examples/top)."""
+        self._check_owner()
         folder, name = os.path.split(stem)
         with tempfile.TemporaryDirectory() as tmp:
             for suffix, write in ((".parquet", table.to_parquet), (".csv", table.to_csv)):
@@ -228,6 +289,7 @@ class JobRun:
                 self.client.log_artifact(self.run_id, str(path), folder or None)
 
     def log_figure(self, fig, artifact_file: str) -> None:
+        self._check_owner()
         import matplotlib.pyplot as plt
 
         self.client.log_figure(self.run_id, fig, artifact_file)
@@ -261,7 +323,8 @@ class SearchRun(JobRun):
         if exc_type is None and self.interrupted and self.client is not None:
             if self._beat is not None:
                 self._beat.set()
-            self.client.set_terminated(self.run_id, "KILLED")
+            if self._owns():
+                self.client.set_terminated(self.run_id, "KILLED")
             return
         super().__exit__(exc_type, exc, tb)
 

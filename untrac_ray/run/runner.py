@@ -14,8 +14,8 @@ from typing import Literal
 
 import pandas as pd
 
-from untrac_ray.inputs.errors import TrackingError
-from untrac_ray.inputs.fingerprints import job_spec_key
+from untrac_ray.inputs.errors import RunAdopted, TrackingError
+from untrac_ray.inputs.fingerprints import results_key
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import UNLEARNING_METHODS
 from untrac_ray.methods.cells import average_members, influence_rows
@@ -72,7 +72,7 @@ def find_run_to_resume(spec: JobSpec, uri: str, resume: Resume, reporter: Report
     if resume is None:
         return None
     try:
-        found = find_resumable_run(uri, spec, job_spec_key(spec))
+        found = find_resumable_run(uri, spec, results_key(spec))
     except TrackingError as err:
         if resume == "strict":
             raise
@@ -160,6 +160,8 @@ def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> 
         store that refuses them does not stop the job (the final table holds them too)."""
         try:
             run.log_cells(cells)
+        except RunAdopted:  # another driver writes the run now: this one stops
+            raise
         except Exception as err:  # noqa: BLE001 - any failure of the store
             stored(result, str(err).strip().splitlines()[0] if str(err).strip() else
                    type(err).__name__)
@@ -211,10 +213,15 @@ def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> 
         try:
             run_tasks(session, store, tasks, collect, reporter.task_retried, engine,
                       restored=restored_tasks)
-        except BaseException:
-            if live:  # keep what finished, beside the FAILED or KILLED status
-                run.log_table(influence_table(average_members(live), train, test),
-                              "influence_partial")
+        except BaseException as stop:
+            if live and not isinstance(stop, RunAdopted):  # keep what finished, beside the
+                try:  # FAILED or KILLED status; a store failing now must not replace the
+                    run.log_table(influence_table(average_members(live), train, test),
+                                  "influence_partial")  # interrupt (KILLED, not FAILED)
+                except Exception as err:  # noqa: BLE001 - any failure of the store
+                    why = (str(err).strip() or type(err).__name__).splitlines()[0]
+                    reporter.stage(f"warning: the partial table was not stored ({why}); "
+                                   "`run --resume` recomputes it from the finished tasks")
             raise
 
     if store.flush():

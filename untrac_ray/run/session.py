@@ -29,7 +29,7 @@ import ray
 from untrac_ray.engine.pool import Engine
 from untrac_ray.engine.ray_start import ensure_ray
 from untrac_ray.inputs.errors import UntracError
-from untrac_ray.inputs.fingerprints import file_fingerprint, job_spec_key, spec_hash
+from untrac_ray.inputs.fingerprints import file_fingerprint, results_key, spec_hash
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.methods.tasks import TaskResult
 from untrac_ray.results.store import resolve_tracking_uri
@@ -135,7 +135,7 @@ def open_session(
     """
     reporter = reporter or Reporter()
     uri = uri or resolve_tracking_uri(tracking_uri, spec)  # checked by the caller (check_store)
-    fingerprints = {SPEC_KEY: spec_key or job_spec_key(spec)}
+    fingerprints = {SPEC_KEY: spec_key or results_key(spec)}
     run_id, expected = resume if resume is not None else ("", {})
 
     def check() -> None:

@@ -33,6 +33,9 @@ import numpy as np
 import pandas as pd
 import ray
 
+from untrac_ray.inputs.fingerprints import results_key
+from untrac_ray.inputs.loading import absolute_sqlite_uri
+from untrac_ray.inputs.redaction import has_secret, learn, redact, split_credentials
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import GROUND_TRUTH, GroundTruthSpec
 from untrac_ray.methods.plans import plan_ldo
@@ -60,7 +63,6 @@ from untrac_ray.search.space import (
 )
 from untrac_ray.search.state import (
     find_resumable,
-    search_key,
     slug,
     storage_fs,
     storage_path,
@@ -153,14 +155,13 @@ def run_search(
     storage = storage_path(spec)
     previous = find_resumable(spec) if resume else None
     if previous is not None:
-        uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-               or previous["tracking_uri"])
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _stored_uri(previous)
+        learn(uri)  # its password, if any, is masked wherever it would be printed or logged
         name = previous["name"]
     else:
         uri = resolve_tracking_uri(tracking_uri, spec)
         name = f"{slug(spec.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    uri = absolute_sqlite_uri(uri)
     metric_fn = load_objective(search.objective.function) if search.objective.function else None
     del metric_fn  # imported here only to fail early; every trial imports it again
     check_store(uri)  # seconds, before any data, training or Ray
@@ -171,7 +172,7 @@ def run_search(
     if previous is not None:
         resumed_run = (previous["parent_run_id"], previous.get("fingerprints", {}))
     with open_session(spec, address=address, reporter=reporter, uri=uri,
-                      spec_key=search_key(spec), resume=resumed_run,
+                      spec_key=results_key(spec), resume=resumed_run,
                       methods=[GROUND_TRUTH] if compute_truth else []) as session:
         _check_fits(spec)
         data = session.data
@@ -217,9 +218,11 @@ def run_search(
                               "objective": search.objective.model_dump(),
                               "trials": search.num_trials(), "algorithm": search.algorithm,
                               "scheduler": search.scheduler.model_dump()}, "search.json")
-            state = {"job": spec.name, "spec_key": search_key(spec), "parent_run_id":
-                     run.run_id, "tracking_uri": uri, "created": time.time(),
-                     "fingerprints": session.fingerprints, "finished": False}
+            clean_uri, credentials = split_credentials(uri)  # never stored in Tune's storage
+            state = {"job": spec.name, "spec_key": results_key(spec), "parent_run_id":
+                     run.run_id, "tracking_uri": clean_uri, "credentials": bool(credentials),
+                     "created": time.time(), "fingerprints": session.fingerprints,
+                     "finished": False}
             if previous is not None:
                 state["created"] = previous.get("created", state["created"])
             write_state(storage, name, state)
@@ -364,7 +367,7 @@ def _log_best(run, spec: JobSpec, best: dict[str, Any], trials: pd.DataFrame, na
         per = ",".join(f"{m}={row[f'{OBJECTIVE}_{m}']:.3f}" for m in methods)
         run.set_tag(spec.search.objective.metric.split("_")[0] == "pearson" and HEADLINE_TAG
                     or "best_objective_by_method", per)
-    gt = (GroundTruthSpec(run_id=run.run_id, tracking_uri=uri)
+    gt = (GroundTruthSpec(run_id=run.run_id, tracking_uri=split_credentials(uri)[0])
           if truth is not None and spec.ground_truth is None else None)
     best_spec = job_with(spec, _nest(best["config"]), ground_truth=gt)  # same name: same model
     header = (f"# Best configuration of search {name} (MLflow run {run.run_id}):\n"
@@ -373,7 +376,11 @@ def _log_best(run, spec: JobSpec, best: dict[str, Any], trials: pd.DataFrame, na
     if gt is not None:
         header += ("# ground_truth: the search's leave-dataset-out, computed once; remove it "
                    "(or put methods.ldo back) for another model.\n")
-    text = header + best_spec.to_yaml()
+    body = best_spec.to_yaml()
+    if has_secret(body):  # a data URI's token, say: the job file had it as ${VAR}
+        header += ("# credentials are masked (***): put back the ${VAR} references of your "
+                   "job file.\n")
+    text = header + redact(body)
     run.log_text(text, "best_job.yaml")
     try:
         fs, root = storage_fs(path)
@@ -382,6 +389,18 @@ def _log_best(run, spec: JobSpec, best: dict[str, Any], trials: pd.DataFrame, na
         return text, f"{path}/best_job.yaml"
     except OSError:
         return text, None
+
+
+def _stored_uri(previous: dict[str, Any]) -> str:
+    """The tracking URI a search to resume logged to, as its state keeps it: without its
+    credentials, which MLflow then reads from MLFLOW_TRACKING_USERNAME/PASSWORD."""
+    uri = previous["tracking_uri"]
+    if previous.get("credentials") and not (os.environ.get("MLFLOW_TRACKING_USERNAME")
+                                            or os.environ.get("MLFLOW_TRACKING_TOKEN")):
+        raise SearchError(f"search {previous['name']} logged to {uri} with credentials, which "
+                          "are never stored: pass --tracking-uri with them, or set "
+                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    return uri
 
 
 def _log_search_figures(run, spec: JobSpec, trials: pd.DataFrame) -> None:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from untrac_ray.inputs.fingerprints import spec_hash
+from untrac_ray.inputs.fingerprints import results_key
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.search.space import SearchError
 
@@ -31,13 +31,6 @@ def storage_fs(uri: str):
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
-
-
-def search_key(spec: JobSpec) -> str:
-    """Hash of what a resumed search must share with the interrupted one."""
-    dump = spec.model_dump(mode="json", exclude={"tracking": True, "resources": True,
-                                                 "search": {"storage_path", "max_concurrent"}})
-    return spec_hash(dump)
 
 
 def write_state(uri: str, name: str, state: dict[str, Any]) -> None:
@@ -73,7 +66,7 @@ def find_resumable(spec: JobSpec) -> dict[str, Any]:
     """The newest unfinished search of this job (same spec) under its storage path."""
     uri = storage_path(spec)
     mine = [s for s in list_searches(uri) if s.get("job") == spec.name]
-    same = [s for s in mine if s.get("spec_key") == search_key(spec)]
+    same = [s for s in mine if s.get("spec_key") == results_key(spec)]
     open_ = [s for s in same if not s.get("finished")]
     if open_:
         return open_[-1]

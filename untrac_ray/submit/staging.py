@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from untrac_ray.inputs.errors import UntracError
-from untrac_ray.inputs.loading import load_spec
+from untrac_ray.inputs.loading import absolute_sqlite_uri, load_spec
 from untrac_ray.inputs.redaction import has_secret, redact, split_credentials, to_placeholders
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import DatasetSpec, is_uri
@@ -230,8 +230,7 @@ def cluster_tracking_uri(cli_uri: str | None, spec: JobSpec) -> str:
             "a cluster job logs to your MLflow tracking server: pass --tracking-uri "
             "http://MLFLOW-HOST:5000 or set tracking.uri in the spec"
         )
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    uri = absolute_sqlite_uri(uri)
     return uri
 
 
