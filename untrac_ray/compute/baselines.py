@@ -44,14 +44,19 @@ def flat_gradient(
         loss_sum, n = token_loss_sum(model, data.batch(rows[start : start + batch_size], device))
         loss_sum.backward()
         tokens += n
-    flat = torch.cat([
-        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params
-    ])
+    # one float32 buffer, filled in place: the gradients and it, no other copy (memory.py)
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32,
+                       device=params[0].device)
+    start = 0
+    for p in params:
+        if p.grad is not None:
+            flat[start : start + p.numel()].copy_(p.grad.reshape(-1))
+        start += p.numel()
     if reduction == "mean":
-        flat = flat / max(tokens, 1)
+        flat /= max(tokens, 1)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
-    return flat.detach().float()
+    return flat
 
 
 def dataset_gradient(

@@ -130,3 +130,25 @@ def actor_memory(model: torch.nn.Module, *, optimizer: str, rows: int, tokens: i
         gradient_task=(p * b + p * 4) if test_sets else 0,
         rounding=rounding_bytes(model, optimizer, b),
     )
+
+
+MMAP_THRESHOLD = 1 << 20  # bytes: allocations this large get pages of their own
+
+
+def return_freed_memory() -> bool:
+    """Have glibc's malloc give large blocks pages of their own (mmap), returned to the system
+    when freed. By default it raises that threshold as blocks are freed (up to 32 MiB), and
+    the many tensors of a few MiB that a step allocates and frees then stay in the heap: the
+    resident set grows past what the formula counts (measured: a bf16 actor of 85M parameters
+    held 0.4 GB more). True when set (glibc on Linux), False elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

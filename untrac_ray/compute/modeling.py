@@ -85,14 +85,18 @@ class SharedWeights:
         buffers = {name: b.detach().cpu().numpy().copy() for name, b in model.named_buffers()}
         return cls(config=model.config.to_dict(), arrays=arrays, buffers=buffers)
 
-    def build(self, device: torch.device | str = "cpu") -> PreTrainedModel:
-        """A model with these weights on `device`, built on the meta device and then filled:
-        no random initialisation of parameters that are overwritten at once, and no second
-        copy of them in host memory on the way to a GPU."""
+    def build(self, device: torch.device | str = "cpu",
+              dtype: torch.dtype | None = None) -> PreTrainedModel:
+        """A model with these weights on `device` (in `dtype`, default float32), built on the
+        meta device and then filled: no random initialisation of parameters that are
+        overwritten at once, no second copy of them in host memory on the way to a GPU, and
+        no float32 copy on the way to bfloat16."""
         values = dict(self.config)
         config = AutoConfig.for_model(values.pop("model_type"), **values)
         with torch.device("meta"):
             model = auto_class(config).from_config(config)
+        if dtype is not None:
+            model = model.to(dtype)
         model = model.to_empty(device=device)
         model.tie_weights()  # to_empty gives tied parameters (lm_head, embeddings) apart
         load_arrays(model, self.arrays)

@@ -14,6 +14,7 @@ import numpy as np
 import ray
 import torch
 
+from untrac_ray.compute.memory import return_freed_memory
 from untrac_ray.compute.modeling import SharedWeights
 from untrac_ray.compute.precision import configure_tf32
 from untrac_ray.engine.gang import (
@@ -110,6 +111,7 @@ class WorkbenchActor:
         gradient_checkpointing: bool = False,
     ) -> None:
         torch.set_num_threads(threads)
+        return_freed_memory()  # the actor's resident set stays what compute/memory.py counts
         warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecations
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         configure_tf32(tf32, self.device)

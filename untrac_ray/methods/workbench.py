@@ -51,7 +51,7 @@ class Workbench:
         # One copy of the model on the device, in the dtype asked for; resetting copies a
         # weight set in from the host arrays (zero-copy object-store memory on an actor)
         # rather than from a second, pristine device copy: 1x the weights, not 2x.
-        self.model = weights[BASE].build(self.device).to(weight_dtype(weights_dtype))
+        self.model = weights[BASE].build(self.device, weight_dtype(weights_dtype))
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False

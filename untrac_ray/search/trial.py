@@ -108,6 +108,7 @@ def _local_bench(ctx: TrialContext):
     (Tune reuses the process for later trials); trajectories of earlier trials dropped."""
     import torch
 
+    from untrac_ray.compute.memory import return_freed_memory
     from untrac_ray.compute.precision import configure_tf32
     from untrac_ray.engine.actor import workbench_from_refs
     from untrac_ray.methods.segments import forget_state
@@ -116,6 +117,7 @@ def _local_bench(ctx: TrialContext):
     if _LOCAL.get("key") != key:
         res = ctx.spec.resources
         torch.set_num_threads(max(1, int(res.cpus_per_actor)))
+        return_freed_memory()
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         configure_tf32(res.tf32, device)
         bench = workbench_from_refs({"weights": ctx.weights, "datasets": ctx.tables},
