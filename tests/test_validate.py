@@ -120,7 +120,7 @@ def test_a_good_job_validates_and_leaves_no_cache_behind(make_job, tmp_path):
     cache = tmp_path / "deep" / "cache"
     result = validate(make_job({"cache_dir": str(cache)}))
     assert result.exit_code == 0, result.output
-    assert yaml.safe_load(result.output)["cache_dir"] == str(cache)
+    assert yaml.safe_load(result.stdout)["cache_dir"] == str(cache)
     assert not (tmp_path / "deep").exists()
 
 

@@ -78,9 +78,13 @@ def _check_columns(ds: DatasetSpec, table: pa.Table | list[str], columns: list[s
     names = table if isinstance(table, list) else table.column_names
     for col in columns:
         if col not in names:
+            hint = ""
+            if ds.kind == "prompt_target" and ds.text_column in names:
+                hint = (f"; a file of plain text (a {ds.text_column!r} column) needs "
+                        "`kind: text` on this dataset")
             raise DataError(
                 f"dataset {ds.name!r}: column {col!r} not found in {ds.source} "
-                f"(columns: {', '.join(names)})"
+                f"(columns: {', '.join(names)}){hint}"
             )
 
 

@@ -39,6 +39,24 @@ def check_model_folder(path: str) -> None:
         )
 
 
+def folder_config(path: str | Path) -> dict[str, Any]:
+    """A model folder's config.json as a mapping ({} when it cannot be read)."""
+    try:
+        config = json.loads(Path(path, "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def vocab_size(config: dict[str, Any]) -> int | None:
+    """The number of token ids a model embeds, from its config (a multimodal model's text
+    part included); None when the config does not say."""
+    size = config.get("vocab_size")
+    if size is None and isinstance(config.get("text_config"), dict):
+        size = config["text_config"].get("vocab_size")
+    return int(size) if isinstance(size, int) else None
+
+
 def is_encoder_decoder(config: Any) -> bool:
     """True for an encoder-decoder config (T5, BART...): a transformers config, or a mapping
     with a model_type (a spec's model.config, a folder's config.json). For a mapping that does
@@ -57,11 +75,8 @@ def is_encoder_decoder(config: Any) -> bool:
 
 def folder_is_encoder_decoder(path: str | Path) -> bool:
     """True when a model folder's config.json describes an encoder-decoder model."""
-    try:
-        config = json.loads(Path(path, "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "model_type" in config and is_encoder_decoder(config)
+    config = folder_config(path)
+    return "model_type" in config and is_encoder_decoder(config)
 
 
 def encoder_decoder_refusal(where: str, name: str) -> str:

@@ -23,12 +23,15 @@ from untrac_ray.inputs.errors import DataError, SpecError
 from untrac_ray.inputs.model_folder import (
     check_model_folder,
     encoder_decoder_refusal,
+    folder_config,
     folder_is_encoder_decoder,
     is_encoder_decoder,
+    vocab_size,
 )
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import DatasetSpec, is_uri
 
+BYTE_VOCAB = 257  # the byte-level tokenizer's ids: 256 bytes and <|endoftext|>
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -62,6 +65,8 @@ def check_job(spec: JobSpec, read_rows: bool = True) -> None:
             raise SpecError(encoder_decoder_refusal(*text[0]))
     if spec.tokenizer.kind == "pretrained":
         check_tokenizer_folder(spec.tokenizer.path or spec.model.path)
+    if spec.model.path is not None:
+        check_tokenizer_fits(spec)
     if spec.cache_dir is not None:
         check_cache_dir(spec.cache_dir)
 
@@ -87,6 +92,35 @@ def check_tokenizer_folder(path: str | None) -> None:
             f"tokenizer.path: {path} has no tokenizer files "
             f"(expected one of {', '.join(TOKENIZER_FILES)})"
         )
+
+
+def check_tokenizer_fits(spec: JobSpec) -> None:
+    """Raise SpecError unless the tokenizer's ids are the ones the model folder embeds: the
+    byte-level tokenizer only for a model of the byte vocabulary (one this tool built from
+    model.config), and a pretrained one with no id beyond the model's embeddings. A model
+    read with another tokenizer than its own gives losses on text it never saw that way."""
+    path = spec.model.path
+    config = folder_config(path)
+    size = vocab_size(config)
+    if size is None:
+        return
+    if spec.tokenizer.kind == "byte":
+        if size != BYTE_VOCAB:
+            own = [f for f in TOKENIZER_FILES if Path(path, f).is_file()]
+            has = f"; its own tokenizer is in the folder ({own[0]})" if own else ""
+            raise SpecError(
+                f"tokenizer.kind: byte has {BYTE_VOCAB} token ids, but the model at {path} "
+                f"embeds {size}{has}: leave the tokenizer section out to use the model's "
+                "own, or name its tokenizer folder with kind: pretrained")
+        return
+    from untrac_ray.inputs.tokenization import load_tokenizer
+
+    tokens = len(load_tokenizer(spec.tokenizer, path))
+    if tokens > size:
+        raise SpecError(
+            f"tokenizer.path: the tokenizer at {spec.tokenizer.path or path} has {tokens} "
+            f"token ids, but the model at {path} embeds only {size}: ids from {size} on have "
+            "no embedding; use the tokenizer the model was trained with")
 
 
 def check_cache_dir(path: str) -> None:

@@ -74,6 +74,20 @@ class JobSpec(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _tokenizer_of_the_model(self) -> JobSpec:
+        """A model folder is read with its own tokenizer unless the spec names another; a
+        model built from model.config with the byte-level one."""
+        tok = self.tokenizer
+        if tok.kind is None:
+            tok.kind = "pretrained" if self.model.path else "byte"
+        if tok.kind == "pretrained" and not tok.path:
+            if not self.model.path:
+                raise ValueError("tokenizer.path: the model is built from model.config, which "
+                                 "has no tokenizer: give a local tokenizer folder")
+            tok.path = self.model.path
+        return self
+
+    @model_validator(mode="after")
     def _methods_fit_the_model(self) -> JobSpec:
         enabled = self.methods.enabled()
         for method in ("ldo", "tracin"):

@@ -44,18 +44,16 @@ def is_uri(path: str) -> bool:
 
 
 class TokenizerSpec(StrictModel):
-    """Which tokenizer to use: a byte-level one built in code (no download), or a local folder."""
+    """Which tokenizer to use. Left out, a model folder's own (model.path: the tokenizer it was
+    trained with), else a byte-level one built in code (no download). `pretrained` reads a
+    local folder: `path`, by default the model's folder (JobSpec fills it in)."""
 
-    kind: Literal["byte", "pretrained"] = "byte"
-    path: str | None = None
+    kind: Literal["byte", "pretrained"] | None = Field(
+        None, description="default: pretrained, from model.path's folder; byte for a model "
+        "built from model.config")
+    path: str | None = Field(None, description="a local tokenizer folder (default: model.path)")
     max_length: int = Field(128, gt=1, description="longest prompt+target row, in tokens")
     block_size: int = Field(128, gt=1, description="length of packed blocks for text rows")
-
-    @model_validator(mode="after")
-    def _path_for_pretrained(self) -> TokenizerSpec:
-        if self.kind == "pretrained" and not self.path:
-            raise ValueError("kind 'pretrained' needs a path to a local tokenizer folder")
-        return self
 
 
 class TrainingSpec(StrictModel):
