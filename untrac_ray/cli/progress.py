@@ -1,9 +1,17 @@
 """The CLI's progress display, shared by `run`, `train` (main.py) and `tune` (search.py).
 
-Light on purpose: rich only, so that `untrac-ray --help` stays fast.
+On a terminal: live bars on stderr. Anywhere else (a file, a pipe, a cluster job's log,
+`nohup`, CI): plain lines, whole, as they happen: a training line every PROGRESS_S seconds
+(step of total, loss, tokens/s, ETA) and at its first and last step, a line per finished
+task (method, set, seconds, cells so far, ETA), each stage and each retry. Light on purpose:
+rich only, so that `untrac-ray --help` stays fast.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+import time
 
 from rich.console import Console
 from rich.progress import (
@@ -16,25 +24,53 @@ from rich.progress import (
 )
 
 err_console = Console(stderr=True)
+PROGRESS_S = float(os.environ.get("UNTRAC_RAY_PROGRESS_S", "30"))  # between training lines
+
+
+def duration(seconds: float) -> str:
+    """12s, 3m 04s, 1h 02m."""
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def plain_line(text: str) -> None:
+    """One whole line on stderr, written at once (never wrapped or cut)."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 class CliReporter:
-    """Progress bars on stderr: training steps, then finished influence cells with an ETA.
+    """Progress on stderr: training steps, then finished tasks and influence cells with an ETA;
+    live bars on a terminal, plain lines elsewhere (`lines`, default: stderr is not one).
 
     A context manager (the bars run between enter and exit) with the runner's reporter methods:
-    stage, training_step, work_started, task_done, task_retried. `quiet` keeps the bars and
-    stages off (a retried task is still named).
+    stage, training_step, work_started, task_done, task_retried. `quiet` keeps the bars,
+    lines and stages off (a retried task is still named).
     """
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, lines: bool | None = None) -> None:
         self.quiet = quiet
+        self.lines = not err_console.is_terminal if lines is None else lines
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-            TimeRemainingColumn(), console=err_console, disable=quiet, transient=False,
+            TimeRemainingColumn(), console=err_console, disable=quiet or self.lines,
+            transient=False,
         )
         self._train = None
         self._cells = None
+        self._train_started = self._last_line = 0.0
+        self._train_tokens = 0
+        self._tasks = self._tasks_done = 0
+        self._work_started = 0.0
 
     def __enter__(self):
         self.progress.start()
@@ -43,23 +79,55 @@ class CliReporter:
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
-    def stage(self, message: str) -> None:
+    def say(self, text: str) -> None:
+        """One plain line (in lines mode: a log), unless quiet."""
         if not self.quiet:
+            plain_line(text)
+
+    def stage(self, message: str) -> None:
+        if self.lines:
+            self.say(f"> {message}")
+        elif not self.quiet:
             self.progress.console.print(f"[cyan]>[/] {message}", highlight=False)
 
-    def training_step(self, step: int, total: int, loss: float) -> None:
-        if self._train is None or step == 1:  # a new training run (pretraining, then base)
-            self._train = self.progress.add_task("training", total=total, info="")
-        self.progress.update(self._train, completed=step, info=f"loss {loss:.3f}")
+    def training_step(self, step: int, total: int, loss: float, tokens: int = 0) -> None:
+        now = time.monotonic()
+        if step == 1:  # a new training run (pretraining, then the base model)
+            self._train_started, self._train_tokens, self._last_line = now, 0, 0.0
+        self._train_tokens += tokens
+        if not self.lines:
+            if self._train is None or step == 1:
+                self._train = self.progress.add_task("training", total=total, info="")
+            self.progress.update(self._train, completed=step, info=f"loss {loss:.3f}")
+            return
+        if step in (1, total) or now - self._last_line >= PROGRESS_S:
+            self._last_line = now
+            spent = max(now - self._train_started, 1e-9)
+            rate = f", {self._train_tokens / spent:,.0f} tokens/s" if step > 1 else ""
+            eta = f", eta {duration(spent / step * (total - step))}" if step > 1 else ""
+            self.say(f"training: step {step}/{total} ({100 * step / total:.0f}%), loss "
+                       f"{loss:.4f}{rate}{eta}")
 
     def work_started(self, tasks: int, cells: int) -> None:
         self._cells_total, self._cells_done = cells, 0
-        self._cells = self.progress.add_task("tasks", total=tasks, info="")
+        self._tasks, self._tasks_done, self._work_started = tasks, 0, time.monotonic()
+        if self.lines:
+            self.say(f"tasks: {tasks} to run ({cells} influence cells)")
+        else:
+            self._cells = self.progress.add_task("tasks", total=tasks, info="")
 
     def task_done(self, result, cells: int) -> None:
         from untrac_ray.engine.pool import describe
 
         self._cells_done += cells
+        self._tasks_done += 1
+        if self.lines:
+            spent = time.monotonic() - self._work_started
+            left = spent / self._tasks_done * (self._tasks - self._tasks_done)
+            self.say(f"task {self._tasks_done}/{self._tasks} done: {describe(result.task)} "
+                       f"in {result.seconds:.1f}s (cells {self._cells_done}/"
+                       f"{self._cells_total}, eta {duration(left)})")
+            return
         self.progress.update(
             self._cells, advance=1,
             info=f"cells {self._cells_done}/{self._cells_total}  {describe(result.task)} "
@@ -70,5 +138,8 @@ class CliReporter:
         """One line (also with --quiet): a task's actor died and the task runs again."""
         from untrac_ray.engine.pool import describe
 
-        self.progress.console.print(f"[yellow]retrying[/] {describe(task)}: {reason}",
-                                    highlight=False, soft_wrap=True)
+        if self.lines:
+            plain_line(f"retrying {describe(task)}: {reason}")
+        else:
+            self.progress.console.print(f"[yellow]retrying[/] {describe(task)}: {reason}",
+                                        highlight=False, soft_wrap=True)

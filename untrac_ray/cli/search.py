@@ -69,8 +69,8 @@ def _live_trials(quiet: bool):
             else:
                 self.before.stage(message)
 
-        def training_step(self, step: int, total: int, loss: float) -> None:
-            self.before.training_step(step, total, loss)
+        def training_step(self, step: int, total: int, loss: float, tokens: int = 0) -> None:
+            self.before.training_step(step, total, loss, tokens)
 
         def search_started(self, name: str, trials: int, settings: list[str], resumed: bool
                            ) -> None:
@@ -78,7 +78,7 @@ def _live_trials(quiet: bool):
             self.settings, self.total = settings, trials
             self.title = f"{'resumed ' if resumed else ''}search {name}: {trials} trials"
             self.stage(f"{self.title} on Ray Tune")
-            if not self.quiet:
+            if not self.quiet and not self.before.lines:
                 # Piped (not a terminal): one final table, as wide as it needs.
                 console = err_console if err_console.is_terminal else Console(
                     stderr=True, width=24 + 16 * len(settings) + 48)
@@ -87,9 +87,25 @@ def _live_trials(quiet: bool):
                 self.live.start()
 
         def trial_update(self, view: TrialView) -> None:
+            before = self.views.get(view.trial_id)
             self.views[view.trial_id] = view
             if self.live is not None:
                 self.live.update(self.render())
+            elif self.before.lines and not self.quiet and (
+                    before is None or (before.status, before.round) != (view.status, view.round)):
+                self.before.say(self.line(view))
+
+        def line(self, view: TrialView) -> str:
+            """A trial's news as one line (for logs): its settings, point and objective."""
+            settings = ", ".join(f"{k}={_value(view.config.get(k, ''))}" for k in self.settings)
+            point = f", point {view.round}/{view.rounds}" if view.rounds else ""
+            objective = ("" if math.isnan(view.objective)
+                         else f", objective {_value(view.objective)}")
+            ended = sum(v.status in ("completed", "stopped early", "failed")
+                        for v in self.views.values())
+            error = f": {view.error}" if view.error else ""
+            return (f"trial {view.index} ({settings}): {view.status}{point}{objective}"
+                    f"{error} [{ended}/{self.total} ended]")
 
         def render(self) -> Group:
             table = Table(title=self.title or "trials", title_justify="left")

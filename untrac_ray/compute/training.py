@@ -49,12 +49,13 @@ def train_model(
     model: PreTrainedModel,
     sets: list[TokenizedSet],
     cfg: TrainingSpec,
-    on_step: Callable[[int, int, float], None] | None = None,
+    on_step: Callable[[int, int, float, int], None] | None = None,
     device: torch.device | str = "cpu",
     on_checkpoint: Callable[[int, float], None] | None = None,
     rank: int = 0,
 ) -> list[float]:
     """Train on the union of `sets` (rows shuffled together); returns the loss of every step.
+    on_step(step, total, loss, tokens) hears of each step (tokens: those the loss counted).
     `rank`: this process's rank in a gang (its own dropout masks: optim.seed_dropout).
 
     on_checkpoint(step, learning_rate) is called after each of cfg's checkpoint steps, with the
@@ -96,7 +97,7 @@ def train_model(
         if step in checkpoints:
             on_checkpoint(step, used_lr)
         if on_step is not None:
-            on_step(step, total, loss)
+            on_step(step, total, loss, n_tokens)
     model.eval()
     return losses
 
@@ -126,7 +127,7 @@ def pretrained_dir(spec: JobSpec) -> Path:
 def ensure_pretrained(
     spec: JobSpec,
     tokenizer: PreTrainedTokenizerBase,
-    on_step: Callable[[int, int, float], None] | None = None,
+    on_step: Callable[[int, int, float, int], None] | None = None,
 ) -> Path:
     """The model after the spec's pretraining stage: trained once, then reused from the cache."""
     from untrac_ray.inputs.tokenization import tokenized_dataset
@@ -155,7 +156,7 @@ def initial_model(
     spec: JobSpec,
     tokenizer: PreTrainedTokenizerBase,
     seed: int,
-    on_step: Callable[[int, int, float], None] | None = None,
+    on_step: Callable[[int, int, float, int], None] | None = None,
 ) -> PreTrainedModel:
     """The weights training starts from: the pretrained stage, the model folder (finetune), or
     a fresh initialisation from the config with `seed`. Leave-dataset-out starts from here too."""
@@ -191,7 +192,7 @@ def _train_and_save(
     tokenizer: PreTrainedTokenizerBase,
     key: str,
     job: str,
-    on_step: Callable[[int, int, float], None] | None,
+    on_step: Callable[[int, int, float, int], None] | None,
 ) -> dict:
     """Train, save the model, its tokenizer, its checkpoints and a record of the run."""
     start = time.perf_counter()
@@ -233,7 +234,7 @@ def train_base_model(
     spec: JobSpec,
     tokenizer: PreTrainedTokenizerBase,
     train_sets: list[TokenizedSet],
-    on_step: Callable[[int, int, float], None] | None = None,
+    on_step: Callable[[int, int, float, int], None] | None = None,
 ) -> Path:
     """Train the job's model on its training sets from its initial weights, and save it."""
     model = initial_model(spec, tokenizer, spec.training.seed, on_step)

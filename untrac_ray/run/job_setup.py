@@ -44,8 +44,8 @@ class Reporter:
     def stage(self, message: str) -> None:
         """A new phase began."""
 
-    def training_step(self, step: int, total: int, loss: float) -> None:
-        """A model being trained on the driver took a step."""
+    def training_step(self, step: int, total: int, loss: float, tokens: int = 0) -> None:
+        """A model being trained on the driver took a step (of `tokens` labelled tokens)."""
 
     def work_started(self, tasks: int, cells: int) -> None:
         """The methods' tasks were submitted; they will yield about `cells` influence cells."""

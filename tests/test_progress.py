@@ -1,0 +1,52 @@
+"""Progress a log can show: `untrac-ray run` with stderr to a file writes plain lines as the
+job goes (training, then one per finished task), whole, never a live bar cut at 80 columns."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import yaml
+
+from conftest import tiny_spec
+
+TASK_LINE = re.compile(r"^task (\d+)/(\d+) done: (\S+) in [\d.]+s \(cells \d+/\d+, eta [^)]+\)$")
+
+
+def test_a_run_logging_to_a_file_writes_whole_lines_as_it_goes(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_spec(tmp_path)))
+    log = tmp_path / "stderr.log"
+    env = {**os.environ, "COLUMNS": "80", "UNTRAC_RAY_PROGRESS_S": "0.5"}
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "untrac_ray.cli", "run", str(job), "--tracking-uri",
+             f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=tmp_path, env=env, stderr=err,
+            stdout=subprocess.PIPE, text=True)
+        first_seen: dict[str, float] = {}  # each line: when the log first held it
+        while proc.poll() is None:
+            for line in log.read_text().splitlines():
+                first_seen.setdefault(line, time.monotonic())
+            time.sleep(0.1)
+        ended = time.monotonic()
+        out, _ = proc.communicate()
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    lines = log.read_text().splitlines()
+    tasks = [m for line in lines if (m := TASK_LINE.match(line))]
+    total = int(tasks[0][2])
+    assert [int(m[1]) for m in tasks] == list(range(1, total + 1))  # one line per task
+    assert {m[3].split(":")[0] for m in tasks} == {"untrac", "untrac_inv"}
+    # every line was in the log while the job ran, in the order things happened: training
+    # first, then each task as it finished (not all at the end)
+    task_lines = [line for line in lines if TASK_LINE.match(line)]
+    assert all(line in first_seen for line in task_lines)
+    training = [line for line in lines if line.startswith("training: step ")]
+    assert first_seen[training[0]] < first_seen[task_lines[0]] < ended
+    assert training and "tokens/s" in training[-1] and training[-1].split()[2].endswith(
+        training[-1].split()[2].split("/")[1])  # its last step, with its rate
+    assert any(line.startswith("> ") for line in lines)  # the stages
+    assert not any("━" in line or "…" in line for line in lines)  # no bar, nothing cut
+    assert "untrac: influence at point" in out and "MLflow run" in out
