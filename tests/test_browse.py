@@ -3,6 +3,7 @@ the figures each run logs, `ui`, and the run's page in the MLflow UI in headless
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -159,7 +161,11 @@ def test_show_prints_sorted_matrices_top_sets_scores_and_examples(store):
     assert "ldo (leave-dataset-out retraining) is the ground truth" in out
     best = store.examples.sort_values("loss_change").iloc[-1]
     assert best.text.splitlines()[0] in out  # the drill-down's rows are shown
-    assert "figures: heatmap_ldo.png" in out
+    # where the figures are: an absolute folder of this (local) store, then their names
+    folder = " ".join(out.split()).split("figures in ", 1)[1].split(": ", 1)[0]
+    assert Path(folder).is_absolute() and (Path(folder) / "heatmap_ldo.png").is_file()
+    assert "heatmap_ldo.png" in out
+    assert "how far to trust it" in out and "vs leave-dataset-out: Pearson" in out
 
     # by a prefix of the id, one method at one point, top-1
     out = cli(store, "show", store.ids["full"][:10], "-m", "untrac", "-p", "1", "-k", "1").stdout
@@ -287,8 +293,8 @@ def test_figures_are_logged_non_empty_and_draw_the_matrices(store):
     shown = json.loads(cli(store, "show", run, "-f", "json").stdout)
     for m in shown["matrices"]:
         fig = plots.heatmap(table, m["method"], TRAIN, TEST)
-        drawn = pd.DataFrame(fig.heatmap_values, index=TRAIN, columns=TEST)
-        assert np.allclose(drawn.loc[m["train_sets"]], m["influence"])  # = what show prints
+        assert fig.heatmap_rows == m["train_sets"]  # the order show prints them in
+        assert np.allclose(fig.heatmap_values, m["influence"])  # = what show prints
     truth = matrix(table, "ldo", 0, TRAIN, TEST)
     summary = read_run_table(run, store.uri, "score_summary")
     for r in summary.itertuples():
@@ -447,3 +453,114 @@ def test_run_page_lists_the_heatmap_and_its_image_loads(store, ui_server, tmp_pa
     assert shot.stat().st_size > 10_000
     assert listed, "heatmap_untrac.png is not listed among the run's artifacts"
     assert [*size] in loaded, f"no loaded image of the heatmap's size {size}: {loaded}"
+
+
+# --- report: one page of a run -------------------------------------------------------------------
+
+class _Page(HTMLParser):
+    """The report's numbers and images, read back from its HTML."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: dict[str, bytes] = {}
+        self.matrices: dict[str, list[list[float]]] = {}
+        self.tables: dict[str, list[list[str]]] = {}
+        self.items: list[str] = []
+        self._method = self._table = None
+        self._row: list | None = None
+        self._in_li = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images[a["data-name"]] = base64.b64decode(a["src"].split(",", 1)[1])
+        elif tag == "div" and "data-method" in a:
+            self._method = a["data-method"]
+            self.matrices[self._method] = []
+        elif tag == "table":
+            self._table = a.get("class", "")
+            self.tables.setdefault(self._table, [])
+        elif tag == "tr":
+            self._row = []
+        elif tag == "td" and self._row is not None:
+            self._row.append(a.get("data-value", ""))
+        elif tag == "li":
+            self._in_li = True
+            self.items.append("")
+
+    def handle_data(self, data):
+        if self._in_li:
+            self.items[-1] += data
+
+    def handle_endtag(self, tag):
+        if tag == "tr" and self._row:
+            self.tables[self._table].append(self._row)
+            if self._table == "matrix" and self._method:
+                self.matrices[self._method].append([float(v) for v in self._row if v])
+            self._row = None
+        elif tag == "div":
+            self._method = None
+        elif tag == "li":
+            self._in_li = False
+
+
+def test_report_writes_one_page_with_the_figures_and_shows_numbers(store, tmp_path):
+    run = store.ids["full"]
+    page = tmp_path / "report.html"
+    result = cli(store, "report", run, "--output", str(page))
+    assert str(page) in " ".join(result.output.split())
+    parsed = _Page()
+    parsed.feed(page.read_text())
+    # the figures, embedded: heatmaps, trajectories and scatters, each a real PNG
+    assert {"heatmap_untrac", "heatmap_untrac_inv", "heatmap_ldo", "trajectory_untrac",
+            "scatter_untrac"} <= set(parsed.images)
+    for name, data in parsed.images.items():
+        assert data.startswith(b"\x89PNG"), name
+        local = tmp_path / f"{name}.png"
+        local.write_bytes(data)
+        assert png_size(local)[0] > 200
+    # each matrix's numbers are show's, in show's order
+    shown = json.loads(cli(store, "show", run, "-f", "json").stdout)
+    for m in shown["matrices"]:
+        assert np.allclose(parsed.matrices[m["method"]], m["influence"]), m["method"]
+    # the headline scores, the agreement between methods, the verdict, the job
+    summary = read_run_table(run, store.uri, "score_summary")
+    scores = [[float(v) for v in row if v][:3] for row in parsed.tables["scores"]]
+    for want, row in zip(summary.itertuples(), scores, strict=True):
+        assert np.allclose(row, [want.pearson_mean, want.spearman_mean, want.pearson_all_cells])
+    assert parsed.tables["agreement"] and parsed.tables["examples"]
+    assert any("vs leave-dataset-out: Pearson" in item for item in parsed.items)
+    assert shown["trust"] == [" ".join(item.split()) for item in parsed.items]
+    assert "methods:" in page.read_text() and "untrac_inv" in page.read_text()
+
+
+@pytest.mark.e2e
+def test_the_report_draws_its_figures_in_a_browser(store, tmp_path):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("Chromium is not installed: `make browser` (apt-get install chromium "
+                    "chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the dev extra) "
+                                    "is not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    page = tmp_path / "report.html"
+    cli(store, "report", store.ids["full"], "--output", str(page))
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        driver.get(page.as_uri())
+        drawn = driver.execute_script(
+            "return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0);")
+        shot = tmp_path / "report.png"
+        driver.save_screenshot(str(shot))
+    finally:
+        driver.quit()
+    print(f"screenshot: {shot}")
+    assert len(drawn) >= 5 and all(drawn), drawn
+    assert shot.stat().st_size > 10_000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from untrac_ray.inputs.spec_methods import UnlearnSpec
@@ -44,10 +45,34 @@ def test_cells_are_indexed_by_train_and_test_set_for_both_methods():
 def test_heatmap_draws_exactly_the_matrix_and_trajectory_a_line_per_training_set():
     table = _table()
     fig = plots.heatmap(table, "untrac", TRAIN, TEST)
-    assert np.array_equal(fig.heatmap_values, matrix(table, "untrac", 2, TRAIN, TEST).to_numpy())
+    want = matrix(table, "untrac", 2, TRAIN, TEST)
+    want = want.loc[want.mean(axis=1).sort_values(ascending=False, kind="stable").index]
+    assert fig.heatmap_rows == list(want.index)  # largest mean influence first, as show
+    assert np.array_equal(fig.heatmap_values, want.to_numpy())
     assert np.array_equal(fig.axes[0].images[0].get_array(), fig.heatmap_values)
     fig = plots.trajectory(table, "untrac", TRAIN, TEST)
     panels = [ax for ax in fig.axes if ax.lines]
     assert len(panels) == len(TEST)
     first = panels[0].get_lines()[: len(TRAIN)]
     assert [list(line.get_xdata()) for line in first] == [[0, 1, 2]] * 3
+
+
+def test_the_verdict_says_no_more_than_the_run_shows():
+    from untrac_ray.results.verdict import HOW_TO_CHECK, pearson_interval, verdict
+
+    # Fisher's interval by hand: r = 0.9 over 6 points: tanh(atanh(0.9) -/+ 1.96 / sqrt(3))
+    low, high = pearson_interval(0.9, 6)
+    assert (round(low, 3), round(high, 3)) == (0.328, 0.989)
+    assert pearson_interval(0.9, 3) is None  # too few points for an interval
+    summary = pd.DataFrame({"method": ["untrac", "untrac_inv", "graddot"],
+                            "point": [3, 2, 0], "pearson_mean": [0.9, 0.99, 0.1]})
+    wide, tracks, not_at_all = verdict({}, summary, 6)[:2] + verdict({}, summary, 6)[2:]
+    assert "[+0.33, +0.99] over 6 training sets" in wide and "interval is wide" in wide
+    assert "tracks retraining on this job" in tracks  # 0.99 over 6: lower bound 0.91
+    assert "does not track retraining here" in not_at_all
+    assert "too few training sets to tell" in verdict({}, summary, 3)[0]
+    # without a ground truth: agreement (never called proof), and how to get one
+    lines = verdict({"untrac_vs_untrac_inv": 0.2, "untrac_seeds": 0.95}, None, 6)
+    assert lines[0].startswith("UnTrac and UnTrac-Inv disagree (Pearson +0.20")
+    assert "agreement alone does not show they are right" in lines[1]
+    assert lines[-1] == HOW_TO_CHECK and "ldo" in HOW_TO_CHECK and "compare" in HOW_TO_CHECK

@@ -166,7 +166,9 @@ def show(
     and the scores against the ground truth. csv/parquet: the cells, tidy, ranked."""
     from untrac_ray.cli.render import basic_colours, show_renderables
     from untrac_ray.results import browse
-    from untrac_ray.results.runs import list_run_artifacts, read_run_table
+    from untrac_ray.results.browse import parse_agreement
+    from untrac_ray.results.runs import artifact_folder, list_run_artifacts, read_run_table
+    from untrac_ray.results.verdict import verdict
 
     uri = _uri(tracking_uri)
     try:
@@ -178,15 +180,62 @@ def show(
         scores = read_run_table(record.run_id, uri, "scores")
         drill = (read_run_table(record.run_id, uri, "examples/top_examples")
                  if examples else None)
+        trust = verdict(parse_agreement(record.tags.get("untrac_ray.agreement")),
+                        read_run_table(record.run_id, uri, "score_summary"),
+                        record.n_train or table["train_set"].nunique())
         if fmt is Format.text:
-            figures = [Path(p).name for p in list_run_artifacts(record.run_id, uri, "figures")]
+            names = [Path(p).name for p in list_run_artifacts(record.run_id, uri, "figures")]
+            figures = [f"{artifact_folder(record.run_id, uri)}/figures", *names] if names else []
             _print(show_renderables(record, views, top, scores, drill, examples, n_examples,
-                                    figures, partial, basic_colours(out_console)), output)
+                                    figures, partial, basic_colours(out_console), trust),
+                   output)
             return
-        data = browse.show_json(record, views, top, scores, drill, examples, n_examples)
+        data = {**browse.show_json(record, views, top, scores, drill, examples, n_examples),
+                "trust": trust}
         _emit(fmt, browse.cells_frame(views), data, output)
     except (UntracError, OSError) as err:
         raise _fail(err) from None
+
+
+def report(
+    run: RunArg,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="the HTML file to write", dir_okay=False)] = Path("report.html"),
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """One self-contained HTML page of a run: how far to trust it, scores, agreement, each
+    matrix and its heatmap, trajectories, scatters, the drill-down and the job."""
+    from untrac_ray.results.browse import parse_agreement
+    from untrac_ray.results.report import RunReport, report_html, run_meta
+    from untrac_ray.results.runs import (
+        list_run_artifacts,
+        read_run_bytes,
+        read_run_table,
+        read_run_text,
+    )
+    from untrac_ray.results.verdict import verdict
+
+    uri = _uri(tracking_uri)
+    try:
+        record, table, partial = _load(run, uri)
+        summary = read_run_table(record.run_id, uri, "score_summary")
+        trust = verdict(parse_agreement(record.tags.get("untrac_ray.agreement")), summary,
+                        record.n_train or table["train_set"].nunique())
+        names = [p for p in list_run_artifacts(record.run_id, uri, "figures")
+                 if p.endswith(".png")]
+        page = report_html(RunReport(
+            run_id=record.run_id,
+            title=f"untrac-ray: {record.job or record.run_name}"
+                  + (" (unfinished: the cells it logged)" if partial else ""),
+            meta=run_meta(record), table=table, trust=trust, summary=summary,
+            examples=read_run_table(record.run_id, uri, "examples/top_examples"),
+            job_yaml=read_run_text(record.run_id, uri, "job.yaml"),
+            figures={n: read_run_bytes(record.run_id, uri, n) for n in names}))
+        output.write_text(page)
+    except (UntracError, OSError) as err:
+        raise _fail(err) from None
+    out_console.print(f"report of run {record.run_id}: {output.resolve()}", highlight=False,
+                      soft_wrap=True)
 
 
 def compare(
@@ -359,4 +408,5 @@ def register(app: typer.Typer) -> None:
     app.command("runs")(runs)
     app.command("show")(show)
     app.command("compare")(compare)
+    app.command("report")(report)
     app.command("ui")(ui)

@@ -19,7 +19,8 @@ app = typer.Typer(
     help="Trace which training datasets shaped a language model's behaviour (UnTrac on Ray).",
 )
 err_console = Console(stderr=True)
-out_console = Console()
+# Piped or written to a file, tables keep every value whole (no terminal width to fit).
+out_console = Console() if Console().is_terminal else Console(width=400)
 
 JobFile = Annotated[Path, typer.Argument(help="the job spec (YAML)", show_default=False)]
 TrackingUri = Annotated[
@@ -104,17 +105,22 @@ def _print_scores(summary) -> None:
 
 @app.command()
 def validate(job: JobFile) -> None:
-    """Check a job spec and what it names (data, columns, subsets, model folder, cache_dir),
-    then print it resolved (paths absolute, defaults filled in)."""
+    """Check a job spec and what it names (data, columns, subsets, model folder and its
+    tokenizer, cache_dir), print it resolved (paths absolute, defaults filled in), then, on
+    stderr, what the job will do: model, tokenizer, each set's rows and tokens, the tasks."""
     from untrac_ray.inputs.loading import load_spec
     from untrac_ray.inputs.preflight import check_job
+    from untrac_ray.run.summary import job_summary
 
     try:
         spec = load_spec(job)
         check_job(spec)
+        sys.stdout.write(spec.to_yaml())
+        sys.stdout.flush()
+        for line in job_summary(spec):
+            err_console.print(line, highlight=False, soft_wrap=True)
     except UntracError as err:
         raise _fail(err) from None
-    sys.stdout.write(spec.to_yaml())
 
 
 @app.command()
@@ -173,11 +179,12 @@ def run(
                           "cells that finished; `run --resume` continues it", highlight=False)
         raise typer.Exit(code=SIGTERM_EXIT_CODE) from None
     _print_matrices(outcome)
-    from untrac_ray.cli.render import agreement_text
+    from untrac_ray.cli.render import trust_renderables
+    from untrac_ray.results.verdict import verdict
 
-    trust = agreement_text(outcome.agreement)
-    if trust is not None:
-        out_console.print(trust, highlight=False)
+    for line in trust_renderables(verdict(outcome.agreement, outcome.score_summary,
+                                          outcome.table["train_set"].nunique())):
+        out_console.print(line, highlight=False)
     if outcome.restored is not None:
         out_console.print("resumed: restored {} of {} tasks".format(*outcome.restored),
                           highlight=False)

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from untrac_ray.inputs.spec_sections import GROUND_TRUTH
-from untrac_ray.results.scoring import AGREEMENT_LOW, ALL_CELLS, MEAN_OVER_TESTS
+from untrac_ray.results.scoring import ALL_CELLS, MEAN_OVER_TESTS
 
 if TYPE_CHECKING:
     from untrac_ray.results.runs import RunRecord
@@ -29,7 +29,6 @@ from untrac_ray.results.browse import (
     fmt_corr,
     fmt_duration,
     fmt_time,
-    parse_agreement,
     scores_at,
     shown_status,
     top_k,
@@ -180,25 +179,17 @@ def examples_table(shown: pd.DataFrame, width: int = 70) -> Table:
                       Text(text))
     return table
 
-AGREEMENT_LABELS = {"untrac_vs_untrac_inv": "UnTrac vs UnTrac-Inv"}
-
-
-def agreement_text(values: dict[str, float]) -> Text | None:
-    """The trust signal in one line: how well estimates of the same cells agree (Pearson over
-    the cells), in yellow with a warning when any is below scoring.AGREEMENT_LOW."""
-    shown = {k: v for k, v in values.items() if v == v}
-    if not shown:
-        return None
-    parts = [f"{AGREEMENT_LABELS.get(k, k.replace('_seeds', ' over its seeds'))} {v:+.2f}"
-             for k, v in shown.items()]
-    low = min(shown.values()) < AGREEMENT_LOW
-    warning = (f"  (below {AGREEMENT_LOW}: the estimates disagree; treat them as uncertain)"
-               if low else "")
-    return Text("agreement: " + ", ".join(parts) + warning, style="yellow" if low else "")
+def trust_renderables(lines: list[str]) -> list:
+    """The verdict (results/verdict.py) under its heading; warnings in yellow."""
+    out: list = [Text(""), heading("how far to trust it")]
+    for line in lines:
+        warn = any(w in line for w in ("disagree", "does not track", "too few", "wide"))
+        out.append(Text(line, style="yellow" if warn else ""))
+    return out
 
 
 def header(record: RunRecord, figures: list[str] | None = None) -> Group:
-    """Who, what and when of a run, a few lines."""
+    """Who, what and when of a run, a few lines; `figures`: their folder, then their names."""
     best_method, best = best_of(record)
     lines = [
         Text.assemble(("run ", "bold"), (record.run_name or record.run_id, "bold cyan"),
@@ -214,23 +205,21 @@ def header(record: RunRecord, figures: list[str] | None = None) -> Group:
                       + (f"  r vs truth (top method) {best_method} {best:+.3f}"
                          if best is not None else "")),
     ]
-    trust = agreement_text(parse_agreement(record.tags.get("untrac_ray.agreement")))
-    if trust is not None:
-        lines.append(trust)
     if record.parent_id:
         lines.append(Text(f"parent run {record.parent_id}"))
     if record.error:
         lines.append(Text(f"error: {record.error}", style="red"))
     if figures:
-        lines.append(Text("figures: " + ", ".join(figures), style="dim"))
+        lines.append(Text(f"figures in {figures[0]}: " + ", ".join(figures[1:]), style="dim"))
     return Group(*lines)
 
 
 def show_renderables(record: RunRecord, views: list[MatrixView], k: int,
                      scores: pd.DataFrame | None, examples: pd.DataFrame | None,
                      want_examples: bool, n_examples: int, figures: list[str] | None = None,
-                     partial: bool = False, basic: bool = False) -> list:
-    """Everything `show` prints, in order."""
+                     partial: bool = False, basic: bool = False,
+                     trust: list[str] | None = None) -> list:
+    """Everything `show` prints, in order, the verdict last (`trust`)."""
     out: list = [header(record, figures)]
     if partial:
         out.append(Text("the run did not finish: showing the cells it logged "
@@ -273,6 +262,8 @@ def show_renderables(record: RunRecord, views: list[MatrixView], k: int,
             out.append(heading("top training examples (drill-down: how much each training "
                                "row's loss rose when the test set was unlearned)"))
             out.append(examples_table(examples_for(examples, views, k, n_examples)))
+    if trust:
+        out += trust_renderables(trust)
     return out
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 from untrac_ray.inputs.errors import UntracError
 from untrac_ray.inputs.spec_sections import GROUND_TRUTH
 from untrac_ray.results.scoring import ALL_CELLS, MEAN_OVER_TESTS, pearson, spearman
-from untrac_ray.results.tables import point_label, points_of
+from untrac_ray.results.tables import by_mean_influence, point_label, points_of
 
 if TYPE_CHECKING:
     from untrac_ray.results.runs import RunRecord
@@ -190,8 +190,7 @@ def view(table: pd.DataFrame, method: str, point: int | None = None) -> MatrixVi
                            aggfunc="mean")
     mat = mat.reindex(index=[t for t in train if t in mat.index],
                       columns=[t for t in test if t in mat.columns])
-    order = mat.mean(axis=1).sort_values(ascending=False, kind="stable").index
-    mat = mat.loc[order]
+    mat = by_mean_influence(mat)
     mat.index.name, mat.columns.name = "train_set", "test_set"
     steps = sorted(int(s) for s in rows["step"].unique())
     return MatrixView(method, int(point), points, steps, mat)

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from untrac_ray.results.scoring import pearson  # noqa: E402
-from untrac_ray.results.tables import matrix, point_label  # noqa: E402
+from untrac_ray.results.tables import by_mean_influence, matrix, point_label  # noqa: E402
 
 METHOD_TITLES = {
     "untrac": "UnTrac", "untrac_inv": "UnTrac-Inv", "ldo": "Leave-dataset-out",
@@ -26,8 +26,12 @@ VALUE_LABELS = {
 
 
 def heatmap(table: pd.DataFrame, method: str, train: list[str], test: list[str]):
-    """Train x test heatmap at the method's last point, diverging colours centred at zero."""
+    """Train x test heatmap at the method's last point, diverging colours centred at zero; the
+    training sets from the largest mean influence down, as `show` prints them."""
     mat = matrix(table, method, train=train, test=test)
+    attrs = mat.attrs
+    mat = by_mean_influence(mat)
+    train = [str(t) for t in mat.index]
     values = mat.to_numpy(dtype=float)
     bound = float(np.nanmax(np.abs(values))) or 1.0
     fig, ax = plt.subplots(figsize=(3.2 + 1.1 * len(test), 1.6 + 0.55 * len(train)))
@@ -42,12 +46,13 @@ def heatmap(table: pd.DataFrame, method: str, train: list[str], test: list[str])
                 strong = abs(values[i, j]) > 0.6 * bound
                 ax.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center", fontsize=8,
                         color="white" if strong else "black")
-    where = point_label(mat.attrs["point"], mat.attrs["steps"])
+    where = point_label(attrs["point"], attrs["steps"])
     ax.set_title(f"{METHOD_TITLES.get(method, method)} influence"
                  + (f"\nat {where}" if where else ""))
     fig.colorbar(image, ax=ax, label=VALUE_LABELS.get(method, "loss after - loss before"))
     fig.tight_layout()
     fig.heatmap_values = values  # the exact array drawn, for checks
+    fig.heatmap_rows = train  # its training sets, top to bottom
     return fig
 
 

@@ -313,6 +313,29 @@ def ui_command(tracking_uri: str, port: int, host: str = "127.0.0.1"
     return cmd, env
 
 
+def artifact_folder(run_id: str, tracking_uri: str) -> str:
+    """Where a run's artifacts are: an absolute local folder for a store that keeps them on
+    this machine (SQLite's mlartifacts/ beside the database), else the artifact URI."""
+    from urllib.parse import unquote, urlparse
+
+    uri = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.artifact_uri
+    if uri.startswith("file:"):
+        return str(Path(unquote(urlparse(uri).path)).resolve())
+    return uri
+
+
+def read_run_bytes(run_id: str, tracking_uri: str, artifact_file: str) -> bytes | None:
+    """An artifact of a run as bytes (a figure, say), or None when the run has none."""
+    folder = os.path.dirname(artifact_file) or None
+    if artifact_file not in list_run_artifacts(run_id, tracking_uri, folder):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_file, dst_path=tmp, tracking_uri=tracking_uri,
+        )
+        return Path(path).read_bytes()
+
+
 def read_run_text(run_id: str, tracking_uri: str, artifact_file: str) -> str | None:
     """A text artifact of a run (e.g. best_job.yaml), or None when the run has none."""
     folder = os.path.dirname(artifact_file) or None

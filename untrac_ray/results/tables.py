@@ -63,6 +63,14 @@ def matrix(
     return out
 
 
+def by_mean_influence(mat: pd.DataFrame) -> pd.DataFrame:
+    """A train x test matrix with its training sets from the largest mean influence over the
+    test sets to the smallest (ties in their order): the order `show`, `run`, the heatmaps
+    and the report all draw them in."""
+    order = mat.mean(axis=1).sort_values(ascending=False, kind="stable").index
+    return mat.loc[order]
+
+
 def point_label(point: int, steps: list[int], points: int | None = None) -> str:
     """How a point is named to people: 'point 3/8 (step 24)', 'point 8/8 (steps 4-32)', or ''
     for a method without a trajectory."""

@@ -1,0 +1,85 @@
+"""How far to trust a run's answer, in a few lines: what `run`, `show` and the report end with.
+
+Built only from what the run has: how well its estimates of the same cells agree (UnTrac
+against UnTrac-Inv, an ensemble's seeds), and, when it has a ground truth (leave-dataset-out),
+each estimate's mean Pearson at its point fixed in advance with a 95% interval. The interval is
+Fisher's for one test set's correlation over the training sets (n = their number): with 4 to 8
+training sets it is wide, and the verdict says so rather than rounding a +0.9 up to "right".
+
+The wording follows what the benchmarks measured (docs/benchmarks.md): agreement below
+scoring.AGREEMENT_LOW went with inaccurate estimates, but agreement above it did not make them
+accurate (on dataset A, UnTrac and UnTrac-Inv agreed at +0.9 and both missed leave-dataset-out);
+no verdict claims more than that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import pandas as pd
+
+from untrac_ray.results.scoring import AGREEMENT_LOW
+
+LABELS = {"untrac": "UnTrac", "untrac_inv": "UnTrac-Inv", "graddot": "GradDot",
+          "gradcos": "GradCos", "tracin": "TracIn", "ekfac": "EK-FAC"}
+TRACKS = 0.5  # a lower bound above this: the estimate tracks retraining on this job
+HOW_TO_CHECK = (
+    "no ground truth in this run: to measure how far to trust it, retrain without each "
+    "training set on a small proxy (a copy of the job with a small model.config and "
+    "methods: {untrac: {}, ldo: {}}), run it, and `untrac-ray compare` its UnTrac with this "
+    "run's; or give ground_truth.run_id of such a run")
+
+
+def pearson_interval(r: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The 95% interval of a Pearson correlation over n points (Fisher's z); None for n < 4."""
+    if n < 4 or r != r:
+        return None
+    center = math.atanh(max(min(r, 0.999999), -0.999999))
+    half = z / math.sqrt(n - 3)
+    return math.tanh(center - half), math.tanh(center + half)
+
+
+def _label(key: str) -> str:
+    if key == "untrac_vs_untrac_inv":
+        return "UnTrac and UnTrac-Inv"
+    if key.endswith("_seeds"):
+        return f"{LABELS.get(key.removesuffix('_seeds'), key)}'s seeds"
+    return key
+
+
+def verdict(agreement: Mapping[str, float], summary: pd.DataFrame | None,
+            n_train: int) -> list[str]:
+    """The verdict's lines (plain text): agreement, each estimate against the ground truth with
+    its interval, and what that means; with no ground truth, how to get one."""
+    lines = []
+    for key, value in agreement.items():
+        if value != value:
+            continue
+        if value < AGREEMENT_LOW:
+            lines.append(f"{_label(key)} disagree (Pearson {value:+.2f} over the cells): "
+                         "treat both as uncertain")
+        else:
+            lines.append(f"{_label(key)} agree (Pearson {value:+.2f} over the cells); "
+                         "agreement alone does not show they are right")
+    if summary is None or summary.empty:
+        lines.append(HOW_TO_CHECK)
+        return lines
+    for r in summary.itertuples():
+        name = LABELS.get(r.method, r.method)
+        value = float(r.pearson_mean)
+        if value != value:
+            lines.append(f"{name}: no correlation with leave-dataset-out (constant)")
+            continue
+        interval = pearson_interval(value, n_train)
+        span = (f", 95% interval [{interval[0]:+.2f}, {interval[1]:+.2f}] over {n_train} "
+                "training sets" if interval else f" over only {n_train} training sets")
+        if interval is not None and interval[0] > TRACKS:
+            call = "tracks retraining on this job"
+        elif value > TRACKS:
+            call = ("probably tracks retraining, but the interval is wide" if interval else
+                    "too few training sets to tell")
+        else:
+            call = "does not track retraining here: do not rank training sets by it"
+        lines.append(f"{name} vs leave-dataset-out: Pearson {value:+.2f}{span}: {call}")
+    return lines
