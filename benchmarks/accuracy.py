@@ -61,14 +61,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from untrac_ray.compute.evaluation import mean_loss, sample_indices
 from untrac_ray.compute.modeling import load_model
 from untrac_ray.compute.training import pretrained_dir, read_train_record, trained_model_dir
 from untrac_ray.inputs.data import load_dataset_rows
 from untrac_ray.inputs.fingerprints import pretrain_key
-from untrac_ray.inputs.loading import load_spec, parse_spec
+from untrac_ray.inputs.loading import apply_overrides, load_spec, parse_spec
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import GroundTruthSpec
 from untrac_ray.inputs.tokenization import SEPARATOR, load_tokenizer
@@ -441,21 +440,9 @@ def print_report(spec: JobSpec, results: list[SeedResult], choice: dict[str, int
 
 def with_settings(spec: JobSpec, items: list[str]) -> JobSpec:
     """The job with ``KEY.PATH=VALUE`` overrides (VALUE read as YAML), validated again, e.g.
-    ``methods.untrac.learning_rate=3e-5``; an unknown key is an error naming it."""
-    raw = spec.model_dump(mode="json")
-    for item in items:
-        path, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item}: expected KEY.PATH=VALUE")
-        *parents, leaf = path.split(".")
-        node = raw
-        for key in parents:
-            if not isinstance(node.get(key), dict):
-                raise SystemExit(f"--set {item}: {path} is not a key of the job")
-            node = node[key]
-        if leaf not in node:
-            raise SystemExit(f"--set {item}: {path} is not a key of the job")
-        node[leaf] = yaml.safe_load(value)
+    ``methods.untrac.learning_rate=3e-5``: the CLI's --set (loading.apply_overrides); an
+    unknown key is an error naming it."""
+    raw = apply_overrides(spec.model_dump(mode="json"), items)
     return parse_spec(raw, origin=f"{spec.name} with --set")
 
 

@@ -106,7 +106,7 @@ def test_an_unreachable_tracking_store_fails_in_seconds_before_any_work(make_job
     start = time.monotonic()
     result = run_cli(job, "http://127.0.0.1:9")  # nothing listens on the discard port
     assert result.exit_code == 2
-    assert "tracking store http://127.0.0.1:9 cannot be reached" in result.output
+    assert "tracking store http://127.0.0.1:9: connection refused at 127.0.0.1:9" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert time.monotonic() - start < 30
     assert not (tmp_path / "cache" / "tokenized").exists()  # no data work was done

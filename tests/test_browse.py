@@ -130,14 +130,14 @@ def test_runs_lists_untrac_runs_newest_first_in_text_and_every_format(store, tmp
     assert frame.set_index("job").loc["tiny_proxy"].parent_run_id == ids["parent"]
     assert pd.isna(frame.set_index("job").loc["tiny_proxy"].headline_pearson)  # no truth
 
-    data = json.loads(cli(store, "runs", "-f", "json").stdout)
+    data = json.loads(cli(store, "runs", "--format", "json").stdout)
     assert [r["run_id"] for r in data["runs"]] == frame.run_id.tolist()
     assert data["runs"][2]["methods"] == ["untrac", "untrac_inv", "ldo"]
     out = tmp_path / "runs.parquet"
-    cli(store, "runs", "-f", "parquet", "-o", str(out))
+    cli(store, "runs", "--format", "parquet", "-o", str(out))
     assert pd.read_parquet(out).run_id.tolist() == frame.run_id.tolist()
 
-    only = json.loads(cli(store, "runs", "-f", "json", "--filter",
+    only = json.loads(cli(store, "runs", "--format", "json", "--filter",
                           "tags.`untrac_ray.job` = 'tiny_full'").stdout)
     assert [r["run_id"] for r in only["runs"]] == [ids["full"]]
     assert "no experiment 'nope'" in cli(store, "runs", "-e", "nope", code=2).output
@@ -188,7 +188,7 @@ def test_show_formats_hold_the_logged_matrices(store, tmp_path):
     for _, part in cells.groupby("test_set"):
         assert part.sort_values("rank").influence.is_monotonic_decreasing
 
-    data = json.loads(cli(store, "show", run, "-k", "2", "-f", "json", "--examples").stdout)
+    data = json.loads(cli(store, "show", run, "-k", "2", "--format", "json", "--examples").stdout)
     assert [m["method"] for m in data["matrices"]] == ["untrac", "untrac_inv", "ldo"]
     inv = data["matrices"][1]
     mat = sorted_matrix(table, "untrac_inv")
@@ -207,11 +207,11 @@ def test_show_formats_hold_the_logged_matrices(store, tmp_path):
     assert {(e["test_set"], e["train_set"], e["text"]) for e in data["examples"]} <= known
 
     out = tmp_path / "cells.parquet"
-    cli(store, "show", run, "-f", "parquet", "--output", str(out))
+    cli(store, "show", run, "--format", "parquet", "--output", str(out))
     every = pd.read_parquet(out)
     assert set(every.method) == {"untrac", "untrac_inv", "ldo"} and len(every) == 3 * 6
     json_file = tmp_path / "show.json"
-    cli(store, "show", run, "-f", "json", "-o", str(json_file))
+    cli(store, "show", run, "--format", "json", "-o", str(json_file))
     assert json.loads(json_file.read_text())["run"]["run_id"] == run
 
 
@@ -226,7 +226,7 @@ def test_show_says_clearly_what_does_not_exist(store):
         store, "show", run, "-m", "untrac", "--point", "9", code=2).output
     assert "no method of the run has point 9" in cli(store, "show", run, "-p", "9",
                                                      code=2).output
-    assert "give --output FILE" in cli(store, "show", run, "-f", "parquet", code=2).output
+    assert "give --output FILE" in cli(store, "show", run, "--format", "parquet", code=2).output
     assert "has no influence table" in cli(store, "show", store.ids["parent"], code=2).output
     # a run without a ground truth shows no scores, and says so
     out = cli(store, "show", store.ids["proxy"]).stdout
@@ -245,7 +245,7 @@ def test_compare_puts_two_matrices_side_by_side_with_their_correlation(store, tm
     r = np.corrcoef(a, b)[0, 1]
     assert f"Pearson r over 6 shared cells: {r:+.3f}" in out
 
-    data = json.loads(cli(store, "compare", full, proxy, "-m", "untrac_inv", "-f",
+    data = json.loads(cli(store, "compare", full, proxy, "-m", "untrac_inv", "--format",
                           "json").stdout)
     assert (data["a"]["run_id"], data["b"]["run_id"]) == (full, proxy)
     a = matrix(table, "untrac_inv", 2, TRAIN, TEST)
@@ -253,7 +253,7 @@ def test_compare_puts_two_matrices_side_by_side_with_their_correlation(store, tm
     assert data["pearson"] == pytest.approx(np.corrcoef(a.to_numpy().ravel(),
                                                         b.to_numpy().ravel())[0, 1])
     cells = pd.read_csv(io.StringIO(cli(store, "compare", full, proxy, "--method-a",
-                                        "untrac_inv", "--point-a", "1", "-f", "csv").stdout))
+                                        "untrac_inv", "--point-a", "1", "--format", "csv").stdout))
     assert len(cells) == 6
     got = cells.set_index(["train_set", "test_set"])
     for tr in TRAIN:
@@ -262,7 +262,7 @@ def test_compare_puts_two_matrices_side_by_side_with_their_correlation(store, tm
                 matrix(table, "untrac_inv", 1).loc[tr, te])
             assert got.loc[(tr, te), "influence_b"] == pytest.approx(b.loc[tr, te])
     out = tmp_path / "cmp.parquet"
-    cli(store, "compare", full, full, "--method-b", "ldo", "-f", "parquet", "-o", str(out))
+    cli(store, "compare", full, full, "--method-b", "ldo", "--format", "parquet", "-o", str(out))
     assert np.allclose(pd.read_parquet(out).influence_b,
                        matrix(table, "ldo").stack().reindex(
                            pd.read_parquet(out).set_index(["train_set", "test_set"]).index))
@@ -290,7 +290,7 @@ def test_figures_are_logged_non_empty_and_draw_the_matrices(store):
         local = Path(store.client.download_artifacts(run, f"figures/{name}"))
         width, height = png_size(local)
         assert width > 200 and height > 150 and local.stat().st_size > 5000
-    shown = json.loads(cli(store, "show", run, "-f", "json").stdout)
+    shown = json.loads(cli(store, "show", run, "--format", "json").stdout)
     for m in shown["matrices"]:
         fig = plots.heatmap(table, m["method"], TRAIN, TEST)
         assert fig.heatmap_rows == m["train_sets"]  # the order show prints them in
@@ -403,7 +403,7 @@ def test_ui_refuses_a_missing_store_and_a_busy_port(store, tmp_path):
     # a real server that cannot come up in its time limit (MLflow takes seconds): a clear line
     result = runner.invoke(app, ["ui", "--tracking-uri", store.uri, "--port", "0",
                                  "--start-timeout", "0.5"])
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 1, result.output  # a failure while running, not bad input
     assert "starting the MLflow UI" in result.output
     assert "did not answer within 0.5 s" in result.output and "--start-timeout" in result.output
 
@@ -520,7 +520,7 @@ def test_report_writes_one_page_with_the_figures_and_shows_numbers(store, tmp_pa
         local.write_bytes(data)
         assert png_size(local)[0] > 200
     # each matrix's numbers are show's, in show's order
-    shown = json.loads(cli(store, "show", run, "-f", "json").stdout)
+    shown = json.loads(cli(store, "show", run, "--format", "json").stdout)
     for m in shown["matrices"]:
         assert np.allclose(parsed.matrices[m["method"]], m["influence"]), m["method"]
     # the headline scores, the agreement between methods, the verdict, the job

@@ -22,10 +22,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from untrac_ray.inputs.errors import UntracError
-
-out_console = Console()
-err_console = Console(stderr=True)
+from untrac_ray.cli.common import PIPED_WIDTH, TrackingUri, err_console, fail, out_console
+from untrac_ray.inputs.errors import InputError, UntracError
 
 
 class Format(str, enum.Enum):
@@ -35,14 +33,9 @@ class Format(str, enum.Enum):
     parquet = "parquet"
 
 
-TrackingUri = Annotated[
-    str | None,
-    typer.Option("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
-                 "then sqlite:///mlflow.db)"),
-]
 FormatOption = Annotated[
     Format,
-    typer.Option("--format", "-f", help="text: coloured tables; csv, json, parquet: for scripts "
+    typer.Option("--format", help="text: coloured tables; csv, json, parquet: for scripts "
                  "(parquet needs --output)"),
 ]
 Output = Annotated[
@@ -53,19 +46,11 @@ RunArg = Annotated[str, typer.Argument(help="a run id, a unique prefix of one, o
                                        show_default=False)]
 
 
-def _fail(err: Exception) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
-
-
 def _uri(cli_value: str | None) -> str:
     from untrac_ray.results.store import resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet downloads
     return resolve_tracking_uri(cli_value, None)
-
-
-PIPED_WIDTH = 400  # a table piped or redirected keeps every value whole (no terminal to fit)
 
 
 def _print(renderables: list, output: Path | None) -> None:
@@ -121,8 +106,10 @@ def runs(
     fmt: FormatOption = Format.text,
     output: Output = None,
 ) -> None:
-    """List untrac-ray runs, newest first: job, methods, model, sets, status, best correlation
-    with the ground truth, start and duration."""
+    """List runs, newest first, with their best correlation with the ground truth.
+
+    Job, methods, model, sets, status (STALE: its driver is gone), the top method's headline
+    correlation, start and duration."""
     from untrac_ray.cli.render import runs_table
     from untrac_ray.results import browse
     from untrac_ray.results.runs import list_runs
@@ -142,7 +129,7 @@ def runs(
         data = {"tracking_uri": uri, "runs": [browse.record_dict(r) for r in records]}
         _emit(fmt, browse.runs_frame(records), data, output)
     except UntracError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
 
 
 def show(
@@ -162,8 +149,10 @@ def show(
     fmt: FormatOption = Format.text,
     output: Output = None,
 ) -> None:
-    """A run's influence matrices, rows sorted by influence, the top training sets per test set
-    and the scores against the ground truth. csv/parquet: the cells, tidy, ranked."""
+    """A run's matrices, top training sets, scores and how far to trust them.
+
+    Rows sorted by mean influence, the top training sets per test set, the scores against the
+    ground truth, where the figures are, the verdict. csv/parquet: the cells, tidy, ranked."""
     from untrac_ray.cli.render import basic_colours, show_renderables
     from untrac_ray.results import browse
     from untrac_ray.results.browse import parse_agreement
@@ -194,7 +183,7 @@ def show(
                 "trust": trust}
         _emit(fmt, browse.cells_frame(views), data, output)
     except (UntracError, OSError) as err:
-        raise _fail(err) from None
+        raise fail(err) from None
 
 
 def report(
@@ -203,8 +192,10 @@ def report(
         "--output", "-o", help="the HTML file to write", dir_okay=False)] = Path("report.html"),
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """One self-contained HTML page of a run: how far to trust it, scores, agreement, each
-    matrix and its heatmap, trajectories, scatters, the drill-down and the job."""
+    """Write one self-contained HTML page of a run (figures embedded).
+
+    How far to trust it, scores, agreement, each matrix and its heatmap, trajectories,
+    scatters, the drill-down and the job."""
     from untrac_ray.results.browse import parse_agreement
     from untrac_ray.results.report import RunReport, report_html, run_meta
     from untrac_ray.results.runs import (
@@ -233,7 +224,7 @@ def report(
             figures={n: read_run_bytes(record.run_id, uri, n) for n in names}))
         output.write_text(page)
     except (UntracError, OSError) as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     out_console.print(f"report of run {record.run_id}: {output.resolve()}", highlight=False,
                       soft_wrap=True)
 
@@ -253,8 +244,10 @@ def compare(
     fmt: FormatOption = Format.text,
     output: Output = None,
 ) -> None:
-    """Two matrices side by side with their correlation: two runs (a small proxy model vs the
-    large one), or two methods of one run (UnTrac vs UnTrac-Inv, the default for one run)."""
+    """Two matrices side by side with their correlation.
+
+    Two runs (a small proxy model against the large one), or two methods of one run (UnTrac
+    against UnTrac-Inv, the default for one run)."""
     from untrac_ray.cli.render import basic_colours, compare_renderables
     from untrac_ray.results import browse
 
@@ -285,7 +278,7 @@ def compare(
         _emit(fmt, browse.compare_frame(comparison),
               browse.compare_json(comparison, record_a, record_b), output)
     except (UntracError, OSError) as err:
-        raise _fail(err) from None
+        raise fail(err) from None
 
 
 def _free_port() -> int:
@@ -344,7 +337,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def ui(
     tracking_uri: TrackingUri = None,
     port: Annotated[int, typer.Option(
-        "--port", "-p", min=0, max=65535, help="port on 127.0.0.1 (0: any free port)")] = 5000,
+        "--port", min=0, max=65535, help="port on 127.0.0.1 (0: any free port)")] = 5000,
     start_timeout: Annotated[float, typer.Option(
         "--start-timeout", help="seconds to wait for the server to answer")] = 180.0,
 ) -> None:
@@ -357,12 +350,12 @@ def ui(
         out_console.print(f"{uri} is a tracking server: its UI is at {uri}", highlight=False)
         return
     if not store_exists(uri):
-        raise _fail(UntracError(f"no MLflow store at {uri} (run a job first, or pass "
+        raise fail(InputError(f"no MLflow store at {uri} (run a job first, or pass "
                                 "--tracking-uri)"))
     if port == 0:
         port = _free_port()
     elif not _port_free(port):
-        raise _fail(UntracError(f"port {port} on 127.0.0.1 is in use; pass --port (0: any "
+        raise fail(InputError(f"port {port} on 127.0.0.1 is in use; pass --port (0: any "
                                 "free port)"))
     address = f"http://127.0.0.1:{port}"
     err_console.print(f"starting the MLflow UI for {uri} on {address} ...", highlight=False)
@@ -386,7 +379,7 @@ def ui(
             why = (f"did not answer within {start_timeout:g} s (a busy machine may need more: "
                    "--start-timeout)" if proc.poll() is None else
                    f"exited with code {proc.returncode}")
-            raise _fail(UntracError(f"the MLflow UI {why}:\n" + "\n".join(tail)))
+            raise fail(UntracError(f"the MLflow UI {why}:\n" + "\n".join(tail)))
         out_console.print(f"MLflow UI: {address}  (store {uri}; Ctrl+C to stop)",
                           highlight=False, soft_wrap=True)
         sys.stdout.flush()
@@ -403,10 +396,7 @@ def ui(
             err_console.print(f"server log: {log.name}", highlight=False)
 
 
-def register(app: typer.Typer) -> None:
-    """Add the browse commands (runs, show, compare, ui) to the CLI."""
-    app.command("runs")(runs)
-    app.command("show")(show)
-    app.command("compare")(compare)
-    app.command("report")(report)
-    app.command("ui")(ui)
+def register(app: typer.Typer, panel: str) -> None:
+    """Add the browse commands (runs, show, compare, report, ui) to the CLI, in its `panel`."""
+    for command in (runs, show, compare, report, ui):
+        app.command(rich_help_panel=panel)(command)

@@ -15,25 +15,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from untrac_ray.cli.common import Settings, err_console, fail, out_console
 from untrac_ray.inputs.errors import UntracError
-
-err_console = Console(stderr=True)
-out_console = Console()
 
 Address = Annotated[
     str | None,
     typer.Option("--address", help="the head's dashboard URL, e.g. http://HEAD:8265 "
                  "(default: RAY_ADDRESS)", show_default=False),
 ]
-JobId = Annotated[str, typer.Argument(help="the submission id that `submit` printed",
-                                      show_default=False)]
+SubmissionId = Annotated[str, typer.Argument(
+    metavar="SUBMISSION_ID", help="the submission id that `submit` printed",
+    show_default=False)]
 Follow = Annotated[bool, typer.Option("--follow", "-f", help="stream the logs until the job "
                                       "ends, then exit with its status")]
-
-
-def _fail(err: Exception) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
 
 
 def _note(message: str) -> None:
@@ -120,15 +114,25 @@ def submit(
     resume: Annotated[
         bool, typer.Option("--resume", help="continue the job's unfinished run (or search, "
                            "with --command tune) where it stopped: a resubmitted job")] = False,
+    settings: Settings = None,
 ) -> None:
     """Submit a job to a Ray cluster with its files; print the submission id."""
     from untrac_ray.submit.client import Cluster
-    from untrac_ray.submit.staging import cluster_tracking_uri, package_size, stage_job
+    from untrac_ray.submit.staging import (
+        check_command,
+        cluster_tracking_uri,
+        package_size,
+        stage_job,
+    )
 
     try:
-        # Everything local first: a bad spec or a missing file never reaches the cluster.
+        # Everything local first: a bad command, a bad spec or a missing file never reaches
+        # the cluster.
+        check_command(f"{command} --resume" if resume and "--resume" not in command
+                      else command)
         staged = stage_job(job, shared or (),
-                           extra_bytes=package_size() if ship_package else 0)
+                           extra_bytes=package_size() if ship_package else 0,
+                           overrides=settings or ())
         try:
             uri = cluster_tracking_uri(tracking_uri, staged.spec)
             cluster = Cluster(address)
@@ -142,7 +146,7 @@ def submit(
         finally:
             staged.cleanup()
     except UntracError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     sys.stdout.write(done.submission_id + "\n")
     sys.stdout.flush()
     _note(f"submitted job {staged.spec.name!r} to {cluster.url}: {len(done.uploaded)} local "
@@ -153,18 +157,18 @@ def submit(
         try:
             _follow(cluster, done.submission_id)
         except UntracError as err:
-            raise _fail(err) from None
+            raise fail(err) from None
     _note(f"watch it: untrac-ray logs {done.submission_id} --follow")
 
 
-def status(job: JobId, address: Address = None) -> None:
+def status(job: SubmissionId, address: Address = None) -> None:
     """Print a job's status, times and MLflow run."""
     from untrac_ray.submit.client import Cluster
 
     try:
         row = Cluster(address).info(job)
     except UntracError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     lines = [
         ("status", row.status), ("job", row.job_name or "-"), ("start", _when(row.start)),
         ("end", _when(row.end)), ("duration", _took(row.duration)),
@@ -177,7 +181,7 @@ def status(job: JobId, address: Address = None) -> None:
         out_console.print(f"{key:>12}: {value}", highlight=False, soft_wrap=True)
 
 
-def logs(job: JobId, address: Address = None, follow: Follow = False) -> None:
+def logs(job: SubmissionId, address: Address = None, follow: Follow = False) -> None:
     """Print a job's logs (with --follow, stream them until it ends)."""
     from untrac_ray.submit.client import Cluster
 
@@ -187,11 +191,11 @@ def logs(job: JobId, address: Address = None, follow: Follow = False) -> None:
             _follow(cluster, job)
         sys.stdout.write(cluster.logs(job))
     except UntracError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
 
 
 def stop(
-    job: JobId,
+    job: SubmissionId,
     address: Address = None,
     wait: Annotated[float, typer.Option("--wait", help="seconds to wait for it to end")] = 30.0,
 ) -> None:
@@ -205,7 +209,7 @@ def stop(
             return
         final = cluster.wait(job, wait)
     except UntracError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     out_console.print(f"{job}: {final}", highlight=False)
 
 
@@ -220,7 +224,7 @@ def jobs(
         cluster = Cluster(address)
         rows = cluster.jobs(everything=all_jobs)
     except UntracError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     header = ("id", "job", "status", "start", "duration", "mlflow run")
     cells = [[r.submission_id, r.job_name or "-", r.status, _when(r.start), _took(r.duration),
               r.mlflow_run or "-"] for r in rows]
@@ -240,7 +244,7 @@ def jobs(
         _note("no untrac-ray jobs on this cluster yet")
 
 
-def register(app: typer.Typer) -> None:
-    """Add the cluster commands to the main app."""
+def register(app: typer.Typer, panel: str) -> None:
+    """Add the cluster commands to the main app, in its `panel`."""
     for command in (submit, status, logs, stop, jobs):
-        app.command()(command)
+        app.command(rich_help_panel=panel)(command)

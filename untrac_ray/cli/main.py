@@ -1,42 +1,55 @@
-"""The `untrac-ray` command line: it parses, calls the runner, and prints. Nothing more."""
+"""The `untrac-ray` command line: it parses, calls the runner, and prints. Nothing more.
+
+Commands are grouped in --help as Run, Results and Cluster; common.py holds the options and
+the exit codes they share.
+"""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from untrac_ray.cli.common import (
+    INTERRUPTED,
+    Address,
+    JobFile,
+    Quiet,
+    Settings,
+    TrackingUri,
+    err_console,
+    fail,
+    out_console,
+)
 from untrac_ray.cli.progress import CliReporter
 from untrac_ray.inputs.errors import UntracError
 
+RUN, RESULTS, CLUSTER = "Run", "Results", "Cluster"  # the groups of --help
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
-    help="Trace which training datasets shaped a language model's behaviour (UnTrac on Ray).",
+    help="Which training datasets made a language model say what it says (UnTrac on Ray). "
+         "Exit codes: 0 done, 1 the job failed while it ran, 2 bad input or usage, "
+         "130 interrupted, 143 terminated.",
 )
-err_console = Console(stderr=True)
-# Piped or written to a file, tables keep every value whole (no terminal width to fit).
-out_console = Console() if Console().is_terminal else Console(width=400)
 
-JobFile = Annotated[Path, typer.Argument(help="the job spec (YAML)", show_default=False)]
-TrackingUri = Annotated[
-    str | None,
-    typer.Option("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
-                 "then the spec's tracking.uri, then sqlite:///mlflow.db)"),
-]
-Address = Annotated[
-    str | None,
-    typer.Option("--address", help="Ray cluster address (default: the spec's, else local Ray)"),
-]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+def _version(value: bool) -> None:
+    if value:
+        from untrac_ray import __version__
+
+        sys.stdout.write(f"untrac-ray {__version__}\n")
+        raise typer.Exit()
 
 
 @app.callback()
-def _quiet_libraries() -> None:
+def _quiet_libraries(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
     """Keep library chatter (download bars, store migrations) off the terminal, and every
     credential out of what is printed (inputs/redaction.py: before anything else runs)."""
     import logging
@@ -56,11 +69,6 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-
-
-def _fail(err: Exception) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
 
 
 def _print_matrices(outcome) -> None:
@@ -103,49 +111,52 @@ def _print_scores(summary) -> None:
                               "the mean is over the other test sets", highlight=False)
 
 
-@app.command()
-def validate(job: JobFile) -> None:
-    """Check a job spec and what it names (data, columns, subsets, model folder and its
-    tokenizer, cache_dir), print it resolved (paths absolute, defaults filled in), then, on
-    stderr, what the job will do: model, tokenizer, each set's rows and tokens, the tasks."""
+@app.command(rich_help_panel=RUN)
+def validate(job: JobFile, settings: Settings = None) -> None:
+    """Check a job and what it names; print it resolved, and what it will do.
+
+    Data, columns, subsets, the model folder and its tokenizer, cache_dir; the resolved spec
+    (paths absolute, defaults filled in) on stdout, then on stderr the model, tokenizer, each
+    set's rows and tokens and the tasks of each method."""
     from untrac_ray.inputs.loading import load_spec
     from untrac_ray.inputs.preflight import check_job
     from untrac_ray.run.summary import job_summary
 
     try:
-        spec = load_spec(job)
+        spec = load_spec(job, settings or ())
         check_job(spec)
         sys.stdout.write(spec.to_yaml())
         sys.stdout.flush()
         for line in job_summary(spec):
             err_console.print(line, highlight=False, soft_wrap=True)
     except UntracError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
 
 
-@app.command()
-def train(job: JobFile, quiet: Quiet = False) -> None:
-    """Train the job's base model on its training datasets and save it (save_pretrained)."""
+@app.command(rich_help_panel=RUN)
+def train(job: JobFile, quiet: Quiet = False, settings: Settings = None) -> None:
+    """Train the job's base model on its training sets and save it (save_pretrained)."""
     from untrac_ray.inputs.loading import load_spec
     from untrac_ray.run.job_setup import prepare_data, train_model_for
 
     try:
-        spec = load_spec(job)
+        spec = load_spec(job, settings or ())
         with CliReporter(quiet) as reporter:
             reporter.stage("loading and tokenizing datasets")
             data = prepare_data(spec)
             folder = train_model_for(spec, data, reporter)
     except UntracError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     out_console.print(f"model saved to {folder}")
 
 
-@app.command()
+@app.command(rich_help_panel=RUN)
 def run(
     job: JobFile,
     tracking_uri: TrackingUri = None,
     address: Address = None,
     quiet: Quiet = False,
+    settings: Settings = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="continue this job's newest unfinished run (killed, failed, or left "
         "running by a dead driver): its finished tasks are restored, only the others run, and "
@@ -154,7 +165,10 @@ def run(
         "--resume-if-any", help="as --resume when there is such a run, else start a new one "
         "(for retried cluster jobs)")] = False,
 ) -> None:
-    """Run a job: train or reuse the base model, unlearn on Ray actors, log to MLflow."""
+    """Run a job: train or reuse its model, unlearn on Ray actors, log to MLflow.
+
+    Prints each method's matrix and how far to trust it; on a terminal live progress, in a log
+    plain lines."""
     import os
 
     from untrac_ray.engine.signals import EXIT_CODE as SIGTERM_EXIT_CODE
@@ -165,19 +179,18 @@ def run(
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # restoring tasks
     try:
-        spec = load_spec(job)
+        spec = load_spec(job, settings or ())
         with sigterm_as_interrupt(), CliReporter(quiet) as reporter:
             # Inside a Ray job, the run is tagged with its submission id.
             outcome = run_job(spec, tracking_uri, address, reporter, tags=submission_tags(),
                               resume="strict" if resume else "if_any" if resume_if_any else None)
     except UntracError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     except KeyboardInterrupt:  # the MLflow run ended KILLED, keeping the finished cells
-        if not was_terminated():
-            raise  # Ctrl-C
-        err_console.print("terminated (SIGTERM): the MLflow run is marked KILLED with the "
-                          "cells that finished; `run --resume` continues it", highlight=False)
-        raise typer.Exit(code=SIGTERM_EXIT_CODE) from None
+        how = "terminated (SIGTERM)" if was_terminated() else "interrupted"
+        err_console.print(f"{how}: the MLflow run is marked KILLED with the cells that "
+                          "finished; `run --resume` continues it", highlight=False)
+        raise typer.Exit(code=SIGTERM_EXIT_CODE if was_terminated() else INTERRUPTED) from None
     _print_matrices(outcome)
     from untrac_ray.cli.render import trust_renderables
     from untrac_ray.results.verdict import verdict
@@ -191,15 +204,25 @@ def run(
     out_console.print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}", highlight=False)
 
 
-from untrac_ray.cli.cluster import register as _register_cluster_commands  # noqa: E402
+@app.command(rich_help_panel=RUN)
+def schema() -> None:
+    """Print the job spec's JSON Schema (for editors: completion and checks of job files)."""
+    import json
 
-_register_cluster_commands(app)  # submit, status, logs, stop, jobs
+    from untrac_ray.inputs.spec import JobSpec
 
-from untrac_ray.cli.browse import register as _register_browse  # noqa: E402
+    sys.stdout.write(json.dumps(JobSpec.model_json_schema(), indent=2) + "\n")
 
-_register_browse(app)  # runs, show, compare, ui
 
 from untrac_ray.cli.search import register as _register_search  # noqa: E402
 
-_register_search(app)  # tune
+_register_search(app, RUN)  # tune
+
+from untrac_ray.cli.browse import register as _register_browse  # noqa: E402
+
+_register_browse(app, RESULTS)  # runs, show, compare, report, ui
+
+from untrac_ray.cli.cluster import register as _register_cluster_commands  # noqa: E402
+
+_register_cluster_commands(app, CLUSTER)  # submit, status, logs, stop, jobs
 

@@ -15,11 +15,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from untrac_ray.cli.common import INTERRUPTED, Settings, err_console, fail, out_console
 from untrac_ray.cli.progress import CliReporter
-from untrac_ray.inputs.errors import UntracError
-
-err_console = Console(stderr=True)
-out_console = Console()
+from untrac_ray.inputs.errors import InputError, UntracError
 
 STATUS_STYLE = {"pending": "dim", "running": "cyan", "completed": "green",
                 "stopped early": "yellow", "failed": "red"}
@@ -184,9 +182,11 @@ def tune(
                      show_default=False),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live table")] = False,
+    settings: Settings = None,
 ) -> None:
-    """Search the unlearning settings on Ray Tune (the job's `search:`); every trial is a
-    nested MLflow run, and the best settings are written as a job file."""
+    """Search the unlearning settings on Ray Tune (the job's `search:`).
+
+    Every trial is a nested MLflow run; the best settings are written as a job file."""
     import os
 
     from untrac_ray.inputs.loading import load_spec
@@ -196,10 +196,10 @@ def tune(
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading back
 
     try:
-        spec = load_spec(job)
+        spec = load_spec(job, settings or ())
         if spec.search is None:
-            raise UntracError(f"{job}: no `search:` section; add one (see README, "
-                              "Hyperparameter searches) or use `untrac-ray run`")
+            raise InputError(f"{job}: no `search:` section; add one (docs/searches.md) "
+                             "or use `untrac-ray run`")
         if storage_path:
             spec.search.storage_path = storage_path if "://" in storage_path else str(
                 Path(storage_path).resolve())
@@ -210,13 +210,12 @@ def tune(
     except SearchInterrupted as err:
         _print_best(err.outcome, objective_label(spec))
         err_console.print(f"[yellow]interrupted:[/] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=130) from None
+        raise typer.Exit(code=INTERRUPTED) from None
     except UntracError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
+        raise fail(err) from None
     _print_best(outcome, objective_label(spec))
 
 
-def register(app: typer.Typer) -> None:
-    """Add `tune` to the main app."""
-    app.command(name="tune")(tune)
+def register(app: typer.Typer, panel: str) -> None:
+    """Add `tune` to the main app, in its `panel`."""
+    app.command(name="tune", rich_help_panel=panel)(tune)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from untrac_ray.inputs.errors import UntracError
+from untrac_ray.inputs.errors import InputError
 
 _EPS = 1e-9
 
@@ -128,7 +128,7 @@ def reserve_actors(bundle: dict[str, float], wanted: int, fit_timeout_s: float,
     if not kept:
         need = ", ".join(f"{v * gang_size:g} {k}" for k, v in bundle.items())
         one = "one" if gang_size == 1 else f"a gang of {gang_size} actors"
-        raise UntracError(
+        raise InputError(
             f"no actor could be started in {start_timeout_s:g} s (no node of the Ray cluster "
             f"had {need} free for {one}: other jobs, or this job's driver, hold the rest); on "
             "a cluster that adds nodes on demand, set resources.autoscale with num_actors"

@@ -40,7 +40,7 @@ from untrac_ray.engine.placement import (
     reserve_actors,
 )
 from untrac_ray.engine.signals import raise_if_stopped
-from untrac_ray.inputs.errors import UntracError
+from untrac_ray.inputs.errors import InputError, UntracError
 from untrac_ray.inputs.spec_sections import ResourcesSpec
 from untrac_ray.methods.tasks import Task, TaskResult, needs_of
 
@@ -71,7 +71,7 @@ def plan_pool_size(
             where = "has no GPU" if not cluster.get("GPU") else (
                 "has no node with that many GPUs and cpus_per_actor CPUs free")
             gang = f" (times actors_per_task: {per}, on one node)" if per > 1 else ""
-            raise UntracError(
+            raise InputError(
                 f"resources.gpus_per_actor: the job asks for {resources.gpus_per_actor} GPU per "
                 f"actor{gang} but the Ray cluster {where}"
             )
@@ -204,7 +204,7 @@ class Engine:
         self.reservation: Reservation | None = None
         if "scheduling_strategy" in self._options:
             if self.gang_size > 1:
-                raise UntracError("resources.actors_per_task: a gang needs a placement group "
+                raise InputError("resources.actors_per_task: a gang needs a placement group "
                                   "of its own; it cannot run in a caller's")
             groups: list[Any] = [None] * wanted
         else:

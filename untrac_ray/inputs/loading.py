@@ -1,20 +1,60 @@
-"""Loading a job spec: YAML read as UTF-8, `${NAME}` filled in from the environment, validated
-into a JobSpec (one line naming each bad key), relative paths made absolute from the job file's
-folder.
+"""Loading a job spec: YAML read as UTF-8, `${NAME}` filled in from the environment, `--set
+key.path=value` overrides applied, validated into a JobSpec (one line naming each bad key, an
+unknown one with the nearest known key), relative paths made absolute from the job file's
+folder. A YAML syntax error is reported as `file:line:column: the problem`.
 """
 
 from __future__ import annotations
 
+import difflib
+import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from untrac_ray.inputs.errors import SpecError
 from untrac_ray.inputs.redaction import expand_env
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import is_uri
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The spec model whose keys sit at `loc` (a key path, list indices and dict keys
+    included), None when the path leaves the spec's models."""
+    model: type[BaseModel] | None = JobSpec
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int) or part not in model.model_fields:
+            continue  # a list index or a dict's own key: the same model below
+        model = _inner_model(model.model_fields[part].annotation)
+    return model
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def nearest_key(loc: tuple) -> str | None:
+    """The known key closest to an unknown one (`loc` ends with it), if one is close."""
+    parent = _model_at(loc[:-1])
+    key = loc[-1]
+    if parent is None or not isinstance(key, str):
+        return None
+    names = list(parent.model_fields)
+    short = [n for n in names if key == "".join(w[0] for w in n.split("_") if w)
+             or (len(key) >= 3 and n.startswith(key))]  # lr: learning_rate; optim: optimizer
+    found = short or difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:
@@ -23,7 +63,8 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            near = nearest_key(tuple(e["loc"]))
+            msg = f"unknown key (did you mean {near!r}?)" if near else "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
         elif "input" in e and e["type"] not in ("model_type",) and not isinstance(
@@ -66,8 +107,43 @@ def parse_spec(raw: Any, origin: str = "job spec", base_dir: Path | None = None)
     return spec
 
 
-def load_spec(path: str | Path) -> JobSpec:
-    """Read and validate a job YAML file. Relative paths in it are taken from its folder."""
+def apply_overrides(raw: Any, overrides: Sequence[str], origin: str = "--set") -> Any:
+    """A spec mapping with `key.path=value` settings applied before it is validated (what
+    `--set` gives `run`, `validate`, `tune` and `submit`): the value is read as YAML (a number,
+    true, a list, a mapping, else a string); a missing section is created; a list item by its
+    index (data.train.0.max_rows=100). SpecError naming the setting when it cannot apply."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise SpecError(f"{origin} {item!r}: expected key.path=value, e.g. "
+                            "methods.untrac.learning_rate=1e-4")
+        try:
+            parsed = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            parsed = value
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            else:
+                raise SpecError(f"{origin} {item!r}: {key} is not a setting of the job")
+        if isinstance(node, list) and leaf.isdigit() and int(leaf) < len(node):
+            node[int(leaf)] = parsed
+        elif isinstance(node, dict):
+            node[leaf] = parsed
+        else:
+            raise SpecError(f"{origin} {item!r}: {key} is not a setting of the job")
+    return raw
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
+    """Read and validate a job YAML file, with `overrides` (key.path=value, see
+    apply_overrides) applied first. Relative paths in it are taken from its folder."""
     path = Path(path)
     if path.is_dir():
         raise SpecError(f"job file {path} is a directory, not a YAML file")
@@ -88,9 +164,32 @@ def load_spec(path: str | Path) -> JobSpec:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+        raise SpecError(yaml_error(path, err)) from None
     raw = expand_env_refs(raw, origin=str(path))
+    if overrides:
+        if not isinstance(raw, dict):
+            raise SpecError(f"{path}: expected a mapping of keys at the top level")
+        raw = apply_overrides(raw, overrides)
     return parse_spec(raw, origin=str(path), base_dir=path.resolve().parent)
+
+
+def yaml_error(path: Path, err: yaml.YAMLError) -> str:
+    """A YAML syntax error as `file:line:column: the problem` (where the parser stopped;
+    what it was inside of, and where that began, after it)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    inside = ""
+    if context:
+        start = getattr(err, "context_mark", None)
+        at = f" (line {start.line + 1}, column {start.column + 1})" if start else ""
+        inside = f", {context}{at}"
+    lines = (getattr(mark, "buffer", None) or "").splitlines()
+    line = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+    hint = (': a ${VAR} inside a {...} mapping needs quotes, "${VAR}"'
+            if "${" in line and "flow" in (context or "") else "")
+    return f"{where}: not valid YAML: {problem}{inside}{hint}"
 
 
 def expand_env_refs(raw: Any, origin: str = "job spec", where: str = "") -> Any:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from untrac_ray.inputs.errors import UntracError
+from untrac_ray.inputs.errors import InputError
 from untrac_ray.inputs.spec_sections import GROUND_TRUTH
 from untrac_ray.results.scoring import ALL_CELLS, MEAN_OVER_TESTS, pearson, spearman
 from untrac_ray.results.tables import by_mean_influence, point_label, points_of
@@ -32,7 +32,7 @@ FORMATS = ("text", "csv", "json", "parquet")
 METHOD_ORDER = ("untrac", "untrac_inv", "ldo")
 
 
-class BrowseError(UntracError):
+class BrowseError(InputError):
     """A run, method or point asked for does not exist, or an output cannot be written."""
 
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from untrac_ray.inputs.errors import UntracError
+from untrac_ray.inputs.errors import InputError, UntracError
 from untrac_ray.inputs.spec_sections import GROUND_TRUTH
 
 ALL_CELLS = "__all__"
@@ -44,7 +44,7 @@ def truth_matrix(table: pd.DataFrame) -> pd.DataFrame:
     """The ground-truth matrix (train x test) from a tidy table holding `ldo` rows."""
     rows = table[table["method"] == GROUND_TRUTH]
     if rows.empty:
-        raise UntracError("no leave-dataset-out (ldo) results to score against")
+        raise InputError("no leave-dataset-out (ldo) results to score against")
     return rows.pivot_table(index="train_set", columns="test_set", values="influence")
 
 
@@ -74,7 +74,7 @@ def check_truth_matches(truth: pd.DataFrame, train: list[str], test: list[str],
                         origin: str) -> None:
     """Raise when a ground truth covers other training or test sets than the job."""
     if sorted(truth.index) != sorted(train) or sorted(truth.columns) != sorted(test):
-        raise UntracError(
+        raise InputError(
             f"{origin}: its ground truth covers train sets {sorted(truth.index)} and test sets "
             f"{sorted(truth.columns)}, but this job has {sorted(train)} and {sorted(test)}"
         )

@@ -10,6 +10,7 @@ import math
 import os
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -111,7 +112,16 @@ def check_store(uri: str, timeout_s: float | None = None) -> None:
     try:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - refused, timed out, not an MLflow server ...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err)
+        reason = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        if "refused" in text.lower():  # nothing listens there: say where, and what to start
+            where = urlsplit(uri)
+            port = where.port or (443 if where.scheme == "https" else 80)
+            raise TrackingError(
+                f"tracking store {uri}: connection refused at {where.hostname}:{port}; start "
+                f"an MLflow server there (mlflow server --host {where.hostname} --port "
+                f"{port}) or log to a local store (--tracking-uri sqlite:///mlflow.db)"
+            ) from None
         slow = f" (no answer in {timeout_s:g} s: {STORE_TIMEOUT_S} sets how long to wait)" if (
             "timeout" in reason.lower()) else ""
         raise TrackingError(f"tracking store {uri} cannot be reached: {reason[:300]}{slow}"

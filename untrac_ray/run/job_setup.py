@@ -24,7 +24,7 @@ from untrac_ray.compute.training import (
     read_train_record,
     train_base_model,
 )
-from untrac_ray.inputs.errors import ModelError, UntracError
+from untrac_ray.inputs.errors import InputError, ModelError
 from untrac_ray.inputs.model_folder import check_model_folder
 from untrac_ray.inputs.preflight import check_job
 from untrac_ray.inputs.spec import JobSpec
@@ -160,7 +160,7 @@ def load_ground_truth(spec: JobSpec, uri: str, train: list[str], test: list[str]
     origin = f"ground_truth.run_id {gt.run_id}"
     table = read_influence(gt.run_id, gt.tracking_uri or uri)
     if not (table["method"] == GROUND_TRUTH).any():
-        raise UntracError(f"{origin}: that run has no leave-dataset-out (ldo) results")
+        raise InputError(f"{origin}: that run has no leave-dataset-out (ldo) results")
     truth = truth_matrix(table)
     check_truth_matches(truth, train, test, origin)
     return truth

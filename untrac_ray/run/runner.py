@@ -14,7 +14,7 @@ from typing import Literal
 
 import pandas as pd
 
-from untrac_ray.inputs.errors import RunAdopted, TrackingError
+from untrac_ray.inputs.errors import RunAdopted, StoreLost, TrackingError
 from untrac_ray.inputs.fingerprints import results_key
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import UNLEARNING_METHODS
@@ -225,7 +225,7 @@ def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> 
             raise
 
     if store.flush():
-        raise TrackingError(f"{len(store.pending())} finished tasks could not be stored in the "
+        raise StoreLost(f"{len(store.pending())} finished tasks could not be stored in the "
                             f"MLflow run ({store.upload_error}); they are kept in "
                             f"{store.spool}: `untrac-ray run --resume` stores them")
     rows: list[dict] = []

@@ -28,7 +28,7 @@ import ray
 
 from untrac_ray.engine.pool import Engine
 from untrac_ray.engine.ray_start import ensure_ray
-from untrac_ray.inputs.errors import UntracError
+from untrac_ray.inputs.errors import InputError
 from untrac_ray.inputs.fingerprints import file_fingerprint, results_key, spec_hash
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.methods.tasks import TaskResult
@@ -47,7 +47,7 @@ from untrac_ray.run.job_setup import (
 SPEC_KEY, DATA_KEY, MODEL_KEY = "spec_key", "data_key", "model_key"  # run tags (fingerprints)
 
 
-class ResumeError(UntracError):
+class ResumeError(InputError):
     """A run cannot be resumed with this job (changed spec, data or model)."""
 
 

@@ -148,7 +148,7 @@ def run_search(
     from untrac_ray.results.tracking import SearchRun
 
     if spec.search is None:
-        raise SearchError("the job has no search section; add `search:` (see README) or use "
+        raise SearchError("the job has no search section; add `search:` (docs/searches.md) or use "
                           "`untrac-ray run`")
     reporter = reporter or SearchReporter()
     search = spec.search

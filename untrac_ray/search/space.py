@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from untrac_ray.inputs.errors import UntracError
+from untrac_ray.inputs.errors import InputError
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.inputs.spec_search import SearchSpec
@@ -30,7 +30,7 @@ _SCORE_FIELD = {"pearson_mean": (MEAN_OVER_TESTS, "pearson"),
                 "pearson_all": (ALL_CELLS, "pearson"), "spearman_all": (ALL_CELLS, "spearman")}
 
 
-class SearchError(UntracError):
+class SearchError(InputError):
     """A search cannot start or resume (nothing to resume, a trial that cannot fit)."""
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from untrac_ray.inputs.errors import UntracError
+from untrac_ray.inputs.errors import InputError, UntracError
 from untrac_ray.inputs.redaction import redact
 from untrac_ray.submit.staging import (
     META_JOB,
@@ -39,7 +39,7 @@ _TOKEN_HELP = (
 )
 
 
-class ClusterError(UntracError):
+class ClusterError(InputError):
     """The cluster cannot be reached or asked (no address, no answer, unknown job)."""
 
 

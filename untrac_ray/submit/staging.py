@@ -19,12 +19,12 @@ import secrets
 import shlex
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from untrac_ray.inputs.errors import UntracError
+from untrac_ray.inputs.errors import InputError
 from untrac_ray.inputs.loading import absolute_sqlite_uri, load_spec
 from untrac_ray.inputs.redaction import has_secret, redact, split_credentials, to_placeholders
 from untrac_ray.inputs.spec import JobSpec
@@ -39,7 +39,7 @@ META_SPEC = "untrac_ray.spec"
 STAGED_SPEC = "job.yaml"
 
 
-class UploadError(UntracError):
+class UploadError(InputError):
     """A file the job names cannot travel with it (missing, or above the upload limit)."""
 
 # ---------------------------------------------------------------- staging a job
@@ -119,6 +119,7 @@ def stage_job(
     shared: list[str] | tuple[str, ...] = (),
     limit: int = UPLOAD_LIMIT_BYTES,
     extra_bytes: int = 0,
+    overrides: Sequence[str] = (),
 ) -> StagedJob:
     """Validate a job file and stage it with the local files it names.
 
@@ -128,7 +129,7 @@ def stage_job(
     Raises SpecError for a bad spec, UploadError for a missing file or one that would take
     the upload above `limit` bytes (with `extra_bytes` already used, e.g. by the package).
     """
-    spec = load_spec(job_file)
+    spec = load_spec(job_file, overrides)  # --set: the staged job file has them applied
     mapping = shared_prefixes(shared)
     wanted: dict[str, str] = {}  # local path -> key naming it in the spec
     for ds in _datasets(spec):
@@ -226,7 +227,7 @@ def cluster_tracking_uri(cli_uri: str | None, spec: JobSpec) -> str:
     """
     uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri
     if not uri:
-        raise UntracError(
+        raise InputError(
             "a cluster job logs to your MLflow tracking server: pass --tracking-uri "
             "http://MLFLOW-HOST:5000 or set tracking.uri in the spec"
         )
@@ -253,6 +254,13 @@ def tracking_credentials(tracking_uri: str,
 COMMANDS = ("run", "run --resume", "run --resume-if-any", "tune", "tune --resume")
 
 
+def check_command(command: str) -> None:
+    """InputError (one line) unless `command` is one a submitted job can run."""
+    if command not in COMMANDS:
+        raise InputError(f"--command: expected one of {', '.join(map(repr, COMMANDS))} "
+                         f"(got {command!r})")
+
+
 def entrypoint(python: str, tracking_uri: str, spec_file: str = STAGED_SPEC,
                command: str = "run") -> str:
     """The shell command a submitted job runs on the head (its environment, its interpreter).
@@ -260,11 +268,9 @@ def entrypoint(python: str, tracking_uri: str, spec_file: str = STAGED_SPEC,
     `command` is `run` or `tune` (the job's hyperparameter search), each possibly followed by
     `--resume` (continue the job's unfinished run or search); `run --resume-if-any` continues
     one if there is one, else starts anew (what a retried KubeRay RayJob runs)."""
-    if command not in COMMANDS:
-        raise UntracError(f"--command: expected one of {', '.join(map(repr, COMMANDS))} "
-                          f"(got {command!r})")
+    check_command(command)
     if has_secret(tracking_uri):
-        raise UntracError("a tracking URI with credentials never goes on a command line: "
+        raise InputError("a tracking URI with credentials never goes on a command line: "
                           "pass them as MLFLOW_TRACKING_USERNAME/PASSWORD (see job_request)")
     parts = [python, "-m", "untrac_ray.cli", *command.split(), spec_file, "--address", "auto",
              "--tracking-uri", tracking_uri]
