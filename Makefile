@@ -29,8 +29,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/untrac-ray run jobs/synthetic_a.yaml
 
-# The README's test command needs no system package: the one browser test (MLflow's own UI in
-# headless Chromium) runs where Chromium is installed and is skipped, saying so, elsewhere.
+# The README's test command needs no system package: the browser tests (MLflow's own UI and the
+# report page in headless Chromium) run where Chromium is installed, and are skipped, saying so,
+# elsewhere.
 test: setup
 	$(BIN)/python -m pytest
 

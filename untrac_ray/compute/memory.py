@@ -1,6 +1,7 @@
 """What one actor holds in memory, as a formula of the model and the job's settings.
 
-benchmarks/scale.py checks it against the measured peak of real actors; the README states it.
+benchmarks/scale.py checks it against the measured peak of real actors; docs/benchmarks.md
+states it.
 For P parameters held in `b` bytes each (4: fp32, 2: resources.weights_dtype bf16):
 
 - weights: P*b, one copy on the actor's device (resets copy the shared host arrays in);

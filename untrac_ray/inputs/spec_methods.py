@@ -46,8 +46,8 @@ class UnlearnSpec(StrictModel):
         "advance (default: the last)",
     )
     seed: int = 0
-    # Variants that bring unlearning a set closer to "trained without it" (README: Unlearning
-    # variants). The defaults are the paper's UnTrac.
+    # Variants that bring unlearning a set closer to "trained without it" (docs/job-spec.md,
+    # unlearning variants). The defaults are the paper's UnTrac.
     retain_weight: float = Field(
         0.0, ge=0, description="each ascent step also descends on a batch of the sets that are "
         "kept (UnTrac: the other training sets; UnTrac-Inv: the other test sets), weighted by "
@@ -113,9 +113,9 @@ class GradientSpec(StrictModel):
     `aggregate` is how a training set's examples add up. mean (the default, the paper's): the
     gradient of its mean token loss, every set on the same footing; sum: of its summed token
     loss, so a set with more tokens weighs more, as in a first-order view of training without
-    it. On sets of unequal size (jobs/synthetic_b_unequal.yaml, README) mean followed
-    leave-dataset-out as well or slightly better. The test side is always the mean token loss
-    that UnTrac measures. GradCos is the same under both (a cosine ignores scale).
+    it. On sets of unequal size (jobs/synthetic_b_unequal.yaml, docs/benchmarks.md) mean
+    followed leave-dataset-out as well or slightly better. The test side is always the mean token
+    loss that UnTrac measures. GradCos is the same under both (a cosine ignores scale).
     """
 
     batch_size: int = Field(32, gt=0)
