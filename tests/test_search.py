@@ -347,13 +347,17 @@ def test_resume_after_a_killed_driver_runs_only_the_missing_trials(tmp_path, ray
     log = tmp_path / "driver.log"
     with log.open("w") as out:
         driver = subprocess.Popen(
-            [sys.executable, "-m", "untrac_ray.cli", "tune", str(job), "--tracking-uri", uri,
-             "-q"], cwd=tmp_path, env=env, start_new_session=True, stdout=out, stderr=out)
+            [sys.executable, "-m", "untrac_ray.cli", "tune", str(job), "--tracking-uri", uri],
+            cwd=tmp_path, env=env, start_new_session=True, stdout=out, stderr=out)
+    # its log (stderr to a file) gets one whole line per trial's news as the search goes
+    trial_line = re.compile(r"^trial \d \(untrac\.learning_rate=[0-9.e-]+\): completed, "
+                            r"point (\d)/\1, objective -?[0-9.]+ \[[1-4]/4 ended\]$", re.M)
     try:
         deadline = time.time() + 300
-        while _trials_done(tmp_path / "cache" / "tune") < 1:
+        while _trials_done(tmp_path / "cache" / "tune") < 1 or not trial_line.search(
+                log.read_text()):
             assert driver.poll() is None, f"the search ended early: {log.read_text()[-2000:]}"
-            assert time.time() < deadline, "no trial finished in time"
+            assert time.time() < deadline, f"no trial finished in time: {log.read_text()[-2000:]}"
             time.sleep(0.3)
         time.sleep(1.5)  # its run is closed, and Tune saves its state every second
     finally:

@@ -5,6 +5,7 @@ Thin: parses options, calls search/driver.run_search, prints. main.py calls `reg
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Annotated, Any
@@ -86,7 +87,8 @@ def _live_trials(quiet: bool):
 
         def trial_update(self, view: TrialView) -> None:
             before = self.views.get(view.trial_id)
-            self.views[view.trial_id] = view
+            # a copy: the search updates one view in place, and a line is for what changed
+            self.views[view.trial_id] = dataclasses.replace(view)
             if self.live is not None:
                 self.live.update(self.render())
             elif self.before.lines and not self.quiet and (
