@@ -15,7 +15,7 @@ from conftest import merge
 from untrac_ray.inputs import fingerprints
 from untrac_ray.inputs.errors import SpecError
 from untrac_ray.inputs.fingerprints import NOT_IN_RESULTS_KEY, results_key, results_key_material
-from untrac_ray.inputs.loading import load_spec, parse_spec
+from untrac_ray.inputs.loading import inner_model, load_spec, parse_spec
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.inputs.spec_sections import TrackingSpec
@@ -114,16 +114,8 @@ MISSING = object()
 
 
 def _model_of(annotation):
-    """The spec model inside an annotation (X, X | None, list[X]), else None (a leaf)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) is dict:
-        return None
-    for arg in typing.get_args(annotation):
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
+    """The spec model inside an annotation (X, X | None, list[X]); a dict is a leaf here."""
+    return None if typing.get_origin(annotation) is dict else inner_model(annotation)
 
 
 def _field_paths(model: type[BaseModel], prefix: str = "") -> set[str]:

@@ -30,15 +30,17 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
             return None
         if isinstance(part, int) or part not in model.model_fields:
             continue  # a list index or a dict's own key: the same model below
-        model = _inner_model(model.model_fields[part].annotation)
+        model = inner_model(model.model_fields[part].annotation)
     return model
 
 
-def _inner_model(annotation: Any) -> type[BaseModel] | None:
+def inner_model(annotation: Any) -> type[BaseModel] | None:
+    """The spec model inside a field's annotation (X, X | None, list[X], dict[str, X]),
+    None for a leaf setting."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _inner_model(arg)
+        found = inner_model(arg)
         if found is not None:
             return found
     return None

@@ -338,11 +338,5 @@ def read_run_bytes(run_id: str, tracking_uri: str, artifact_file: str) -> bytes 
 
 def read_run_text(run_id: str, tracking_uri: str, artifact_file: str) -> str | None:
     """A text artifact of a run (e.g. best_job.yaml), or None when the run has none."""
-    folder = os.path.dirname(artifact_file) or None
-    if artifact_file not in list_run_artifacts(run_id, tracking_uri, folder):
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=artifact_file, dst_path=tmp, tracking_uri=tracking_uri,
-        )
-        return Path(path).read_text()
+    data = read_run_bytes(run_id, tracking_uri, artifact_file)
+    return None if data is None else data.decode()
