@@ -132,6 +132,15 @@ def runs(
         raise fail(err) from None
 
 
+def _verdict(record, table, summary) -> list:
+    """How far to trust a stored run: its agreement tag and its headline scores."""
+    from untrac_ray.results.browse import parse_agreement
+    from untrac_ray.results.verdict import verdict
+
+    return verdict(parse_agreement(record.tags.get("untrac_ray.agreement")), summary,
+                   record.n_train or table["train_set"].nunique())
+
+
 def show(
     run: RunArg,
     method: Annotated[str | None, typer.Option(
@@ -155,9 +164,7 @@ def show(
     ground truth, where the figures are, the verdict. csv/parquet: the cells, tidy, ranked."""
     from untrac_ray.cli.render import basic_colours, show_renderables
     from untrac_ray.results import browse
-    from untrac_ray.results.browse import parse_agreement
     from untrac_ray.results.runs import artifact_folder, list_run_artifacts, read_run_table
-    from untrac_ray.results.verdict import verdict
 
     uri = _uri(tracking_uri)
     try:
@@ -169,9 +176,7 @@ def show(
         scores = read_run_table(record.run_id, uri, "scores")
         drill = (read_run_table(record.run_id, uri, "examples/top_examples")
                  if examples else None)
-        trust = verdict(parse_agreement(record.tags.get("untrac_ray.agreement")),
-                        read_run_table(record.run_id, uri, "score_summary"),
-                        record.n_train or table["train_set"].nunique())
+        trust = _verdict(record, table, read_run_table(record.run_id, uri, "score_summary"))
         if fmt is Format.text:
             names = [Path(p).name for p in list_run_artifacts(record.run_id, uri, "figures")]
             figures = [f"{artifact_folder(record.run_id, uri)}/figures", *names] if names else []
@@ -196,7 +201,6 @@ def report(
 
     How far to trust it, scores, agreement, each matrix and its heatmap, trajectories,
     scatters, the drill-down and the job."""
-    from untrac_ray.results.browse import parse_agreement
     from untrac_ray.results.report import RunReport, report_html, run_meta
     from untrac_ray.results.runs import (
         list_run_artifacts,
@@ -204,14 +208,12 @@ def report(
         read_run_table,
         read_run_text,
     )
-    from untrac_ray.results.verdict import verdict
 
     uri = _uri(tracking_uri)
     try:
         record, table, partial = _load(run, uri)
         summary = read_run_table(record.run_id, uri, "score_summary")
-        trust = verdict(parse_agreement(record.tags.get("untrac_ray.agreement")), summary,
-                        record.n_train or table["train_set"].nunique())
+        trust = _verdict(record, table, summary)
         names = [p for p in list_run_artifacts(record.run_id, uri, "figures")
                  if p.endswith(".png")]
         page = report_html(RunReport(

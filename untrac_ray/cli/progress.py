@@ -13,7 +13,6 @@ import os
 import sys
 import time
 
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -23,22 +22,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-err_console = Console(stderr=True)
+from untrac_ray.cli.common import err_console
+
 PROGRESS_S = float(os.environ.get("UNTRAC_RAY_PROGRESS_S", "30"))  # between training lines
-
-
-def duration(seconds: float) -> str:
-    """12s, 3m 04s, 1h 02m."""
-    if seconds != seconds or seconds == float("inf"):
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, secs = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m {secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m"
 
 
 def plain_line(text: str) -> None:
@@ -102,11 +88,13 @@ class CliReporter:
             return
         if step in (1, total) or now - self._last_line >= PROGRESS_S:
             self._last_line = now
+            from untrac_ray.results.browse import fmt_duration
+
             spent = max(now - self._train_started, 1e-9)
             rate = f", {self._train_tokens / spent:,.0f} tokens/s" if step > 1 else ""
-            eta = f", eta {duration(spent / step * (total - step))}" if step > 1 else ""
+            eta = f", eta {fmt_duration(spent / step * (total - step))}" if step > 1 else ""
             self.say(f"training: step {step}/{total} ({100 * step / total:.0f}%), loss "
-                       f"{loss:.4f}{rate}{eta}")
+                     f"{loss:.4f}{rate}{eta}")
 
     def work_started(self, tasks: int, cells: int) -> None:
         self._cells_total, self._cells_done = cells, 0
@@ -122,11 +110,13 @@ class CliReporter:
         self._cells_done += cells
         self._tasks_done += 1
         if self.lines:
+            from untrac_ray.results.browse import fmt_duration
+
             spent = time.monotonic() - self._work_started
             left = spent / self._tasks_done * (self._tasks - self._tasks_done)
             self.say(f"task {self._tasks_done}/{self._tasks} done: {describe(result.task)} "
-                       f"in {result.seconds:.1f}s (cells {self._cells_done}/"
-                       f"{self._cells_total}, eta {duration(left)})")
+                     f"in {result.seconds:.1f}s (cells {self._cells_done}/"
+                     f"{self._cells_total}, eta {fmt_duration(left)})")
             return
         self.progress.update(
             self._cells, advance=1,

@@ -18,6 +18,7 @@ from untrac_ray.results.scoring import ALL_CELLS, MEAN_OVER_TESTS
 
 if TYPE_CHECKING:
     from untrac_ray.results.runs import RunRecord
+    from untrac_ray.results.verdict import Line
 
 from untrac_ray.results.browse import (
     Comparison,
@@ -179,12 +180,10 @@ def examples_table(shown: pd.DataFrame, width: int = 70) -> Table:
                       Text(text))
     return table
 
-def trust_renderables(lines: list[str]) -> list:
-    """The verdict (results/verdict.py) under its heading; warnings in yellow."""
+def trust_renderables(lines: list[Line]) -> list:
+    """The verdict (results/verdict.py) under its heading; its warnings in yellow."""
     out: list = [Text(""), heading("how far to trust it")]
-    for line in lines:
-        warn = any(w in line for w in ("disagree", "does not track", "too few", "wide"))
-        out.append(Text(line, style="yellow" if warn else ""))
+    out += [Text(line, style="yellow" if line.warning else "") for line in lines]
     return out
 
 
@@ -218,7 +217,7 @@ def show_renderables(record: RunRecord, views: list[MatrixView], k: int,
                      scores: pd.DataFrame | None, examples: pd.DataFrame | None,
                      want_examples: bool, n_examples: int, figures: list[str] | None = None,
                      partial: bool = False, basic: bool = False,
-                     trust: list[str] | None = None) -> list:
+                     trust: list[Line] | None = None) -> list:
     """Everything `show` prints, in order, the verdict last (`trust`)."""
     out: list = [header(record, figures)]
     if partial:

@@ -71,8 +71,8 @@ def fmt_corr(value: float | None) -> str:
 
 
 def fmt_duration(seconds: float | None) -> str:
-    """1h 02m, 3m 04s, 12.3s."""
-    if seconds is None or seconds != seconds:
+    """1h 02m, 3m 04s, 12.3s; - when unknown."""
+    if seconds is None or not math.isfinite(seconds):
         return "-"
     if seconds < 60:
         return f"{seconds:.1f}s"

@@ -13,12 +13,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from untrac_ray.results.scoring import pearson  # noqa: E402
-from untrac_ray.results.tables import by_mean_influence, matrix, point_label  # noqa: E402
+from untrac_ray.results.tables import (  # noqa: E402
+    by_mean_influence,
+    matrix,
+    method_title,
+    point_label,
+)
 
-METHOD_TITLES = {
-    "untrac": "UnTrac", "untrac_inv": "UnTrac-Inv", "ldo": "Leave-dataset-out",
-    "graddot": "GradDot", "gradcos": "GradCos", "tracin": "TracIn", "ekfac": "EK-FAC",
-}
 VALUE_LABELS = {
     "graddot": "gradient dot product", "gradcos": "gradient cosine",
     "tracin": "sum over checkpoints of lr x dot", "ekfac": "influence-function score",
@@ -47,7 +48,7 @@ def heatmap(table: pd.DataFrame, method: str, train: list[str], test: list[str])
                 ax.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center", fontsize=8,
                         color="white" if strong else "black")
     where = point_label(attrs["point"], attrs["steps"])
-    ax.set_title(f"{METHOD_TITLES.get(method, method)} influence"
+    ax.set_title(f"{method_title(method)} influence"
                  + (f"\nat {where}" if where else ""))
     fig.colorbar(image, ax=ax, label=VALUE_LABELS.get(method, "loss after - loss before"))
     fig.tight_layout()
@@ -85,7 +86,7 @@ def trajectory(table: pd.DataFrame, method: str, train: list[str], test: list[st
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, title="training set", loc="outside right center")
-    fig.suptitle(f"{METHOD_TITLES.get(method, method)}: influence along unlearning")
+    fig.suptitle(f"{method_title(method)}: influence along unlearning")
     return fig
 
 
@@ -131,7 +132,7 @@ def scatter_vs_truth(estimate: pd.DataFrame, truth: pd.DataFrame, method: str):
     valid = points.dropna(subset=["truth", "estimate"])
     x, y = valid["truth"].to_numpy(), valid["estimate"].to_numpy()
     r = pearson(x, y)
-    name = METHOD_TITLES.get(method, method)
+    name = method_title(method)
 
     fig, ax = plt.subplots(figsize=(7.2, 4.8), layout="constrained")
     if len(x) and x.min() <= 0 <= x.max():  # zero lines only where the data cross zero

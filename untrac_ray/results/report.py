@@ -20,7 +20,8 @@ import pandas as pd
 
 from untrac_ray.results.browse import MatrixView, fmt_duration, fmt_time, methods_of, view
 from untrac_ray.results.scoring import agreement_of, cells_at
-from untrac_ray.results.verdict import LABELS
+from untrac_ray.results.tables import method_title
+from untrac_ray.results.verdict import Line
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }
@@ -42,7 +43,7 @@ class RunReport:
     title: str
     meta: list[str]
     table: pd.DataFrame  # the tidy influence table
-    trust: list[str]
+    trust: list[Line]
     summary: pd.DataFrame | None = None  # scoring.summary: the headline scores
     examples: pd.DataFrame | None = None  # the drill-down (UnTrac-Inv's top rows)
     job_yaml: str | None = None
@@ -72,7 +73,7 @@ def _image(name: str, data: bytes) -> str:
 def _matrix(v: MatrixView) -> str:
     rows = [[str(name), *[float(x) for x in row]] for name, row in v.matrix.iterrows()]
     where = f" at {v.where()}" if v.point else ""
-    return (f'<h3>{html.escape(LABELS.get(v.method, v.method))}{html.escape(where)}</h3>'
+    return (f'<h3>{html.escape(method_title(v.method))}{html.escape(where)}</h3>'
             f'<div data-method="{html.escape(v.method)}" data-point="{v.point}">'
             + _table(["train \\ test", *map(str, v.matrix.columns)], rows, "matrix")
             + "</div>")
@@ -85,7 +86,7 @@ def method_agreement(table: pd.DataFrame, summary: pd.DataFrame | None) -> list[
               if summary is not None else {})
     estimates = [m for m in methods_of(table) if m != "ldo"]
     cells = {m: cells_at(table, m, points.get(m)) for m in estimates}
-    return [[f"{LABELS.get(a, a)} / {LABELS.get(b, b)}", agreement_of([cells[a], cells[b]])]
+    return [[f"{method_title(a)} / {method_title(b)}", agreement_of([cells[a], cells[b]])]
             for i, a in enumerate(estimates) for b in estimates[i + 1:]]
 
 
@@ -95,15 +96,14 @@ def report_html(r: RunReport) -> str:
     parts += [f'<p class="meta">{html.escape(line)}</p>' for line in r.meta]
     parts.append("<h2>How far to trust it</h2><ul>")
     for line in r.trust:
-        warn = any(w in line for w in ("disagree", "does not track", "too few", "wide"))
-        parts.append(f'<li class="{"warn" if warn else ""}">{html.escape(line)}</li>')
+        parts.append(f'<li class="{"warn" if line.warning else ""}">{html.escape(line)}</li>')
     parts.append("</ul>")
     if r.summary is not None and not r.summary.empty:
         parts.append("<h2>Scores against leave-dataset-out</h2>"
                      "<p>Pearson and Spearman over the training sets, the mean over test "
                      "sets, at the point fixed in advance (the last, or score_point); the best "
                      "point is chosen on the ground truth itself, so it flatters.</p>")
-        rows = [[LABELS.get(s.method, s.method), float(s.pearson_mean), float(s.spearman_mean),
+        rows = [[method_title(s.method), float(s.pearson_mean), float(s.spearman_mean),
                  float(s.pearson_all_cells), str(s.point) if s.point else "-",
                  str(s.best_point) if s.point else "-", float(s.pearson_mean_best)]
                 for s in r.summary.itertuples()]

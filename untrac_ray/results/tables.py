@@ -63,6 +63,17 @@ def matrix(
     return out
 
 
+METHOD_TITLES = {  # how a method is named to people: figures, the verdict, the report
+    "untrac": "UnTrac", "untrac_inv": "UnTrac-Inv", "ldo": "Leave-dataset-out",
+    "graddot": "GradDot", "gradcos": "GradCos", "tracin": "TracIn", "ekfac": "EK-FAC",
+}
+
+
+def method_title(method: str) -> str:
+    """A method's name for people (UnTrac-Inv for untrac_inv); an unknown one as it is."""
+    return METHOD_TITLES.get(method, method)
+
+
 def by_mean_influence(mat: pd.DataFrame) -> pd.DataFrame:
     """A train x test matrix with its training sets from the largest mean influence over the
     test sets to the smallest (ties in their order): the order `show`, `run`, the heatmaps

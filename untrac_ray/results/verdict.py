@@ -20,15 +20,26 @@ from collections.abc import Mapping
 import pandas as pd
 
 from untrac_ray.results.scoring import AGREEMENT_LOW
+from untrac_ray.results.tables import method_title
 
-LABELS = {"untrac": "UnTrac", "untrac_inv": "UnTrac-Inv", "graddot": "GradDot",
-          "gradcos": "GradCos", "tracin": "TracIn", "ekfac": "EK-FAC"}
 TRACKS = 0.5  # a lower bound above this: the estimate tracks retraining on this job
 HOW_TO_CHECK = (
     "no ground truth in this run: to measure how far to trust it, retrain without each "
     "training set on a small proxy (a copy of the job with a small model.config and "
     "methods: {untrac: {}, ldo: {}}), run it, and `untrac-ray compare` its UnTrac with this "
     "run's; or give ground_truth.run_id of such a run")
+
+
+class Line(str):
+    """One line of the verdict, plain text; `warning` when it says the answer cannot be relied
+    on as it stands (what `show`, `run` and the report draw in yellow)."""
+
+    warning: bool
+
+    def __new__(cls, text: str, warning: bool = False) -> Line:
+        line = super().__new__(cls, text)
+        line.warning = warning
+        return line
 
 
 def pearson_interval(r: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
@@ -44,42 +55,44 @@ def _label(key: str) -> str:
     if key == "untrac_vs_untrac_inv":
         return "UnTrac and UnTrac-Inv"
     if key.endswith("_seeds"):
-        return f"{LABELS.get(key.removesuffix('_seeds'), key)}'s seeds"
+        return f"{method_title(key.removesuffix('_seeds'))}'s seeds"
     return key
 
 
 def verdict(agreement: Mapping[str, float], summary: pd.DataFrame | None,
-            n_train: int) -> list[str]:
-    """The verdict's lines (plain text): agreement, each estimate against the ground truth with
-    its interval, and what that means; with no ground truth, how to get one."""
+            n_train: int) -> list[Line]:
+    """The verdict's lines: agreement, each estimate against the ground truth with its
+    interval, and what that means; with no ground truth, how to get one."""
     lines = []
     for key, value in agreement.items():
         if value != value:
             continue
         if value < AGREEMENT_LOW:
-            lines.append(f"{_label(key)} disagree (Pearson {value:+.2f} over the cells): "
-                         "treat both as uncertain")
+            lines.append(Line(f"{_label(key)} disagree (Pearson {value:+.2f} over the cells): "
+                              "treat both as uncertain", warning=True))
         else:
-            lines.append(f"{_label(key)} agree (Pearson {value:+.2f} over the cells); "
-                         "agreement alone does not show they are right")
+            lines.append(Line(f"{_label(key)} agree (Pearson {value:+.2f} over the cells); "
+                              "agreement alone does not show they are right"))
     if summary is None or summary.empty:
-        lines.append(HOW_TO_CHECK)
+        lines.append(Line(HOW_TO_CHECK))
         return lines
     for r in summary.itertuples():
-        name = LABELS.get(r.method, r.method)
+        name = method_title(r.method)
         value = float(r.pearson_mean)
         if value != value:
-            lines.append(f"{name}: no correlation with leave-dataset-out (constant)")
+            lines.append(Line(f"{name}: no correlation with leave-dataset-out (constant)",
+                              warning=True))
             continue
         interval = pearson_interval(value, n_train)
         span = (f", 95% interval [{interval[0]:+.2f}, {interval[1]:+.2f}] over {n_train} "
                 "training sets" if interval else f" over only {n_train} training sets")
         if interval is not None and interval[0] > TRACKS:
-            call = "tracks retraining on this job"
+            call, warning = "tracks retraining on this job", False
         elif value > TRACKS:
-            call = ("probably tracks retraining, but the interval is wide" if interval else
-                    "too few training sets to tell")
+            call, warning = ("probably tracks retraining, but the interval is wide" if interval
+                             else "too few training sets to tell"), True
         else:
-            call = "does not track retraining here: do not rank training sets by it"
-        lines.append(f"{name} vs leave-dataset-out: Pearson {value:+.2f}{span}: {call}")
+            call, warning = "does not track retraining here: do not rank training sets by it", True
+        lines.append(Line(f"{name} vs leave-dataset-out: Pearson {value:+.2f}{span}: {call}",
+                          warning))
     return lines
