@@ -106,23 +106,22 @@ def reserve_actors(bundle: dict[str, float], wanted: int, fit_timeout_s: float,
 
         # a gang's bundles as one: the autoscaler adds nodes that hold a whole gang
         request_resources(bundles=[{k: v * gang_size for k, v in bundle.items()}] * wanted)
-        reservation = Reservation([], wanted, autoscale=True)
-        try:
-            for _ in range(wanted):
-                reservation.groups.append(
-                    placement_group([dict(bundle)] * gang_size, strategy=strategy))
-        except BaseException:
-            reservation.release()
-            raise
-        return reservation
-    groups = [placement_group([dict(bundle)] * gang_size, strategy=strategy)
-              for _ in range(wanted)]
-    refs = {g.ready(): g for g in groups}
-    placed, _ = ray.wait(list(refs), num_returns=len(refs), timeout=fit_timeout_s)
-    if not placed:
-        placed, _ = ray.wait(list(refs), num_returns=1, timeout=start_timeout_s)
+    reservation = Reservation([], wanted, autoscale=autoscale)
+    try:  # an error or Ctrl-C here leaves no group (and no request) behind
+        for _ in range(wanted):
+            reservation.groups.append(
+                placement_group([dict(bundle)] * gang_size, strategy=strategy))
+        if autoscale:
+            return reservation
+        refs = {g.ready(): g for g in reservation.groups}
+        placed, _ = ray.wait(list(refs), num_returns=len(refs), timeout=fit_timeout_s)
+        if not placed:
+            placed, _ = ray.wait(list(refs), num_returns=1, timeout=start_timeout_s)
+    except BaseException:
+        reservation.release()
+        raise
     kept = [refs[r] for r in refs if r in set(placed)]
-    for group in groups:
+    for group in reservation.groups:
         if group not in kept:
             remove_placement_group(group)
     if not kept:
