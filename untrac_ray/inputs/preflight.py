@@ -64,7 +64,7 @@ def check_job(spec: JobSpec, read_rows: bool = True) -> None:
         if text and folder_is_encoder_decoder(spec.model.path):
             raise SpecError(encoder_decoder_refusal(*text[0]))
     if spec.tokenizer.kind == "pretrained":
-        check_tokenizer_folder(spec.tokenizer.path or spec.model.path)
+        check_tokenizer_folder(spec.tokenizer.path)
     if spec.model.path is not None:
         check_tokenizer_fits(spec)
     if spec.cache_dir is not None:
@@ -118,7 +118,7 @@ def check_tokenizer_fits(spec: JobSpec) -> None:
     tokens = len(load_tokenizer(spec.tokenizer, path))
     if tokens > size:
         raise SpecError(
-            f"tokenizer.path: the tokenizer at {spec.tokenizer.path or path} has {tokens} "
+            f"tokenizer.path: the tokenizer at {spec.tokenizer.path} has {tokens} "
             f"token ids, but the model at {path} embeds only {size}: ids from {size} on have "
             "no embedding; use the tokenizer the model was trained with")
 
