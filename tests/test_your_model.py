@@ -51,7 +51,8 @@ def write_tokenizer_and_model(folder: Path, corpus: list[str], vocab: int | None
     eos = tok.eos_token_id
     config = GPTNeoXConfig(vocab_size=vocab or len(tok), hidden_size=32, num_hidden_layers=1,
                            num_attention_heads=2, intermediate_size=64,
-                           max_position_embeddings=256, bos_token_id=eos, eos_token_id=eos)
+                           max_position_embeddings=256, bos_token_id=eos, eos_token_id=eos,
+                           hidden_dropout=0.1, attention_dropout=0.1)  # on, as OPT's
     GPTNeoXForCausalLM(config).save_pretrained(folder)
     return tok
 
@@ -101,6 +102,33 @@ def test_the_job_runs_on_a_model_folder_with_its_own_tokenizer(folder, monkeypat
             ("forum", "replies"), ("wiki", "replies")}
         assert cells["influence"].notna().all()
     assert (cells["loss_before"] < 7.0).all()  # ln(vocab) is about 6: its own tokens, no 0s
+    # the folder's model has dropout on: its losses are measured with dropout off, as the
+    # model is used; the test set's loss before unlearning, by hand with transformers
+    untrac = table[(table["method"] == "untrac") & (table["test_set"] == "replies")]
+    assert untrac["loss_before"].to_numpy() == pytest.approx(
+        _eval_loss(folder / "model", sentences(3, 12), block=128), rel=1e-4)
+
+
+def _eval_loss(model_dir: Path, texts: list[str], block: int) -> float:
+    """The mean token loss of a text set, packed into blocks as `kind: text` packs it (each
+    row's tokens then the end-of-text id; full blocks only, unless there is none), with the
+    model in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    stream = [i for t in texts for i in [*tok(t, add_special_tokens=False)["input_ids"],
+                                         tok.eos_token_id]]
+    full = len(stream) // block
+    blocks = [stream[s:s + block] for s in range(0, full * block, block)] if full else [stream]
+    total = count = 0.0
+    with torch.no_grad():
+        for ids in blocks:
+            x = torch.tensor([ids])
+            total += float(model(x, labels=x).loss) * (len(ids) - 1)
+            count += len(ids) - 1
+    return total / count
 
 
 def test_a_byte_tokenizer_forced_on_a_50k_vocabulary_is_refused(tmp_path):
