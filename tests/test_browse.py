@@ -525,9 +525,10 @@ def test_report_writes_one_page_with_the_figures_and_shows_numbers(store, tmp_pa
         assert np.allclose(parsed.matrices[m["method"]], m["influence"]), m["method"]
     # the headline scores, the agreement between methods, the verdict, the job
     summary = read_run_table(run, store.uri, "score_summary")
-    scores = [[float(v) for v in row if v][:3] for row in parsed.tables["scores"]]
+    scores = [[float(v) for v in row if v][:5] for row in parsed.tables["scores"]]
     for want, row in zip(summary.itertuples(), scores, strict=True):
-        assert np.allclose(row, [want.pearson_mean, want.spearman_mean, want.pearson_all_cells])
+        assert np.allclose(row, [want.pearson_mean, want.pearson_low, want.pearson_high,
+                                 want.spearman_mean, want.pearson_all_cells], equal_nan=True)
     assert parsed.tables["agreement"] and parsed.tables["examples"]
     assert any("vs leave-dataset-out: Pearson" in item for item in parsed.items)
     assert shown["trust"] == [" ".join(item.split()) for item in parsed.items]

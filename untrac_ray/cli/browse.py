@@ -252,6 +252,7 @@ def compare(
     against UnTrac-Inv, the default for one run)."""
     from untrac_ray.cli.render import basic_colours, compare_renderables
     from untrac_ray.results import browse
+    from untrac_ray.results.runs import read_run_table
 
     uri = _uri(tracking_uri)
     try:
@@ -274,6 +275,8 @@ def compare(
         label_a = f"{record_a.run_name or record_a.run_id[:8]} {va.method} @ {va.point}"
         label_b = f"{record_b.run_name or record_b.run_id[:8]} {vb.method} @ {vb.point}"
         comparison = browse.compare_views(va, vb, label_a, label_b)
+        comparison.lds_a = browse.lds_of(read_run_table(record_a.run_id, uri, "lds_summary"), ma)
+        comparison.lds_b = browse.lds_of(read_run_table(record_b.run_id, uri, "lds_summary"), mb)
         if fmt is Format.text:
             _print(compare_renderables(comparison, basic_colours(out_console)), output)
             return

@@ -292,4 +292,7 @@ def compare_renderables(c: Comparison, basic: bool = False) -> list:
     out.append(Text(f"Pearson r over {len(c.train) * len(c.test)} shared cells: "
                     f"{fmt_corr(c.pearson)}; Spearman {fmt_corr(c.spearman)}; same top training "
                     f"set for {c.top1_agreement} of {len(c.test)} test sets"))
+    for side, lds in (("A", c.lds_a), ("B", c.lds_b)):
+        if lds:
+            out.append(Text(f"{side} against retraining on random subsets: {lds}"))
     return out

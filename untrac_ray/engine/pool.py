@@ -489,6 +489,8 @@ def describe(task: Task) -> str:
         return f"{task.method}:{task.forget}"
     if hasattr(task, "left_out"):
         return f"ldo:{task.left_out or '(all)'}:seed{task.seed}"
+    if hasattr(task, "kept"):
+        return f"lds:subset{task.subset}:seed{task.seed}"
     if hasattr(task, "dataset"):
         return f"gradient:{task.dataset}@{task.weights}"
     if hasattr(task, "datasets"):

@@ -42,7 +42,16 @@ from transformers import AutoConfig
 from untrac_ray.compute.modeling import SharedWeights, auto_class, token_losses
 from untrac_ray.compute.precision import check_precision, precision_context
 from untrac_ray.inputs.tokenization import TokenizedSet
-from untrac_ray.methods.tasks import BASE, EvalTask, LdoTask, Output, Task, TaskResult, UnlearnTask
+from untrac_ray.methods.tasks import (
+    BASE,
+    EvalTask,
+    LdoTask,
+    Output,
+    SubsetTask,
+    Task,
+    TaskResult,
+    UnlearnTask,
+)
 
 __all__ = [
     "SHARDED_OPTIMIZERS",
@@ -377,7 +386,7 @@ def check_sharded_task(task: Task) -> None:
     """Raise ValueError, before any collective, for a task a sharded bench cannot run: the
     gradient and EK-FAC tasks read whole gradients or copy the model, and transformers'
     Adafactor keeps plain-tensor state (its factored moments need sums across shards)."""
-    if not isinstance(task, (EvalTask, UnlearnTask, LdoTask)):
+    if not isinstance(task, (EvalTask, UnlearnTask, LdoTask, SubsetTask)):
         raise ValueError(f"a sharded bench cannot run {type(task).__name__}s")
     if isinstance(task, UnlearnTask) and task.settings.optimizer not in SHARDED_OPTIMIZERS:
         raise ValueError(f"optimizer {task.settings.optimizer!r} cannot update sharded "
@@ -386,8 +395,8 @@ def check_sharded_task(task: Task) -> None:
 
 class ShardedWorkbench:
     """workbench.Workbench over a gang: one sharded model plus the datasets, able to run an
-    EvalTask, UnlearnTask or LdoTask from any shared weight set. Every rank builds one with
-    the same arguments and runs the same tasks in the same order; all return the same.
+    EvalTask, UnlearnTask, LdoTask or SubsetTask from any shared weight set. Every rank builds
+    one with the same arguments and runs the same tasks in the same order; all return the same.
 
     `model` is the GangModel (data parallel over the gang); its `sharded` module is the FSDP
     model. The pristine copy of the base weights is this rank's shards only. GradientTask,

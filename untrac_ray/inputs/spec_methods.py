@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from untrac_ray.inputs.spec_sections import (
-    GROUND_TRUTH,
+    GROUND_TRUTHS,
     KRONFLUENCE_INSTALL,
     METHODS,
     Optimizer,
@@ -107,6 +107,35 @@ class LdoSpec(StrictModel):
     )
 
 
+class LdsSpec(StrictModel):
+    """The linear datamodeling score at the level of datasets (methods/lds.py): retrain on
+    `subsets` random subsets of the training sets (each kept with probability `keep`; drawn
+    distinct and non-empty with `sample_seed`), once per seed, and score how well each
+    estimate's cells predict each retrained model's test losses (Spearman over the subsets).
+
+    `noise_subsets` of them are retrained once more under `noise_seed`: how far the test losses
+    move with the seed alone gives the score's ceiling (the noise floor, as LDO's SNR)."""
+
+    subsets: int = Field(32, ge=4, description="random subsets retrained (M)")
+    keep: float = Field(0.5, gt=0, lt=1, description="probability that a set is kept (alpha)")
+    seeds: list[int] | None = Field(
+        None, min_length=1, description="training seeds, each subset retrained with each "
+        "(default: methods.ldo.seeds, else training.seed)")
+    sample_seed: int = Field(0, description="seed of the subsets drawn")
+    noise_subsets: int = Field(
+        4, ge=0, description="subsets retrained again under noise_seed, for the ceiling")
+    noise_seed: int | None = Field(None, description="default: the largest seed + 1")
+    bootstrap: int = Field(1000, ge=100, description="resamples of the subsets for the "
+                           "95% interval")
+
+    @model_validator(mode="after")
+    def _noise_within(self) -> LdsSpec:
+        if self.noise_subsets > self.subsets:
+            raise ValueError(f"noise_subsets: {self.noise_subsets} is more than the "
+                             f"{self.subsets} subsets")
+        return self
+
+
 class GradientSpec(StrictModel):
     """GradDot, GradCos and TracIn: dataset-level gradients accumulated over batches.
 
@@ -149,6 +178,7 @@ class MethodsSpec(StrictModel):
     untrac: UnlearnSpec | None = None
     untrac_inv: UnlearnSpec | None = None
     ldo: LdoSpec | None = None
+    lds: LdsSpec | None = None
     graddot: GradientSpec | None = None
     gradcos: GradientSpec | None = None
     tracin: GradientSpec | None = None
@@ -173,12 +203,41 @@ class MethodsSpec(StrictModel):
             raise ValueError("name at least one method: " + ", ".join(METHODS))
         return self
 
+    @model_validator(mode="after")
+    def _noise_seed_differs(self) -> MethodsSpec:
+        lds = self.lds
+        if lds is not None and lds.noise_subsets and lds.noise_seed is not None and (
+                lds.noise_seed in self.lds_seeds(lds.noise_seed + 1)):
+            raise ValueError(f"lds.noise_seed: {lds.noise_seed} is one of the seeds; the "
+                             "ceiling needs the same subsets under another seed")
+        return self
+
     def enabled(self) -> dict[str, Any]:
         """The requested methods by name, in a fixed order."""
         return {m: getattr(self, m) for m in METHODS if getattr(self, m) is not None}
 
     def estimates(self) -> list[str]:
-        """The requested methods other than the ground truth."""
-        return [m for m in self.enabled() if m != GROUND_TRUTH]
+        """The requested methods other than the ground truths (retraining)."""
+        return [m for m in self.enabled() if m not in GROUND_TRUTHS]
+
+    def retraining_seeds(self, default: int) -> list[int]:
+        """Every seed that LDO or LDS retrains with (each needs its initial weights);
+        `default`: training.seed."""
+        seeds = list(self.ldo.seeds or [default]) if self.ldo is not None else []
+        if self.lds is not None:
+            seeds += self.lds_seeds(default) + [self.lds_noise_seed(default)] * bool(
+                self.lds.noise_subsets)
+        return list(dict.fromkeys(seeds))
+
+    def lds_seeds(self, default: int) -> list[int]:
+        """LDS's training seeds: its own, else LDO's, else training.seed."""
+        assert self.lds is not None
+        return list(self.lds.seeds or (self.ldo and self.ldo.seeds) or [default])
+
+    def lds_noise_seed(self, default: int) -> int:
+        """The seed of LDS's repeated subsets: noise_seed, else the largest seed + 1."""
+        assert self.lds is not None
+        seeds = self.lds_seeds(default)
+        return self.lds.noise_seed if self.lds.noise_seed is not None else max(seeds) + 1
 
 

@@ -14,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from untrac_ray.inputs.redaction import redact
 
 Optimizer = Literal["adam", "sgd", "adafactor"]
-METHODS: tuple[str, ...] = ("untrac", "untrac_inv", "ldo", "graddot", "gradcos", "tracin", "ekfac")
+METHODS: tuple[str, ...] = ("untrac", "untrac_inv", "ldo", "lds", "graddot", "gradcos", "tracin",
+                           "ekfac")
 UNLEARNING_METHODS = ("untrac", "untrac_inv")
 GROUND_TRUTH = "ldo"
+GROUND_TRUTHS = ("ldo", "lds")  # retraining: leave-dataset-out, random subsets (LDS)
 # With resources.actors_per_task > 1 (a gang, engine/sharded.py): the methods a sharded bench cannot
 # run, and the unlearning optimizers it can (elementwise updates work on shards; training.
 # optimizer, LDO's, is always one of them).

@@ -22,6 +22,7 @@ from untrac_ray.methods.tasks import (
     EkfacTask,
     GradientTask,
     LdoTask,
+    SubsetTask,
     Task,
     TaskResult,
     UnlearnTask,
@@ -113,6 +114,58 @@ def plan_ldo(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
     return plan
 
 
+LDS_COLUMNS = ["subset", "seed", "role", "kept", "test_set", "loss"]
+
+
+def draw_subsets(train: list[str], n: int, keep: float, seed: int) -> list[tuple[str, ...]]:
+    """`n` random subsets of the training sets for the linear datamodeling score: each set
+    kept with probability `keep`, independently; empty and repeated draws are drawn again
+    (a repeat would retrain the same model), so with few sets there may be fewer than n
+    (every non-empty subset, at most 2^K - 1); as n nears that, redrawing repeats pulls the
+    share kept toward one half. Sets keep the spec's order in each subset."""
+    rng = np.random.default_rng([seed, 7])
+    possible = 2 ** len(train) - 1
+    out: list[tuple[str, ...]] = []
+    seen: set[tuple[str, ...]] = set()
+    while len(out) < min(n, possible):
+        mask = rng.random(len(train)) < keep
+        kept = tuple(name for name, k in zip(train, mask, strict=True) if k)
+        if kept and kept not in seen:
+            seen.add(kept)
+            out.append(kept)
+    return out
+
+
+def plan_lds(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
+    """The linear datamodeling score's ground truth: every subset retrained with every seed,
+    and the first `noise_subsets` once more with the noise seed. Its rows (one per subset,
+    seed and test set: the retrained model's loss) go to extras["lds_subsets"]; it has no
+    cells of its own (results/lds.py scores every method's cells against them)."""
+    lds = spec.methods.lds
+    subsets = draw_subsets(train, lds.subsets, lds.keep, lds.sample_seed)
+    if len(subsets) < 4:
+        raise SpecError(f"methods.lds: {len(train)} training sets make only {len(subsets)} "
+                        "distinct subsets; the score needs at least 4")
+    seeds = spec.methods.lds_seeds(spec.training.seed)
+    noise = spec.methods.lds_noise_seed(spec.training.seed)
+    tasks = [SubsetTask(i, kept, tuple(test), spec.training, seed)
+             for seed in seeds for i, kept in enumerate(subsets)]
+    tasks += [SubsetTask(i, subsets[i], tuple(test), spec.training, noise)
+              for i in range(min(lds.noise_subsets, len(subsets)))]
+    plan = MethodPlan(["lds"], tasks, lambda results, base: [])
+
+    def assemble(results: list[TaskResult], base: dict[str, float]) -> list[dict]:
+        plan.extras["lds_subsets"] = [
+            {"subset": r.task.subset, "seed": r.task.seed,
+             "role": "noise" if r.task.seed == noise and noise not in seeds else "truth",
+             "kept": ",".join(r.task.kept), "test_set": j, "loss": float(r.losses[0][j])}
+            for r in results for j in test]
+        return []
+
+    plan.assemble = assemble
+    return plan
+
+
 def plan_gradients(
     spec: JobSpec, train: list[str], test: list[str], checkpoints: list[dict]
 ) -> MethodPlan:
@@ -180,6 +233,8 @@ def plan_methods(
     plans = []
     if "ldo" in enabled:
         plans.append(plan_ldo(spec, train, test))
+    if "lds" in enabled:
+        plans.append(plan_lds(spec, train, test))
     if "ekfac" in enabled:
         plans.append(plan_ekfac(spec, train, test))
     if {"graddot", "gradcos", "tracin"} & set(enabled):

@@ -4,7 +4,7 @@ numbers) for the driver to assemble, as a TaskResult.
 
 - EvalTask: base losses.                          - UnlearnTask: UnTrac / UnTrac-Inv.
 - LdoTask: retrain without one training set.      - GradientTask: GradDot, GradCos, TracIn.
-- EkfacTask: influence functions (kronfluence).
+- SubsetTask: retrain on a subset of them (LDS).  - EkfacTask: influence functions (kronfluence).
 
 Two optional parts of a task, for results too big for the driver: `payload_in_store` (true:
 the engine keeps its payload in Ray's object store and hands the driver a reference) and
@@ -146,14 +146,38 @@ class LdoTask:
     seed: int
 
     def run(self, bench: Bench) -> Output:
-        from untrac_ray.compute.training import train_model
+        kept = tuple(n for n in self.train if n != self.left_out)
+        return retrain(bench, kept, self.evaluate, self.training, self.seed)
 
-        bench.reset(init_weights_name(self.seed))
-        sets = [bench.datasets[n] for n in self.train if n != self.left_out]
-        cfg = self.training.model_copy(update={"seed": self.seed})
-        train_model(bench.model, sets, cfg, device=bench.device, rank=bench.rank)
-        losses, _ = bench.evaluate(self.evaluate)
-        return Output({0: losses})
+
+@dataclass(frozen=True)
+class SubsetTask:
+    """Train from the initial weights on the training sets in `kept` (subset number `subset`
+    of the linear datamodeling score, methods/lds.py) with the base model's schedule and
+    `seed`, then evaluate `evaluate`."""
+
+    subset: int
+    kept: tuple[str, ...]
+    evaluate: tuple[str, ...]
+    training: TrainingSpec
+    seed: int
+
+    def run(self, bench: Bench) -> Output:
+        return retrain(bench, self.kept, self.evaluate, self.training, self.seed)
+
+
+def retrain(bench: Bench, kept: tuple[str, ...], evaluate: tuple[str, ...],
+            training: TrainingSpec, seed: int) -> Output:
+    """Train the initial weights of `seed` on the `kept` sets as the base model was trained
+    (same schedule, that seed), and evaluate `evaluate`: LDO's and LDS's retraining."""
+    from untrac_ray.compute.training import train_model
+
+    bench.reset(init_weights_name(seed))
+    cfg = training.model_copy(update={"seed": seed})
+    train_model(bench.model, [bench.datasets[n] for n in kept], cfg, device=bench.device,
+                rank=bench.rank)
+    losses, _ = bench.evaluate(evaluate)
+    return Output({0: losses})
 
 
 @dataclass(frozen=True)
@@ -231,7 +255,7 @@ class EkfacTask:
                                                   bench.device, precision=bench.precision))
 
 
-Task = EvalTask | UnlearnTask | LdoTask | GradientTask | EkfacTask
+Task = EvalTask | UnlearnTask | LdoTask | SubsetTask | GradientTask | EkfacTask
 
 
 def needs_of(task: Task) -> tuple[Task, ...]:

@@ -349,6 +349,21 @@ class Comparison:
     per_test: pd.DataFrame
     top1_agreement: int
     dropped: list[str]
+    lds_a: str | None = None  # each side's LDS, where its run has one (lds_of)
+    lds_b: str | None = None
+
+
+def lds_of(lds_summary: pd.DataFrame | None, method: str) -> str | None:
+    """A method's LDS in a run, with its interval ("LDS +0.62 [+0.41, +0.77]"), from the
+    run's lds_summary table; None when it has none."""
+    if lds_summary is None:
+        return None
+    rows = lds_summary[lds_summary["method"] == method]
+    if rows.empty or rows["lds"].isna().all():
+        return None
+    r = rows.iloc[0]
+    return (f"LDS {fmt_corr(r['lds'])} [{fmt_corr(r['lds_low'])}, {fmt_corr(r['lds_high'])}] "
+            f"at point {int(r['point'])} over {int(r['lds_n'])} subsets")
 
 
 def default_method(methods: list[str], avoid: str | None = None) -> str | None:
@@ -430,6 +445,7 @@ def compare_json(c: Comparison, record_a: RunRecord, record_b: RunRecord) -> dic
         "train_sets": c.train, "test_sets": c.test, "dropped": c.dropped,
         "pearson": c.pearson, "spearman": c.spearman,
         "top1_agreement": c.top1_agreement, "per_test": _records(c.per_test),
+        "lds_a": c.lds_a, "lds_b": c.lds_b,
         "cells": _records(compare_frame(c)),
     }
 

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from untrac_ray.results.browse import MatrixView, fmt_duration, fmt_time, methods_of, view
+from untrac_ray.results.browse import (
+    MatrixView,
+    fmt_corr,
+    fmt_duration,
+    fmt_time,
+    methods_of,
+    view,
+)
 from untrac_ray.results.scoring import agreement_of, cells_at
 from untrac_ray.results.tables import method_title
 from untrac_ray.results.verdict import Line
@@ -79,6 +86,37 @@ def _matrix(v: MatrixView) -> str:
             + "</div>")
 
 
+def _scores(summary: pd.DataFrame) -> list[str]:
+    """The scores section: against leave-dataset-out (with Fisher's interval) and, with LDS,
+    the linear datamodeling score (with its bootstrap interval and ceiling)."""
+    parts = []
+    if summary["pearson_mean"].notna().any():
+        parts.append("<h2>Scores against leave-dataset-out</h2>"
+                     "<p>Pearson and Spearman over the training sets, the mean over test "
+                     "sets, at the point fixed in advance (the last, or score_point), with "
+                     "Fisher's 95% interval; the best point is chosen on the ground truth "
+                     "itself, so it flatters.</p>")
+        rows = [[method_title(s.method), float(s.pearson_mean), float(s.pearson_low),
+                 float(s.pearson_high), float(s.spearman_mean), float(s.pearson_all_cells),
+                 str(s.point) if s.point else "-", str(s.best_point) if s.point else "-",
+                 float(s.pearson_mean_best)] for s in summary.itertuples()]
+        parts.append(_table(["method", "pearson", "low", "high", "spearman",
+                             "pearson all cells", "at point", "best point (hindsight)",
+                             "pearson there"], rows, "scores"))
+    if "lds" in summary.columns:
+        first = summary.iloc[0]
+        parts.append(f"<h2>Linear datamodeling score</h2><p>{int(first['lds_n'])} models "
+                     "retrained on random subsets of the training sets: per test set, the "
+                     "Spearman correlation between each one's loss and the sum of the "
+                     "estimate's cells of the sets it left out, the mean over test sets, with "
+                     "a bootstrap 95% interval over the subsets. Ceiling from the seed noise: "
+                     f"{html.escape(fmt_corr(first['lds_ceiling']))}.</p>")
+        rows = [[method_title(s.method), float(s.lds), float(s.lds_low), float(s.lds_high),
+                 str(s.point) if s.point else "-"] for s in summary.itertuples()]
+        parts.append(_table(["method", "LDS", "low", "high", "at point"], rows, "lds"))
+    return parts
+
+
 def method_agreement(table: pd.DataFrame, summary: pd.DataFrame | None) -> list[list]:
     """Every pair of estimates in the run: the Pearson of their cells, each at its headline
     point (summary's), else its last."""
@@ -99,17 +137,7 @@ def report_html(r: RunReport) -> str:
         parts.append(f'<li class="{"warn" if line.warning else ""}">{html.escape(line)}</li>')
     parts.append("</ul>")
     if r.summary is not None and not r.summary.empty:
-        parts.append("<h2>Scores against leave-dataset-out</h2>"
-                     "<p>Pearson and Spearman over the training sets, the mean over test "
-                     "sets, at the point fixed in advance (the last, or score_point); the best "
-                     "point is chosen on the ground truth itself, so it flatters.</p>")
-        rows = [[method_title(s.method), float(s.pearson_mean), float(s.spearman_mean),
-                 float(s.pearson_all_cells), str(s.point) if s.point else "-",
-                 str(s.best_point) if s.point else "-", float(s.pearson_mean_best)]
-                for s in r.summary.itertuples()]
-        parts.append(_table(["method", "pearson", "spearman", "pearson all cells",
-                             "at point", "best point (hindsight)", "pearson there"], rows,
-                            "scores"))
+        parts += _scores(r.summary)
     pairs = method_agreement(r.table, r.summary)
     if pairs:
         parts.append("<h2>Agreement between the methods</h2><p>Pearson over all cells: "

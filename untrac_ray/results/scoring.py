@@ -8,11 +8,13 @@ it is scored on. The best point is kept beside it, labelled as hindsight. A test
 correlation is undefined (a constant estimate or truth) is counted in `n_undefined` and named
 in the summary, not dropped silently.
 
-This module holds the project's one Pearson and Spearman implementation.
+This module holds the project's one Pearson and Spearman implementation (row-wise, for the
+bootstrap of results/lds.py, and of two vectors), and the interval of a Pearson.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -26,18 +28,51 @@ MEAN_OVER_TESTS = "__mean__"
 SCORE_COLUMNS = ["method", "point", "test_set", "pearson", "spearman", "n", "n_undefined"]
 
 
+def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of x with the same row of y (2-D arrays of one shape):
+    NaN for a row that is constant on either side, has a NaN, or has fewer than 2 points."""
+    x, y = np.atleast_2d(np.asarray(x, dtype=float)), np.atleast_2d(np.asarray(y, dtype=float))
+    if x.shape[1] < 2:
+        return np.full(x.shape[0], np.nan)
+    xc = x - x.mean(axis=1, keepdims=True)
+    yc = y - y.mean(axis=1, keepdims=True)
+    sx, sy = np.sqrt((xc**2).sum(axis=1)), np.sqrt((yc**2).sum(axis=1))
+    constant = (np.ptp(x, axis=1) == 0) | (np.ptp(y, axis=1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (xc * yc).sum(axis=1) / (sx * sy)
+    return np.where(constant, np.nan, np.clip(r, -1.0, 1.0))
+
+
+def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation of each row of x with the same row of y (average ranks for
+    ties; a row with a NaN gives NaN)."""
+    from scipy.stats import rankdata
+
+    x, y = np.atleast_2d(np.asarray(x, dtype=float)), np.atleast_2d(np.asarray(y, dtype=float))
+    bad = np.isnan(x).any(axis=1) | np.isnan(y).any(axis=1)
+    r = pearson_rows(rankdata(x, axis=1), rankdata(y, axis=1))
+    return np.where(bad, np.nan, r)
+
+
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson correlation; NaN when either side is constant or there are fewer than 2 points
     (a NaN value on either side gives NaN: nothing is dropped)."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
+    return float(pearson_rows(np.ravel(x)[None], np.ravel(y)[None])[0])
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman rank correlation (average ranks for ties)."""
-    return pearson(pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy())
+    return float(spearman_rows(np.ravel(x)[None], np.ravel(y)[None])[0])
+
+
+def pearson_interval(r: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The 95% interval of a Pearson correlation over n points (Fisher's z); None for n < 4
+    or an undefined r."""
+    if n < 4 or r != r:
+        return None
+    center = math.atanh(max(min(r, 0.999999), -0.999999))
+    half = z / math.sqrt(n - 3)
+    return math.tanh(center - half), math.tanh(center + half)
 
 
 def truth_matrix(table: pd.DataFrame) -> pd.DataFrame:
@@ -147,8 +182,9 @@ def signs_right(estimate: pd.DataFrame, truth: pd.DataFrame,
     return right, len(cells)
 
 
-SUMMARY_COLUMNS = ["method", "point", "pearson_mean", "spearman_mean", "pearson_all_cells",
-                   "undefined", "best_point", "pearson_mean_best"]
+SUMMARY_COLUMNS = ["method", "point", "pearson_mean", "pearson_low", "pearson_high",
+                   "spearman_mean", "pearson_all_cells", "undefined", "best_point",
+                   "pearson_mean_best"]
 
 
 AGREEMENT_LOW = 0.5  # below this, two estimates of the same influences are called uncertain
@@ -194,7 +230,9 @@ def ensemble_agreement(members: list[list[dict]], method: str, point: int) -> fl
 def summary(scores: pd.DataFrame, headline: Mapping[str, int] | None = None) -> pd.DataFrame:
     """Per method: the scores at the headline point (fixed in advance: `headline[method]`,
     default the method's last point), the test sets whose Pearson is undefined there, and the
-    best point by mean Pearson with its score (hindsight: chosen on the ground truth)."""
+    best point by mean Pearson with its score (hindsight: chosen on the ground truth).
+    pearson_low/high: the 95% interval of the mean Pearson, Fisher's for a correlation over
+    the training sets (pearson_interval; NaN with fewer than 4)."""
     rows = []
     headline = headline or {}
     mean = scores[scores["test_set"] == MEAN_OVER_TESTS]
@@ -211,10 +249,15 @@ def summary(scores: pd.DataFrame, headline: Mapping[str, int] | None = None) -> 
         best = valid.loc[valid["pearson"].idxmax()] if not valid.empty else at
         bad = per_test[(per_test["method"] == method) & (per_test["point"] == point)
                        & per_test["pearson"].isna()]
+        n_train = int(per_test.loc[(per_test["method"] == method)
+                                   & (per_test["point"] == point), "n"].max())
+        low, high = pearson_interval(float(at["pearson"]), n_train) or (np.nan, np.nan)
         rows.append({
             "method": method,
             "point": point,
             "pearson_mean": at["pearson"],
+            "pearson_low": low,
+            "pearson_high": high,
             "spearman_mean": at["spearman"],
             "pearson_all_cells": pooled.loc[(method, point), "pearson"],
             "undefined": ",".join(map(str, bad["test_set"])),

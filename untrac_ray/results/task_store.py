@@ -54,7 +54,8 @@ def task_settings(task: Any) -> dict[str, Any]:
 def _label(task: Any) -> str:
     """A readable part of a key: the task's kind and what it works on."""
     parts = [type(task).__name__.removesuffix("Task").lower()]
-    for name in ("method", "forget", "left_out", "seed", "weights", "dataset", "datasets"):
+    for name in ("method", "forget", "left_out", "subset", "seed", "weights", "dataset",
+                 "datasets"):
         value = getattr(task, name, None)
         if name == "left_out" and hasattr(task, "left_out"):
             value = value or "all"

@@ -2,9 +2,11 @@
 
 Built only from what the run has: how well its estimates of the same cells agree (UnTrac
 against UnTrac-Inv, an ensemble's seeds), and, when it has a ground truth (leave-dataset-out),
-each estimate's mean Pearson at its point fixed in advance with a 95% interval. The interval is
-Fisher's for one test set's correlation over the training sets (n = their number): with 4 to 8
-training sets it is wide, and the verdict says so rather than rounding a +0.9 up to "right".
+each estimate's mean Pearson at its point fixed in advance with a 95% interval; with LDS
+(retraining on random subsets), each estimate's LDS with its bootstrap interval and ceiling.
+The Pearson's interval is Fisher's for one test set's correlation over the training sets (n =
+their number): with 4 to 8 training sets it is wide, and the verdict says so rather than
+rounding a +0.9 up to "right".
 
 The wording follows what the benchmarks measured (docs/benchmarks.md): agreement below
 scoring.AGREEMENT_LOW went with inaccurate estimates, but agreement above it did not make them
@@ -14,12 +16,11 @@ no verdict claims more than that.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import pandas as pd
 
-from untrac_ray.results.scoring import AGREEMENT_LOW
+from untrac_ray.results.scoring import AGREEMENT_LOW, pearson_interval
 from untrac_ray.results.tables import method_title
 
 TRACKS = 0.5  # a lower bound above this: the estimate tracks retraining on this job
@@ -42,21 +43,31 @@ class Line(str):
         return line
 
 
-def pearson_interval(r: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
-    """The 95% interval of a Pearson correlation over n points (Fisher's z); None for n < 4."""
-    if n < 4 or r != r:
-        return None
-    center = math.atanh(max(min(r, 0.999999), -0.999999))
-    half = z / math.sqrt(n - 3)
-    return math.tanh(center - half), math.tanh(center + half)
-
-
 def _label(key: str) -> str:
     if key == "untrac_vs_untrac_inv":
         return "UnTrac and UnTrac-Inv"
     if key.endswith("_seeds"):
         return f"{method_title(key.removesuffix('_seeds'))}'s seeds"
     return key
+
+
+def _lds_line(r) -> Line | None:
+    """An estimate's linear datamodeling score with its interval and ceiling, and what it
+    means (results/lds.py); None when the run has no LDS."""
+    value = float(getattr(r, "lds", float("nan")))
+    if value != value:
+        return None
+    name, low, high = method_title(r.method), float(r.lds_low), float(r.lds_high)
+    top = float(r.lds_ceiling)
+    ceiling = f"; ceiling {top:+.2f} from the seed noise" if top == top else ""
+    if low > TRACKS:
+        call, warning = "predicts retraining on subsets of the training sets", False
+    elif value > TRACKS:
+        call, warning = "probably predicts retraining on subsets, but the interval is wide", True
+    else:
+        call, warning = "does not predict retraining on subsets here", True
+    return Line(f"{name}: LDS {value:+.2f}, 95% interval [{low:+.2f}, {high:+.2f}] over "
+                f"{int(r.lds_n)} retrained subsets{ceiling}: {call}", warning)
 
 
 def verdict(agreement: Mapping[str, float], summary: pd.DataFrame | None,
@@ -79,6 +90,11 @@ def verdict(agreement: Mapping[str, float], summary: pd.DataFrame | None,
     for r in summary.itertuples():
         name = method_title(r.method)
         value = float(r.pearson_mean)
+        lds = _lds_line(r)
+        if lds is not None:
+            lines.append(lds)
+            if value != value:  # scored by LDS alone (no leave-dataset-out in the job)
+                continue
         if value != value:
             lines.append(Line(f"{name}: no correlation with leave-dataset-out (constant)",
                               warning=True))

@@ -28,7 +28,7 @@ from untrac_ray.inputs.errors import InputError, ModelError
 from untrac_ray.inputs.model_folder import check_model_folder
 from untrac_ray.inputs.preflight import check_job
 from untrac_ray.inputs.spec import JobSpec
-from untrac_ray.inputs.spec_sections import GROUND_TRUTH
+from untrac_ray.inputs.spec_sections import GROUND_TRUTH, GROUND_TRUTHS
 from untrac_ray.inputs.tokenization import TokenizedSet, load_tokenizer, tokenized_dataset
 from untrac_ray.methods.tasks import BASE, init_weights_name
 from untrac_ray.results.runs import read_influence
@@ -130,8 +130,8 @@ def weight_sets(
     spec: JobSpec, data: PreparedData, model_dir: Path, methods: Collection[str] | None = None,
 ) -> tuple[dict[str, SharedWeights], list[dict]]:
     """Every weight set the tasks of `methods` (default: the spec's) start from: the base
-    model, TracIn's checkpoints and the initial weights of leave-dataset-out retraining (one
-    per seed), and the checkpoints."""
+    model, TracIn's checkpoints and the initial weights of retraining (leave-dataset-out and
+    LDS: one per seed), and the checkpoints."""
     weights = {BASE: load_shared_weights(model_dir, data)}
     checkpoints: list[dict] = []
     enabled = spec.methods.enabled() if methods is None else methods
@@ -141,8 +141,8 @@ def weight_sets(
             raise ModelError(f"methods.tracin: the model in {model_dir} has no checkpoints")
         for c in checkpoints:
             weights[f"ckpt/{c['step']}"] = load_shared_weights(Path(c["path"]), data)
-    if GROUND_TRUTH in enabled:
-        seeds = spec.methods.ldo.seeds or [spec.training.seed]
+    if set(GROUND_TRUTHS) & set(enabled):
+        seeds = spec.methods.retraining_seeds(spec.training.seed)
         if spec.pretraining is not None or spec.model.config is None:
             # from a pretrained stage or a model folder, the start does not depend on the seed
             start = SharedWeights.from_model(initial_model(spec, data.tokenizer, seeds[0]))

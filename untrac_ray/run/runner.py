@@ -22,6 +22,7 @@ from untrac_ray.methods.cells import average_members, influence_rows
 from untrac_ray.methods.plans import plan_methods
 from untrac_ray.methods.tasks import EkfacTask, EvalTask, LdoTask, TaskResult, UnlearnTask
 from untrac_ray.results import plots
+from untrac_ray.results.lds import lds_scores, lds_summary, with_lds
 from untrac_ray.results.runs import find_resumable_run
 from untrac_ray.results.scoring import (
     agreement,
@@ -62,6 +63,8 @@ class JobOutcome:
     extras: dict = field(default_factory=dict)
     restored: tuple[int, int] | None = None  # a resumed run: (tasks restored, tasks in all)
     agreement: dict[str, float] = field(default_factory=dict)  # scoring.agreement, ensembles
+    lds_scores: pd.DataFrame | None = None  # results/lds.py: every method at every point
+    lds: pd.DataFrame | None = None  # its summary, LDO's own row included
 
 
 def find_run_to_resume(spec: JobSpec, uri: str, resume: Resume, reporter: Reporter
@@ -262,12 +265,34 @@ def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> 
     truth = session.truth
     if truth is None and "ldo" in enabled:
         truth = truth_matrix(table)
-    if truth is not None and spec.methods.estimates():
-        outcome.scores = score_table(table, truth, spec.data.test_groups())
-        outcome.score_summary = summary(outcome.scores, headline)
-        run.log_scores(outcome.scores, outcome.score_summary)
+    score(spec, run, outcome, truth, headline, train)
     log_figures(run, table, truth, outcome.score_summary, train, test)
     return outcome
+
+
+def score(spec: JobSpec, run: JobRun, outcome: JobOutcome, truth: pd.DataFrame | None,
+          headline: dict[str, int], train: list[str]) -> None:
+    """Every estimate against the ground truths the job has: the Pearson and Spearman with
+    leave-dataset-out (`truth`), and the LDS over the retrained subsets (results/lds.py);
+    one summary of both, logged, in outcome.score_summary."""
+    groups = spec.data.test_groups()
+    table, estimates = outcome.table, spec.methods.estimates()
+    found = None
+    if truth is not None and estimates:
+        outcome.scores = score_table(table, truth, groups)
+        found = summary(outcome.scores, headline)
+    if "lds_subsets" in outcome.extras and (estimates or "ldo" in table["method"].values):
+        subsets = pd.DataFrame(outcome.extras["lds_subsets"])
+        run.log_table(subsets, "lds_subsets")
+        outcome.lds_scores = lds_scores(table, subsets, train, groups)
+        outcome.lds = lds_summary(table, subsets, train, headline, groups,
+                                  spec.methods.lds.bootstrap)
+        run.log_lds(outcome.lds_scores, outcome.lds)
+        if estimates:
+            found = with_lds(found, outcome.lds)
+    if found is not None:
+        outcome.score_summary = found
+        run.log_scores(outcome.scores, found)
 
 
 def _pool(engine) -> str:
