@@ -183,7 +183,11 @@ def logits_and_labels(
 
 def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     """Per row: the sum of token cross-entropies over labelled tokens, and their count."""
-    logits, labels = logits_and_labels(model, batch)
+    return row_cross_entropy(*logits_and_labels(model, batch))
+
+
+def row_cross_entropy(logits: torch.Tensor, labels: torch.Tensor):
+    """token_losses from logits and the labels they predict (logits_and_labels')."""
     losses = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(),
         labels.reshape(-1),

@@ -1,33 +1,49 @@
 """The unlearning loop: gradient ascent on one dataset, with a callback at evaluation steps.
 
-`unlearn` is the loop; `ascent_step` one step of it (with the retain term, `Retain`, when the
-spec asks for one). The optimizers and batch orders it shares with training are optim.py's.
+`unlearn` is the loop; `ascent_step` one step of it: the ascent (the paper's, or NPO's
+weighted one, `Npo`) and, when the spec asks for them, the terms on the kept sets (`Retain`:
+their loss, and the KL divergence from the base model). The optimizers and batch orders it
+shares with training are optim.py's.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 
-from untrac_ray.compute.modeling import label_count, token_loss_sum
+from untrac_ray.compute.modeling import (
+    label_count,
+    logits_and_labels,
+    row_cross_entropy,
+    token_losses,
+)
 from untrac_ray.compute.optim import batch_schedule, make_optimizer, seed_dropout
 from untrac_ray.inputs.errors import NonFiniteLossError
 from untrac_ray.inputs.spec_methods import UnlearnSpec
-from untrac_ray.inputs.tokenization import TokenizedSet
+from untrac_ray.inputs.tokenization import IGNORE_INDEX, TokenizedSet
 
 
 class Retain:
-    """The kept sets an ascent step also descends on (the retain term), and how much.
+    """The kept sets an ascent step also trains on (the retain term and the KL term), and how
+    much.
 
     Each step draws `batch_size` rows uniformly from all kept sets together, from its own
-    seeded stream (the unlearned set's batch order is the same with or without it)."""
+    seeded stream (the unlearned set's batch order is the same with or without it). On that
+    batch the step lowers `weight` x their mean token loss and `kl_weight` x the mean over
+    their tokens of KL(base model || model), the base model being `reference` (a frozen copy
+    taken before the first step)."""
 
     def __init__(self, sets: list[TokenizedSet], weight: float, batch_size: int,
-                 seed: int) -> None:
+                 seed: int, kl_weight: float = 0.0,
+                 reference: torch.nn.Module | None = None) -> None:
         self.sets, self.weight, self.batch_size = sets, weight, batch_size
+        self.kl_weight, self.reference = kl_weight, reference
+        if kl_weight > 0 and reference is None:
+            raise ValueError("the KL term needs the base model (reference)")
         self.offsets = np.cumsum([0, *(len(s) for s in sets)])
         self.rng = np.random.default_rng([seed, 1])
 
@@ -43,22 +59,88 @@ class Retain:
         return out
 
 
-def _backward_mean_loss(model: torch.nn.Module, parts: list[tuple[TokenizedSet, np.ndarray]],
-                        micro_batch_size: int | None, scale: float,
-                        device: torch.device | str) -> float:
-    """Backpropagate `scale` x the mean token loss over all rows of `parts` (in micro-batches);
-    returns that mean loss."""
+class Npo:
+    """Negative preference optimization's weights (arXiv 2404.05868). NPO minimizes
+    (2/beta) * mean over rows of log(1 + (p(row) / p_base(row))^beta), p a row's likelihood
+    (its summed token loss l: p = exp(-l)); its gradient is gradient ascent on each row's
+    summed loss weighted by w = 2 * sigmoid(-beta * (l - l_base)): 1 at the base model, and
+    falling toward 0 as the row is forgotten, so the ascent slows instead of diverging.
+
+    The step ascends sum(w * l) / tokens: NPO's gradient scaled by rows / tokens, so that at
+    the first step (and for beta -> 0) it is exactly the paper's ascent on the mean token
+    loss, at the same learning rate. l_base: each row's summed loss under the base model,
+    in eval mode, taken once before the first step."""
+
+    def __init__(self, model: torch.nn.Module, data: TokenizedSet, beta: float,
+                 batch_size: int, device: torch.device | str) -> None:
+        self.beta = beta
+        was_training = model.training
+        model.eval()
+        sums = []
+        with torch.no_grad():
+            for start in range(0, len(data), batch_size):
+                rows = np.arange(start, min(start + batch_size, len(data)))
+                sums.append(token_losses(model, data.batch(rows, device))[0].float())
+        model.train(was_training)
+        self.base = torch.cat(sums)
+
+    def weights(self, sums: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """w for each row of a batch (`sums`: their summed losses now; no gradient)."""
+        base = self.base[torch.as_tensor(rows)].to(sums.device)
+        return 2 * torch.sigmoid(-self.beta * (sums.detach().float() - base))
+
+
+def _micro_batches(parts: list[tuple[TokenizedSet, np.ndarray]], micro_batch_size: int | None,
+                   device: torch.device | str) -> tuple[list[tuple], int]:
+    """The micro-batches of `parts` as (rows, batch), and how many tokens they have in all."""
     batches = []
     for data, rows in parts:
         micro = micro_batch_size or len(rows)
-        batches += [data.batch(rows[i : i + micro], device) for i in range(0, len(rows), micro)]
-    n_tokens = max(sum(label_count(b) for b in batches), 1)
+        batches += [(rows[i : i + micro], data.batch(rows[i : i + micro], device))
+                    for i in range(0, len(rows), micro)]
+    return batches, max(sum(label_count(b) for _, b in batches), 1)
+
+
+def _backward_forget(model: torch.nn.Module, data: TokenizedSet, rows: np.ndarray,
+                     micro_batch_size: int | None, device: torch.device | str,
+                     npo: Npo | None = None) -> float:
+    """Backpropagate minus the mean token loss of `rows` (with `npo`: each row's summed loss
+    weighted by NPO's weight), in micro-batches; returns that mean token loss."""
+    batches, n_tokens = _micro_batches([(data, rows)], micro_batch_size, device)
     total = 0.0
-    for batch in batches:
-        loss_sum, _ = token_loss_sum(model, batch)
-        (scale * loss_sum / n_tokens).backward()
-        total += float(loss_sum.detach())
+    for chunk, batch in batches:
+        sums, _ = token_losses(model, batch)
+        weighted = (npo.weights(sums, chunk) * sums).sum() if npo is not None else sums.sum()
+        (-weighted / n_tokens).backward()
+        total += float(sums.detach().sum())
     return total / n_tokens
+
+
+def kl_from_reference(logits: torch.Tensor, reference_logits: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
+    """The sum over labelled tokens of KL(reference || model) between next-token
+    distributions (float32)."""
+    ref = torch.log_softmax(reference_logits.float(), dim=-1)
+    mine = torch.log_softmax(logits.float(), dim=-1)
+    per_token = (ref.exp() * (ref - mine)).sum(dim=-1)
+    return per_token[labels != IGNORE_INDEX].sum()
+
+
+def _backward_kept(model: torch.nn.Module, retain: Retain, micro_batch_size: int | None,
+                   device: torch.device | str) -> None:
+    """Backpropagate the kept terms on the next retain batch: weight x their mean token loss
+    plus kl_weight x their mean KL from the base model."""
+    batches, n_tokens = _micro_batches(retain.draw(), micro_batch_size, device)
+    for _, batch in batches:
+        logits, labels = logits_and_labels(model, batch)
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if retain.weight > 0:
+            loss = loss + retain.weight * row_cross_entropy(logits, labels)[0].sum()
+        if retain.kl_weight > 0:
+            with torch.no_grad():
+                reference_logits, _ = logits_and_labels(retain.reference, batch)
+            loss = loss + retain.kl_weight * kl_from_reference(logits, reference_logits, labels)
+        (loss / n_tokens).backward()
 
 
 def ascent_step(
@@ -70,13 +152,15 @@ def ascent_step(
     max_grad_norm: float | None,
     device: torch.device | str,
     retain: Retain | None = None,
+    npo: Npo | None = None,
 ) -> float:
-    """One optimizer step that *raises* the mean token loss of `rows` (and, with `retain`,
-    lowers that of a batch of the kept sets, weighted); returns the raised loss."""
+    """One optimizer step that *raises* the mean token loss of `rows` (NPO-weighted with
+    `npo`) and, with `retain`, lowers the kept terms on a batch of the kept sets; returns the
+    raised loss."""
     optimizer.zero_grad(set_to_none=True)
-    loss = _backward_mean_loss(model, [(data, rows)], micro_batch_size, -1.0, device)
-    if retain is not None and retain.weight > 0:
-        _backward_mean_loss(model, retain.draw(), micro_batch_size, retain.weight, device)
+    loss = _backward_forget(model, data, rows, micro_batch_size, device, npo)
+    if retain is not None and (retain.weight > 0 or retain.kl_weight > 0):
+        _backward_kept(model, retain, micro_batch_size, device)
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
@@ -116,11 +200,12 @@ def unlearn(
     """Gradient ascent on `data` for the settings' steps; calls on_eval(step) after each step
     in eval_steps (from schedule.eval_schedules). Returns the last step taken.
 
-    With `retain` (the kept sets) and settings.retain_weight, each step also descends on a
-    batch of them. With `stop`, the run ends after the first step for which stop(step) is
-    true, which is then evaluated (the stopping rule by loss rise). `rank`: this process's
-    rank in a gang (its dropout masks are its own: optim.seed_dropout).
-    Raises NonFiniteLossError naming the dataset and step when the loss stops being finite.
+    With `retain` (the kept sets) and settings.retain_weight or kl_weight, each step also
+    trains on a batch of them (Retain); settings.objective npo weighs the ascent (Npo). With
+    `stop`, the run ends after the first step for which stop(step) is true, which is then
+    evaluated (the stopping rule by loss rise). `rank`: this process's rank in a gang (its
+    dropout masks are its own: optim.seed_dropout). Raises NonFiniteLossError naming the
+    dataset and step when the loss stops being finite.
     """
     seed_dropout(settings.seed, rank)
     total = settings.total_steps(len(data))
@@ -128,15 +213,23 @@ def unlearn(
     optimizer = make_optimizer(settings.optimizer, model.parameters(), settings.learning_rate,
                                seed=settings.seed)
     kept = None
-    if retain and settings.retain_weight > 0:
+    if retain and (settings.retain_weight > 0 or settings.kl_weight > 0):
+        reference = None
+        if settings.kl_weight > 0:  # the base model, frozen: a second copy of the weights
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
         kept = Retain(retain, settings.retain_weight,
-                      settings.retain_batch_size or settings.batch_size, settings.seed)
+                      settings.retain_batch_size or settings.batch_size, settings.seed,
+                      settings.kl_weight, reference)
+    npo = None
+    if settings.objective == "npo":
+        npo = Npo(model, data, settings.npo_beta,
+                  settings.micro_batch_size or settings.batch_size, device)
     model.train()
     schedule = batch_schedule(len(data), settings.batch_size, total, settings.seed)
     step = 0
     for step, rows in enumerate(schedule, start=1):
         loss = ascent_step(model, optimizer, data, rows, settings.micro_batch_size,
-                           settings.max_grad_norm, device, kept)
+                           settings.max_grad_norm, device, kept, npo)
         check_ascent_loss(loss, data.name, step)
         if step in eval_steps:
             on_eval(step)

@@ -59,12 +59,19 @@ class JobSpec(StrictModel):
             for method in ("untrac", "untrac_inv"):
                 u = self.methods.enabled().get(method)
                 for name, plain in (("retain_weight", 0.0), ("stop_loss_rise", None),
-                                    ("ensemble", 1)):
+                                    ("ensemble", 1), ("objective", "ascent"),
+                                    ("kl_weight", 0.0)):
                     if u is not None and getattr(u, name) != plain:
                         raise ValueError(f"methods.{method}.{name}: `tune` runs the paper's "
                                          "unlearning only; run this variant with `run`")
+            if self.search.objective.function is None and (
+                    self.search.objective.metric == "lds") and self.methods.lds is None:
+                raise ValueError("search.objective.metric: lds scores against retraining on "
+                                 "random subsets; add methods.lds (computed once before the "
+                                 "trials)")
             if self.search.objective.function is None and not (
                 self.ground_truth or "ldo" in self.methods.enabled()
+                or self.search.objective.metric == "lds"
             ):
                 raise ValueError(
                     f"search.objective: {self.search.objective.metric} scores against the "
@@ -127,6 +134,10 @@ class JobSpec(StrictModel):
                 raise ValueError(f"methods.{method}.optimizer: {settings.optimizer} cannot "
                                  f"update sharded parameters ({gang}); use "
                                  f"{' or '.join(SHARDED_UNLEARNING)}")
+            if settings is not None and (settings.objective != "ascent" or settings.kl_weight):
+                raise ValueError(f"methods.{method}: NPO and the KL term need the base model's "
+                                 f"losses or logits beside a sharded one ({gang}); run them with "
+                                 "actors_per_task: 1")
         if self.search is not None:
             raise ValueError(f"search: trials run without gangs; a job with {gang} has no "
                              "search (use actors_per_task: 1 for `tune`)")

@@ -61,6 +61,16 @@ class UnlearnSpec(StrictModel):
     stop_check_every: int = Field(
         1, gt=0, description="steps between checks of the stopping rule (each evaluates the "
         "unlearned set's evaluation rows)")
+    objective: Literal["ascent", "npo"] = Field(
+        "ascent", description="what each step does to the unlearned set: ascent (the "
+        "paper's gradient ascent on its mean token loss) or npo (negative preference "
+        "optimization, arXiv 2404.05868: each row's ascent weighted by 2*sigmoid(-beta * its "
+        "summed loss rise over the base model's), which slows as the row is forgotten)")
+    npo_beta: float = Field(0.1, gt=0, description="NPO's beta (objective: npo)")
+    kl_weight: float = Field(
+        0.0, ge=0, description="each step also lowers the KL divergence from the base "
+        "model's next-token distribution to the model's on a batch of the kept sets (as "
+        "retain_weight's), weighted by this; keeps a frozen copy of the base model")
     ensemble: int = Field(
         1, ge=1, description="unlearn each set with this many seeds (seed, seed+1, ...: batch "
         "orders and dropout) and average the cells; costs that many times the compute")

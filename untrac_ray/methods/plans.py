@@ -56,9 +56,11 @@ def plan_unlearning(spec: JobSpec, method: str, train: list[str], test: list[str
         headline = headline_point(settings, len(next(iter(schedules.values()))))
     except ValueError as err:
         raise SpecError(f"methods.{method}.{err}") from None
-    kept = settings.retain_weight > 0
+    kept = settings.retain_weight > 0 or settings.kl_weight > 0
     if kept and len(forget) < 2:
-        raise SpecError(f"methods.{method}.retain_weight: the retain term descends on the other "
+        term, does = (("retain_weight", "the retain term descends on") if settings.retain_weight
+                      else ("kl_weight", "the KL term holds the base model's predictions on"))
+        raise SpecError(f"methods.{method}.{term}: {does} the other "
                         f"{'test' if inverse else 'training'} sets, and there is only one")
     # an ensemble: the same unlearning under seeds seed, seed+1, ... (its cells averaged)
     members = [settings.model_copy(update={"seed": settings.seed + i})
