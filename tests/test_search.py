@@ -423,3 +423,33 @@ def test_a_trial_that_reported_its_last_round_is_finished_with_or_without_tunes_
     assert result_status({"round": 1, "rounds": 3}, None) == "pending"  # cut off: runs again
     assert result_status({}, None) == "pending"
     assert result_status(last, "ValueError: boom") == "failed"
+
+
+def test_a_search_can_maximise_the_lds_computed_once_before_the_trials(tmp_path, ray_cluster):
+    """objective metric lds: the subsets are retrained once by the driver (stored in the
+    parent run), and each trial's objective is the LDS of its cells against them."""
+    from untrac_ray.results.lds import lds_scores
+    from untrac_ray.results.runs import read_run_table
+    from untrac_ray.results.scoring import MEAN_OVER_TESTS
+
+    with pytest.raises(SpecError, match="lds scores against retraining on random subsets"):
+        parse_spec(merge(tiny_spec(tmp_path), {"search": {
+            "space": {"untrac.learning_rate": [1e-3]}, "objective": {"metric": "lds"}}}),
+            base_dir=tmp_path)
+    spec = merge(tiny_spec(tmp_path), {
+        "methods": {"untrac_inv": None, "lds": {"subsets": 6, "noise_subsets": 0}},
+        "search": {"algorithm": "grid", "space": {"untrac.learning_rate": [1e-3, 1e-2]},
+                   "objective": {"metric": "lds"}},
+    })
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    outcome = run_search(load_spec(_write(tmp_path, spec)), uri)
+    assert len(outcome.trials) == 2 and set(outcome.trials.status) == {"completed"}
+    assert outcome.ground_truth_tasks == 6
+    subsets = read_run_table(outcome.parent_run_id, uri, "lds_subsets")
+    assert len(subsets) == 6 * len(TEST)
+    for child in _children(uri, outcome.parent_run_id):
+        table = read_influence(child.info.run_id, uri)
+        last = table[table["point"] == table["point"].max()]
+        scores = lds_scores(last, subsets, TRAIN)
+        want = float(scores.loc[scores["test_set"] == MEAN_OVER_TESTS, "lds"].iloc[0])
+        assert child.data.metrics["objective"] == pytest.approx(want)

@@ -68,9 +68,10 @@ class SearchDomain(StrictModel):
 class ObjectiveSpec(StrictModel):
     """What a trial is scored by, at every evaluation step of the unlearning trajectory."""
 
-    metric: Literal["pearson_mean", "spearman_mean", "pearson_all", "spearman_all"] = Field(
-        "pearson_mean", description="correlation with the ground truth: mean over test sets, "
-        "or pooled over all cells",
+    metric: Literal["pearson_mean", "spearman_mean", "pearson_all", "spearman_all",
+                    "lds"] = Field(
+        "pearson_mean", description="correlation with leave-dataset-out: mean over test sets, "
+        "or pooled over all cells; or lds: the linear datamodeling score (methods.lds)",
     )
     function: str | None = Field(
         None, description="a user metric instead: 'package.module:function' or "

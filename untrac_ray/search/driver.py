@@ -38,7 +38,7 @@ from untrac_ray.inputs.loading import absolute_sqlite_uri
 from untrac_ray.inputs.redaction import has_secret, learn, redact, split_credentials
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import GROUND_TRUTH, GroundTruthSpec
-from untrac_ray.methods.plans import plan_ldo
+from untrac_ray.methods.plans import plan_ldo, plan_lds
 from untrac_ray.methods.tasks import BASE, EvalTask
 from untrac_ray.results.scoring import truth_matrix
 from untrac_ray.results.tables import influence_table
@@ -168,17 +168,21 @@ def run_search(
 
     methods = scored_methods(spec)
     compute_truth = spec.ground_truth is None and GROUND_TRUTH in spec.methods.enabled()
+    compute_lds = "lds" in spec.methods.enabled()
+    retrained = [GROUND_TRUTH] * compute_truth + ["lds"] * compute_lds
     resumed_run = None
     if previous is not None:
         resumed_run = (previous["parent_run_id"], previous.get("fingerprints", {}))
     with open_session(spec, address=address, reporter=reporter, uri=uri,
                       spec_key=results_key(spec), resume=resumed_run,
-                      methods=[GROUND_TRUTH] if compute_truth else []) as session:
+                      methods=retrained) as session:
         _check_fits(spec)
         data = session.data
         base_tasks = [EvalTask((n,)) for n in dict.fromkeys(data.train + data.test)]
         ldo_plan = plan_ldo(spec, data.train, data.test) if compute_truth else None
+        lds_plan = plan_lds(spec, data.train, data.test) if compute_lds else None
         ldo_tasks = ldo_plan.tasks if ldo_plan is not None else []
+        lds_tasks = lds_plan.tasks if lds_plan is not None else []
         with SearchRun(spec, uri, tags, run_id=previous and previous["parent_run_id"],
                        name=name) as run:
             run.set_tag("search", name)
@@ -189,7 +193,7 @@ def run_search(
             # The driver's own tasks (base losses, LDO once), stored in the parent run as they
             # finish: a resumed search restores them, like a resumed `run`.
             store = session.task_store(run)
-            driver_tasks = [*base_tasks, *ldo_tasks]
+            driver_tasks = [*base_tasks, *ldo_tasks, *lds_tasks]
             restored = store.restore(driver_tasks)
             if previous is not None:
                 reporter.stage(f"restored {len(restored)} of {len(driver_tasks)} tasks of the "
@@ -198,7 +202,9 @@ def run_search(
             if len(restored) < len(driver_tasks):
                 reporter.stage(f"base losses of {len(base_tasks)} sets"
                                + (f" and leave-dataset-out, {len(ldo_tasks)} trainings (once "
-                                  "for the search)" if ldo_tasks else ""))
+                                  "for the search)" if ldo_tasks else "")
+                               + (f" and LDS, {len(lds_tasks)} trainings on subsets"
+                                  if lds_tasks else ""))
             results, _ = run_tasks(session, store, driver_tasks, None, reporter.task_retried,
                                    restored=restored)
             base_losses = {}
@@ -206,11 +212,17 @@ def run_search(
                 base_losses.update(result.losses[0])
             truth = session.truth
             if ldo_plan is not None:
-                ldo = influence_table(ldo_plan.assemble(results[len(base_tasks):], {}),
-                                      data.train, data.test)
+                ldo = influence_table(ldo_plan.assemble(
+                    results[len(base_tasks):len(base_tasks) + len(ldo_tasks)], {}),
+                    data.train, data.test)
                 truth = truth_matrix(ldo)
                 run.log_table(ldo, "influence")  # the parent serves as a ground_truth run
                 run.log_table(pd.DataFrame(ldo_plan.extras["ldo_seeds"]), "ldo_seeds")
+            lds_subsets = None
+            if lds_plan is not None:
+                lds_plan.assemble(results[len(base_tasks) + len(ldo_tasks):], {})
+                lds_subsets = pd.DataFrame(lds_plan.extras["lds_subsets"])
+                run.log_table(lds_subsets, "lds_subsets")
             run.log_json(base_losses, "base_losses.json")
             if previous is None:
                 run.log_json({"space": {k: d.model_dump(exclude_none=True)
@@ -229,7 +241,7 @@ def run_search(
 
             ctx = TrialContext(spec, {BASE: session.weights[BASE]}, session.tables,
                                data.tokenizer.pad_token_id, session.indices, session.n_rows,
-                               data.train, data.test, base_losses, truth)
+                               data.train, data.test, base_losses, truth, lds_subsets)
             trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                             trial_resources(spec))
             logger = TrialLogger(run, spec, reporter, data.train, data.test, truth, name)
@@ -264,7 +276,7 @@ def run_search(
             finally:
                 LOGGERS.pop(name, None)
             outcome = _finish(run, spec, logger, grid, name, path, uri, truth, methods)
-            outcome.ground_truth_tasks = sum(  # LDO trainings this driver ran (not restored)
+            outcome.ground_truth_tasks = sum(  # LDO and LDS trainings it ran (not restored)
                 i not in restored for i in range(len(base_tasks), len(driver_tasks)))
             outcome.resumed = previous is not None
             run.interrupted = outcome.interrupted  # the parent run ends KILLED, not FINISHED

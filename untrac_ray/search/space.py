@@ -21,6 +21,7 @@ from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.inputs.spec_search import SearchSpec
 from untrac_ray.inputs.spec_sections import UNLEARNING_METHODS, GroundTruthSpec
 from untrac_ray.methods.cells import COLUMNS
+from untrac_ray.results.lds import lds_scores
 from untrac_ray.results.scoring import ALL_CELLS, MEAN_OVER_TESTS, score_table
 
 OBJECTIVE = "objective"
@@ -106,6 +107,8 @@ def job_with(spec: JobSpec, config: dict[str, Any], name: str | None = None,
     if ground_truth is not None and out.methods.ldo is not None:
         out.methods.ldo = None
         out.ground_truth = ground_truth
+    if out.methods.lds is not None and not out.methods.estimates():
+        out.methods.lds = None  # nothing left to score by it
     return JobSpec.model_validate(out.model_dump())
 
 
@@ -137,12 +140,18 @@ def load_objective(target: str) -> Callable[[pd.DataFrame, pd.DataFrame | None],
 
 
 def objective_of(table: pd.DataFrame, truth: pd.DataFrame | None, spec: JobSpec,
-                 metric_fn: Callable | None = None) -> tuple[float, dict[str, float]]:
+                 metric_fn: Callable | None = None, lds_subsets: pd.DataFrame | None = None,
+                 train: list[str] | None = None) -> tuple[float, dict[str, float]]:
     """The objective of one evaluation round: per method (its cells at one point), and their
-    mean (NaN when every method's is NaN)."""
+    mean (NaN when every method's is NaN). Metric lds scores against `lds_subsets` (the
+    search's retrained subsets, results/lds.py; `train`: the training sets)."""
     objective = spec.search.objective
     per_method: dict[str, float] = {}
-    if metric_fn is None:
+    if metric_fn is None and objective.metric == "lds":
+        scores = lds_scores(table, lds_subsets, train, spec.data.test_groups())
+        for method, part in scores[scores["test_set"] == MEAN_OVER_TESTS].groupby("method"):
+            per_method[str(method)] = float(part["lds"].iloc[-1])
+    elif metric_fn is None:
         where, stat = _SCORE_FIELD[objective.metric]
         scores = score_table(table, truth, spec.data.test_groups())
         for method, part in scores[scores["test_set"] == where].groupby("method"):

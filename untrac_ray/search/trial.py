@@ -52,6 +52,7 @@ class TrialContext:
     test: list[str]
     base_losses: dict[str, float]
     truth: pd.DataFrame | None
+    lds_subsets: pd.DataFrame | None = None  # the LDS's retrained subsets (objective lds)
 
 
 @dataclass
@@ -192,7 +193,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             # each method at its latest point (a method with fewer points keeps its last)
             table = influence_table([c for cells in latest.values() for c in cells],
                                     ctx.train, ctx.test)
-            now, per_method = objective_of(table, ctx.truth, spec, metric_fn)
+            now, per_method = objective_of(table, ctx.truth, spec, metric_fn, ctx.lds_subsets,
+                                           ctx.train)
             best = now if better(now, best, mode) or r == 0 else best
             value = best if spec.search.objective.step == "best" else now
             tune.report({
