@@ -19,6 +19,14 @@ The protocol:
    LDO cells each estimate signs right, its compute against one LDO retraining per set, the
    ground truth's SNR, and the targets of issue 15 (mean >= 0.8, std <= 0.1, above TracIn,
    GradCos and EK-FAC in every report draw, cost <= 1/5 of LDO) as PASS or what was missed.
+   With an LDS ground truth (``--lds-subsets M``, default 32; issue 27), every draw also
+   retrains the model on M random subsets of the training sets (with the draw's seed, and
+   ``--lds-noise`` of them again under another seed for the ceiling), every estimate and
+   variant gets its LDS (results/lds.py) with a bootstrap interval beside its Pearson with
+   Fisher's, the selection is by mean LDS (``--choose-by``), and ``report_lds`` prints issue
+   27's targets: an unlearning estimate's LDS at least EK-FAC's or within its interval of it
+   (by how much), at no more than 1/5 of LDO's cost; LDO Pearson >= 0.9 on B, the text
+   corpora and the harm mixture.
 4. **Trust signal.** Over every draw: the agreement of UnTrac with UnTrac-Inv (Pearson over the
    cells, ``scoring.agreement``) against their accuracy; whether low agreement predicts low
    accuracy (Spearman over the draws, and the mean accuracy below and above the threshold).
@@ -48,13 +56,16 @@ import yaml
 from untrac_ray.inputs.errors import UntracError
 from untrac_ray.inputs.loading import load_spec
 from untrac_ray.inputs.spec import JobSpec
+from untrac_ray.inputs.spec_methods import LdsSpec
 from untrac_ray.inputs.spec_sections import GroundTruthSpec
+from untrac_ray.results.lds import lds_summary
 from untrac_ray.results.scoring import (
     AGREEMENT_LOW,
     MEAN_OVER_TESTS,
     cells_at,
     ground_truth_noise,
     largest_cells,
+    pearson_interval,
     score_table,
     signs_right,
     spearman,
@@ -75,8 +86,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/accuracy.py
 import accuracy  # noqa: E402
 
 ROW_COLUMNS = ["job", "pretrain_seed", "seed", "phase", "method", "variant", "pearson",
-               "seconds", "ldo_seconds", "ldo_n", "snr_mean", "agreement", "signs_right",
-               "signs_total"]
+               "pearson_low", "pearson_high", "lds", "lds_low", "lds_high", "lds_ceiling",
+               "ldo_lds", "lds_seconds", "seconds", "ldo_seconds", "ldo_n", "snr_mean",
+               "agreement", "signs_right", "signs_total"]
 
 
 def pretrained_with(spec: JobSpec, pretrain_seed: int) -> JobSpec:
@@ -96,9 +108,14 @@ def estimate_at(table: pd.DataFrame, method: str) -> pd.DataFrame:
 
 
 def method_rows(table: pd.DataFrame, truth: pd.DataFrame, floor: pd.DataFrame,
-                groups: dict[str, str], methods: list[str]) -> dict[str, dict[str, float]]:
+                groups: dict[str, str], methods: list[str],
+                subsets: pd.DataFrame | None = None) -> dict[str, dict[str, float]]:
     """Per method: its mean Pearson (over test sets, subsets averaged first) at its last
-    point, and how many of the largest ground-truth cells it gives the right sign."""
+    point with Fisher's interval, how many of the largest ground-truth cells it gives the
+    right sign, and (with the draw's LDS `subsets`) its LDS there with the bootstrap
+    interval and the ceiling."""
+    lds = (lds_summary(table, subsets, list(truth.index), groups=groups).set_index("method")
+           if subsets is not None else None)
     scores = score_table(table, truth, groups)
     mean = scores[scores["test_set"] == MEAN_OVER_TESTS]
     last = mean.groupby("method")["point"].transform("max")
@@ -109,8 +126,15 @@ def method_rows(table: pd.DataFrame, truth: pd.DataFrame, floor: pd.DataFrame,
         if method not in pearson.index:
             continue
         right, total = signs_right(estimate_at(table, method), truth, cells)
-        out[method] = {"pearson": float(pearson[method]), "signs_right": right,
-                       "signs_total": total}
+        low, high = pearson_interval(float(pearson[method]), len(truth.index)) or (np.nan,
+                                                                                  np.nan)
+        out[method] = {"pearson": float(pearson[method]), "pearson_low": low,
+                       "pearson_high": high, "signs_right": right, "signs_total": total}
+        if lds is not None:
+            out[method].update({k: float(lds.loc[method, k]) for k in
+                                ("lds", "lds_low", "lds_high", "lds_ceiling")})
+            if "ldo" in lds.index:
+                out[method]["ldo_lds"] = float(lds.loc["ldo", "lds"])
     return out
 
 
@@ -127,13 +151,19 @@ def truth_and_floor(ldo_seeds: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
 
 
 def run_paper(spec: JobSpec, seed: int, uri: str, ldo_seeds: int | None,
-              baselines: bool) -> tuple[accuracy.SeedResult, pd.DataFrame, pd.DataFrame]:
+              baselines: bool, lds: tuple[int, int] = (0, 0)
+              ) -> tuple[accuracy.SeedResult, pd.DataFrame, pd.DataFrame]:
     """The paper's UnTrac and UnTrac-Inv with LDO (the ground truth) on one draw, and the
-    baselines when `baselines` (only the report seeds need them)."""
+    baselines when `baselines` (only the report seeds need them). `lds`: (subsets, noise
+    subsets) of the draw's LDS ground truth, retrained with the draw's seed on subsets drawn
+    with it (0 subsets: none)."""
     s = spec.model_copy(deep=True)
     if not baselines:
         for method in OPPONENTS + ("graddot",):
             setattr(s.methods, method, None)
+    if lds[0]:
+        s.methods.lds = LdsSpec(subsets=lds[0], noise_subsets=lds[1], seeds=[seed],
+                                sample_seed=seed)
     result = accuracy.run_seed(s, seed, uri, ldo_seeds)
     truth, floor = truth_and_floor(result.ldo_seeds)
     return result, truth, floor
@@ -166,7 +196,7 @@ def seconds_of(seconds: dict[str, float], method: str) -> float:
 
 def run_draws(job: Path, pretrain_seeds: list[int], seeds: list[int], phase: str,
               variants: dict[str, dict], uri: str, ldo_seeds: int | None,
-              out: Path | None) -> list[dict]:
+              out: Path | None, lds: tuple[int, int] = (0, 0)) -> list[dict]:
     """Every draw of one job in one phase: the paper's run, then each variant; one row per
     (method, variant), appended to `out` as soon as a draw is done."""
     base = load_spec(job)
@@ -178,10 +208,14 @@ def run_draws(job: Path, pretrain_seeds: list[int], seeds: list[int], phase: str
         for seed in seeds:
             print(f"[{time.strftime('%H:%M:%S')}] {base.name} pretraining {p} seed {seed} "
                   f"({phase})", file=sys.stderr, flush=True)
-            result, truth, floor = run_paper(spec, seed, uri, ldo_seeds, phase == "report")
+            result, truth, floor = run_paper(spec, seed, uri, ldo_seeds, phase == "report",
+                                             lds)
             noise = ground_truth_noise(result.ldo_seeds)
+            subsets = (pd.DataFrame(result.outcome.extras["lds_subsets"])
+                       if "lds_subsets" in result.outcome.extras else None)
             common = {"job": base.name, "pretrain_seed": p, "seed": seed, "phase": phase,
                       "ldo_seconds": seconds_of(result.outcome.seconds_by_method, "ldo"),
+                      "lds_seconds": seconds_of(result.outcome.seconds_by_method, "lds"),
                       "ldo_n": noise["n"], "snr_mean": noise["snr_mean"],
                       "agreement": result.outcome.agreement.get("untrac_vs_untrac_inv",
                                                                 np.nan)}
@@ -189,7 +223,8 @@ def run_draws(job: Path, pretrain_seeds: list[int], seeds: list[int], phase: str
             methods = sorted(set(table["method"]) - {"ldo"})
             draw_rows = [{**common, "method": m, "variant": PAPER, **v,
                           "seconds": seconds_of(result.outcome.seconds_by_method, m)}
-                         for m, v in method_rows(table, truth, floor, groups, methods).items()]
+                         for m, v in method_rows(table, truth, floor, groups, methods,
+                                                 subsets).items()]
             for name, settings in variants.items():
                 try:
                     vtable, secs = run_variant(spec, seed, result.outcome.run_id, settings,
@@ -197,7 +232,7 @@ def run_draws(job: Path, pretrain_seeds: list[int], seeds: list[int], phase: str
                 except UntracError as err:  # e.g. a retain term with one test set
                     print(f"{base.name}: variant {name} skipped: {err}", file=sys.stderr)
                     continue
-                got = method_rows(vtable, truth, floor, groups, list(OURS))
+                got = method_rows(vtable, truth, floor, groups, list(OURS), subsets)
                 draw_rows += [{**common, "method": m, "variant": name, **v,
                                "seconds": seconds_of(secs, m)} for m, v in got.items()]
             rows += draw_rows
@@ -207,11 +242,11 @@ def run_draws(job: Path, pretrain_seeds: list[int], seeds: list[int], phase: str
     return rows
 
 
-def choose(rows: pd.DataFrame, seeds: list[int]) -> dict[str, str]:
-    """Per method, the variant with the best mean Pearson over `seeds` (all jobs and
-    pretraining draws pooled)."""
+def choose(rows: pd.DataFrame, seeds: list[int], by: str = "pearson") -> dict[str, str]:
+    """Per method, the variant with the best mean score `by` (pearson, or lds) over `seeds`
+    (all jobs and pretraining draws pooled)."""
     part = rows[rows["seed"].isin(seeds) & rows["method"].isin(OURS)]
-    means = part.groupby(["method", "variant"])["pearson"].mean()
+    means = part.groupby(["method", "variant"])[by].mean()
     return {m: str(means.loc[m].idxmax()) for m in OURS if m in means.index.get_level_values(0)}
 
 
@@ -279,6 +314,55 @@ def report(rows: pd.DataFrame, seeds: list[int], chosen: dict[str, str],
               "the jobs run it, and against one (LDO1))")
 
 
+LDS_JOBS_PEARSON = ("synthetic_b", "text_corpora", "harm_mixture")  # issue 27: Pearson >= 0.9
+
+
+def report_lds(rows: pd.DataFrame, seeds: list[int], chosen: dict[str, str],
+               ldo_retrainings: int = LDO_RETRAININGS) -> None:
+    """Issue 27's report per job on the report draws: each estimate's LDS (mean over the
+    draws, with the mean of the draws' bootstrap intervals) and its LDO Pearson (with the
+    mean of Fisher's intervals), cost against LDO, and the targets: an unlearning estimate's
+    LDS at least EK-FAC's or within its interval of it (by how much), at no more than 1/5 of
+    LDO's cost; a mean LDO Pearson of at least 0.9 on B, the text corpora and the harm
+    mixture."""
+    part = rows[rows["seed"].isin(seeds) & rows["lds"].notna()]
+    for job, jrows in part.groupby("job", sort=False):
+        draws = jrows.drop_duplicates(["pretrain_seed", "seed"])
+        ldo_one = float((draws["ldo_seconds"] / draws["ldo_n"]).mean())
+        print(f"\n=== {job} (LDS): {len(draws)} report draws; LDS ceiling from the seed noise "
+              f"{draws['lds_ceiling'].mean():+.2f}, LDO's own cells {draws['ldo_lds'].mean():+.2f}"
+              f"; LDS ground truth {draws['lds_seconds'].mean() / ldo_one:.1f} LDO1 ===")
+        print(f"{'estimate':<30}{'LDS':>7}  {'interval':<16}{'pearson':>8}  {'interval':<16}"
+              f"{'cost/LDO':>9}  targets")
+        ekfac = jrows[jrows["method"] == "ekfac"]["lds"].mean()
+        for (method, variant), r in jrows.groupby(["method", "variant"], sort=False):
+            lds, low, high = r["lds"].mean(), r["lds_low"].mean(), r["lds_high"].mean()
+            pear, plow, phigh = (r["pearson"].mean(), r["pearson_low"].mean(),
+                                 r["pearson_high"].mean())
+            cost = r["seconds"].mean() / ldo_one / ldo_retrainings if ldo_one else np.nan
+            label = method if variant == PAPER else f"{method} + {variant}"
+            if chosen.get(method) == variant and variant != PAPER:
+                label += " *"
+            verdict = ""
+            if method in OURS:
+                missed = []
+                if ekfac == ekfac and not (lds >= ekfac or high >= ekfac):
+                    missed.append(f"LDS {lds - ekfac:+.2f} below EK-FAC's, beyond the interval")
+                if not cost <= COST_TARGET:
+                    missed.append("cost")
+                if job in LDS_JOBS_PEARSON and not pear >= 0.9:
+                    missed.append(f"pearson {pear:+.2f} < 0.9")
+                verdict = "PASS" if not missed else "MISS (" + "; ".join(missed) + ")"
+                if ekfac == ekfac:
+                    verdict += f" [vs EK-FAC {lds - ekfac:+.2f}]"
+            print(f"{label:<30}{lds:+7.2f}  [{low:+.2f}, {high:+.2f}]  {pear:+8.2f}  "
+                  f"[{plow:+.2f}, {phigh:+.2f}]  {cost:9.3f}  {verdict}")
+    print("(* chosen on the selection seeds. LDS: the mean over the report draws of the mean "
+          "over test sets of the Spearman over the retrained subsets; interval: the mean of "
+          "each draw's bootstrap 95% interval. pearson: with leave-dataset-out, and the mean "
+          "of Fisher's 95% intervals over the training sets)")
+
+
 def trust(rows: pd.DataFrame) -> None:
     """Does low agreement of UnTrac with UnTrac-Inv predict low accuracy?"""
     paper = rows[(rows["variant"] == PAPER) & rows["method"].isin(OURS)]
@@ -316,6 +400,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="the variants run on the report seeds: all of them beside the "
                         "chosen one (default), or the chosen one only (cheaper)")
     parser.add_argument("--ldo-seeds", type=int, default=None)
+    parser.add_argument("--lds-subsets", type=int, default=32,
+                        help="subsets of each draw's LDS ground truth (0: no LDS)")
+    parser.add_argument("--lds-noise", type=int, default=4,
+                        help="of them, retrained again under another seed (the ceiling)")
+    parser.add_argument("--choose-by", choices=["lds", "pearson"], default="lds")
     parser.add_argument("--rows", type=Path, default=None,
                         help="append every draw's rows to this CSV as it finishes")
     parser.add_argument("--from-rows", type=Path, nargs="+", default=None,
@@ -330,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
         table = pd.concat([pd.read_csv(f) for f in args.from_rows], ignore_index=True)
         chosen = dict(c.split("=", 1) for c in args.chosen or [])
         report(table[table["phase"] == "report"], args.report_seeds, chosen)
+        if "lds" in table.columns:
+            report_lds(table[table["phase"] == "report"], args.report_seeds, chosen)
         trust(table)
         return
     pre, select, rep, ldo_seeds = (args.pretrain_seeds, args.select_seeds, args.report_seeds,
@@ -337,6 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         pre, select, rep, ldo_seeds = pre[:1], select[:1], rep[:1], 1
     variants: dict[str, dict] = yaml.safe_load(args.variants.read_text())
+    lds = (args.lds_subsets, min(args.lds_noise, args.lds_subsets))
     uri = args.tracking_uri or f"sqlite:///{tempfile.mkdtemp(prefix='variants-')}/mlflow.db"
     rows: list[dict] = []
     if args.chosen is not None:
@@ -346,8 +438,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--chosen: unknown {sorted(unknown | (set(chosen) - set(OURS)))}")
     else:
         for job in args.jobs:
-            rows += run_draws(job, pre, select, "select", variants, uri, ldo_seeds, args.rows)
-        chosen = choose(pd.DataFrame(rows), select)
+            rows += run_draws(job, pre, select, "select", variants, uri, ldo_seeds, args.rows,
+                              lds)
+        chosen = choose(pd.DataFrame(rows), select,
+                        args.choose_by if args.lds_subsets else "pearson")
     print(f"tracking {uri}; variants {', '.join(variants)}; chosen on seeds {select}: "
           + ", ".join(f"{m}: {v}" for m, v in chosen.items()), flush=True)
     # the choice is fixed before the report seeds run
@@ -358,9 +452,11 @@ def main(argv: list[str] | None = None) -> None:
             if name != PAPER:
                 picked.setdefault(name, {})[method] = variants[name][method]
     for job in args.jobs:
-        rows += run_draws(job, pre, rep, "report", picked, uri, ldo_seeds, args.rows)
+        rows += run_draws(job, pre, rep, "report", picked, uri, ldo_seeds, args.rows, lds)
     table = pd.DataFrame(rows, columns=ROW_COLUMNS)
     report(table[table["phase"] == "report"], rep, chosen)
+    if args.lds_subsets:
+        report_lds(table[table["phase"] == "report"], rep, chosen)
     trust(table)
 
 

@@ -5,9 +5,6 @@ killed with SIGKILL and resumed like LDO, logging score/<method>/lds for every e
 
 from __future__ import annotations
 
-import signal
-import time
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -153,7 +150,7 @@ def test_a_job_scored_by_lds_alone_has_a_verdict_of_lds(tmp_path):
 
 
 def test_a_job_with_lds_resumes_after_sigkill_and_logs_the_score_of_every_estimate(tmp_path):
-    from test_resume import _driver_midway, _stored_tasks
+    from test_resume import _stored_tasks, killed_midway
 
     from untrac_ray.results.runs import read_run_table
 
@@ -163,14 +160,7 @@ def test_a_job_with_lds_resumes_after_sigkill_and_logs_the_score_of_every_estima
                     "ldo": {"seeds": [0]}, "lds": {"subsets": 6, "noise_subsets": 2}},
         "resources": {"local_cpus": 2, "num_actors": 1},
     })
-    proc, job, uri = _driver_midway(tmp_path, spec, heartbeat_s=2)
-    try:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    time.sleep(1)
-    before = _stored_tasks(tmp_path)
+    job, uri, before = killed_midway(tmp_path, spec)
     resumed = CliRunner().invoke(app, ["run", str(job), "--tracking-uri", uri, "--resume"])
     assert resumed.exit_code == 0, resumed.output
     n_tasks = 2 + 4 + (6 + 2) + 3 + 3  # base, ldo, lds (+ noise), graddot, untrac

@@ -62,16 +62,22 @@ def _driver_midway(tmp: Path, spec: dict, heartbeat_s: int) -> tuple[subprocess.
     return proc, job, uri
 
 
-def test_a_killed_driver_resumes_the_same_run_and_runs_only_missing_tasks(tmp_path):
-    spec = _job(tmp_path)
-    proc, job, uri = _driver_midway(tmp_path, spec, heartbeat_s=2)
+def killed_midway(tmp: Path, spec: dict) -> tuple[Path, str, dict[str, float]]:
+    """The job's driver killed with SIGKILL once 7 of its tasks are stored: the job file, the
+    store's URI and the stored tasks."""
+    proc, job, uri = _driver_midway(tmp, spec, heartbeat_s=2)
     try:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         proc.kill()
     time.sleep(1)  # a task file being uploaded at the kill may land a moment later
-    before = _stored_tasks(tmp_path)
+    return job, uri, _stored_tasks(tmp)
+
+
+def test_a_killed_driver_resumes_the_same_run_and_runs_only_missing_tasks(tmp_path):
+    spec = _job(tmp_path)
+    job, uri, before = killed_midway(tmp_path, spec)
     assert len(before) >= 7
 
     client = MlflowClient(tracking_uri=uri)

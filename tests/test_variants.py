@@ -231,6 +231,30 @@ def test_the_targets_name_what_each_estimate_missed():
         "MISS (std, beaten)"
 
 
+def test_the_lds_report_chooses_by_lds_and_says_how_far_from_ekfac(capsys):
+    module = load_benchmark("variants")
+    base = {"job": "text_corpora", "pretrain_seed": 0, "phase": "report", "ldo_seconds": 30.0,
+            "ldo_n": 3, "lds_seconds": 40.0, "lds_ceiling": 0.95, "ldo_lds": 0.9,
+            "pearson_low": 0.5, "pearson_high": 0.99}
+    rows = pd.DataFrame([
+        {**base, "seed": s, "method": m, "variant": v, "pearson": p, "lds": lds,
+         "lds_low": lds - 0.1, "lds_high": lds + 0.1, "seconds": sec}
+        for s, m, v, p, lds, sec in (
+            (1, "untrac", "paper", 0.95, 0.5, 1.0), (1, "untrac", "npo", 0.9, 0.7, 1.0),
+            (2, "untrac", "paper", 0.95, 0.55, 1.0), (2, "untrac", "npo", 0.85, 0.75, 1.0),
+            (2, "ekfac", "paper", 0.99, 0.8, 1.0))])
+    assert module.choose(rows, [1], by="lds") == {"untrac": "npo"}
+    assert module.choose(rows, [1], by="pearson") == {"untrac": "paper"}
+    module.report_lds(rows, [2], {"untrac": "npo"})
+    out = capsys.readouterr().out
+    (npo,) = [line for line in out.splitlines() if line.startswith("untrac + npo *")]
+    (paper,) = [line for line in out.splitlines() if line.startswith("untrac  ")]
+    # npo 0.75 [0.65, 0.85] reaches EK-FAC's 0.80 within its interval; its Pearson misses 0.9
+    assert "MISS (pearson +0.85 < 0.9) [vs EK-FAC -0.05]" in npo
+    # the paper's 0.55 [0.45, 0.65] is below EK-FAC's 0.80 beyond its interval, by 0.25
+    assert "LDS -0.25 below EK-FAC's, beyond the interval" in paper
+
+
 def test_test_sets_group_into_the_test_set_they_are_subsets_of(tmp_path):
     spec = parse_spec(merge(tiny_spec(tmp_path), {"data": {"test": [
         {"name": "next_a", "source": "test.csv", "subset": "next_number", "group": "next"},
