@@ -5,6 +5,8 @@ killed with SIGKILL and resumed like LDO, logging score/<method>/lds for every e
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -193,3 +195,28 @@ def test_a_job_with_lds_resumes_after_sigkill_and_logs_the_score_of_every_estima
     for method in ("untrac", "graddot"):
         assert metrics[f"score/{method}/lds"] == pytest.approx(
             ref.data.metrics[f"score/{method}/lds"], abs=1e-6)
+
+    # show, compare and the report show it
+    run_id = run.info.run_id
+    shown = CliRunner().invoke(app, ["show", run_id, "--tracking-uri", uri, "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    lds_scores_logged = read_run_table(run_id, uri, "lds_scores")
+    (untrac,) = [m for m in json.loads(shown.stdout)["matrices"] if m["method"] == "untrac"]
+    for row in untrac["scores"]:
+        want = lds_scores_logged.query("method == 'untrac' and point == @untrac['point'] "
+                                       "and test_set == @row['test_set']")["lds"]
+        if want.empty:  # the Pearson pooled over all cells has no LDS beside it
+            assert row["lds"] is None or row["lds"] != row["lds"], row
+            continue
+        assert row["lds"] == pytest.approx(float(want.iloc[0])), row
+    text = CliRunner().invoke(app, ["show", run_id, "--tracking-uri", uri, "-m", "untrac"])
+    assert "LDS over retrained subsets" in text.output, text.output
+    compared = CliRunner().invoke(app, ["compare", run_id, run_id, "--tracking-uri", uri,
+                                        "--method-a", "untrac", "--method-b", "graddot"])
+    assert compared.exit_code == 0, compared.output
+    assert "A against retraining on random subsets: LDS" in compared.output
+    assert "B against retraining on random subsets: LDS" in compared.output
+    page = tmp_path / "report.html"
+    made = CliRunner().invoke(app, ["report", run_id, "--tracking-uri", uri, "-o", str(page)])
+    assert made.exit_code == 0, made.output
+    assert "Linear datamodeling score" in page.read_text()

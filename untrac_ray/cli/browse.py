@@ -173,7 +173,8 @@ def show(
             views = browse.pick_views(table, method, point)
         except browse.BrowseError as err:
             raise browse.BrowseError(f"run {record.run_id}: {err}") from None
-        scores = read_run_table(record.run_id, uri, "scores")
+        scores = browse.with_lds_scores(read_run_table(record.run_id, uri, "scores"),
+                                        read_run_table(record.run_id, uri, "lds_scores"))
         drill = (read_run_table(record.run_id, uri, "examples/top_examples")
                  if examples else None)
         trust = _verdict(record, table, read_run_table(record.run_id, uri, "score_summary"))

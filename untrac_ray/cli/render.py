@@ -159,12 +159,14 @@ def top_table(v: MatrixView, k: int) -> Table:
 def scores_table(part: pd.DataFrame, v: MatrixView) -> Table:
     names = {MEAN_OVER_TESTS: "mean over test sets", ALL_CELLS: "all cells pooled"}
     table = Table()
-    for col in ("test set", "pearson", "spearman"):
+    lds = "lds" in part.columns
+    for col in ("test set", "pearson", "spearman", *(["LDS"] if lds else [])):
         table.add_column(col, justify="left" if col == "test set" else "right")
     for r in part.itertuples():
         style = "bold" if r.test_set in names else ""
         table.add_row(Text(names.get(r.test_set, str(r.test_set)), style=style),
-                      fmt_corr(r.pearson), fmt_corr(r.spearman))
+                      fmt_corr(r.pearson), fmt_corr(r.spearman),
+                      *([fmt_corr(r.lds)] if lds else []))
     return table
 
 
@@ -235,7 +237,10 @@ def show_renderables(record: RunRecord, views: list[MatrixView], k: int,
             out.append(Text("ldo (leave-dataset-out retraining) is the ground truth",
                             style="dim"))
         elif part is not None:
-            out.append(heading(f"{v.method}{at} vs leave-dataset-out (ground truth)"))
+            out.append(heading(f"{v.method}{at} vs the ground truth (Pearson and Spearman "
+                               "with leave-dataset-out; LDS over retrained subsets)"
+                               if "lds" in part.columns else
+                               f"{v.method}{at} vs leave-dataset-out (ground truth)"))
             out.append(scores_table(part, v))
             undefined = part[~part["test_set"].isin([MEAN_OVER_TESTS, ALL_CELLS])
                              & part["pearson"].isna()]

@@ -255,6 +255,19 @@ def scores_at(scores: pd.DataFrame | None, method: str, point: int) -> pd.DataFr
     return part.sort_values("_order", kind="stable").drop(columns="_order")
 
 
+def with_lds_scores(scores: pd.DataFrame | None, lds: pd.DataFrame | None
+                    ) -> pd.DataFrame | None:
+    """A run's scores against leave-dataset-out with an `lds` column beside them (its
+    lds_scores table: per method, point and test set; NaN where a run has only one of
+    them). Either may be None."""
+    if lds is None or lds.empty:
+        return scores
+    lds = lds[["method", "point", "test_set", "lds"]]
+    if scores is None or scores.empty:
+        return lds.assign(pearson=np.nan, spearman=np.nan)
+    return scores.merge(lds, on=["method", "point", "test_set"], how="outer")
+
+
 def best_point(scores: pd.DataFrame | None, method: str) -> tuple[int, float] | None:
     """The point with the best mean Pearson correlation, and that correlation (hindsight:
     chosen on the ground truth it is scored against)."""
@@ -322,8 +335,8 @@ def show_json(record: RunRecord, views: list[MatrixView], k: int,
             "influence": [[_num(x) for x in row] for row in v.matrix.to_numpy(dtype=float)],
             "top": {str(t): _records(p.drop(columns="test_set"))
                     for t, p in top.groupby("test_set", sort=False)},
-            "scores": None if part is None else _records(part[["test_set", "pearson",
-                                                               "spearman"]]),
+            "scores": None if part is None else _records(part[[
+                c for c in ("test_set", "pearson", "spearman", "lds") if c in part]]),
         })
     out: dict = {"run": record_dict(record), "matrices": matrices}
     if want_examples:
