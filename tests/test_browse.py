@@ -383,11 +383,17 @@ def test_ui_serves_the_store_on_loopback(store, ui_server):
     # those to every user: a database URI's password would be there)
     import psutil
 
+    def cmdline(p: psutil.Process) -> str:  # a worker may exit between listing and reading
+        try:
+            return " ".join(p.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            return ""
+
     tree = psutil.Process(UI_PROCESS["pid"])
-    processes = [tree, *tree.children(recursive=True)]
-    assert any("mlflow" in " ".join(p.cmdline()) for p in processes[1:])  # the server
+    lines = [cmdline(p) for p in tree.children(recursive=True)]
+    assert any("mlflow" in line for line in lines)  # the server
     db = store.uri.removeprefix("sqlite:///")
-    assert not [p.cmdline() for p in processes[1:] if db in " ".join(p.cmdline())]
+    assert not [line for line in lines if db in line]
 
 
 def test_ui_refuses_a_missing_store_and_a_busy_port(store, tmp_path):
