@@ -20,7 +20,7 @@ from untrac_ray.cli import app
 from untrac_ray.compute.evaluation import sample_indices
 from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
 from untrac_ray.inputs.loading import load_spec
-from untrac_ray.inputs.spec_sections import METHODS
+from untrac_ray.inputs.spec_sections import CELL_METHODS
 from untrac_ray.methods.tasks import GradientTask
 from untrac_ray.methods.workbench import Workbench
 from untrac_ray.results.runs import read_influence, read_run_table
@@ -60,8 +60,8 @@ def unequal(tmp_path_factory, ray_cluster):
 
 def test_every_methods_final_matrix_is_complete(unequal):
     table = unequal["table"]
-    assert set(table["method"]) == set(METHODS)
-    for method in METHODS:
+    assert set(table["method"]) == set(CELL_METHODS)
+    for method in CELL_METHODS:
         mat = matrix(table, method, None, TRAIN, TEST)
         assert mat.shape == (4, 2), method
         assert np.isfinite(mat.to_numpy()).all(), (method, mat)
@@ -87,7 +87,7 @@ def test_trajectories_line_up_by_point_and_end_at_each_sets_own_last_step(unequa
 def test_scores_are_numbers_at_the_fixed_point_with_hindsight_beside(unequal):
     run, uri = unequal["run"], unequal["uri"]
     summary = read_run_table(run.info.run_id, uri, "score_summary")
-    assert set(summary["method"]) == set(METHODS) - {"ldo"}
+    assert set(summary["method"]) == set(CELL_METHODS) - {"ldo"}
     for r in summary.itertuples():
         assert math.isfinite(r.pearson_mean) and math.isfinite(r.pearson_all_cells), r
     by_method = summary.set_index("method")
@@ -160,6 +160,6 @@ def test_a_killed_run_of_every_method_resumes_with_the_same_cells(unequal):
     keys = ["method", "point", "train_set", "test_set"]
     both = pd.merge(unequal["table"], read_influence(run.info.run_id, uri), on=keys,
                     suffixes=("", "_resumed"), validate="1:1")
-    assert len(both) == len(unequal["table"]) and set(both["method"]) == set(METHODS)
+    assert len(both) == len(unequal["table"]) and set(both["method"]) == set(CELL_METHODS)
     np.testing.assert_allclose(both["influence_resumed"], both["influence"], rtol=1e-5,
                                atol=1e-7)

@@ -19,6 +19,7 @@ METHODS: tuple[str, ...] = ("untrac", "untrac_inv", "ldo", "lds", "graddot", "gr
 UNLEARNING_METHODS = ("untrac", "untrac_inv")
 GROUND_TRUTH = "ldo"
 GROUND_TRUTHS = ("ldo", "lds")  # retraining: leave-dataset-out, random subsets (LDS)
+CELL_METHODS = tuple(m for m in METHODS if m != "lds")  # those with cells in the table
 # With resources.actors_per_task > 1 (a gang, engine/sharded.py): the methods a sharded bench cannot
 # run, and the unlearning optimizers it can (elementwise updates work on shards; training.
 # optimizer, LDO's, is always one of them).
