@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from conftest import merge, tiny_spec
 from untrac_ray.cli import app
-from untrac_ray.methods.plans import draw_subsets
+from untrac_ray.methods.plans import KEPT_SEPARATOR, draw_subsets
 from untrac_ray.results.lds import ceiling, lds_scores, lds_summary, predictions, with_lds
 from untrac_ray.results.scoring import MEAN_OVER_TESTS, pearson_rows, spearman_rows
 
-TRAIN = ["a", "b", "c", "d", "e", "f"]
+TRAIN = ["a", "b", "c, d", "e", "f", "g"]  # a name may hold a comma
 TEST = ["x", "y"]
 
 
@@ -46,7 +46,7 @@ def _additive(effects: np.ndarray, subsets: list[tuple[str, ...]], noise: float 
         for j, t in enumerate(TEST):
             left = [k for k, name in enumerate(TRAIN) if name not in kept]
             loss = 2.0 + effects[left, j].sum() + noise * rng.standard_normal()
-            rows.append({"subset": i, "seed": seed, "role": role, "kept": ",".join(kept),
+            rows.append({"subset": i, "seed": seed, "role": role, "kept": KEPT_SEPARATOR.join(kept),
                          "test_set": t, "loss": loss})
     return pd.DataFrame(rows)
 

@@ -116,7 +116,7 @@ def plan_ldo(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
     return plan
 
 
-LDS_COLUMNS = ["subset", "seed", "role", "kept", "test_set", "loss"]
+KEPT_SEPARATOR = "/"  # between the names of a subset's sets ("/" is refused in a name)
 
 
 def draw_subsets(train: list[str], n: int, keep: float, seed: int) -> list[tuple[str, ...]]:
@@ -160,7 +160,7 @@ def plan_lds(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
         plan.extras["lds_subsets"] = [
             {"subset": r.task.subset, "seed": r.task.seed,
              "role": "noise" if r.task.seed == noise and noise not in seeds else "truth",
-             "kept": ",".join(r.task.kept), "test_set": j, "loss": float(r.losses[0][j])}
+             "kept": KEPT_SEPARATOR.join(r.task.kept), "test_set": j, "loss": float(r.losses[0][j])}
             for r in results for j in test]
         return []
 

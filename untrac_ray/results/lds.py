@@ -29,6 +29,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from untrac_ray.methods.plans import KEPT_SEPARATOR
 from untrac_ray.results.scoring import (
     MEAN_OVER_TESTS,
     SUMMARY_COLUMNS,
@@ -47,7 +48,8 @@ def subset_truth(subsets: pd.DataFrame, train: list[str]) -> tuple[pd.DataFrame,
     losses = truth_rows.pivot_table(index="subset", columns="test_set", values="loss",
                                     aggfunc="mean").sort_index()
     kept = truth_rows.groupby("subset")["kept"].first().reindex(losses.index)
-    left_out = np.array([[name not in str(k).split(",") for name in train] for k in kept])
+    left_out = np.array([[name not in str(k).split(KEPT_SEPARATOR) for name in train]
+                         for k in kept])
     return losses, left_out
 
 
