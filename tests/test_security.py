@@ -237,7 +237,8 @@ def test_an_embedded_run_prints_and_logs_no_secret_and_listens_on_loopback_only(
         pids = _tree(proc.pid)
         for pid in pids:
             try:
-                names.setdefault(pid, psutil.Process(pid).name())
+                names[pid] = psutil.Process(pid).name()  # the latest: a child seen between
+                # its fork and its exec is still called "python" (gcs_server was, once)
             except psutil.NoSuchProcess:
                 pass
         sockets |= _listening(pids)
