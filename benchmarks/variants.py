@@ -58,15 +58,20 @@ from untrac_ray.inputs.loading import load_spec
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_methods import LdsSpec
 from untrac_ray.inputs.spec_sections import GroundTruthSpec
-from untrac_ray.results.lds import lds_summary
+from untrac_ray.results.score_views import headline_rows
+from untrac_ray.results.scores import (
+    CEILING,
+    CONSTANT,
+    RANDOM,
+    TRUTH,
+    paired_difference,
+    score_frame,
+)
 from untrac_ray.results.scoring import (
     AGREEMENT_LOW,
-    MEAN_OVER_TESTS,
     cells_at,
     ground_truth_noise,
     largest_cells,
-    pearson_interval,
-    score_table,
     signs_right,
     spearman,
 )
@@ -85,10 +90,13 @@ LDO_RETRAININGS = 3  # per training set, as every benchmark job's methods.ldo.se
 sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/accuracy.py
 import accuracy  # noqa: E402
 
-ROW_COLUMNS = ["job", "pretrain_seed", "seed", "phase", "method", "variant", "pearson",
-               "pearson_low", "pearson_high", "lds", "lds_low", "lds_high", "lds_ceiling",
-               "ldo_lds", "lds_seconds", "seconds", "ldo_seconds", "ldo_n", "snr_mean",
-               "agreement", "signs_right", "signs_total"]
+SCORED = ("pearson", "lds")  # the scores of a row, each with its interval and paired margin
+ROW_COLUMNS = ["job", "pretrain_seed", "seed", "phase", "method", "variant",
+               *[f"{s}{part}" for s in SCORED for part in
+                 ("", "_low", "_high", "_margin", "_margin_low", "_margin_high")],
+               "lds_n", "lds_ceiling", "pearson_ceiling", "ldo_lds", "vs_ekfac",
+               "vs_ekfac_low", "vs_ekfac_high", "lds_seconds", "seconds", "ldo_seconds",
+               "ldo_n", "snr_mean", "agreement", "signs_right", "signs_total"]
 
 
 def pretrained_with(spec: JobSpec, pretrain_seed: int) -> JobSpec:
@@ -109,32 +117,47 @@ def estimate_at(table: pd.DataFrame, method: str) -> pd.DataFrame:
 
 def method_rows(table: pd.DataFrame, truth: pd.DataFrame, floor: pd.DataFrame,
                 groups: dict[str, str], methods: list[str],
-                subsets: pd.DataFrame | None = None) -> dict[str, dict[str, float]]:
-    """Per method: its mean Pearson (over test sets, subsets averaged first) at its last
-    point with Fisher's interval, how many of the largest ground-truth cells it gives the
-    right sign, and (with the draw's LDS `subsets`) its LDS there with the bootstrap
-    interval and the ceiling."""
-    lds = (lds_summary(table, subsets, list(truth.index), groups=groups).set_index("method")
-           if subsets is not None else None)
-    scores = score_table(table, truth, groups)
-    mean = scores[scores["test_set"] == MEAN_OVER_TESTS]
-    last = mean.groupby("method")["point"].transform("max")
-    pearson = mean[mean["point"] == last].set_index("method")["pearson"]
+                subsets: pd.DataFrame | None = None, versus: pd.DataFrame | None = None,
+                references: bool = False) -> dict[str, dict[str, float]]:
+    """Per method, from the one score table (results/scores.py) at its last point: its mean
+    Pearson with LDO (Fisher's interval) and, with the draw's LDS `subsets`, its LDS
+    (bootstrap interval), each with its paired lead over the reference rows; how many of the
+    largest ground-truth cells it signs right; and its LDS minus EK-FAC's with the paired
+    interval (`versus`: the draw's EK-FAC cells, for a variant's table that lacks them).
+    `references`: the rows of constant and random cells too."""
+    train, test = list(truth.index), list(truth.columns)
+    full = table if versus is None else pd.concat([table, versus], ignore_index=True)
+    frame = score_frame(full, train, test, groups=groups, truth=truth, subsets=subsets)
+    top = headline_rows(frame)
+    value = {(r.method, r.score): r for r in top.itertuples()}
+    ceilings = {r.score: r.value for r in top[top["kind"] == CEILING].itertuples()}
     cells = largest_cells(truth, floor)
+    shown = [m for m in methods if (m, "pearson") in value]
+    if references:
+        shown += [CONSTANT, RANDOM]
     out = {}
-    for method in methods:
-        if method not in pearson.index:
-            continue
-        right, total = signs_right(estimate_at(table, method), truth, cells)
-        low, high = pearson_interval(float(pearson[method]), len(truth.index)) or (np.nan,
-                                                                                  np.nan)
-        out[method] = {"pearson": float(pearson[method]), "pearson_low": low,
-                       "pearson_high": high, "signs_right": right, "signs_total": total}
-        if lds is not None:
-            out[method].update({k: float(lds.loc[method, k]) for k in
-                                ("lds", "lds_low", "lds_high", "lds_ceiling")})
-            if "ldo" in lds.index:
-                out[method]["ldo_lds"] = float(lds.loc["ldo", "lds"])
+    for method in shown:
+        row: dict[str, float] = {"lds_ceiling": ceilings.get("lds", np.nan),
+                                 "pearson_ceiling": ceilings.get("pearson", np.nan)}
+        for score in SCORED:
+            r = value.get((method, score))
+            if r is not None:
+                row.update({score: r.value, f"{score}_low": r.low, f"{score}_high": r.high,
+                            f"{score}_margin": r.margin, f"{score}_margin_low": r.margin_low,
+                            f"{score}_margin_high": r.margin_high})
+                if score == "lds":
+                    row["lds_n"] = r.n
+        if ("ldo", "lds") in value and value["ldo", "lds"].kind == TRUTH:
+            row["ldo_lds"] = value["ldo", "lds"].value
+        if method not in (CONSTANT, RANDOM):
+            right, total = signs_right(estimate_at(table, method), truth, cells)
+            row.update({"signs_right": right, "signs_total": total})
+            if subsets is not None and method != "ekfac" and (
+                    full["method"] == "ekfac").any():
+                row["vs_ekfac"], row["vs_ekfac_low"], row["vs_ekfac_high"] = (
+                    paired_difference(full, method, "ekfac", "lds", train, test,
+                                      groups=groups, subsets=subsets))
+        out[method] = row
     return out
 
 
@@ -221,10 +244,11 @@ def run_draws(job: Path, pretrain_seeds: list[int], seeds: list[int], phase: str
                                                                 np.nan)}
             table = result.outcome.table
             methods = sorted(set(table["method"]) - {"ldo"})
+            ekfac = table[table["method"] == "ekfac"]
             draw_rows = [{**common, "method": m, "variant": PAPER, **v,
                           "seconds": seconds_of(result.outcome.seconds_by_method, m)}
                          for m, v in method_rows(table, truth, floor, groups, methods,
-                                                 subsets).items()]
+                                                 subsets, references=True).items()]
             for name, settings in variants.items():
                 try:
                     vtable, secs = run_variant(spec, seed, result.outcome.run_id, settings,
@@ -232,7 +256,8 @@ def run_draws(job: Path, pretrain_seeds: list[int], seeds: list[int], phase: str
                 except UntracError as err:  # e.g. a retain term with one test set
                     print(f"{base.name}: variant {name} skipped: {err}", file=sys.stderr)
                     continue
-                got = method_rows(vtable, truth, floor, groups, list(OURS), subsets)
+                got = method_rows(vtable, truth, floor, groups, list(OURS), subsets,
+                                  ekfac if not ekfac.empty else None)
                 draw_rows += [{**common, "method": m, "variant": name, **v,
                                "seconds": seconds_of(secs, m)} for m, v in got.items()]
             rows += draw_rows
@@ -246,7 +271,7 @@ def choose(rows: pd.DataFrame, seeds: list[int], by: str = "pearson") -> dict[st
     """Per method, the variant with the best mean score `by` (pearson, or lds) over `seeds`
     (all jobs and pretraining draws pooled)."""
     part = rows[rows["seed"].isin(seeds) & rows["method"].isin(OURS)]
-    means = part.groupby(["method", "variant"])[by].mean()
+    means = part.groupby(["method", "variant"])[by].mean()  # reference rows never chosen
     return {m: str(means.loc[m].idxmax()) for m in OURS if m in means.index.get_level_values(0)}
 
 
@@ -317,50 +342,73 @@ def report(rows: pd.DataFrame, seeds: list[int], chosen: dict[str, str],
 LDS_JOBS_PEARSON = ("synthetic_b", "text_corpora", "harm_mixture")  # issue 27: Pearson >= 0.9
 
 
+def _span(low: float, high: float) -> str:
+    return "-" if low != low else f"[{low:+.2f}, {high:+.2f}]"
+
+
+def _lead(mean: pd.Series, name: str) -> str:
+    """A paired difference and its interval, from a row's `name`, `name_low`, `name_high`."""
+    value = mean.get(name, np.nan)
+    if value != value:
+        return "-"
+    return f"{value:+.2f} {_span(mean[f'{name}_low'], mean[f'{name}_high'])}"
+
+
 def report_lds(rows: pd.DataFrame, seeds: list[int], chosen: dict[str, str],
                ldo_retrainings: int = LDO_RETRAININGS) -> None:
-    """Issue 27's report per job on the report draws: each estimate's LDS (mean over the
-    draws, with the mean of the draws' bootstrap intervals) and its LDO Pearson (with the
-    mean of Fisher's intervals), cost against LDO, and the targets: an unlearning estimate's
-    LDS at least EK-FAC's or within its interval of it (by how much), at no more than 1/5 of
-    LDO's cost; a mean LDO Pearson of at least 0.9 on B, the text corpora and the harm
-    mixture."""
+    """The LDS report per job on the report draws (means over the draws): each estimate's
+    LDS with its bootstrap interval and its paired lead over the reference rows (constant
+    and random cells, printed below the estimates), its LDO Pearson with Fisher's interval,
+    its LDS minus EK-FAC's with the paired interval, cost against LDO, and the targets: an
+    unlearning estimate's LDS at least EK-FAC's or within reach of it (the paired interval of
+    the difference reaches 0), at no more than 1/5 of LDO's cost; a mean LDO Pearson of at
+    least 0.9 on B, the text corpora and the harm mixture."""
     part = rows[rows["seed"].isin(seeds) & rows["lds"].notna()]
     for job, jrows in part.groupby("job", sort=False):
         draws = jrows.drop_duplicates(["pretrain_seed", "seed"])
         ldo_one = float((draws["ldo_seconds"] / draws["ldo_n"]).mean())
-        print(f"\n=== {job} (LDS): {len(draws)} report draws; LDS ceiling from the seed noise "
-              f"{draws['lds_ceiling'].mean():+.2f}, LDO's own cells {draws['ldo_lds'].mean():+.2f}"
-              f"; LDS ground truth {draws['lds_seconds'].mean() / ldo_one:.1f} LDO1 ===")
-        print(f"{'estimate':<30}{'LDS':>7}  {'interval':<16}{'pearson':>8}  {'interval':<16}"
-              f"{'cost/LDO':>9}  targets")
-        ekfac = jrows[jrows["method"] == "ekfac"]["lds"].mean()
-        for (method, variant), r in jrows.groupby(["method", "variant"], sort=False):
-            lds, low, high = r["lds"].mean(), r["lds_low"].mean(), r["lds_high"].mean()
-            pear, plow, phigh = (r["pearson"].mean(), r["pearson_low"].mean(),
-                                 r["pearson_high"].mean())
+        print(f"\n=== {job} (LDS): {len(draws)} report draws, {int(draws['lds_n'].max())} "
+              f"subsets; ceiling from the seed noise {draws['lds_ceiling'].mean():+.2f}, LDO's "
+              f"own cells {draws['ldo_lds'].mean():+.2f}; LDS ground truth "
+              f"{draws['lds_seconds'].mean() / ldo_one:.1f} LDO1 ===")
+        print(f"{'estimate':<30}{'LDS':>7}  {'interval':<16}{'above refs (paired)':<22}"
+              f"{'pearson':>8}  {'interval':<16}{'vs EK-FAC (paired)':<22}{'cost/LDO':>9}"
+              "  targets")
+        groups = jrows.groupby(["method", "variant"], sort=False)
+        order = sorted(groups.groups, key=lambda k: k[0] in (CONSTANT, RANDOM))
+        for method, variant in order:
+            r = groups.get_group((method, variant))
+            mean = r.mean(numeric_only=True)
             cost = r["seconds"].mean() / ldo_one / ldo_retrainings if ldo_one else np.nan
             label = method if variant == PAPER else f"{method} + {variant}"
             if chosen.get(method) == variant and variant != PAPER:
                 label += " *"
+            lead = _lead(mean, "lds_margin")
+            vs = _lead(mean, "vs_ekfac")
             verdict = ""
             if method in OURS:
                 missed = []
-                if ekfac == ekfac and not (lds >= ekfac or high >= ekfac):
-                    missed.append(f"LDS {lds - ekfac:+.2f} below EK-FAC's, beyond the interval")
+                if mean["vs_ekfac"] == mean["vs_ekfac"] and not mean["vs_ekfac_high"] >= 0:
+                    missed.append(f"LDS {mean['vs_ekfac']:+.2f} below EK-FAC's, beyond the "
+                                  "paired interval")
+                if not mean["lds_margin_low"] > 0:
+                    missed.append("not above the reference rows")
                 if not cost <= COST_TARGET:
                     missed.append("cost")
-                if job in LDS_JOBS_PEARSON and not pear >= 0.9:
-                    missed.append(f"pearson {pear:+.2f} < 0.9")
+                if job in LDS_JOBS_PEARSON and not mean["pearson"] >= 0.9:
+                    missed.append(f"pearson {mean['pearson']:+.2f} < 0.9")
                 verdict = "PASS" if not missed else "MISS (" + "; ".join(missed) + ")"
-                if ekfac == ekfac:
-                    verdict += f" [vs EK-FAC {lds - ekfac:+.2f}]"
-            print(f"{label:<30}{lds:+7.2f}  [{low:+.2f}, {high:+.2f}]  {pear:+8.2f}  "
-                  f"[{plow:+.2f}, {phigh:+.2f}]  {cost:9.3f}  {verdict}")
+            cost_text = "-" if method in (CONSTANT, RANDOM) else f"{cost:9.3f}"
+            print(f"{label:<30}{mean['lds']:+7.2f}  {_span(mean['lds_low'], mean['lds_high']):<16}"
+                  f"{lead:<22}{mean['pearson']:+8.2f}  "
+                  f"{_span(mean['pearson_low'], mean['pearson_high']):<16}{vs:<22}"
+                  f"{cost_text:>9}  {verdict}")
     print("(* chosen on the selection seeds. LDS: the mean over the report draws of the mean "
-          "over test sets of the Spearman over the retrained subsets; interval: the mean of "
-          "each draw's bootstrap 95% interval. pearson: with leave-dataset-out, and the mean "
-          "of Fisher's 95% intervals over the training sets)")
+          "over test sets of the Spearman over the retrained subsets (each of the same number "
+          "of sets); interval: the mean of each draw's bootstrap 95% interval. above refs: the "
+          "lead over the better of constant and random cells, vs EK-FAC: the LDS minus "
+          "EK-FAC's, each with the paired bootstrap interval (the same resampled subsets for "
+          "both). pearson: with leave-dataset-out, and the mean of Fisher's intervals)")
 
 
 def trust(rows: pd.DataFrame) -> None:

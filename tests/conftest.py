@@ -85,6 +85,15 @@ def tiny_spec(tmp: Path, n_train_rows: int = 24, n_test_rows: int = 16,
     }
 
 
+def with_four_train_sets(spec: dict[str, Any]) -> dict[str, Any]:
+    """tiny_spec with a fourth training set (the `twice` rows of test.csv, a teacher of that
+    test set): LDS's subsets of two of four sets are 6, where three sets make only 3."""
+    out = copy.deepcopy(spec)
+    out["data"]["train"].append({"name": "teach_twice", "source": "test.csv",
+                                 "subset": "twice"})
+    return out
+
+
 def merge(base: dict, override: dict) -> dict:
     """A deep copy of base with override's keys set (nested mappings merged, None deletes)."""
     out = copy.deepcopy(base)

@@ -132,13 +132,20 @@ def runs(
         raise fail(err) from None
 
 
-def _verdict(record, table, summary) -> list:
-    """How far to trust a stored run: its agreement tag and its headline scores."""
+def _verdict(record, scores) -> list:
+    """How far to trust a stored run: its agreement tag and its score table."""
     from untrac_ray.results.browse import parse_agreement
     from untrac_ray.results.verdict import verdict
 
-    return verdict(parse_agreement(record.tags.get("untrac_ray.agreement")), summary,
-                   record.n_train or table["train_set"].nunique())
+    return verdict(parse_agreement(record.tags.get("untrac_ray.agreement")), scores)
+
+
+def _scores(record, uri):
+    """A run's one score table (results/scores.py), None when it has none."""
+    from untrac_ray.results.runs import read_run_table
+    from untrac_ray.results.scores import ARTIFACT
+
+    return read_run_table(record.run_id, uri, ARTIFACT)
 
 
 def show(
@@ -173,11 +180,10 @@ def show(
             views = browse.pick_views(table, method, point)
         except browse.BrowseError as err:
             raise browse.BrowseError(f"run {record.run_id}: {err}") from None
-        scores = browse.with_lds_scores(read_run_table(record.run_id, uri, "scores"),
-                                        read_run_table(record.run_id, uri, "lds_scores"))
+        scores = _scores(record, uri)
         drill = (read_run_table(record.run_id, uri, "examples/top_examples")
                  if examples else None)
-        trust = _verdict(record, table, read_run_table(record.run_id, uri, "score_summary"))
+        trust = _verdict(record, scores)
         if fmt is Format.text:
             names = [Path(p).name for p in list_run_artifacts(record.run_id, uri, "figures")]
             figures = [f"{artifact_folder(record.run_id, uri)}/figures", *names] if names else []
@@ -213,19 +219,19 @@ def report(
     uri = _uri(tracking_uri)
     try:
         record, table, partial = _load(run, uri)
-        summary = read_run_table(record.run_id, uri, "score_summary")
-        trust = _verdict(record, table, summary)
+        scores = _scores(record, uri)
+        trust = _verdict(record, scores)
         names = [p for p in list_run_artifacts(record.run_id, uri, "figures")
                  if p.endswith(".png")]
         page = report_html(RunReport(
             run_id=record.run_id,
             title=f"untrac-ray: {record.job or record.run_name}"
                   + (" (unfinished: the cells it logged)" if partial else ""),
-            meta=run_meta(record), table=table, trust=trust, summary=summary,
+            meta=run_meta(record), table=table, trust=trust, scores=scores,
             examples=read_run_table(record.run_id, uri, "examples/top_examples"),
             job_yaml=read_run_text(record.run_id, uri, "job.yaml"),
             figures={n: read_run_bytes(record.run_id, uri, n) for n in names}))
-        output.write_text(page)
+        output.write_text(page, encoding="utf-8")
     except (UntracError, OSError) as err:
         raise fail(err) from None
     out_console.print(f"report of run {record.run_id}: {output.resolve()}", highlight=False,
@@ -253,7 +259,7 @@ def compare(
     against UnTrac-Inv, the default for one run)."""
     from untrac_ray.cli.render import basic_colours, compare_renderables
     from untrac_ray.results import browse
-    from untrac_ray.results.runs import read_run_table
+    from untrac_ray.results.score_views import describe
 
     uri = _uri(tracking_uri)
     try:
@@ -276,8 +282,8 @@ def compare(
         label_a = f"{record_a.run_name or record_a.run_id[:8]} {va.method} @ {va.point}"
         label_b = f"{record_b.run_name or record_b.run_id[:8]} {vb.method} @ {vb.point}"
         comparison = browse.compare_views(va, vb, label_a, label_b)
-        comparison.lds_a = browse.lds_of(read_run_table(record_a.run_id, uri, "lds_summary"), ma)
-        comparison.lds_b = browse.lds_of(read_run_table(record_b.run_id, uri, "lds_summary"), mb)
+        comparison.scores_a = describe(_scores(record_a, uri), va.method)
+        comparison.scores_b = describe(_scores(record_b, uri), vb.method)
         if fmt is Format.text:
             _print(compare_renderables(comparison, basic_colours(out_console)), output)
             return

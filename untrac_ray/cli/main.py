@@ -10,7 +10,6 @@ import sys
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from untrac_ray.cli.common import (
     INTERRUPTED,
@@ -83,62 +82,13 @@ def _print_matrices(outcome) -> None:
         out_console.print(matrix_table(v, basic=basic_colours(out_console)))
     out_console.print("influence: positive means the training set helped the model fit the "
                       "test set (UnTrac, UnTrac-Inv, LDO: loss after - loss before)")
-    if outcome.score_summary is not None:
-        _print_scores(outcome.score_summary)
-    if outcome.lds is not None and (outcome.lds["method"] == "ldo").any():
-        own = float(outcome.lds.loc[outcome.lds["method"] == "ldo", "lds"].iloc[0])
-        out_console.print(f"leave-dataset-out's own cells reach LDS {own:+.3f}: how far "
-                          "retraining on subsets is the sum of one-set-at-a-time effects")
+    from untrac_ray.cli.render import score_renderables
+    from untrac_ray.results.score_views import summary_table
 
-
-def _print_scores(summary) -> None:
-    """Method x score against the ground truths at each method's point fixed in advance (the
-    headline): the correlation with leave-dataset-out (the best point in hindsight beside
-    it) and, with methods.lds, the LDS and its interval."""
-    from untrac_ray.results.browse import fmt_corr
-
-    ldo = summary["pearson_mean"].notna().any()
-    lds = "lds" in summary.columns
-    table = Table(title="scores against the ground truth, at the point fixed in advance")
-    columns = ["method", *(["pearson", "95% interval", "spearman", "pearson all cells"]
-                           if ldo else []), *(["LDS", "95% interval (LDS)"] if lds else []),
-               "at point", *(["best point (hindsight)"] if ldo else [])]
-    for col in columns:
-        table.add_column(col, justify="left" if col == "method" else "right")
-    order = summary.sort_values("lds" if lds and not ldo else "pearson_mean", ascending=False,
-                                na_position="last")
-    for r in order.itertuples():
-        cells = [r.method]
-        if ldo:
-            cells += [fmt_corr(r.pearson_mean), _interval(r.pearson_low, r.pearson_high),
-                      fmt_corr(r.spearman_mean), fmt_corr(r.pearson_all_cells)]
-        if lds:
-            cells += [fmt_corr(r.lds), _interval(r.lds_low, r.lds_high)]
-        cells.append(str(r.point) if r.point else "-")
-        if ldo:
-            cells.append("-" if r.point == 0 else f"{r.pearson_mean_best:+.3f} @ {r.best_point}")
-        table.add_row(*cells)
-    out_console.print(table)
-    if ldo:
-        out_console.print("pearson, spearman: mean over test sets of the correlation with "
-                          "leave-dataset-out over training sets (Fisher's 95% interval), at the "
-                          "point fixed in advance (the last, or score_point); the best point is "
-                          "chosen on the ground truth itself, so it flatters")
-    if lds:
-        out_console.print(f"LDS: mean over test sets of the Spearman correlation, over "
-                          f"{int(summary['lds_n'].iloc[0])} models retrained on random subsets, "
-                          "between their test loss and the sum of the cells of the sets left "
-                          "out (bootstrap 95% interval; ceiling from the seed noise "
-                          f"{fmt_corr(summary['lds_ceiling'].iloc[0])})", highlight=False)
-    for r in summary.itertuples():
-        if r.undefined:
-            out_console.print(f"[yellow]warning:[/] {r.method}: correlation undefined on test "
-                              f"set(s) {r.undefined} (a constant estimate or ground truth); "
-                              "the mean is over the other test sets", highlight=False)
-
-
-def _interval(low: float, high: float) -> str:
-    return "-" if low != low else f"[{low:+.2f}, {high:+.2f}]"
+    for item in score_renderables(summary_table(outcome.scores),
+                                  "scores against the ground truth, at the point fixed in "
+                                  "advance"):
+        out_console.print(item, highlight=False)
 
 
 @app.command(rich_help_panel=RUN)
@@ -225,8 +175,7 @@ def run(
     from untrac_ray.cli.render import trust_renderables
     from untrac_ray.results.verdict import verdict
 
-    for line in trust_renderables(verdict(outcome.agreement, outcome.score_summary,
-                                          outcome.table["train_set"].nunique())):
+    for line in trust_renderables(verdict(outcome.agreement, outcome.scores)):
         out_console.print(line, highlight=False)
     if outcome.restored is not None:
         out_console.print("resumed: restored {} of {} tasks".format(*outcome.restored),

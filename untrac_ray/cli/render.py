@@ -14,7 +14,16 @@ from rich.table import Table
 from rich.text import Text
 
 from untrac_ray.inputs.spec_sections import GROUND_TRUTH
-from untrac_ray.results.scoring import ALL_CELLS, MEAN_OVER_TESTS
+from untrac_ray.results.score_views import (
+    ROW_NAMES,
+    ScoreTable,
+    best_point,
+    fmt,
+    per_test_table,
+    scores_in,
+    summary_table,
+)
+from untrac_ray.results.scores import ESTIMATE, SCORES
 
 if TYPE_CHECKING:
     from untrac_ray.results.runs import RunRecord
@@ -24,13 +33,11 @@ from untrac_ray.results.browse import (
     Comparison,
     MatrixView,
     best_of,
-    best_point,
     duration_s,
     examples_for,
     fmt_corr,
     fmt_duration,
     fmt_time,
-    scores_at,
     shown_status,
     top_k,
 )
@@ -156,18 +163,23 @@ def top_table(v: MatrixView, k: int) -> Table:
     return table
 
 
-def scores_table(part: pd.DataFrame, v: MatrixView) -> Table:
-    names = {MEAN_OVER_TESTS: "mean over test sets", ALL_CELLS: "all cells pooled"}
-    table = Table()
-    lds = "lds" in part.columns
-    for col in ("test set", "pearson", "spearman", *(["LDS"] if lds else [])):
-        table.add_column(col, justify="left" if col == "test set" else "right")
-    for r in part.itertuples():
-        style = "bold" if r.test_set in names else ""
-        table.add_row(Text(names.get(r.test_set, str(r.test_set)), style=style),
-                      fmt_corr(r.pearson), fmt_corr(r.spearman),
-                      *([fmt_corr(r.lds)] if lds else []))
-    return table
+def score_renderables(st: ScoreTable | None, title: str = "") -> list:
+    """A table of results/score_views.py (the one score table's views), its notes dim and its
+    warnings yellow; rows that are not estimates (references, the ceiling) dim."""
+    if st is None:
+        return []
+    table = Table(title=title or None)
+    for i, col in enumerate(st.headers):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for i, row in enumerate(st.rows):
+        kind = st.kinds[i] if st.kinds else ESTIMATE
+        style = ("bold" if row[0] in ROW_NAMES.values() else
+                 "" if kind == ESTIMATE else "dim")
+        table.add_row(*[Text(fmt(c), style=style) for c in row])
+    out: list = [table]
+    out += [Text(note, style="dim") for note in st.notes]
+    out += [Text(f"warning: {w}", style="yellow") for w in st.warnings]
+    return out
 
 
 def examples_table(shown: pd.DataFrame, width: int = 70) -> Table:
@@ -232,30 +244,26 @@ def show_renderables(record: RunRecord, views: list[MatrixView], k: int,
         out.append(matrix_table(v, basic=basic))
         out.append(heading(f"{v.method}: top {k} training sets per test set"))
         out.append(top_table(v, k))
-        part = scores_at(scores, v.method, v.point)
+        part = per_test_table(scores, v.method, v.point)
         if v.method == GROUND_TRUTH:
             out.append(Text("ldo (leave-dataset-out retraining) is the ground truth",
                             style="dim"))
         elif part is not None:
-            out.append(heading(f"{v.method}{at} vs the ground truth (Pearson and Spearman "
-                               "with leave-dataset-out; LDS over retrained subsets)"
-                               if "lds" in part.columns else
-                               f"{v.method}{at} vs leave-dataset-out (ground truth)"))
-            out.append(scores_table(part, v))
-            undefined = part[~part["test_set"].isin([MEAN_OVER_TESTS, ALL_CELLS])
-                             & part["pearson"].isna()]
-            if not undefined.empty:
-                out.append(Text("correlation undefined on test set(s) "
-                                f"{', '.join(map(str, undefined['test_set']))} (a constant "
-                                "estimate or ground truth); the mean is over the others",
-                                style="yellow"))
-            best = best_point(scores, v.method)
+            against = " and ".join(dict.fromkeys(
+                SCORES[s].truth for s in scores_in(scores[scores["method"] == v.method])))
+            out.append(heading(f"{v.method}{at} vs the ground truth ({against})"))
+            out += score_renderables(part)
+            best = best_point(scores, v.method, scores_in(scores)[0])
             if best is not None and v.point:
-                out.append(Text(f"best point by mean Pearson, in hindsight: {best[0]} "
-                                f"({best[1]:+.3f})", style="dim"))
+                out.append(Text(f"best point in hindsight: {best[0]} ({best[1]:+.3f})",
+                                style="dim"))
         elif scores is None:
-            out.append(Text("no scores against a ground truth in this run (add methods.ldo or "
-                            "ground_truth to the job)", style="dim"))
+            out.append(Text("no scores against a ground truth in this run (add methods.ldo, "
+                            "methods.lds or ground_truth to the job)", style="dim"))
+    if scores is not None:
+        out.append(Text(""))
+        out += score_renderables(summary_table(scores), "scores against the ground truth, at "
+                                 "the point fixed in advance")
     out.append(Text("influence = loss after - loss before: positive means the training set "
                     "helped the model fit the test set", style="dim"))
     if want_examples:
@@ -297,7 +305,7 @@ def compare_renderables(c: Comparison, basic: bool = False) -> list:
     out.append(Text(f"Pearson r over {len(c.train) * len(c.test)} shared cells: "
                     f"{fmt_corr(c.pearson)}; Spearman {fmt_corr(c.spearman)}; same top training "
                     f"set for {c.top1_agreement} of {len(c.test)} test sets"))
-    for side, lds in (("A", c.lds_a), ("B", c.lds_b)):
-        if lds:
-            out.append(Text(f"{side} against retraining on random subsets: {lds}"))
+    for side, scores in (("A", c.scores_a), ("B", c.scores_b)):
+        if scores:
+            out.append(Text(f"{side} against its run's ground truth: {scores}"))
     return out

@@ -81,6 +81,19 @@ class JobSpec(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _noise_seed_is_another(self) -> JobSpec:
+        """The LDS's ceiling retrains subsets under a seed that none of its truth's seeds is
+        (those default to training.seed, which MethodsSpec does not know)."""
+        lds = self.methods.lds
+        if lds is not None and lds.noise_subsets and lds.noise_seed is not None:
+            seeds = self.methods.lds_seeds(self.training.seed)
+            if lds.noise_seed in seeds:
+                raise ValueError(f"methods.lds.noise_seed: {lds.noise_seed} is one of the "
+                                 f"seeds the subsets are retrained with ({seeds}); the ceiling "
+                                 "needs the same subsets under another seed")
+        return self
+
+    @model_validator(mode="after")
     def _tokenizer_of_the_model(self) -> JobSpec:
         """A model folder is read with its own tokenizer unless the spec names another; a
         model built from model.config with the byte-level one."""

@@ -118,16 +118,19 @@ class LdoSpec(StrictModel):
 
 
 class LdsSpec(StrictModel):
-    """The linear datamodeling score at the level of datasets (methods/lds.py): retrain on
-    `subsets` random subsets of the training sets (each kept with probability `keep`; drawn
-    distinct and non-empty with `sample_seed`), once per seed, and score how well each
-    estimate's cells predict each retrained model's test losses (Spearman over the subsets).
+    """The linear datamodeling score at the level of datasets (results/lds.py, methods/plans.py
+    plan_lds): retrain on `subsets` distinct random subsets of the training sets, each of
+    exactly round(keep x K) sets (drawn with `sample_seed`), once per seed, and score how well
+    each estimate's cells predict each retrained model's test losses (Spearman over the
+    subsets, results/scores.py).
 
     `noise_subsets` of them are retrained once more under `noise_seed`: how far the test losses
     move with the seed alone gives the score's ceiling (the noise floor, as LDO's SNR)."""
 
-    subsets: int = Field(32, ge=4, description="random subsets retrained (M)")
-    keep: float = Field(0.5, gt=0, lt=1, description="probability that a set is kept (alpha)")
+    subsets: int = Field(32, ge=4, description="random subsets retrained (M; with few "
+                         "training sets, all C(K, m) subsets of m sets when there are fewer)")
+    keep: float = Field(0.5, gt=0, lt=1, description="share of the training sets each subset "
+                        "keeps (alpha): exactly m = round(alpha x K) of the K sets")
     seeds: list[int] | None = Field(
         None, min_length=1, description="training seeds, each subset retrained with each "
         "(default: methods.ldo.seeds, else training.seed)")

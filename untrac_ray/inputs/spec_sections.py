@@ -20,6 +20,9 @@ UNLEARNING_METHODS = ("untrac", "untrac_inv")
 GROUND_TRUTH = "ldo"
 GROUND_TRUTHS = ("ldo", "lds")  # retraining: leave-dataset-out, random subsets (LDS)
 CELL_METHODS = tuple(m for m in METHODS if m != "lds")  # those with cells in the table
+# Between the names of an LDS subset's training sets, where a subset is stored as one string;
+# a dataset's name cannot hold it (DatasetSpec._plain_name).
+KEPT_SEPARATOR = "/"
 # With resources.actors_per_task > 1 (a gang, engine/sharded.py): the methods a sharded bench cannot
 # run, and the unlearning optimizers it can (elementwise updates work on shards; training.
 # optimizer, LDO's, is always one of them).
@@ -132,8 +135,9 @@ class DatasetSpec(StrictModel):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str) -> str:
-        if name != name.strip() or "/" in name:
-            raise ValueError(f"name {name!r} must not contain '/' or surrounding spaces")
+        if name != name.strip() or KEPT_SEPARATOR in name:
+            raise ValueError(f"name {name!r} must not contain {KEPT_SEPARATOR!r} or "
+                             "surrounding spaces")
         return name
 
     def resolved_format(self) -> str:

@@ -7,6 +7,7 @@ the same tidy table (method, step, train_set, test_set, influence, loss_before, 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import numpy as np
 
 from untrac_ray.inputs.errors import SpecError
 from untrac_ray.inputs.spec import JobSpec
+from untrac_ray.inputs.spec_sections import KEPT_SEPARATOR
 from untrac_ray.methods.cells import average_members, cell, influence_rows
 from untrac_ray.methods.schedule import eval_schedules, headline_point
 from untrac_ray.methods.tasks import (
@@ -116,26 +118,32 @@ def plan_ldo(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
     return plan
 
 
-KEPT_SEPARATOR = "/"  # between the names of a subset's sets ("/" is refused in a name)
+def subset_size(n_train: int, keep: float) -> int:
+    """How many training sets every LDS subset keeps: round(keep x K), half up, and at least
+    one set kept and one left out."""
+    return min(max(int(math.floor(keep * n_train + 0.5)), 1), n_train - 1)
 
 
 def draw_subsets(train: list[str], n: int, keep: float, seed: int) -> list[tuple[str, ...]]:
-    """`n` random subsets of the training sets for the linear datamodeling score: each set
-    kept with probability `keep`, independently; empty and repeated draws are drawn again
-    (a repeat would retrain the same model), so with few sets there may be fewer than n
-    (every non-empty subset, at most 2^K - 1); as n nears that, redrawing repeats pulls the
-    share kept toward one half. Sets keep the spec's order in each subset."""
+    """`n` distinct random subsets of the training sets for the linear datamodeling score,
+    each of exactly subset_size(K, keep) sets, as datamodels draw them: with subsets of one
+    size, a prediction cannot score by counting the sets left out (results/scores.py). With
+    few sets there are fewer than n (all C(K, m) of them, in a seeded order). Sets keep the
+    spec's order in each subset."""
     rng = np.random.default_rng([seed, 7])
-    possible = 2 ** len(train) - 1
-    out: list[tuple[str, ...]] = []
-    seen: set[tuple[str, ...]] = set()
-    while len(out) < min(n, possible):
-        mask = rng.random(len(train)) < keep
-        kept = tuple(name for name, k in zip(train, mask, strict=True) if k)
-        if kept and kept not in seen:
-            seen.add(kept)
-            out.append(kept)
-    return out
+    m = subset_size(len(train), keep)
+    possible = math.comb(len(train), m)
+    if possible <= n:
+        every = list(itertools.combinations(range(len(train)), m))
+        picked = [every[i] for i in rng.permutation(len(every))]
+    else:
+        picked, seen = [], set()
+        while len(picked) < n:
+            draw = tuple(sorted(rng.choice(len(train), size=m, replace=False).tolist()))
+            if draw not in seen:
+                seen.add(draw)
+                picked.append(draw)
+    return [tuple(train[i] for i in sorted(idx)) for idx in picked]
 
 
 def plan_lds(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
@@ -147,7 +155,8 @@ def plan_lds(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
     subsets = draw_subsets(train, lds.subsets, lds.keep, lds.sample_seed)
     if len(subsets) < 4:
         raise SpecError(f"methods.lds: {len(train)} training sets make only {len(subsets)} "
-                        "distinct subsets; the score needs at least 4")
+                        f"distinct subsets of {subset_size(len(train), lds.keep)} sets; the "
+                        "score needs at least 4 (4 or more training sets)")
     seeds = spec.methods.lds_seeds(spec.training.seed)
     noise = spec.methods.lds_noise_seed(spec.training.seed)
     tasks = [SubsetTask(i, kept, tuple(test), spec.training, seed)

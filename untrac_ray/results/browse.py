@@ -21,7 +21,8 @@ import pandas as pd
 
 from untrac_ray.inputs.errors import InputError
 from untrac_ray.inputs.spec_sections import GROUND_TRUTH
-from untrac_ray.results.scoring import ALL_CELLS, MEAN_OVER_TESTS, pearson, spearman
+from untrac_ray.results.score_views import per_test_table, summary_table
+from untrac_ray.results.scoring import pearson, spearman
 from untrac_ray.results.tables import by_mean_influence, point_label, points_of
 
 if TYPE_CHECKING:
@@ -243,44 +244,6 @@ def cells_frame(views: list[MatrixView]) -> pd.DataFrame:
     return out[["method", "point", "train_set", "test_set", "influence", "rank"]]
 
 
-def scores_at(scores: pd.DataFrame | None, method: str, point: int) -> pd.DataFrame | None:
-    """A method's scores against the ground truth at a point: per test set, mean, all cells."""
-    if scores is None or scores.empty:
-        return None
-    part = scores[(scores["method"] == method) & (scores["point"] == point)]
-    if part.empty:
-        return None
-    special = {MEAN_OVER_TESTS: 1, ALL_CELLS: 2}
-    part = part.assign(_order=part["test_set"].map(special).fillna(0))
-    return part.sort_values("_order", kind="stable").drop(columns="_order")
-
-
-def with_lds_scores(scores: pd.DataFrame | None, lds: pd.DataFrame | None
-                    ) -> pd.DataFrame | None:
-    """A run's scores against leave-dataset-out with an `lds` column beside them (its
-    lds_scores table: per method, point and test set; NaN where a run has only one of
-    them). Either may be None."""
-    if lds is None or lds.empty:
-        return scores
-    lds = lds[["method", "point", "test_set", "lds"]]
-    if scores is None or scores.empty:
-        return lds.assign(pearson=np.nan, spearman=np.nan)
-    return scores.merge(lds, on=["method", "point", "test_set"], how="outer")
-
-
-def best_point(scores: pd.DataFrame | None, method: str) -> tuple[int, float] | None:
-    """The point with the best mean Pearson correlation, and that correlation (hindsight:
-    chosen on the ground truth it is scored against)."""
-    if scores is None or scores.empty:
-        return None
-    mean = scores[(scores["method"] == method) & (scores["test_set"] == MEAN_OVER_TESTS)]
-    mean = mean.dropna(subset=["pearson"])
-    if mean.empty:
-        return None
-    best = mean.loc[mean["pearson"].idxmax()]
-    return int(best["point"]), float(best["pearson"])
-
-
 def examples_for(examples: pd.DataFrame, views: list[MatrixView], k: int,
                  n: int) -> pd.DataFrame:
     """The drill-down rows shown: per test set, its top-k training sets (by the shown matrix of
@@ -326,7 +289,7 @@ def show_json(record: RunRecord, views: list[MatrixView], k: int,
     """`show` for scripts: the run, each matrix with its top-k and scores, the examples."""
     matrices = []
     for v in views:
-        part = scores_at(scores, v.method, v.point)
+        part = per_test_table(scores, v.method, v.point)
         top = top_k(v, k)
         matrices.append({
             "method": v.method, "point": v.point, "points": v.points, "steps": v.steps,
@@ -335,10 +298,13 @@ def show_json(record: RunRecord, views: list[MatrixView], k: int,
             "influence": [[_num(x) for x in row] for row in v.matrix.to_numpy(dtype=float)],
             "top": {str(t): _records(p.drop(columns="test_set"))
                     for t, p in top.groupby("test_set", sort=False)},
-            "scores": None if part is None else _records(part[[
-                c for c in ("test_set", "pearson", "spearman", "lds") if c in part]]),
+            "scores": None if part is None else _records(pd.DataFrame(
+                part.rows, columns=part.headers)),
         })
     out: dict = {"run": record_dict(record), "matrices": matrices}
+    summary = summary_table(scores)
+    if summary is not None:
+        out["scores"] = _records(pd.DataFrame(summary.rows, columns=summary.headers))
     if want_examples:
         out["examples"] = (None if examples is None or examples.empty
                            else _records(examples_for(examples, views, k, n_examples)))
@@ -362,21 +328,8 @@ class Comparison:
     per_test: pd.DataFrame
     top1_agreement: int
     dropped: list[str]
-    lds_a: str | None = None  # each side's LDS, where its run has one (lds_of)
-    lds_b: str | None = None
-
-
-def lds_of(lds_summary: pd.DataFrame | None, method: str) -> str | None:
-    """A method's LDS in a run, with its interval ("LDS +0.62 [+0.41, +0.77]"), from the
-    run's lds_summary table; None when it has none."""
-    if lds_summary is None:
-        return None
-    rows = lds_summary[lds_summary["method"] == method]
-    if rows.empty or rows["lds"].isna().all():
-        return None
-    r = rows.iloc[0]
-    return (f"LDS {fmt_corr(r['lds'])} [{fmt_corr(r['lds_low'])}, {fmt_corr(r['lds_high'])}] "
-            f"at point {int(r['point'])} over {int(r['lds_n'])} subsets")
+    scores_a: str | None = None  # each side's headline scores (score_views.describe)
+    scores_b: str | None = None
 
 
 def default_method(methods: list[str], avoid: str | None = None) -> str | None:
@@ -458,7 +411,7 @@ def compare_json(c: Comparison, record_a: RunRecord, record_b: RunRecord) -> dic
         "train_sets": c.train, "test_sets": c.test, "dropped": c.dropped,
         "pearson": c.pearson, "spearman": c.spearman,
         "top1_agreement": c.top1_agreement, "per_test": _records(c.per_test),
-        "lds_a": c.lds_a, "lds_b": c.lds_b,
+        "scores_a": c.scores_a, "scores_b": c.scores_b,
         "cells": _records(compare_frame(c)),
     }
 

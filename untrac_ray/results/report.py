@@ -20,12 +20,12 @@ import pandas as pd
 
 from untrac_ray.results.browse import (
     MatrixView,
-    fmt_corr,
     fmt_duration,
     fmt_time,
     methods_of,
     view,
 )
+from untrac_ray.results.score_views import headline_rows, summary_table
 from untrac_ray.results.scoring import agreement_of, cells_at
 from untrac_ray.results.tables import method_title
 from untrac_ray.results.verdict import Line
@@ -51,7 +51,7 @@ class RunReport:
     meta: list[str]
     table: pd.DataFrame  # the tidy influence table
     trust: list[Line]
-    summary: pd.DataFrame | None = None  # scoring.summary: the headline scores
+    scores: pd.DataFrame | None = None  # the one score table (results/scores.py)
     examples: pd.DataFrame | None = None  # the drill-down (UnTrac-Inv's top rows)
     job_yaml: str | None = None
     figures: dict[str, bytes] = field(default_factory=dict)  # figures/<name>.png -> PNG
@@ -86,42 +86,29 @@ def _matrix(v: MatrixView) -> str:
             + "</div>")
 
 
-def _scores(summary: pd.DataFrame) -> list[str]:
-    """The scores section: against leave-dataset-out (with Fisher's interval) and, with LDS,
-    the linear datamodeling score (with its bootstrap interval and ceiling)."""
-    parts = []
-    if summary["pearson_mean"].notna().any():
-        parts.append("<h2>Scores against leave-dataset-out</h2>"
-                     "<p>Pearson and Spearman over the training sets, the mean over test "
-                     "sets, at the point fixed in advance (the last, or score_point), with "
-                     "Fisher's 95% interval; the best point is chosen on the ground truth "
-                     "itself, so it flatters.</p>")
-        rows = [[method_title(s.method), float(s.pearson_mean), float(s.pearson_low),
-                 float(s.pearson_high), float(s.spearman_mean), float(s.pearson_all_cells),
-                 str(s.point) if s.point else "-", str(s.best_point) if s.point else "-",
-                 float(s.pearson_mean_best)] for s in summary.itertuples()]
-        parts.append(_table(["method", "pearson", "low", "high", "spearman",
-                             "pearson all cells", "at point", "best point (hindsight)",
-                             "pearson there"], rows, "scores"))
-    if "lds" in summary.columns:
-        first = summary.iloc[0]
-        parts.append(f"<h2>Linear datamodeling score</h2><p>{int(first['lds_n'])} models "
-                     "retrained on random subsets of the training sets: per test set, the "
-                     "Spearman correlation between each one's loss and the sum of the "
-                     "estimate's cells of the sets it left out, the mean over test sets, with "
-                     "a bootstrap 95% interval over the subsets. Ceiling from the seed noise: "
-                     f"{html.escape(fmt_corr(first['lds_ceiling']))}.</p>")
-        rows = [[method_title(s.method), float(s.lds), float(s.lds_low), float(s.lds_high),
-                 str(s.point) if s.point else "-"] for s in summary.itertuples()]
-        parts.append(_table(["method", "LDS", "low", "high", "at point"], rows, "lds"))
+def _cells(row: list) -> list:
+    """A score_views row for _table: correlations as floats, blanks as '-'."""
+    return [c if isinstance(c, float) else ("-" if c is None else str(c)) for c in row]
+
+
+def _scores(scores: pd.DataFrame) -> list[str]:
+    """The scores section: the one score table's headline view (score_views.summary_table),
+    its notes and warnings, as `run` and `show` print them."""
+    st = summary_table(scores)
+    if st is None:
+        return []
+    parts = ["<h2>Scores against the ground truth</h2>"]
+    parts += [f"<p>{html.escape(note)}</p>" for note in st.notes]
+    parts.append(_table(st.headers, [_cells(row) for row in st.rows], "scores"))
+    parts += [f'<p class="warn">{html.escape(w)}</p>' for w in st.warnings]
     return parts
 
 
-def method_agreement(table: pd.DataFrame, summary: pd.DataFrame | None) -> list[list]:
+def method_agreement(table: pd.DataFrame, scores: pd.DataFrame | None) -> list[list]:
     """Every pair of estimates in the run: the Pearson of their cells, each at its headline
-    point (summary's), else its last."""
-    points = ({r.method: int(r.point) for r in summary.itertuples()}
-              if summary is not None else {})
+    point (the score table's), else its last."""
+    top = headline_rows(scores)
+    points = {r.method: int(r.point) for r in top.itertuples()} if not top.empty else {}
     estimates = [m for m in methods_of(table) if m != "ldo"]
     cells = {m: cells_at(table, m, points.get(m)) for m in estimates}
     return [[f"{method_title(a)} / {method_title(b)}", agreement_of([cells[a], cells[b]])]
@@ -136,9 +123,9 @@ def report_html(r: RunReport) -> str:
     for line in r.trust:
         parts.append(f'<li class="{"warn" if line.warning else ""}">{html.escape(line)}</li>')
     parts.append("</ul>")
-    if r.summary is not None and not r.summary.empty:
-        parts += _scores(r.summary)
-    pairs = method_agreement(r.table, r.summary)
+    if r.scores is not None and not r.scores.empty:
+        parts += _scores(r.scores)
+    pairs = method_agreement(r.table, r.scores)
     if pairs:
         parts.append("<h2>Agreement between the methods</h2><p>Pearson over all cells: "
                      "estimates of the same influences that disagree make each other "

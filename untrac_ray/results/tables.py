@@ -70,8 +70,11 @@ METHOD_TITLES = {  # how a method is named to people: figures, the verdict, the 
 
 
 def method_title(method: str) -> str:
-    """A method's name for people (UnTrac-Inv for untrac_inv); an unknown one as it is."""
-    return METHOD_TITLES.get(method, method)
+    """A method's name for people (UnTrac-Inv for untrac_inv; the score table's reference and
+    ceiling rows by scores.ROW_TITLES); an unknown one as it is."""
+    from untrac_ray.results.scores import ROW_TITLES
+
+    return METHOD_TITLES.get(method, ROW_TITLES.get(method, method))
 
 
 def by_mean_influence(mat: pd.DataFrame) -> pd.DataFrame:

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from untrac_ray.inputs.errors import RunAdopted, TrackingError
 from untrac_ray.inputs.spec import JobSpec
+from untrac_ray.results.scores import ARTIFACT as SCORE_TABLE
 from untrac_ray.results.store import (
     HEADLINE_TAG,
     HEARTBEAT_S,
@@ -258,56 +259,21 @@ class JobRun:
         ]
         self._log_batch(metrics)
 
-    def log_scores(self, scores: pd.DataFrame | None, summary: pd.DataFrame) -> None:
-        """Correlations with the ground truth: metrics per evaluation point, the tables, and
-        the headline tag (each method's mean Pearson at its point fixed in advance; `scores`
-        None: a job scored by LDS alone)."""
+    def log_score_table(self, scores: pd.DataFrame) -> None:
+        """The one score table (results/scores.py): its rows as metrics (score_views.
+        metric_points: every point as the step, the headline's value, interval and margin),
+        the table itself (`score_table`), and the headline tag (each estimate's mean Pearson
+        at its point fixed in advance, what `runs` lists)."""
+        from untrac_ray.results.score_views import headline_values, metric_points
+
         now = int(time.time() * 1000)
-        metrics = []
-        for r in (scores if scores is not None else pd.DataFrame()).itertuples():
-            name = {"__mean__": "mean", "__all__": "all"}.get(r.test_set, r.test_set)
-            for stat in ("pearson", "spearman"):
-                value = getattr(r, stat)
-                if value == value:  # not NaN
-                    metrics.append(Metric(metric_key("score", r.method, f"{stat}_{name}"),
-                                          float(value), now, int(r.point)))
-        self._log_batch(metrics)
-        if scores is not None:
-            self.log_table(scores, "scores")
-        self.log_table(summary, "score_summary")
-        headline = ",".join(f"{r.method}={r.pearson_mean:.3f}" for r in summary.itertuples()
-                            if r.pearson_mean == r.pearson_mean)
+        self._log_batch([Metric(metric_key("score", method, name), value, now, step)
+                         for method, name, value, step in metric_points(scores)])
+        self.log_table(scores, SCORE_TABLE)
+        headline = ",".join(f"{m}={v:.3f}" for m, v in headline_values(scores, "pearson")
+                            .items())
         if headline:
             self.set_tag(HEADLINE_TAG, headline)
-        intervals = [Metric(metric_key("score", r.method, name), float(getattr(r, name)), now,
-                            int(r.point))
-                     for r in summary.itertuples() for name in ("pearson_low", "pearson_high")
-                     if getattr(r, name) == getattr(r, name)]
-        self._log_batch(intervals)
-
-    def log_lds(self, scores: pd.DataFrame, summary: pd.DataFrame) -> None:
-        """The linear datamodeling score (results/lds.py): score/<method>/lds (the mean over
-        test sets) and lds_<test set> at every point, the interval at the headline point,
-        the ceiling, and the tables lds_scores and lds_summary."""
-        now = int(time.time() * 1000)
-        metrics = []
-        for r in scores.itertuples():
-            name = "lds" if r.test_set == "__mean__" else f"lds_{r.test_set}"
-            if r.lds == r.lds:
-                metrics.append(Metric(metric_key("score", r.method, name), float(r.lds), now,
-                                      int(r.point)))
-        for r in summary.itertuples():
-            for name in ("lds_low", "lds_high"):
-                value = getattr(r, name)
-                if value == value:
-                    metrics.append(Metric(metric_key("score", r.method, name), float(value),
-                                          now, int(r.point)))
-        ceiling = summary["lds_ceiling"].iloc[0] if len(summary) else float("nan")
-        if ceiling == ceiling:
-            metrics.append(Metric(metric_key("score", "lds_ceiling"), float(ceiling), now, 0))
-        self._log_batch(metrics)
-        self.log_table(scores, "lds_scores")
-        self.log_table(summary, "lds_summary")
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._check_owner()

@@ -1,12 +1,15 @@
 """How far to trust a run's answer, in a few lines: what `run`, `show` and the report end with.
 
 Built only from what the run has: how well its estimates of the same cells agree (UnTrac
-against UnTrac-Inv, an ensemble's seeds), and, when it has a ground truth (leave-dataset-out),
-each estimate's mean Pearson at its point fixed in advance with a 95% interval; with LDS
-(retraining on random subsets), each estimate's LDS with its bootstrap interval and ceiling.
-The Pearson's interval is Fisher's for one test set's correlation over the training sets (n =
-their number): with 4 to 8 training sets it is wide, and the verdict says so rather than
-rounding a +0.9 up to "right".
+against UnTrac-Inv, an ensemble's seeds), and, with a ground truth, each estimate's headline
+scores from the one score table (results/scores.py): the value with its 95% interval, its
+paired lead over the reference rows (constant and random cells, which know nothing) and the
+ceiling the truth's seed noise leaves.
+
+An estimate is called informative only when its paired lead over both reference rows has a
+95% interval above zero and the ceiling allows a judgement; with a ceiling below 0.5 or
+below the score itself, the verdict says the ground truth is too noisy to judge and how to
+make it less so. The words for an informative score (`claim`) come from scores.SCORES.
 
 The wording follows what the benchmarks measured (docs/benchmarks.md): agreement below
 scoring.AGREEMENT_LOW went with inaccurate estimates, but agreement above it did not make them
@@ -20,10 +23,13 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from untrac_ray.results.scoring import AGREEMENT_LOW, pearson_interval
+from untrac_ray.results.score_views import headline_rows, interval, scores_in
+from untrac_ray.results.scores import CEILING, ESTIMATE, SCORES, TRUTH
+from untrac_ray.results.scoring import AGREEMENT_LOW
 from untrac_ray.results.tables import method_title
 
-TRACKS = 0.5  # a lower bound above this: the estimate tracks retraining on this job
+TRACKS = 0.5  # a lower bound above this: the estimate tracks the ground truth on this job
+NOISY = 0.5  # a ceiling below this: the ground truth is too noisy to judge an estimate
 HOW_TO_CHECK = (
     "no ground truth in this run: to measure how far to trust it, retrain without each "
     "training set on a small proxy (a copy of the job with a small model.config and "
@@ -51,29 +57,42 @@ def _label(key: str) -> str:
     return key
 
 
-def _lds_line(r) -> Line | None:
-    """An estimate's linear datamodeling score with its interval and ceiling, and what it
-    means (results/lds.py); None when the run has no LDS."""
-    value = float(getattr(r, "lds", float("nan")))
+def _score_line(r, top: float) -> Line:
+    """One estimate's headline score against one ground truth, and what it means."""
+    kind = SCORES[r.score]
+    name, value = method_title(r.method), float(r.value)
     if value != value:
-        return None
-    name, low, high = method_title(r.method), float(r.lds_low), float(r.lds_high)
-    top = float(r.lds_ceiling)
-    ceiling = f"; ceiling {top:+.2f} from the seed noise" if top == top else ""
-    if low > TRACKS:
-        call, warning = "predicts retraining on subsets of the training sets", False
-    elif value > TRACKS:
-        call, warning = "probably predicts retraining on subsets, but the interval is wide", True
-    else:
-        call, warning = "does not predict retraining on subsets here", True
-    return Line(f"{name}: LDS {value:+.2f}, 95% interval [{low:+.2f}, {high:+.2f}] over "
-                f"{int(r.lds_n)} retrained subsets{ceiling}: {call}", warning)
+        return Line(f"{name}: {kind.title} against {kind.truth} undefined on every test set "
+                    "(a constant ground truth or missing cells)", warning=True)
+    span = interval(r.low, r.high)
+    text = (f"{name}: {kind.title} {value:+.2f}" + (f", 95% interval {span}" if span else "")
+            + f" over {int(r.n)} {kind.points}")
+    lead = interval(r.margin_low, r.margin_high)
+    if lead:
+        text += f"; above constant and random cells by {r.margin:+.2f} {lead} (paired)"
+    if top == top:
+        text += f"; ceiling {top:+.2f} from the seed noise"
+    if top == top and (top < NOISY or top < value):
+        return Line(f"{text}: the ground truth is too noisy to judge it; make it less so with "
+                    f"{kind.more}", warning=True)
+    if kind.interval == "Fisher's" and not span:
+        return Line(f"{text}: too few training sets to tell", warning=True)
+    if r.margin_low == r.margin_low and r.margin_low > 0:
+        if r.low == r.low and r.low > TRACKS:
+            return Line(f"{text}: {kind.claim} on this job")
+        return Line(f"{text}: carries signal (it beats estimates that know nothing), but its "
+                    f"interval reaches below {TRACKS}: it {kind.claim} only weakly here",
+                    warning=True)
+    if r.margin_high == r.margin_high and r.margin_high < 0:
+        return Line(f"{text}: below estimates that know nothing; it ranks the training sets "
+                    "backwards here: do not rank training sets by it", warning=True)
+    return Line(f"{text}: no better than constant or random cells; no evidence it "
+                f"{kind.claim} here: do not rank training sets by it", warning=True)
 
 
-def verdict(agreement: Mapping[str, float], summary: pd.DataFrame | None,
-            n_train: int) -> list[Line]:
-    """The verdict's lines: agreement, each estimate against the ground truth with its
-    interval, and what that means; with no ground truth, how to get one."""
+def verdict(agreement: Mapping[str, float], scores: pd.DataFrame | None) -> list[Line]:
+    """The verdict's lines: agreement, each estimate against each ground truth the run has
+    (the one score table), and what that means; with no ground truth, how to get one."""
     lines = []
     for key, value in agreement.items():
         if value != value:
@@ -84,31 +103,20 @@ def verdict(agreement: Mapping[str, float], summary: pd.DataFrame | None,
         else:
             lines.append(Line(f"{_label(key)} agree (Pearson {value:+.2f} over the cells); "
                               "agreement alone does not show they are right"))
-    if summary is None or summary.empty:
+    top = headline_rows(scores)
+    judged = [s for s in scores_in(scores) if SCORES[s].interval]
+    if top.empty or not judged:
         lines.append(Line(HOW_TO_CHECK))
         return lines
-    for r in summary.itertuples():
-        name = method_title(r.method)
-        value = float(r.pearson_mean)
-        lds = _lds_line(r)
-        if lds is not None:
-            lines.append(lds)
-            if value != value:  # scored by LDS alone (no leave-dataset-out in the job)
-                continue
-        if value != value:
-            lines.append(Line(f"{name}: no correlation with leave-dataset-out (constant)",
-                              warning=True))
-            continue
-        interval = pearson_interval(value, n_train)
-        span = (f", 95% interval [{interval[0]:+.2f}, {interval[1]:+.2f}] over {n_train} "
-                "training sets" if interval else f" over only {n_train} training sets")
-        if interval is not None and interval[0] > TRACKS:
-            call, warning = "tracks retraining on this job", False
-        elif value > TRACKS:
-            call, warning = ("probably tracks retraining, but the interval is wide" if interval
-                             else "too few training sets to tell"), True
-        else:
-            call, warning = "does not track retraining here: do not rank training sets by it", True
-        lines.append(Line(f"{name} vs leave-dataset-out: Pearson {value:+.2f}{span}: {call}",
-                          warning))
+    ceilings = {r.score: float(r.value) for r in top[top["kind"] == CEILING].itertuples()}
+    for method in dict.fromkeys(top.loc[top["kind"] == ESTIMATE, "method"]):
+        for s in judged:
+            mine = top[(top["method"] == method) & (top["score"] == s)]
+            if not mine.empty:
+                lines.append(_score_line(mine.iloc[0], ceilings.get(s, float("nan"))))
+    for r in top[(top["kind"] == TRUTH) & top["score"].isin(judged)].itertuples():
+        kind = SCORES[r.score]
+        lines.append(Line(f"{method_title(r.method)}'s own cells (the ground truth of one set "
+                          f"at a time) reach {kind.title} {r.value:+.2f}: how far the "
+                          f"{kind.truth} is the sum of one-set effects"))
     return lines

@@ -22,15 +22,10 @@ from untrac_ray.methods.cells import average_members, influence_rows
 from untrac_ray.methods.plans import plan_methods
 from untrac_ray.methods.tasks import EkfacTask, EvalTask, LdoTask, TaskResult, UnlearnTask
 from untrac_ray.results import plots
-from untrac_ray.results.lds import lds_scores, lds_summary, with_lds
 from untrac_ray.results.runs import find_resumable_run
-from untrac_ray.results.scoring import (
-    agreement,
-    ensemble_agreement,
-    score_table,
-    summary,
-    truth_matrix,
-)
+from untrac_ray.results.score_views import headline_rows
+from untrac_ray.results.scores import ESTIMATE, score_frame
+from untrac_ray.results.scoring import agreement, ensemble_agreement, truth_matrix
 from untrac_ray.results.store import TAG_PREFIX, check_store, resolve_tracking_uri
 from untrac_ray.results.tables import influence_table, matrix, top_examples
 from untrac_ray.results.tracking import JobRun, metric_key
@@ -57,14 +52,11 @@ class JobOutcome:
     base_losses: dict[str, float]
     model_dir: Path
     seconds_by_method: dict[str, float] = field(default_factory=dict)
-    scores: pd.DataFrame | None = None
-    score_summary: pd.DataFrame | None = None
+    scores: pd.DataFrame | None = None  # the one score table (results/scores.py)
     examples: pd.DataFrame | None = None
     extras: dict = field(default_factory=dict)
     restored: tuple[int, int] | None = None  # a resumed run: (tasks restored, tasks in all)
     agreement: dict[str, float] = field(default_factory=dict)  # scoring.agreement, ensembles
-    lds_scores: pd.DataFrame | None = None  # results/lds.py: every method at every point
-    lds: pd.DataFrame | None = None  # its summary, LDO's own row included
 
 
 def find_run_to_resume(spec: JobSpec, uri: str, resume: Resume, reporter: Reporter
@@ -265,34 +257,36 @@ def _run_tasks_and_log(session: JobSession, run: JobRun, reporter: Reporter) -> 
     truth = session.truth
     if truth is None and "ldo" in enabled:
         truth = truth_matrix(table)
-    score(spec, run, outcome, truth, headline, train)
-    log_figures(run, table, truth, outcome.score_summary, train, test)
+    own_seeds = (pd.DataFrame(outcome.extras["ldo_seeds"])
+                 if session.truth is None and "ldo_seeds" in outcome.extras else None)
+    score(spec, run, outcome, truth, own_seeds, headline, train, test)
+    log_figures(run, table, truth, outcome.scores, train, test)
     return outcome
 
 
 def score(spec: JobSpec, run: JobRun, outcome: JobOutcome, truth: pd.DataFrame | None,
-          headline: dict[str, int], train: list[str]) -> None:
-    """Every estimate against the ground truths the job has: the Pearson and Spearman with
-    leave-dataset-out (`truth`), and the LDS over the retrained subsets (results/lds.py);
-    one summary of both, logged, in outcome.score_summary."""
-    groups = spec.data.test_groups()
-    table, estimates = outcome.table, spec.methods.estimates()
-    found = None
-    if truth is not None and estimates:
-        outcome.scores = score_table(table, truth, groups)
-        found = summary(outcome.scores, headline)
-    if "lds_subsets" in outcome.extras and (estimates or "ldo" in table["method"].values):
+          ldo_seeds: pd.DataFrame | None, headline: dict[str, int], train: list[str],
+          test: list[str]) -> None:
+    """Every estimate against the ground truths the job has (leave-dataset-out's `truth`,
+    the LDS's retrained subsets) in the one score table (results/scores.py), logged once, in
+    outcome.scores. `ldo_seeds`: this run's own LDO per seed (plan_ldo's extras), for the
+    Pearson's ceiling."""
+    subsets = None
+    if "lds_subsets" in outcome.extras:
         subsets = pd.DataFrame(outcome.extras["lds_subsets"])
         run.log_table(subsets, "lds_subsets")
-        outcome.lds_scores = lds_scores(table, subsets, train, groups)
-        outcome.lds = lds_summary(table, subsets, train, headline, groups,
-                                  spec.methods.lds.bootstrap)
-        run.log_lds(outcome.lds_scores, outcome.lds)
-        if estimates:
-            found = with_lds(found, outcome.lds)
-    if found is not None:
-        outcome.score_summary = found
-        run.log_scores(outcome.scores, found)
+    if truth is None and subsets is None:
+        return
+    if ldo_seeds is not None:
+        ldo_seeds = ldo_seeds.assign(influence=ldo_seeds["loss_without"] - ldo_seeds["loss_full"])
+    lds = spec.methods.lds
+    found = score_frame(
+        outcome.table, train, test, headline, spec.data.test_groups(), truth, ldo_seeds,
+        subsets, resamples=lds.bootstrap if lds is not None else 1000,
+        seed=lds.sample_seed if lds is not None else 0)
+    if not found.empty:
+        outcome.scores = found
+        run.log_score_table(found)
 
 
 def _pool(engine) -> str:
@@ -317,7 +311,7 @@ def drill_down(spec, data, results, plans, base_rows, indices) -> pd.DataFrame:
 
 
 def log_figures(run: JobRun, table: pd.DataFrame, truth: pd.DataFrame | None,
-                score_summary: pd.DataFrame | None, train: list[str], test: list[str]) -> None:
+                scores: pd.DataFrame | None, train: list[str], test: list[str]) -> None:
     """Heatmaps of every method, trajectories of the unlearning methods, and scatters of each
     estimate against the ground truth at its headline point (fixed in advance)."""
     for method in dict.fromkeys(table["method"]):
@@ -325,9 +319,11 @@ def log_figures(run: JobRun, table: pd.DataFrame, truth: pd.DataFrame | None,
         if method in UNLEARNING_METHODS:
             run.log_figure(plots.trajectory(table, method, train, test),
                            f"figures/trajectory_{method}.png")
-    if truth is None or score_summary is None:
+    if truth is None or scores is None:
         return
-    for _, row in score_summary.iterrows():
+    top = headline_rows(scores)
+    top = top[(top["kind"] == ESTIMATE)].drop_duplicates("method")
+    for _, row in top.iterrows():
         est = matrix(table, row["method"], int(row["point"]), train, test)
         fig = plots.scatter_vs_truth(est, truth.reindex(index=train, columns=test),
                                      row["method"])

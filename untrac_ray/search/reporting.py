@@ -18,7 +18,7 @@ from ray.tune import Callback
 from untrac_ray.inputs.spec import (
     JobSpec,
 )
-from untrac_ray.results.scoring import score_table, summary
+from untrac_ray.results.scores import score_frame
 from untrac_ray.results.tables import influence_table
 from untrac_ray.run.job_setup import Reporter
 from untrac_ray.search.space import CELL_FIELDS, OBJECTIVE, flat_config, scored_methods
@@ -189,8 +189,9 @@ class TrialLogger:
             handle.log_figure(plots.heatmap(table, method, self.train, self.test),
                               f"figures/heatmap_{method}.png")
         if self.truth is not None:
-            scores = score_table(table, self.truth, self.spec.data.test_groups())
-            handle.log_scores(scores, summary(scores))
+            handle.log_score_table(score_frame(table, self.train, self.test,
+                                               groups=self.spec.data.test_groups(),
+                                               truth=self.truth))
 
     def replay(self, trial_id: str, config: dict[str, Any], reports: list[dict],
                error: str | None) -> None:

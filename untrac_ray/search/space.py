@@ -21,14 +21,17 @@ from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.inputs.spec_search import SearchSpec
 from untrac_ray.inputs.spec_sections import UNLEARNING_METHODS, GroundTruthSpec
 from untrac_ray.methods.cells import COLUMNS
-from untrac_ray.results.lds import lds_scores
-from untrac_ray.results.scoring import ALL_CELLS, MEAN_OVER_TESTS, score_table
+from untrac_ray.results.score_views import latest_values
+from untrac_ray.results.scores import score_frame
+from untrac_ray.results.scoring import ALL_CELLS, MEAN_OVER_TESTS
 
 OBJECTIVE = "objective"
 CELL_FIELDS = COLUMNS  # a report's cells travel as lists in this order
-_SCORE_FIELD = {"pearson_mean": (MEAN_OVER_TESTS, "pearson"),
-                "spearman_mean": (MEAN_OVER_TESTS, "spearman"),
-                "pearson_all": (ALL_CELLS, "pearson"), "spearman_all": (ALL_CELLS, "spearman")}
+# objective.metric -> (score, test set) of the one score table (results/scores.py)
+_SCORE_FIELD = {"pearson_mean": ("pearson", MEAN_OVER_TESTS),
+                "spearman_mean": ("spearman", MEAN_OVER_TESTS),
+                "pearson_all": ("pearson", ALL_CELLS), "spearman_all": ("spearman", ALL_CELLS),
+                "lds": ("lds", MEAN_OVER_TESTS)}
 
 
 class SearchError(InputError):
@@ -147,15 +150,15 @@ def objective_of(table: pd.DataFrame, truth: pd.DataFrame | None, spec: JobSpec,
     search's retrained subsets, results/lds.py; `train`: the training sets)."""
     objective = spec.search.objective
     per_method: dict[str, float] = {}
-    if metric_fn is None and objective.metric == "lds":
-        scores = lds_scores(table, lds_subsets, train, spec.data.test_groups())
-        for method, part in scores[scores["test_set"] == MEAN_OVER_TESTS].groupby("method"):
-            per_method[str(method)] = float(part["lds"].iloc[-1])
-    elif metric_fn is None:
-        where, stat = _SCORE_FIELD[objective.metric]
-        scores = score_table(table, truth, spec.data.test_groups())
-        for method, part in scores[scores["test_set"] == where].groupby("method"):
-            per_method[str(method)] = float(part[stat].iloc[-1])
+    if metric_fn is None:
+        score, where = _SCORE_FIELD[objective.metric]
+        lds = score == "lds"
+        test = list(dict.fromkeys(table["test_set"]))
+        train = train or list(dict.fromkeys(table["train_set"]))
+        scores = score_frame(table, train, test, groups=spec.data.test_groups(),
+                             truth=None if lds else truth, subsets=lds_subsets if lds else None,
+                             intervals=False)
+        per_method = latest_values(scores, score, where)
     else:
         for method, part in table.groupby("method"):
             per_method[str(method)] = float(metric_fn(part.reset_index(drop=True), truth))
