@@ -57,22 +57,43 @@ def test_heatmap_draws_exactly_the_matrix_and_trajectory_a_line_per_training_set
     assert [list(line.get_xdata()) for line in first] == [[0, 1, 2]] * 3
 
 
+def _headline(method, score, value, low, high, margin_low, n=6, kind="estimate"):
+    """One headline row of the score table (results/scores.py), as the runner writes it."""
+    from untrac_ray.results.scores import COLUMNS
+
+    row = {"method": method, "kind": kind, "point": 3, "headline": True, "score": score,
+           "test_set": "__mean__", "value": value, "low": low, "high": high,
+           "margin": value, "margin_low": margin_low, "margin_high": value + 0.1, "n": n,
+           "undefined": ""}
+    return pd.DataFrame([row], columns=COLUMNS)
+
+
 def test_the_verdict_says_no_more_than_the_run_shows():
-    from untrac_ray.results.verdict import HOW_TO_CHECK, pearson_interval, verdict
+    from untrac_ray.results.scoring import pearson_interval
+    from untrac_ray.results.verdict import HOW_TO_CHECK, verdict
 
     # Fisher's interval by hand: r = 0.9 over 6 points: tanh(atanh(0.9) -/+ 1.96 / sqrt(3))
     low, high = pearson_interval(0.9, 6)
     assert (round(low, 3), round(high, 3)) == (0.328, 0.989)
     assert pearson_interval(0.9, 3) is None  # too few points for an interval
-    summary = pd.DataFrame({"method": ["untrac", "untrac_inv", "graddot"],
-                            "point": [3, 2, 0], "pearson_mean": [0.9, 0.99, 0.1]})
-    wide, tracks, not_at_all = verdict({}, summary, 6)[:2] + verdict({}, summary, 6)[2:]
-    assert "[+0.33, +0.99] over 6 training sets" in wide and "interval is wide" in wide
-    assert "tracks retraining on this job" in tracks  # 0.99 over 6: lower bound 0.91
-    assert "does not track retraining here" in not_at_all
-    assert "too few training sets to tell" in verdict({}, summary, 3)[0]
+    scores = pd.concat([
+        _headline("untrac", "pearson", 0.9, low, high, 0.2),  # above the floor, wide
+        _headline("untrac_inv", "pearson", 0.99, *pearson_interval(0.99, 6), 0.6),
+        _headline("graddot", "pearson", 0.1, *pearson_interval(0.1, 6), -0.7),  # the floor's
+    ])
+    wide, tracks, not_at_all = verdict({}, scores)
+    assert "[+0.33, +0.99] over 6 training sets" in wide and "only weakly" in wide
+    assert "tracks leave-dataset-out on this job" in tracks  # 0.99 over 6: lower bound 0.91
+    assert "no better than constant or random cells" in not_at_all
+    few = _headline("untrac", "pearson", 0.9, float("nan"), float("nan"), 0.1, n=3)
+    assert "too few training sets to tell" in verdict({}, few)[0]
+    # a ceiling below the score, or below 0.5: the ground truth is too noisy to judge it
+    noisy = pd.concat([scores.iloc[:1], _headline("ceiling", "pearson", 0.4, float("nan"),
+                                                  float("nan"), float("nan"), kind="ceiling")])
+    (line,) = verdict({}, noisy)
+    assert "too noisy to judge" in line and "methods.ldo.seeds" in line and line.warning
     # without a ground truth: agreement (never called proof), and how to get one
-    lines = verdict({"untrac_vs_untrac_inv": 0.2, "untrac_seeds": 0.95}, None, 6)
+    lines = verdict({"untrac_vs_untrac_inv": 0.2, "untrac_seeds": 0.95}, None)
     assert lines[0].startswith("UnTrac and UnTrac-Inv disagree (Pearson +0.20")
     assert "agreement alone does not show they are right" in lines[1]
     assert lines[-1] == HOW_TO_CHECK and "ldo" in HOW_TO_CHECK and "compare" in HOW_TO_CHECK

@@ -231,28 +231,37 @@ def test_the_targets_name_what_each_estimate_missed():
         "MISS (std, beaten)"
 
 
-def test_the_lds_report_chooses_by_lds_and_says_how_far_from_ekfac(capsys):
+def test_the_lds_report_chooses_by_lds_and_says_how_far_from_ekfac_paired(capsys):
     module = load_benchmark("variants")
     base = {"job": "text_corpora", "pretrain_seed": 0, "phase": "report", "ldo_seconds": 30.0,
             "ldo_n": 3, "lds_seconds": 40.0, "lds_ceiling": 0.95, "ldo_lds": 0.9,
-            "pearson_low": 0.5, "pearson_high": 0.99}
+            "pearson_low": 0.5, "pearson_high": 0.99, "lds_n": 20}
     rows = pd.DataFrame([
         {**base, "seed": s, "method": m, "variant": v, "pearson": p, "lds": lds,
-         "lds_low": lds - 0.1, "lds_high": lds + 0.1, "seconds": sec}
-        for s, m, v, p, lds, sec in (
-            (1, "untrac", "paper", 0.95, 0.5, 1.0), (1, "untrac", "npo", 0.9, 0.7, 1.0),
-            (2, "untrac", "paper", 0.95, 0.55, 1.0), (2, "untrac", "npo", 0.85, 0.75, 1.0),
-            (2, "ekfac", "paper", 0.99, 0.8, 1.0))])
+         "lds_low": lds - 0.1, "lds_high": lds + 0.1, "lds_margin": lds,
+         "lds_margin_low": lds - 0.2, "lds_margin_high": lds + 0.2, "vs_ekfac": vs,
+         "vs_ekfac_low": vs - 0.1, "vs_ekfac_high": vs + 0.1, "seconds": sec}
+        for s, m, v, p, lds, vs, sec in (
+            (1, "untrac", "paper", 0.95, 0.5, -0.3, 1.0),
+            (1, "untrac", "npo", 0.9, 0.7, -0.1, 1.0),
+            (2, "untrac", "paper", 0.95, 0.55, -0.25, 1.0),
+            (2, "untrac", "npo", 0.85, 0.75, -0.05, 1.0),
+            (2, "ekfac", "paper", 0.99, 0.8, float("nan"), 1.0),
+            (2, "random_cells", "paper", 0.0, 0.01, float("nan"), float("nan")))])
     assert module.choose(rows, [1], by="lds") == {"untrac": "npo"}
     assert module.choose(rows, [1], by="pearson") == {"untrac": "paper"}
     module.report_lds(rows, [2], {"untrac": "npo"})
     out = capsys.readouterr().out
-    (npo,) = [line for line in out.splitlines() if line.startswith("untrac + npo *")]
-    (paper,) = [line for line in out.splitlines() if line.startswith("untrac  ")]
-    # npo 0.75 [0.65, 0.85] reaches EK-FAC's 0.80 within its interval; its Pearson misses 0.9
-    assert "MISS (pearson +0.85 < 0.9) [vs EK-FAC -0.05]" in npo
-    # the paper's 0.55 [0.45, 0.65] is below EK-FAC's 0.80 beyond its interval, by 0.25
-    assert "LDS -0.25 below EK-FAC's, beyond the interval" in paper
+    lines = out.splitlines()
+    (npo,) = [line for line in lines if line.startswith("untrac + npo *")]
+    (paper,) = [line for line in lines if line.startswith("untrac  ")]
+    # npo: 0.05 below EK-FAC, the paired interval [-0.15, +0.05] reaches 0; Pearson misses
+    assert "MISS (pearson +0.85 < 0.9)" in npo and "-0.05 [-0.15, +0.05]" in npo
+    # the paper's: 0.25 below EK-FAC, beyond the paired interval [-0.35, -0.15]
+    assert "LDS -0.25 below EK-FAC's, beyond the paired interval" in paper
+    # the reference row is printed after the estimates, with no cost and no target
+    assert lines.index(next(x for x in lines if x.startswith("random_cells"))) > \
+        lines.index(npo)
 
 
 def test_test_sets_group_into_the_test_set_they_are_subsets_of(tmp_path):
