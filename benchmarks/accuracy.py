@@ -71,7 +71,8 @@ from untrac_ray.inputs.loading import apply_overrides, load_spec, parse_spec
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import GroundTruthSpec
 from untrac_ray.inputs.tokenization import SEPARATOR, load_tokenizer
-from untrac_ray.results.scoring import MEAN_OVER_TESTS, ground_truth_noise, score_table
+from untrac_ray.results.scores import ESTIMATE, score_frame
+from untrac_ray.results.scoring import MEAN_OVER_TESTS, ground_truth_noise
 from untrac_ray.run.job_setup import prepare_data
 from untrac_ray.run.runner import JobOutcome, run_job
 
@@ -283,9 +284,14 @@ def score_seed(r: SeedResult, pooled: pd.DataFrame, choice: dict[str, int],
     averaged first: `groups`) at the fixed point (the last, or `choice[method]`) and at the
     best point (hindsight), against the run's own and the pooled truth."""
 
+    train, test = list(r.ldo_seeds["train_set"].unique()), list(r.ldo_seeds["test_set"]
+                                                                 .unique())
+
     def mean_scores(truth: pd.DataFrame) -> pd.DataFrame:
-        scores = score_table(r.outcome.table, truth, groups)
-        return scores[scores["test_set"] == MEAN_OVER_TESTS].set_index(["method", "point"])
+        frame = score_frame(r.outcome.table, train, test, groups=groups,
+                            truth=truth.reindex(index=train, columns=test), intervals=False)
+        frame = frame[(frame["test_set"] == MEAN_OVER_TESTS) & (frame["kind"] == ESTIMATE)]
+        return frame.set_index(["method", "point", "score"])["value"].unstack("score")
 
     own, vs_pooled = mean_scores(truth_from(r.ldo_seeds)), mean_scores(pooled)
     rows = []

@@ -22,13 +22,9 @@ from untrac_ray.compute.modeling import build_model, config_from_dict, load_mode
 from untrac_ray.compute.training import read_train_record
 from untrac_ray.inputs.errors import SpecError, UntracError
 from untrac_ray.inputs.loading import load_spec
-from untrac_ray.results.scoring import (
-    ALL_CELLS,
-    MEAN_OVER_TESTS,
-    score_table,
-    summary,
-    truth_matrix,
-)
+from untrac_ray.results.score_views import best_point, headline_rows
+from untrac_ray.results.scores import ESTIMATE, score_frame
+from untrac_ray.results.scoring import ALL_CELLS, MEAN_OVER_TESTS, truth_matrix
 from untrac_ray.run.job_setup import prepare_data
 from untrac_ray.run.runner import run_job
 
@@ -157,24 +153,31 @@ def test_the_ground_truth_scores_itself_one_and_a_shuffled_copy_less():
     shuffled = truth_table.assign(method="shuffled", point=3, step=3,
                                   influence=rng.permutation(truth_table.influence.to_numpy()))
     table = pd.concat([truth_table, copy, shuffled])
-    scores = score_table(table, truth_matrix(table))
-    by = scores.set_index(["method", "test_set"])
-    assert by.loc[("copy", MEAN_OVER_TESTS), "pearson"] == pytest.approx(1.0)
-    assert by.loc[("copy", ALL_CELLS), "spearman"] == pytest.approx(1.0)
-    assert by.loc[("shuffled", MEAN_OVER_TESTS), "pearson"] < 0.99
-    best = summary(scores).set_index("method")
-    assert best.loc["copy", "point"] == 3 and best.loc["copy", "best_point"] == 3
+    frame = score_frame(table, list("abcde"), list("xy"), truth=truth_matrix(table))
+    by = frame[frame["kind"] == ESTIMATE].set_index(["method", "score", "test_set"])["value"]
+    assert by[("copy", "pearson", MEAN_OVER_TESTS)] == pytest.approx(1.0)
+    assert by[("copy", "spearman", ALL_CELLS)] == pytest.approx(1.0)
+    assert by[("shuffled", "pearson", MEAN_OVER_TESTS)] < 0.99
+    assert "ldo" not in set(frame["method"])  # the truth is not scored against itself
+    top = headline_rows(frame).set_index(["method", "score"])
+    assert top.loc[("copy", "pearson"), "point"] == 3
+    assert top.loc[("copy", "pearson"), "margin_low"] > 0  # clears the reference rows
+    assert best_point(frame, "copy", "pearson") is None  # one point: no hindsight
 
 
 def test_job_with_ldo_scores_every_other_method_and_logs_the_scores(ground):
     outcome = ground["outcome"]
-    assert set(outcome.score_summary.method) == {"untrac", "graddot", "gradcos", "tracin"}
+    estimates = outcome.scores[outcome.scores["kind"] == ESTIMATE]
+    assert set(estimates.method) == {"untrac", "graddot", "gradcos", "tracin"}
+    assert {"constant_cells", "random_cells"} <= set(outcome.scores.method)
     client = MlflowClient(tracking_uri=ground["uri"])
     run = client.get_run(outcome.run_id)
     assert "score/untrac/pearson_mean" in run.data.metrics
     assert "untrac=" in run.data.tags["untrac_ray.headline_pearson"]
     names = {a.path for a in client.list_artifacts(outcome.run_id)}
-    assert {"scores.parquet", "score_summary.csv", "ldo_seeds.parquet"} <= names
+    assert "score/untrac/pearson_margin" in run.data.metrics
+    assert "score/constant_cells/pearson" in run.data.metrics
+    assert {"score_table.parquet", "score_table.csv", "ldo_seeds.parquet"} <= names
 
 
 def test_scoring_against_an_earlier_run_and_refusing_a_mismatched_one(ground, ray_cluster):
@@ -184,7 +187,8 @@ def test_scoring_against_an_earlier_run_and_refusing_a_mismatched_one(ground, ra
     ok.write_text(yaml.safe_dump(merge(base, {"ground_truth": {"run_id":
                                                                 ground["outcome"].run_id}})))
     outcome = run_job(load_spec(ok), uri)
-    assert list(outcome.score_summary.method) == ["untrac"]
+    estimates = outcome.scores[outcome.scores["kind"] == ESTIMATE]
+    assert list(dict.fromkeys(estimates.method)) == ["untrac"]
 
     runner = CliRunner()
     other = merge(base, {"ground_truth": {"run_id": ground["outcome"].run_id},

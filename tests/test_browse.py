@@ -65,7 +65,7 @@ def store(tmp_path_factory, ray_cluster):
     return SimpleNamespace(
         uri=uri, tmp=tmp, ids=ids, client=client, experiment_id=exp.experiment_id,
         table={k: read_influence(ids[k], uri) for k in ("full", "proxy")},
-        scores=read_run_table(ids["full"], uri, "scores"),
+        scores=read_run_table(ids["full"], uri, "score_table"),
         examples=read_run_table(ids["full"], uri, "examples/top_examples"),
     )
 
@@ -156,8 +156,8 @@ def test_show_prints_sorted_matrices_top_sets_scores_and_examples(store):
     rows = [name for name in TRAIN if name in section[:section.index("top 3")]]
     order = sorted(rows, key=lambda n: section.index(f"│ {n} "))
     assert order == list(sorted_matrix(table, "untrac_inv").index)  # rows by influence
-    assert "untrac_inv at point 2/2 (step 2) vs leave-dataset-out" in out
-    assert "mean over test sets" in out and "best point by mean Pearson, in hindsight" in out
+    assert "untrac_inv at point 2/2 (step 2) vs the ground truth (leave-dataset-out)" in out
+    assert "mean over test sets" in out and "best point, hindsight (Pearson)" in out
     assert "ldo (leave-dataset-out retraining) is the ground truth" in out
     best = store.examples.sort_values("loss_change").iloc[-1]
     assert best.text.splitlines()[0] in out  # the drill-down's rows are shown
@@ -165,7 +165,8 @@ def test_show_prints_sorted_matrices_top_sets_scores_and_examples(store):
     folder = " ".join(out.split()).split("figures in ", 1)[1].split(": ", 1)[0]
     assert Path(folder).is_absolute() and (Path(folder) / "heatmap_ldo.png").is_file()
     assert "heatmap_ldo.png" in out
-    assert "how far to trust it" in out and "vs leave-dataset-out: Pearson" in out
+    assert "how far to trust it" in out and "over 3 training sets" in out
+    assert "constant cells" in out and "random cells" in out  # the floor, in the table
 
     # by a prefix of the id, one method at one point, top-1
     out = cli(store, "show", store.ids["full"][:10], "-m", "untrac", "-p", "1", "-k", "1").stdout
@@ -197,9 +198,14 @@ def test_show_formats_hold_the_logged_matrices(store, tmp_path):
     for test_set in TEST:
         top = mat[test_set].sort_values(ascending=False).head(2)
         assert [t["train_set"] for t in inv["top"][test_set]] == list(top.index)
-    logged = store.scores.query("method == 'untrac_inv' and point == 2").set_index("test_set")
+    logged = store.scores.query("method == 'untrac_inv' and point == 2 and score == 'pearson'"
+                                ).set_index("test_set")
+    names = {"mean over test sets": "__mean__", "all cells pooled": "__all__"}
+    assert {row["test set"] for row in inv["scores"]} == {*TEST, *names}
     for row in inv["scores"]:
-        assert row["pearson"] == pytest.approx(logged.loc[row["test_set"], "pearson"])
+        want = logged.loc[names.get(row["test set"], row["test set"]), "value"]
+        assert row["Pearson"] == pytest.approx(want)
+    assert [r["method"] for r in data["scores"]][-2:] == ["constant cells", "random cells"]
     assert data["matrices"][2]["scores"] is None  # ldo is the truth itself
     assert data["examples"] and all(e["method"] == "untrac_inv" for e in data["examples"])
     known = set(zip(store.examples.test_set, store.examples.train_set, store.examples.text,
@@ -296,15 +302,16 @@ def test_figures_are_logged_non_empty_and_draw_the_matrices(store):
         assert fig.heatmap_rows == m["train_sets"]  # the order show prints them in
         assert np.allclose(fig.heatmap_values, m["influence"])  # = what show prints
     truth = matrix(table, "ldo", 0, TRAIN, TEST)
-    summary = read_run_table(run, store.uri, "score_summary")
-    for r in summary.itertuples():
+    top = store.scores.query("headline and score == 'pearson' and kind == 'estimate' "
+                             "and test_set == '__mean__'")
+    for r in top.itertuples():
         est = matrix(table, r.method, int(r.point), TRAIN, TEST)  # the headline point
         fig = plots.scatter_vs_truth(est, truth, r.method)
         pts = fig.scatter_points.set_index(["train_set", "test_set"])
         assert np.allclose(pts.estimate, est.stack().reindex(pts.index))
         assert np.allclose(pts.truth, truth.stack().reindex(pts.index))
-        pooled = store.scores.query("method == @r.method and point == @r.point "
-                                    "and test_set == '__all__'").pearson.item()
+        pooled = store.scores.query("method == @r.method and point == @r.point and score == "
+                                    "'pearson' and test_set == '__all__'").value.item()
         assert fig.pearson == pytest.approx(pooled)
         assert f"{pooled:.3f}" in fig.axes[0].get_title()
 
@@ -530,13 +537,14 @@ def test_report_writes_one_page_with_the_figures_and_shows_numbers(store, tmp_pa
     for m in shown["matrices"]:
         assert np.allclose(parsed.matrices[m["method"]], m["influence"]), m["method"]
     # the headline scores, the agreement between methods, the verdict, the job
-    summary = read_run_table(run, store.uri, "score_summary")
-    scores = [[float(v) for v in row if v][:5] for row in parsed.tables["scores"]]
-    for want, row in zip(summary.itertuples(), scores, strict=True):
-        assert np.allclose(row, [want.pearson_mean, want.pearson_low, want.pearson_high,
-                                 want.spearman_mean, want.pearson_all_cells], equal_nan=True)
+    # the page's score rows are show's, in show's order, the reference rows among them
+    assert [r["method"] for r in shown["scores"]][-2:] == ["constant cells", "random cells"]
+    page_rows = parsed.tables["scores"]
+    assert len(page_rows) == len(shown["scores"])
+    for want, row in zip(shown["scores"], page_rows, strict=True):
+        assert float(row[1]) == pytest.approx(want["Pearson"]), want["method"]
     assert parsed.tables["agreement"] and parsed.tables["examples"]
-    assert any("vs leave-dataset-out: Pearson" in item for item in parsed.items)
+    assert any("over 3 training sets" in item for item in parsed.items)
     assert shown["trust"] == [" ".join(item.split()) for item in parsed.items]
     assert "methods:" in page.read_text() and "untrac_inv" in page.read_text()
 

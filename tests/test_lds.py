@@ -307,8 +307,8 @@ def test_a_job_with_lds_resumes_after_sigkill_and_logs_the_score_of_every_estima
     for row in untrac["scores"]:
         test_set = {"mean over test sets": MEAN_OVER_TESTS,
                     "all cells pooled": "__all__"}.get(row["test set"], row["test set"])
-        want = logged.query("method == 'untrac' and point == @untrac['point'] and score == "
-                            "'lds' and test_set == @test_set")["value"]
+        want = logged[(logged.method == "untrac") & (logged.point == untrac["point"])
+                      & (logged.score == "lds") & (logged.test_set == test_set)]["value"]
         if want.empty:  # the Pearson pooled over all cells has no LDS beside it
             assert row["LDS"] is None or row["LDS"] != row["LDS"], row
             continue

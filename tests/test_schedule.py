@@ -1,4 +1,5 @@
-"""Evaluation points (schedule.py) and scoring at them (scoring.py): hand-checkable cases."""
+"""Evaluation points (schedule.py) and scoring at them (results/scores.py): hand-checkable
+cases."""
 
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ import pytest
 
 from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.methods.schedule import eval_schedules, headline_point
+from untrac_ray.results.score_views import best_point, headline_rows
+from untrac_ray.results.scores import score_frame
 from untrac_ray.results.scoring import (
     MEAN_OVER_TESTS,
     group_mean,
     largest_cells,
     pearson,
-    score_table,
     signs_right,
     spearman,
-    summary,
 )
 from untrac_ray.results.tables import influence_table, matrix, with_points
 
@@ -80,7 +81,7 @@ STEPS = {"a": 32, "b": 8, "c": 4}
 
 def _table():
     rows = []
-    # point 1: agrees with the truth on x, is constant on y (undefined correlation there)
+    # point 1: agrees with the truth on x, is constant on y (no ranking there: 0)
     rows += _cells("untrac", 1, {("a", "x"): 0.3, ("b", "x"): 0.2, ("c", "x"): 0.1,
                                  ("a", "y"): 0.5, ("b", "y"): 0.5, ("c", "y"): 0.5},
                    {k: v // 2 for k, v in STEPS.items()})
@@ -96,23 +97,36 @@ def test_the_final_matrix_lines_up_sets_of_different_lengths():
     assert not mat.isna().any().any()
 
 
-def test_scores_per_point_flag_an_undefined_test_set_instead_of_dropping_it():
-    scores = score_table(_table(), TRUTH)
-    mean = scores[scores["test_set"] == MEAN_OVER_TESTS].set_index("point")
-    # point 1: x is +1, y undefined (constant estimate): the mean is over x, flagged
-    assert mean.loc[1, "pearson"] == pytest.approx(1.0) and mean.loc[1, "n_undefined"] == 1
+def _means(frame):
+    """The mean Pearson over test sets per point, with the test sets undefined there."""
+    mean = frame[(frame["score"] == "pearson") & (frame["test_set"] == MEAN_OVER_TESTS)
+                 & (frame["method"] == "untrac")]
+    return mean.set_index("point")
+
+
+def test_a_constant_estimate_scores_zero_and_a_constant_truth_is_named_undefined():
+    frame = score_frame(_table(), TRAIN, TEST, truth=TRUTH, intervals=False)
+    mean = _means(frame)
+    # point 1: x is +1, y is constant: no ranking, 0, not dropped from the mean
+    assert mean.loc[1, "value"] == pytest.approx(0.5) and mean.loc[1, "undefined"] == ""
     # point 2: x is -1, y is exactly linear in the truth: +1
-    assert mean.loc[2, "pearson"] == pytest.approx(0.0) and mean.loc[2, "n_undefined"] == 0
+    assert mean.loc[2, "value"] == pytest.approx(0.0) and mean.loc[2, "undefined"] == ""
+    # a truth that is constant on y leaves y undefined: counted and named, the mean over x
+    flat = TRUTH.assign(y=1.0)
+    mean = _means(score_frame(_table(), TRAIN, TEST, truth=flat, intervals=False))
+    assert mean.loc[1, "undefined"] == "y" and mean.loc[1, "value"] == pytest.approx(1.0)
 
 
 def test_the_headline_is_the_fixed_point_and_the_best_point_is_hindsight():
-    scores = score_table(_table(), TRUTH)
-    last = summary(scores).iloc[0]
-    assert last["point"] == 2 and last["pearson_mean"] == pytest.approx(0.0)
-    assert last["best_point"] == 1 and last["pearson_mean_best"] == pytest.approx(1.0)
-    assert last["undefined"] == ""
-    named = summary(scores, {"untrac": 1}).iloc[0]
-    assert named["point"] == 1 and named["undefined"] == "y"
+    frame = score_frame(_table(), TRAIN, TEST, truth=TRUTH, intervals=False)
+    top = headline_rows(frame)
+    last = top[(top["method"] == "untrac") & (top["score"] == "pearson")].iloc[0]
+    assert last["point"] == 2 and last["value"] == pytest.approx(0.0)
+    assert best_point(frame, "untrac", "pearson") == (1, pytest.approx(0.5))
+    named = headline_rows(score_frame(_table(), TRAIN, TEST, {"untrac": 1}, truth=TRUTH,
+                                      intervals=False))
+    named = named[(named["method"] == "untrac") & (named["score"] == "pearson")].iloc[0]
+    assert named["point"] == 1 and named["value"] == pytest.approx(0.5)
 
 
 def test_one_correlation_nan_in_nan_out():
@@ -143,8 +157,9 @@ def test_score_table_uses_the_groups_for_its_mean():
     table = pd.DataFrame(rows)
 
     def mean(groups):
-        scores = score_table(table, truth, groups)
-        return scores[scores["test_set"] == MEAN_OVER_TESTS]["pearson"].item()
+        frame = score_frame(table, train, list(truth.columns), groups=groups, truth=truth,
+                            intervals=False)
+        return _means(frame)["value"].item()
 
     assert mean(None) == pytest.approx(1 / 3)  # (1 + 1 - 1) / 3
     assert mean({"a1": "A", "a2": "A"}) == pytest.approx(0.0)  # (1 - 1) / 2

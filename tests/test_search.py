@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import merge, tiny_spec
+from conftest import merge, tiny_spec, with_four_train_sets
 from untrac_ray.cli import app
 from untrac_ray.compute.evaluation import sample_indices
 from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict
@@ -177,7 +177,7 @@ def test_a_four_trial_search_logs_a_parent_with_four_nested_trial_runs(searched)
         rounds = 3 if child.data.params["untrac.batch_size"] == "8" else 2  # 24 rows
         assert [m.step for m in history] == list(range(1, rounds + 1))  # one per eval point
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"influence.parquet", "scores.parquet"} <= names
+        assert {"influence.parquet", "score_table.parquet"} <= names
     parent = client.get_run(outcome.parent_run_id)
     assert parent.data.tags["untrac_ray.kind"] == "search"
     names = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
@@ -210,7 +210,9 @@ def test_the_best_configuration_job_file_loads_and_runs_to_the_same_numbers(sear
     assert spec.search is None and spec.methods.ldo is None
     assert spec.ground_truth.run_id == outcome.parent_run_id  # LDO reused, not retrained
     job = run_job(spec, uri)
-    last = job.score_summary.set_index("method")["pearson_mean"]  # at the last point
+    top = job.scores[job.scores.headline & (job.scores.kind == "estimate")
+                     & (job.scores.score == "pearson") & (job.scores.test_set == "__mean__")]
+    last = top.set_index("method")["value"]  # at the last point
     assert float(last.mean()) == pytest.approx(outcome.best["objective"], abs=1e-9)
     trial = read_influence(outcome.best["run_id"], uri)
     ours = job.table[job.table.method.isin(["untrac", "untrac_inv"])].reset_index(drop=True)
@@ -329,11 +331,13 @@ def _trials_done(storage: Path) -> int:
 def test_resume_after_a_killed_driver_runs_only_the_missing_trials(tmp_path, ray_cluster):
     (tmp_path / "metric.py").write_text(  # slow rounds, so that the kill lands mid-search
         "import time\n"
-        "from untrac_ray.results.scoring import score_table\n"
+        "from untrac_ray.results.scoring import pearson\n"
         "def slow_pearson(table, truth):\n"
         "    time.sleep(1.0)\n"
-        "    scores = score_table(table, truth)\n"
-        "    return float(scores[scores.test_set == '__mean__'].pearson.iloc[0])\n")
+        "    est = table[table.method == 'untrac'].pivot_table(\n"
+        "        index='train_set', columns='test_set', values='influence')\n"
+        "    est = est.reindex(index=truth.index, columns=truth.columns)\n"
+        "    return float(pearson(est.to_numpy().ravel(), truth.to_numpy().ravel()))\n")
     spec = merge(tiny_spec(tmp_path), {
         "methods": {"untrac_inv": None, "ldo": {}},
         "resources": {"local_cpus": 2},
@@ -428,15 +432,15 @@ def test_a_trial_that_reported_its_last_round_is_finished_with_or_without_tunes_
 def test_a_search_can_maximise_the_lds_computed_once_before_the_trials(tmp_path, ray_cluster):
     """objective metric lds: the subsets are retrained once by the driver (stored in the
     parent run), and each trial's objective is the LDS of its cells against them."""
-    from untrac_ray.results.lds import lds_scores
     from untrac_ray.results.runs import read_run_table
+    from untrac_ray.results.scores import score_frame
     from untrac_ray.results.scoring import MEAN_OVER_TESTS
 
     with pytest.raises(SpecError, match="lds scores against retraining on random subsets"):
         parse_spec(merge(tiny_spec(tmp_path), {"search": {
             "space": {"untrac.learning_rate": [1e-3]}, "objective": {"metric": "lds"}}}),
             base_dir=tmp_path)
-    spec = merge(tiny_spec(tmp_path), {
+    spec = merge(with_four_train_sets(tiny_spec(tmp_path)), {  # C(4, 2) = 6 subsets
         "methods": {"untrac_inv": None, "lds": {"subsets": 6, "noise_subsets": 0}},
         "search": {"algorithm": "grid", "space": {"untrac.learning_rate": [1e-3, 1e-2]},
                    "objective": {"metric": "lds"}},
@@ -450,6 +454,8 @@ def test_a_search_can_maximise_the_lds_computed_once_before_the_trials(tmp_path,
     for child in _children(uri, outcome.parent_run_id):
         table = read_influence(child.info.run_id, uri)
         last = table[table["point"] == table["point"].max()]
-        scores = lds_scores(last, subsets, TRAIN)
-        want = float(scores.loc[scores["test_set"] == MEAN_OVER_TESTS, "lds"].iloc[0])
+        scores = score_frame(last, [*TRAIN, "teach_twice"], TEST, subsets=subsets,
+                             intervals=False)
+        want = float(scores.loc[(scores["test_set"] == MEAN_OVER_TESTS)
+                                & (scores["score"] == "lds"), "value"].iloc[0])
         assert child.data.metrics["objective"] == pytest.approx(want)

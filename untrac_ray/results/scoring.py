@@ -1,15 +1,11 @@
-"""Scoring estimates against the ground truth (leave-dataset-out): Pearson and Spearman
-correlation per test set (over the training sets), their mean, and pooled over all cells, at
-every evaluation point of every method (methods/schedule.py: points line trajectories up).
+"""What scoring stands on: the project's one Pearson and Spearman (row-wise, for the
+bootstraps of results/scores.py, and of two vectors), Fisher's interval of a Pearson, the
+ground truth's matrix and its seed noise, the mean over test sets (a test set's subsets
+first), and the cell-level checks beside the correlations (the largest cells and their
+signs, agreement between methods).
 
-The headline score of a method is the one at a point fixed in advance (the last, or the spec's
-score_point), never the best point in hindsight: that is chosen against the very ground truth
-it is scored on. The best point is kept beside it, labelled as hindsight. A test set whose
-correlation is undefined (a constant estimate or truth) is counted in `n_undefined` and named
-in the summary, not dropped silently.
-
-This module holds the project's one Pearson and Spearman implementation (row-wise, for the
-bootstrap of results/lds.py, and of two vectors), and the interval of a Pearson.
+The score table itself, every score of every estimate with its reference rows, intervals and
+ceilings, is results/scores.py's; this module computes no table of scores.
 """
 
 from __future__ import annotations
@@ -20,12 +16,11 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from untrac_ray.inputs.errors import InputError, UntracError
+from untrac_ray.inputs.errors import InputError
 from untrac_ray.inputs.spec_sections import GROUND_TRUTH
 
 ALL_CELLS = "__all__"
 MEAN_OVER_TESTS = "__mean__"
-SCORE_COLUMNS = ["method", "point", "test_set", "pearson", "spearman", "n", "n_undefined"]
 
 
 def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -128,30 +123,6 @@ def group_mean(per_test: Mapping[str, float], groups: Mapping[str, str] | None) 
     return float(np.mean([np.mean(values) for values in by_group.values()]))
 
 
-def score_table(table: pd.DataFrame, truth: pd.DataFrame,
-                groups: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """Scores of every method other than the ground truth, at every point it recorded. The
-    mean over test sets averages the subsets of a test set first (`groups`, see group_mean)."""
-    out = []
-    estimates = table[table["method"] != GROUND_TRUTH]
-    for (method, point), rows in estimates.groupby(["method", "point"], sort=False):
-        est = rows.pivot_table(index="train_set", columns="test_set", values="influence")
-        est = est.reindex(index=truth.index, columns=truth.columns)
-        ps, ss = {}, {}
-        for test_set in truth.columns:
-            x, y = est[test_set].to_numpy(), truth[test_set].to_numpy()
-            ps[test_set], ss[test_set] = pearson(x, y), spearman(x, y)
-            out.append([method, int(point), test_set, ps[test_set], ss[test_set], len(x),
-                        int(np.isnan(ps[test_set]))])
-        out.append([method, int(point), MEAN_OVER_TESTS, group_mean(ps, groups),
-                    group_mean(ss, groups), len(truth.columns),
-                    int(np.isnan(list(ps.values())).sum())])
-        x, y = est.to_numpy().ravel(), truth.to_numpy().ravel()
-        p = pearson(x, y)
-        out.append([method, int(point), ALL_CELLS, p, spearman(x, y), x.size, int(np.isnan(p))])
-    return pd.DataFrame(out, columns=SCORE_COLUMNS)
-
-
 def largest_cells(truth: pd.DataFrame, floor: float | pd.DataFrame = 0.0
                   ) -> list[tuple[str, str]]:
     """The cells whose sign matters most: per test set, the training set whose removal costs
@@ -180,10 +151,6 @@ def signs_right(estimate: pd.DataFrame, truth: pd.DataFrame,
     right = sum(int(np.sign(estimate.loc[c]) == np.sign(truth.loc[c])) for c in cells)
     return right, len(cells)
 
-
-SUMMARY_COLUMNS = ["method", "point", "pearson_mean", "pearson_low", "pearson_high",
-                   "spearman_mean", "pearson_all_cells", "undefined", "best_point",
-                   "pearson_mean_best"]
 
 
 AGREEMENT_LOW = 0.5  # below this, two estimates of the same influences are called uncertain
@@ -224,43 +191,3 @@ def ensemble_agreement(members: list[list[dict]], method: str, point: int) -> fl
     """The trust signal of an ensemble (a method unlearned under several seeds): how well its
     members' cells agree at `point` (agreement_of over the members)."""
     return agreement_of([cells_at(pd.DataFrame(rows), method, point) for rows in members])
-
-
-def summary(scores: pd.DataFrame, headline: Mapping[str, int] | None = None) -> pd.DataFrame:
-    """Per method: the scores at the headline point (fixed in advance: `headline[method]`,
-    default the method's last point), the test sets whose Pearson is undefined there, and the
-    best point by mean Pearson with its score (hindsight: chosen on the ground truth).
-    pearson_low/high: the 95% interval of the mean Pearson, Fisher's for a correlation over
-    the training sets (pearson_interval; NaN with fewer than 4)."""
-    rows = []
-    headline = headline or {}
-    mean = scores[scores["test_set"] == MEAN_OVER_TESTS]
-    pooled = scores[scores["test_set"] == ALL_CELLS].set_index(["method", "point"])
-    per_test = scores[~scores["test_set"].isin([MEAN_OVER_TESTS, ALL_CELLS])]
-    for method, part in mean.groupby("method", sort=False):
-        part = part.sort_values("point").set_index("point", drop=False)
-        point = int(headline.get(str(method), part["point"].iloc[-1]))
-        if point not in part.index:
-            raise UntracError(f"{method}: no scores at point {point} (points: "
-                              f"{', '.join(map(str, part.index))})")
-        at = part.loc[point]
-        valid = part.dropna(subset=["pearson"])
-        best = valid.loc[valid["pearson"].idxmax()] if not valid.empty else at
-        bad = per_test[(per_test["method"] == method) & (per_test["point"] == point)
-                       & per_test["pearson"].isna()]
-        n_train = int(per_test.loc[(per_test["method"] == method)
-                                   & (per_test["point"] == point), "n"].max())
-        low, high = pearson_interval(float(at["pearson"]), n_train) or (np.nan, np.nan)
-        rows.append({
-            "method": method,
-            "point": point,
-            "pearson_mean": at["pearson"],
-            "pearson_low": low,
-            "pearson_high": high,
-            "spearman_mean": at["spearman"],
-            "pearson_all_cells": pooled.loc[(method, point), "pearson"],
-            "undefined": ",".join(map(str, bad["test_set"])),
-            "best_point": int(best["point"]),
-            "pearson_mean_best": best["pearson"],
-        })
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
