@@ -213,3 +213,15 @@ def test_the_results_key_follows_numerics_not_placement(monkeypatch):
     assert results_key(moved) == key
     monkeypatch.setattr(fingerprints, "RESULTS_VERSION", fingerprints.RESULTS_VERSION + 1)
     assert results_key(spec) != key  # results of another release are never restored
+
+
+def test_lds_needs_a_model_this_job_trains(make_job, tmp_path):
+    """lds retrains the model on subsets of the training sets, as ldo does without one: a
+    model folder the job does not train is refused at load, in one line naming methods.lds."""
+    msg = _error(make_job, {"model": {"config": None, "path": str(tmp_path)},
+                            "methods": {"lds": {}}})
+    assert ": methods.lds: needs a model that this job trains" in msg, msg
+    assert "model.config" in msg and "finetune: true" in msg
+    spec = load_spec(make_job({"model": {"config": None, "path": str(tmp_path),
+                                         "finetune": True}, "methods": {"lds": {}}}))
+    assert spec.methods.lds is not None

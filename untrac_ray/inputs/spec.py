@@ -110,11 +110,13 @@ class JobSpec(StrictModel):
     @model_validator(mode="after")
     def _methods_fit_the_model(self) -> JobSpec:
         enabled = self.methods.enabled()
-        for method in ("ldo", "tracin"):
+        for method, needs in (("ldo", "retrain it without each set"),
+                              ("lds", "retrain it on subsets of the training sets"),
+                              ("tracin", "checkpoint it")):
             if method in enabled and not self.model.trained_by_job:
                 raise ValueError(
                     f"methods.{method}: needs a model that this job trains (model.config, or "
-                    "model.path with finetune: true) so that it can retrain or checkpoint it"
+                    f"model.path with finetune: true) so that it can {needs}"
                 )
         has_checkpoints = self.training.checkpoints or self.training.checkpoint_every
         if "tracin" in enabled and not has_checkpoints:
