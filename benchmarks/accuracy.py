@@ -31,7 +31,8 @@ What is measured and printed:
    paper reports; ``--fixed-point`` changes it) and (b) at the best point in hindsight (an
    upper bound: it looks
    at the ground truth), each with the SNR of that seed's ground truth beside it. Also the
-   correlation against the pooled ground truth (mean over every LDO retraining of every seed).
+   correlation against the pooled ground truth (mean over every LDO retraining of every seed),
+   and the Pearson over all cells at once (every training set x test set, at the fixed point).
 4. Per method: actor compute seconds (``JobOutcome.seconds_by_method``; GradDot, GradCos and
    TracIn share one set of gradient tasks and are timed together) and the ratio to LDO's, and
    the wall time of each seed's whole job. The machine is shared: timings are noisy, the load
@@ -72,7 +73,7 @@ from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import GroundTruthSpec
 from untrac_ray.inputs.tokenization import SEPARATOR, load_tokenizer
 from untrac_ray.results.scores import ESTIMATE, score_frame
-from untrac_ray.results.scoring import MEAN_OVER_TESTS, ground_truth_noise
+from untrac_ray.results.scoring import ALL_CELLS, MEAN_OVER_TESTS, ground_truth_noise
 from untrac_ray.run.job_setup import prepare_data
 from untrac_ray.run.runner import JobOutcome, run_job
 
@@ -282,18 +283,20 @@ def score_seed(r: SeedResult, pooled: pd.DataFrame, choice: dict[str, int],
                groups: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per method: mean Pearson/Spearman (over test sets, a test set's subsets
     averaged first: `groups`) at the fixed point (the last, or `choice[method]`) and at the
-    best point (hindsight), against the run's own and the pooled truth."""
+    best point (hindsight), against the run's own and the pooled truth; and the Pearson over
+    all cells pooled (every training set x test set at once) at the fixed point."""
 
     train, test = list(r.ldo_seeds["train_set"].unique()), list(r.ldo_seeds["test_set"]
                                                                  .unique())
 
-    def mean_scores(truth: pd.DataFrame) -> pd.DataFrame:
+    def mean_scores(truth: pd.DataFrame, row: str = MEAN_OVER_TESTS) -> pd.DataFrame:
         frame = score_frame(r.outcome.table, train, test, groups=groups,
                             truth=truth.reindex(index=train, columns=test), intervals=False)
-        frame = frame[(frame["test_set"] == MEAN_OVER_TESTS) & (frame["kind"] == ESTIMATE)]
+        frame = frame[(frame["test_set"] == row) & (frame["kind"] == ESTIMATE)]
         return frame.set_index(["method", "point", "score"])["value"].unstack("score")
 
     own, vs_pooled = mean_scores(truth_from(r.ldo_seeds)), mean_scores(pooled)
+    all_cells = mean_scores(truth_from(r.ldo_seeds), ALL_CELLS)
     rows = []
     for method, part in own.groupby(level="method", sort=False):
         point = (method, choice.get(method, int(part.index.get_level_values("point").max())))
@@ -302,7 +305,8 @@ def score_seed(r: SeedResult, pooled: pd.DataFrame, choice: dict[str, int],
         rows.append({"seed": r.seed, "method": method, "point": point[1],
                      "pearson": own.loc[point, "pearson"],
                      "spearman": own.loc[point, "spearman"],
-                     "pearson_pooled": vs_pooled.loc[point, "pearson"], "best_point": best[1],
+                     "pearson_pooled": vs_pooled.loc[point, "pearson"],
+                     "pearson_all_cells": all_cells.loc[point, "pearson"], "best_point": best[1],
                      "pearson_best": own.loc[best, "pearson"],
                      "spearman_best": own.loc[best, "spearman"]})
     return pd.DataFrame(rows)
@@ -389,14 +393,17 @@ def print_report(spec: JobSpec, results: list[SeedResult], choice: dict[str, int
     print("\n-- over the seeds: mean±std [min..max] (SNRm of the ground truths: "
           f"{fmt_spread(pd.Series(list(snr.values())))}) --")
     print(f"{'method':<11}{'point':>6}  {'Pearson (fixed point)':<28}{'Spearman (fixed)':<28}"
-          f"{'Pearson (best point)':<28}{'vs pooled truth':<28}{'SNRm':>6}")
+          f"{'Pearson (best point)':<28}{'vs pooled truth':<28}{'all cells (fixed)':<28}"
+          f"{'SNRm':>6}")
     for method, part in scores.groupby("method", sort=False):
         steps = ",".join(str(s) for s in sorted(part["point"].unique()))
         print(f"{method:<11}{steps:>6}  {fmt_spread(part['pearson']):<28}"
               f"{fmt_spread(part['spearman']):<28}{fmt_spread(part['pearson_best']):<28}"
-              f"{fmt_spread(part['pearson_pooled']):<28}{part['snr'].mean():6.2f}")
+              f"{fmt_spread(part['pearson_pooled']):<28}"
+              f"{fmt_spread(part['pearson_all_cells']):<28}{part['snr'].mean():6.2f}")
     print(f"(vs pooled truth: against the mean over all {pooled['n']} LDO retrainings, SNRm "
-          f"{pooled['snr_mean']:.2f})")
+          f"{pooled['snr_mean']:.2f}. all cells: one Pearson over every training set x test "
+          "set cell of the seed's run at once, not a mean over test sets)")
 
     print("\n-- compute time (actor seconds, summed over seeds) and ratio to LDO --")
     secs: dict[str, float] = {}

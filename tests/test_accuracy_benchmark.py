@@ -62,6 +62,13 @@ def test_reusing_the_ground_truth_gives_the_same_scores(bench, tmp_path):
     b = acc.score_seed(again, pooled, {}).set_index("method")
     assert set(a.index) == {"untrac", "untrac_inv", "graddot", "gradcos", "tracin"}
     np.testing.assert_allclose(b.loc[a.index, "pearson"], a["pearson"], atol=1e-6)
+    # the Pearson over all cells at once, as scoring computes it for the pooled row
+    table, truth = first.outcome.table, acc.truth_from(first.ldo_seeds)
+    cells = table[(table.method == "untrac") & (table.point == a.loc["untrac", "point"])]
+    est = cells.pivot_table(index="train_set", columns="test_set", values="influence")
+    est = est.reindex(index=truth.index, columns=truth.columns)
+    want = np.corrcoef(est.to_numpy().ravel(), truth.to_numpy().ravel())[0, 1]
+    assert a.loc["untrac", "pearson_all_cells"] == pytest.approx(want, abs=1e-9)
 
 
 def test_reuse_without_a_matching_earlier_run_names_what_is_missing(bench, tmp_path):
@@ -76,7 +83,8 @@ def test_the_report_prints_every_section(bench, capsys):
     out = capsys.readouterr().out
     for part in ("base model on the test sets", "ground truth: LDO influence", "per seed:",
                  "over the seeds", "compute time", "-- targets --",
-                 "untrac mean Pearson (fixed point)", "untrac_inv beats every baseline"):
+                 "untrac mean Pearson (fixed point)", "untrac_inv beats every baseline",
+                 "all cells (fixed)"):
         assert part in out
     assert out.count("PASS") + out.count("MISS") >= 6
     loss = r.outcome.base_losses["next_number"]
