@@ -37,7 +37,7 @@ Run (hours on 2 cores: about 10 minutes a draw and job with every variant):
         jobs/synthetic_a_full.yaml --pretrain-seeds 0 1 --select-seeds 1 2 3 \\
         --report-seeds 4 5 6 --rows rows.csv
     .venv/bin/python benchmarks/variants.py --from-rows rows.csv --report-seeds 4 5 6 \\
-        --chosen untrac=NAME untrac_inv=NAME     # print the report again
+        --chosen untrac=NAME untrac_inv=NAME     # the selection table and report again
 """
 
 from __future__ import annotations
@@ -275,6 +275,54 @@ def choose(rows: pd.DataFrame, seeds: list[int], by: str = "pearson") -> dict[st
     return {m: str(means.loc[m].idxmax()) for m in OURS if m in means.index.get_level_values(0)}
 
 
+def report_selection(rows: pd.DataFrame, by: str = "lds") -> dict[str, str]:
+    """The selection table of the selection draws in `rows` (phase select): per unlearning
+    method and variant, its score on each job (the mean over the job's draws; `by`: lds, with
+    its bootstrap interval and the Pearson beside, or pearson), the mean the choice is made by
+    (choose: every draw of every job pooled), and its actor seconds on each job. Returns the
+    choice; nothing printed when there are no selection rows."""
+    part = rows[(rows["phase"] == "select") & rows["method"].isin(OURS)]
+    if by == "lds" and ("lds" not in part.columns or part["lds"].isna().all()):
+        by = "pearson"
+    if part.empty:
+        return {}
+    jobs = list(dict.fromkeys(part["job"]))
+    seeds = sorted(set(part["seed"]))
+    chosen = choose(part, seeds, by)
+    print(f"\n=== selection on seeds {seeds}, pretraining draws "
+          f"{sorted(set(part['pretrain_seed']))}: {by}"
+          + (" [bootstrap interval] / Pearson with LDO" if by == "lds" else " with LDO")
+          + " per job, the mean the choice is made by, actor seconds per job ===")
+    print(f"{'variant':<30}" + "".join(f"{j:<30}" for j in jobs) + f"{'mean':>7}  seconds")
+    for method in OURS:
+        mine = part[part["method"] == method]
+        variants = [PAPER] + [v for v in dict.fromkeys(mine["variant"]) if v != PAPER]
+        for variant in variants:
+            r = mine[mine["variant"] == variant]
+            if r.empty:
+                continue
+            cells, secs = [], []
+            for job in jobs:
+                j = r[r["job"] == job].mean(numeric_only=True)
+                if j.get(by, np.nan) != j.get(by, np.nan):
+                    cells.append("-")
+                    secs.append("-")
+                    continue
+                cell = f"{j[by]:+.2f}"
+                if by == "lds":
+                    cell += f" {_span(j['lds_low'], j['lds_high'])} / {j['pearson']:+.2f}"
+                cells.append(cell)
+                secs.append(f"{j['seconds']:.0f}")
+            label = method if variant == PAPER else f"{method} + {variant}"
+            if chosen.get(method) == variant and variant != PAPER:
+                label += " *"
+            print(f"{label:<30}" + "".join(f"{c:<30}" for c in cells)
+                  + f"{r[by].mean():+7.2f}  {' / '.join(secs)}")
+    print("(* chosen: the best mean over the selection draws, per method; paper when no "
+          "variant beats it)")
+    return chosen
+
+
 def std_of(values: np.ndarray) -> float:
     """Sample std (0 for one value)."""
     return float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0
@@ -456,7 +504,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=Path, default=None,
                         help="append every draw's rows to this CSV as it finishes")
     parser.add_argument("--from-rows", type=Path, nargs="+", default=None,
-                        help="print the report of earlier runs' --rows files; run nothing")
+                        help="print the selection table and the report of earlier runs' "
+                        "--rows files; run nothing")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: one pretraining draw, seeds 1 | 2, one LDO seed")
     parser.add_argument("--tracking-uri", default=None)
@@ -465,7 +514,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--select-seeds and --report-seeds must not share a seed")
     if args.from_rows:
         table = pd.concat([pd.read_csv(f) for f in args.from_rows], ignore_index=True)
-        chosen = dict(c.split("=", 1) for c in args.chosen or [])
+        by = args.choose_by if args.lds_subsets else "pearson"
+        picked = report_selection(table, by)
+        chosen = dict(c.split("=", 1) for c in args.chosen) if args.chosen else picked
         report(table[table["phase"] == "report"], args.report_seeds, chosen)
         if "lds" in table.columns:
             report_lds(table[table["phase"] == "report"], args.report_seeds, chosen)
@@ -488,8 +539,8 @@ def main(argv: list[str] | None = None) -> None:
         for job in args.jobs:
             rows += run_draws(job, pre, select, "select", variants, uri, ldo_seeds, args.rows,
                               lds)
-        chosen = choose(pd.DataFrame(rows), select,
-                        args.choose_by if args.lds_subsets else "pearson")
+        chosen = report_selection(pd.DataFrame(rows, columns=ROW_COLUMNS),
+                                  args.choose_by if args.lds_subsets else "pearson")
     print(f"tracking {uri}; variants {', '.join(variants)}; chosen on seeds {select}: "
           + ", ".join(f"{m}: {v}" for m, v in chosen.items()), flush=True)
     # the choice is fixed before the report seeds run

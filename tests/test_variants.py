@@ -274,3 +274,28 @@ def test_test_sets_group_into_the_test_set_they_are_subsets_of(tmp_path):
         parse_spec(merge(tiny_spec(tmp_path), {"data": {"train": [
             {"name": "add_one", "source": "train.csv", "subset": "add_one", "group": "g"}]}}),
             base_dir=tmp_path)
+
+
+def test_the_selection_table_is_printed_from_saved_rows_and_makes_the_choice(capsys):
+    """--from-rows prints the selection table of the rows' selection draws: each variant's
+    score per job, the pooled mean it is chosen by, and its seconds per job."""
+    module = load_benchmark("variants")
+    rows = pd.DataFrame([
+        {"job": j, "pretrain_seed": 0, "seed": 1, "phase": "select", "method": m,
+         "variant": v, "pearson": p, "lds": lds, "lds_low": lds - 0.1, "lds_high": lds + 0.1,
+         "seconds": sec}
+        for j, m, v, p, lds, sec in (
+            ("a", "untrac", "paper", 0.9, 0.5, 10.0), ("b", "untrac", "paper", 0.5, 0.6, 20.0),
+            ("a", "untrac", "stop", 0.8, 0.7, 30.0), ("b", "untrac", "stop", 0.4, 0.9, 40.0),
+            ("a", "untrac_inv", "paper", 0.7, 0.4, 5.0))]
+        + [{"job": "a", "pretrain_seed": 0, "seed": 4, "phase": "report", "method": "untrac",
+            "variant": "paper", "pearson": 0.0, "lds": 0.0, "seconds": 1.0}])
+    assert module.report_selection(rows, "lds") == {"untrac": "stop", "untrac_inv": "paper"}
+    out = capsys.readouterr().out
+    (stop,) = [line for line in out.splitlines() if line.startswith("untrac + stop *")]
+    assert "+0.70 [+0.60, +0.80] / +0.80" in stop and "+0.80  30 / 40" in stop
+    assert module.report_selection(rows, "pearson") == {"untrac": "paper",
+                                                         "untrac_inv": "paper"}
+    no_lds = rows.drop(columns=["lds", "lds_low", "lds_high"])
+    assert module.report_selection(no_lds, "lds") == {"untrac": "paper", "untrac_inv": "paper"}
+    assert module.report_selection(rows[rows["phase"] == "report"], "lds") == {}
