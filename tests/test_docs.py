@@ -261,3 +261,132 @@ def test_the_readmes_reading_of_its_heatmap_is_true_of_the_saved_cells():
     text = " ".join(README.split())
     assert f"raises the loss most on {len(both)} of the {matrix.shape[1]} subsets" in text
     assert (matrix.to_numpy() > 0).all() and "Every cell is positive" in text
+
+
+# --- the commands the pages give run as written -------------------------------------------------
+
+def _blocks(page: str) -> list[list[list[str]]]:
+    """The commands of each of the page's ```bash blocks, continuation lines joined, shell
+    variables the block assigns (V="...") expanded, split into words; comments dropped."""
+    import shlex
+
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", page, re.S):
+        vars_: dict[str, str] = {}
+        commands = []
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if not line or line.startswith("#"):
+                continue
+            assign = re.fullmatch(r'(\w+)="([^"]*)"', line)
+            if assign:
+                vars_[assign[1]] = assign[2]
+                continue
+            for name, value in vars_.items():
+                line = line.replace(f"${name}", value)
+            commands.append(shlex.split(line))
+        out.append(commands)
+    return out
+
+
+def _commands(page: str) -> list[list[str]]:
+    return [c for block in _blocks(page) for c in block]
+
+
+def _options_of(script: Path) -> set[str]:
+    return set(re.findall(r'add_argument\(\s*"(--[\w-]+)"', script.read_text()))
+
+
+def test_every_benchmark_command_on_the_pages_uses_options_and_files_that_exist():
+    """A command names only options its script has, files that exist (a glob matches), the
+    variants its variants file holds; rows of the Pearson protocol and of the LDS one are not
+    read together."""
+    from glob import glob
+
+    pages = {"README.md": README, **{f"docs/{p.name}": p.read_text()
+                                     for p in (ROOT / "docs").glob("*.md")}}
+    wrong, seen = [], 0
+    for name, page in pages.items():
+        for words in _commands(page):
+            scripts = [w for w in words if re.fullmatch(r"benchmarks/\w+\.py", w)]
+            if not scripts:
+                continue
+            seen += 1
+            script, args = ROOT / scripts[0], words[words.index(scripts[0]) + 1:]
+            known = _options_of(script)
+            wrong += [f"{name}: {scripts[0]} {a}: no such option" for a in args
+                      if a.startswith("--") and a.split("=")[0] not in known]
+            files = [a for a in args if re.match(r"(jobs|benchmarks|data)/", a)]
+            for f in files:
+                if not glob(str(ROOT / f)):
+                    wrong.append(f"{name}: {scripts[0]} {f}: no such file")
+            if script.name != "variants.py":
+                continue
+            variants_file = (args[args.index("--variants") + 1] if "--variants" in args
+                             else "benchmarks/variants.yaml")
+            variants = set(yaml.safe_load((ROOT / variants_file).read_text())) | {"paper"}
+            if "--chosen" in args:
+                i = args.index("--chosen") + 1
+                while i < len(args) and "=" in args[i]:
+                    if args[i].split("=", 1)[1] not in variants:
+                        wrong.append(f"{name}: {args[i]} is not in {variants_file}")
+                    i += 1
+            if "--from-rows" in args:
+                rows = [p for a in files for p in glob(str(ROOT / a)) if p.endswith(".csv")]
+                kinds = {"lds" in Path(p).read_text().splitlines()[0].split(",") for p in rows}
+                if len(kinds) > 1:
+                    wrong.append(f"{name}: --from-rows reads Pearson and LDS rows together")
+    assert seen >= 10 and not wrong, wrong
+
+
+def test_the_runs_beside_saved_rows_reproduce_their_protocol():
+    """Where a block prints tables from saved rows (--from-rows), the runs it gives are of
+    the same protocol: rows without an LDS column come from runs with --lds-subsets 0 (the
+    default retrains 32 subsets and chooses by LDS), and every variant in the rows is in the
+    variants file those runs read."""
+    from glob import glob
+
+    import pandas as pd
+
+    wrong, checked = [], 0
+    for block in _blocks((ROOT / "docs" / "benchmarks.md").read_text()):
+        shown = [c for c in block if "benchmarks/variants.py" in c and "--from-rows" in c]
+        runs = [c for c in block if "benchmarks/variants.py" in c and "--from-rows" not in c]
+        for command in shown:
+            files = [f for a in command if a.endswith(".csv") for f in glob(str(ROOT / a))]
+            rows = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+            for run in runs:
+                checked += 1
+                lds_off = "--lds-subsets" in run and run[run.index("--lds-subsets") + 1] == "0"
+                if "lds" not in rows.columns and not lds_off:
+                    wrong.append(f"{' '.join(run[:6])}...: no --lds-subsets 0")
+                variants_file = (run[run.index("--variants") + 1] if "--variants" in run
+                                 else "benchmarks/variants.yaml")
+                held = set(yaml.safe_load((ROOT / variants_file).read_text())) | {"paper"}
+                if set(rows["variant"]) - held:
+                    wrong.append(f"{variants_file} lacks {sorted(set(rows['variant']) - held)}")
+    assert checked and not wrong, sorted(set(wrong))
+
+
+def test_every_untrac_ray_command_on_the_pages_uses_options_of_its_command():
+    import typer
+
+    from untrac_ray.cli.main import app
+
+    group = typer.main.get_command(app)
+    pages = {"README.md": README, **{f"docs/{p.name}": p.read_text()
+                                     for p in (ROOT / "docs").glob("*.md")}}
+    wrong = []
+    for name, page in pages.items():
+        for words in _commands(page):
+            at = [i for i, w in enumerate(words) if w.endswith("untrac-ray")]
+            if not at or at[0] + 1 >= len(words) or words[at[0] + 1].startswith("-"):
+                continue
+            command = group.commands.get(words[at[0] + 1])
+            if command is None:
+                wrong.append(f"{name}: untrac-ray {words[at[0] + 1]}: no such command")
+                continue
+            known = {o for p in command.params for o in p.opts + p.secondary_opts}
+            wrong += [f"{name}: untrac-ray {words[at[0] + 1]} {w}" for w in words[at[0] + 2:]
+                      if w.startswith("-") and w.split("=")[0] not in known]
+    assert not wrong, wrong
