@@ -14,7 +14,7 @@ The data: four training sets of 16, 24, 32 and 20 prompt/target rows and one tes
    command line shows `ray::WorkbenchActor`, keeping each one's peak. RSS counts the object
    store's shared pages a process has touched (the `shared` column). Target: the driver's peak
    below 1.5 GB.
-2. Actor memory against untrac_ray/memory.py. Each actor's peak RSS is divided by
+2. Actor memory against untrac_ray/compute/memory.py. Each actor's peak RSS is divided by
    `actor_memory(...).total(runtime)` for the job's settings (Adam, 8 rows of the longest row's
    tokens, fp32, one weight set, one test set). The runtime term is measured here: the RSS of
    an idle Ray actor that imported untrac_ray.engine.pool, torch and transformers.
@@ -33,7 +33,7 @@ The data: four training sets of 16, 24, 32 and 20 prompt/target rows and one tes
    width: what the model computes); tokens/s = tokens / the tasks' own seconds
    (TaskResult.seconds, inside the actor); the map's wall time, which adds Ray's dispatch, is
    printed beside it. engine / bare near 1.0 means the engine costs nothing per step.
-4. A sharded gang. The same tasks on 2 processes of one FSDP2 gang (untrac_ray/sharded.py,
+4. A sharded gang. The same tasks on 2 processes of one FSDP2 gang (untrac_ray/engine/sharded.py,
    gloo on the CPU, 1 torch thread each: the 2 cores split by processes instead of threads);
    tokens/s (the slower rank's task seconds) and its ratio to bare; and each rank's parameter
    and Adam-state bytes (ShardedWorkbench.local_bytes(), plus two moments per parameter)
