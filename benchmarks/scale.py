@@ -14,7 +14,7 @@ The data: four training sets of 16, 24, 32 and 20 prompt/target rows and one tes
    command line shows `ray::WorkbenchActor`, keeping each one's peak. RSS counts the object
    store's shared pages a process has touched (the `shared` column). Target: the driver's peak
    below 1.5 GB.
-2. Actor memory against untrac_ray/memory.py. Each actor's peak RSS is divided by
+2. Actor memory against untrac_ray/compute/memory.py. Each actor's peak RSS is divided by
    `actor_memory(...).total(runtime)` for the job's settings (Adam, 8 rows of the longest row's
    tokens, fp32, one weight set, one test set). The runtime term is measured here: the RSS of
    an idle Ray actor that imported untrac_ray.engine.pool, torch and transformers.
@@ -33,7 +33,7 @@ The data: four training sets of 16, 24, 32 and 20 prompt/target rows and one tes
    width: what the model computes); tokens/s = tokens / the tasks' own seconds
    (TaskResult.seconds, inside the actor); the map's wall time, which adds Ray's dispatch, is
    printed beside it. engine / bare near 1.0 means the engine costs nothing per step.
-4. A sharded gang. The same tasks on 2 processes of one FSDP2 gang (untrac_ray/sharded.py,
+4. A sharded gang. The same tasks on 2 processes of one FSDP2 gang (untrac_ray/engine/sharded.py,
    gloo on the CPU, 1 torch thread each: the 2 cores split by processes instead of threads);
    tokens/s (the slower rank's task seconds) and its ratio to bare; and each rank's parameter
    and Adam-state bytes (ShardedWorkbench.local_bytes(), plus two moments per parameter)
@@ -82,13 +82,14 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine_load.py
 from machine_load import busy_cores, machine_cpu, others_load  # noqa: E402
 
-from untrac_ray.compute.memory import ActorMemory, actor_memory
+from untrac_ray.compute.memory import ActorMemory, actor_memory, needs_base_copy
 from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict, label_count
 from untrac_ray.compute.optim import batch_schedule
 from untrac_ray.engine.pool import Engine
 from untrac_ray.engine.ray_start import ensure_ray
 from untrac_ray.inputs.loading import load_spec
 from untrac_ray.inputs.spec import JobSpec
+from untrac_ray.inputs.spec_methods import UnlearnSpec
 from untrac_ray.inputs.spec_sections import ResourcesSpec
 from untrac_ray.inputs.tokenization import byte_level_tokenizer
 from untrac_ray.methods.plans import plan_unlearning
@@ -311,10 +312,12 @@ def longest_row(data: PreparedData) -> int:
 def formula(model: torch.nn.Module, data: PreparedData,
             weights_dtype: str = "fp32") -> ActorMemory:
     """actor_memory for the job's settings: Adam, 8 rows of the longest row, the weights'
-    dtype, the base weight set only, one test set read by the gradient tasks."""
+    dtype, the base weight set only, one test set read by the gradient tasks, a base model
+    copy when the unlearning settings need one (NPO, the KL term; the job's do not)."""
     return actor_memory(model, optimizer=UNLEARN["optimizer"], rows=UNLEARN["batch_size"],
                         tokens=longest_row(data), weights_dtype=weights_dtype, weight_sets=1,
-                        test_sets=len(TEST_SETS))
+                        test_sets=len(TEST_SETS),
+                        base_copy=needs_base_copy(UnlearnSpec(**UNLEARN)))
 
 
 # --- Parts 3 and 4: unlearning throughput ---
@@ -540,7 +543,8 @@ def print_memory(run: RunMemory, runtime: Peak, terms: ActorMemory, tokens: int,
               f"{mb(a.shared)} = libraries {mb(runtime.shared)} + shared weights "
               f"{mb(terms.shared_weights)} + test gradients {mb(terms.shared_gradients)} "
               f"{'+' if a.shared >= shared else '-'} {mb(abs(a.shared - shared))}")
-    unlearning = terms.gradients + terms.optimizer + max(terms.activations, terms.rounding)
+    unlearning = (terms.gradients + terms.optimizer + terms.base_copy
+                  + max(terms.activations, terms.rounding))
     print("  the formula's terms:")
     rows = [("runtime (idle actor, measured)", runtime.rss),
             ("  of which shared (libraries)", runtime.shared), ("weights", terms.weights),
@@ -548,6 +552,7 @@ def print_memory(run: RunMemory, runtime: Peak, terms: ActorMemory, tokens: int,
             ("test gradients read (object store)", terms.shared_gradients),
             ("unlearning step", unlearning), ("  gradients", terms.gradients),
             ("  optimizer state (Adam)", terms.optimizer),
+            ("  base model copy (NPO, KL term)", terms.base_copy),
             ("  activations", terms.activations),
             ("  or a bf16 step's float32 copies", terms.rounding),
             ("gradient task (grad, flat)", terms.gradient_task)]

@@ -1,4 +1,4 @@
-"""Gangs on Ray (untrac_ray/gang.py): with resources.actors_per_task: 2 every task runs on a
+"""Gangs on Ray (untrac_ray/engine/gang.py): with resources.actors_per_task: 2 every task runs on a
 gang of two actors sharing one FSDP-sharded model (gloo on the CPU here), on the session's
 local Ray (2 CPUs: one gang of two 1-CPU actors).
 

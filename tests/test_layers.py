@@ -10,12 +10,15 @@
 - no module uses another untrac_ray module's private names (`from untrac_ray.x import _y`, or
   `x._y` on an imported untrac_ray module);
 - every name imported from an untrac_ray module exists there (a deferred import of a moved
-  name fails only when its command runs).
+  name fails only when its command runs);
+- every module file a docstring names (`untrac_ray/compute/memory.py`, `layer/x.py`, or `x.py`
+  beside the module) exists.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -336,3 +339,46 @@ def test_every_name_imported_from_an_untrac_ray_module_exists_there():
             if imp.name not in _top_level_names(imp.module):
                 missing.append(f"{imp.where}: from {imp.module} import {imp.name}")
     assert not missing, "imports of names that do not exist:\n" + "\n".join(sorted(missing))
+
+
+# A file name in a docstring: `x.py`, or a path of folders to one (`compute/memory.py`).
+_FILE_PATH = re.compile(r"(?<![\w./-])((?:[\w.-]+/)*[A-Za-z_]\w*\.py)\b")
+
+
+def _named_files(module: str, tree: ast.Module) -> list[tuple[str, str]]:
+    """(path, where) for each file path named in a docstring of the module (its own, its
+    classes' and its functions')."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            doc = ast.get_docstring(node, clean=False)
+            where = _where(module, node.body[0]) if node.body else module
+            found += [(m.group(1), where) for m in _FILE_PATH.finditer(doc or "")]
+    return found
+
+
+def _missing_files(module: str, tree: ast.Module) -> list[str]:
+    """The named files that exist nowhere a reader would look: a path from the repository
+    (untrac_ray/..., benchmarks/...) or from the package (a layer's folder: compute/...),
+    and a bare name beside the module itself."""
+    here = MODULES[module].parent
+    bad = []
+    for path, where in _named_files(module, tree):
+        places = [ROOT.parent / path, ROOT / path] if "/" in path else [here / path]
+        if not any(place.is_file() for place in places):
+            bad.append(f"{where}: {path}")
+    return bad
+
+
+def test_every_module_file_a_docstring_names_exists():
+    missing = [line for m, tree in TREES.items() for line in _missing_files(m, tree)]
+    assert not missing, "docstrings name files that do not exist:\n" + "\n".join(missing)
+    named = {path for m, tree in TREES.items() for path, _ in _named_files(m, tree)}
+    assert {"compute/memory.py", "inputs/redaction.py"} <= named  # the check reads docstrings
+
+
+def test_the_docstring_path_check_fails_on_a_module_that_does_not_exist():
+    module = "untrac_ray.methods.tasks"
+    tree = ast.parse('"""Scores in methods/lds.py and optim.py; results/lds.py exists."""')
+    assert [line.split(": ")[1] for line in _missing_files(module, tree)] == [
+        "methods/lds.py", "optim.py"]

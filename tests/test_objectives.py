@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import merge, run_through_cli, tiny_spec
+from untrac_ray.compute import unlearning
 from untrac_ray.compute.modeling import logits_and_labels, token_losses
-from untrac_ray.compute.optim import batch_schedule
+from untrac_ray.compute.optim import batch_schedule, seed_dropout
 from untrac_ray.compute.unlearning import Retain
 from untrac_ray.inputs.errors import SpecError
 from untrac_ray.inputs.loading import parse_spec
@@ -180,3 +181,78 @@ def test_npo_and_kl_through_a_job_and_where_they_are_refused(tmp_path):
                             "search": {"space": {"untrac.learning_rate": [1e-4, 1e-3]}}})
     with pytest.raises(SpecError, match="methods.untrac.objective: `tune` runs the paper's"):
         parse_spec(searched, base_dir=tmp_path)
+
+
+# Issue 31: with dropout on (the fixtures' 0.1), the base model's side of NPO and of the KL
+# term is computed as the ascending model's forward is: in train mode, with the same dropout
+# masks. Otherwise the first step is not the paper's ascent and the KL term is not zero.
+
+
+def _one_sgd_step_by_hand(bench, loss_of_model, seed: int) -> list[torch.Tensor]:
+    """One SGD step (lr 0.1) from the base weights, in train mode, the dropout masks drawn
+    from `seed` as unlearn draws them."""
+    bench.reset()
+    bench.model.train()
+    seed_dropout(seed)
+    params = list(bench.model.parameters())
+    grads = torch.autograd.grad(loss_of_model(bench.model), params)
+    with torch.no_grad():
+        return [(p - 0.1 * g).detach().clone() for p, g in zip(params, grads, strict=True)]
+
+
+def test_npo_first_step_with_dropout_is_the_papers_ascent_at_npos_closed_form(
+        bench_parts, monkeypatch):
+    """At step one the model is the base model: NPO's log-ratio is 0 for every row, its loss
+    (2/beta) log 2, its gradient the paper's ascent on the mean token loss, under the masks the
+    step draws."""
+    weights, sets, indices = bench_parts
+    bench = Workbench({"base": weights}, sets, indices, eval_batch_size=16)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in bench.model.modules())
+    beta, seed = 0.5, 3
+    settings = UnlearnSpec(optimizer="sgd", learning_rate=0.1, batch_size=4, max_steps=1,
+                           objective="npo", npo_beta=beta, seed=seed)
+    data = bench.datasets["add_one"]
+    rows = next(iter(batch_schedule(len(data), 4, 1, seed=seed)))
+
+    def ascent(model) -> torch.Tensor:
+        sums, counts = token_losses(model, data.batch(rows, "cpu"))
+        return -sums.sum() / counts.sum()
+
+    expected = _one_sgd_step_by_hand(bench, ascent, seed)
+    seen = []
+    real = getattr(unlearning, "npo_row_losses", None)
+
+    def spy(*args):
+        out = real(*args)
+        seen.append(out.detach().clone())
+        return out
+
+    monkeypatch.setattr(unlearning, "npo_row_losses", spy, raising=False)
+    bench.run(_task(bench, settings))
+    _check_same_weights(bench, expected)  # the gradient: the paper's ascent
+    assert len(seen) == 1 and len(seen[0]) == len(rows)
+    torch.testing.assert_close(seen[0], torch.full((len(rows),), (2 / beta) * np.log(2.0)))
+
+
+def test_the_kl_term_is_zero_at_step_one_with_dropout(bench_parts, monkeypatch):
+    """The base model's logits under the same masks as the model's: KL exactly 0 at step one,
+    so the step is that without the KL term."""
+    weights, sets, indices = bench_parts
+    bench = Workbench({"base": weights}, sets, indices, eval_batch_size=16)
+    settings = UnlearnSpec(optimizer="sgd", learning_rate=0.1, batch_size=4, max_steps=1,
+                           retain_weight=0.5, kl_weight=2.0, retain_batch_size=6, seed=3)
+    kls = []
+    real = unlearning.kl_from_reference
+
+    def spy(*args):
+        out = real(*args)
+        kls.append(float(out))
+        return out
+
+    monkeypatch.setattr(unlearning, "kl_from_reference", spy)
+    bench.run(_task(bench, settings, retain=KEPT))
+    with_kl = [p.detach().clone() for p in bench.model.parameters()]
+    assert kls and all(kl == 0.0 for kl in kls), kls
+    bench.run(_task(bench, settings.model_copy(update={"kl_weight": 0.0}), retain=KEPT))
+    for p, want in zip(bench.model.parameters(), with_kl, strict=True):
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-7)

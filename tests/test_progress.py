@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import yaml
 
@@ -50,3 +51,29 @@ def test_a_run_logging_to_a_file_writes_whole_lines_as_it_goes(tmp_path):
     assert any(line.startswith("> ") for line in lines)  # the stages
     assert not any("━" in line or "…" in line for line in lines)  # no bar, nothing cut
     assert "untrac: influence at point" in out and "MLflow run" in out
+
+
+def _cli(tmp_path, *args: str, progress_s: str) -> subprocess.CompletedProcess:
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout's package
+    env = {**os.environ, "UNTRAC_RAY_PROGRESS_S": progress_s,
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "untrac_ray", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_malformed_progress_interval_is_one_clear_line_not_a_crash_at_import(tmp_path):
+    """UNTRAC_RAY_PROGRESS_S is read where the progress display is made: --help works with it
+    malformed, and a run ends with one line naming the variable and its value (exit 2)."""
+    helped = _cli(tmp_path, "--help", progress_s="thirty")
+    assert helped.returncode == 0 and "Traceback" not in helped.stderr, helped.stderr
+    assert "Usage" in helped.stdout
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_spec(tmp_path)))
+    for bad in ("thirty", "-1", "nan"):
+        ran = _cli(tmp_path, "run", str(job), "--tracking-uri",
+                   f"sqlite:///{tmp_path / 'mlflow.db'}", progress_s=bad)
+        lines = ran.stderr.strip().splitlines()
+        assert ran.returncode == 2 and len(lines) == 1, ran.stderr[-3000:]
+        assert "UNTRAC_RAY_PROGRESS_S" in lines[0] and repr(bad) in lines[0], lines
+        assert "Traceback" not in ran.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # refused before anything ran

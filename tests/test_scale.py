@@ -176,6 +176,29 @@ def test_optimizer_state_bytes_by_hand():
     assert optimizer_state_bytes(model, "adafactor", 4) == 4 * ((5 + 3) + 5)
 
 
+def test_actor_memory_counts_the_base_copy_of_npo_and_the_kl_term_exactly_then(parts):
+    """NPO and the KL term keep a frozen copy of the base model during an unlearning task
+    (unlearning.frozen_base): the estimate grows by the weights' size then, and only then."""
+    from untrac_ray.compute import memory
+
+    weights, _, _ = parts
+    model = weights.build("cpu")
+    p = sum(t.numel() for t in model.parameters())
+    plain = UnlearnSpec()
+    for settings, needs in ((plain, False), (plain.model_copy(update={"retain_weight": 1.0}),
+                                             False),
+                            (plain.model_copy(update={"objective": "npo"}), True),
+                            (plain.model_copy(update={"kl_weight": 0.5}), True)):
+        assert memory.needs_base_copy(settings) is needs, settings
+    for dtype, b in (("fp32", 4), ("bf16", 2)):
+        without = memory.actor_memory(model, optimizer="adam", rows=8, tokens=64,
+                                      weights_dtype=dtype)
+        with_copy = memory.actor_memory(model, optimizer="adam", rows=8, tokens=64,
+                                        weights_dtype=dtype, base_copy=True)
+        assert with_copy.base_copy == p * b and without.base_copy == 0
+        assert with_copy.total(100) - without.total(100) == p * b
+
+
 def test_actor_memory_adds_its_terms(parts):
     from untrac_ray.compute.memory import actor_memory
 

@@ -1,4 +1,4 @@
-"""The sharded bench (untrac_ray/sharded.py): a gang of 2 CPU processes (gloo) running the
+"""The sharded bench (untrac_ray/engine/sharded.py): a gang of 2 CPU processes (gloo) running the
 real tasks on one FSDP2-sharded tiny Llama returns what one Workbench returns.
 
 One gang is started per module (starting processes that import torch and transformers is

@@ -62,7 +62,7 @@ def _print(renderables: list, output: Path | None) -> None:
         for r in renderables:
             console.print(r)
         return
-    with open(output, "w") as f:
+    with open(output, "w", encoding="utf-8") as f:
         console = Console(file=f, width=160, no_color=True)
         for r in renderables:
             console.print(r)

@@ -1,7 +1,7 @@
 """`untrac-ray submit / status / logs / stop / jobs`: jobs on a Ray cluster (Ray Jobs API).
 
-Thin: each command parses its options, calls untrac_ray.submit (staging.py, client.py), and
-prints. main.py calls `register(app)` to add them to the main app.
+Thin: each command parses its options, calls untrac_ray.submit (submit/staging.py,
+submit/client.py), and prints. main.py calls `register(app)` to add them to the main app.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ job was stopped; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +21,17 @@ PIPED_WIDTH = 400
 out_console = Console() if Console().is_terminal else Console(width=PIPED_WIDTH)
 
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+def escape_unprintable() -> None:
+    """On a stdout or stderr whose encoding is not UTF-8 (a C/POSIX locale: ASCII), print
+    the characters it cannot hold as backslash escapes (a dataset named Caf\\xe9) instead of
+    failing the command at its first print. Files the CLI writes are UTF-8 whatever the
+    locale."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding not in ("utf8", "utf_8") and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 JobFile = Annotated[Path, typer.Argument(help="the job spec (YAML)", show_default=False)]
 TrackingUri = Annotated[

@@ -19,6 +19,7 @@ from untrac_ray.cli.common import (
     Settings,
     TrackingUri,
     err_console,
+    escape_unprintable,
     fail,
     out_console,
 )
@@ -50,12 +51,14 @@ def _quiet_libraries(
     ] = False,
 ) -> None:
     """Keep library chatter (download bars, store migrations) off the terminal, and every
-    credential out of what is printed (inputs/redaction.py: before anything else runs)."""
+    credential out of what is printed (inputs/redaction.py: before anything else runs); on a
+    terminal that cannot print every character, escape those it cannot."""
     import logging
     import os
 
     from untrac_ray.inputs.redaction import install_output_redaction
 
+    escape_unprintable()
     install_output_redaction()
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

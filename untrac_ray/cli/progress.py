@@ -1,14 +1,17 @@
 """The CLI's progress display, shared by `run`, `train` (main.py) and `tune` (search.py).
 
 On a terminal: live bars on stderr. Anywhere else (a file, a pipe, a cluster job's log,
-`nohup`, CI): plain lines, whole, as they happen: a training line every PROGRESS_S seconds
-(step of total, loss, tokens/s, ETA) and at its first and last step, a line per finished
-task (method, set, seconds, cells so far, ETA), each stage and each retry. Light on purpose:
-rich only, so that `untrac-ray --help` stays fast.
+`nohup`, CI): plain lines, whole, as they happen: a training line (step of total, loss,
+tokens/s, ETA) every UNTRAC_RAY_PROGRESS_S seconds and at its first and last step, a line per
+finished task (method, set, seconds, cells so far, ETA), each stage and each retry. Light on
+purpose: rich only, so that `untrac-ray --help` stays fast. The variable is read where a
+reporter is made: a malformed value fails the command that shows progress with one line, and
+never an import.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -24,7 +27,25 @@ from rich.progress import (
 
 from untrac_ray.cli.common import err_console
 
-PROGRESS_S = float(os.environ.get("UNTRAC_RAY_PROGRESS_S", "30"))  # between training lines
+PROGRESS_ENV, PROGRESS_S = "UNTRAC_RAY_PROGRESS_S", 30.0  # seconds between training lines
+
+
+def progress_interval() -> float:
+    """Seconds between training lines: UNTRAC_RAY_PROGRESS_S, else 30. Raises InputError
+    (one line naming the variable and its value) unless it is a number of seconds >= 0."""
+    text = os.environ.get(PROGRESS_ENV)
+    if text is None or not text.strip():
+        return PROGRESS_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:  # not a number, NaN or negative
+        from untrac_ray.inputs.errors import InputError
+
+        raise InputError(f"{PROGRESS_ENV}={text!r}: not a number of seconds >= 0 (the time "
+                         f"between training lines in a log; unset it for {PROGRESS_S:g})")
+    return value
 
 
 def plain_line(text: str) -> None:
@@ -45,6 +66,7 @@ class CliReporter:
     def __init__(self, quiet: bool, lines: bool | None = None) -> None:
         self.quiet = quiet
         self.lines = not err_console.is_terminal if lines is None else lines
+        self.interval = progress_interval()
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
@@ -86,7 +108,7 @@ class CliReporter:
                 self._train = self.progress.add_task("training", total=total, info="")
             self.progress.update(self._train, completed=step, info=f"loss {loss:.3f}")
             return
-        if step in (1, total) or now - self._last_line >= PROGRESS_S:
+        if step in (1, total) or now - self._last_line >= self.interval:
             self._last_line = now
             from untrac_ray.results.browse import fmt_duration
 

@@ -6,6 +6,9 @@ For P parameters held in `b` bytes each (4: fp32, 2: resources.weights_dtype bf1
 
 - weights: P*b, one copy on the actor's device (resets copy the shared host arrays in);
 - gradients: P*b;
+- with NPO (`objective: npo`) or the KL term (`kl_weight` > 0), the frozen copy of the base
+  model an unlearning task keeps beside the model it ascends (unlearning.frozen_base): P*b,
+  during the task;
 - optimizer state: Adam and AdamW 2*P*b, SGD 0, Adafactor its factored second moments
   (rows + columns of each matrix, the whole of each vector) in float32;
 - with bf16 weights, the step itself (compute/optim.py, StochasticRounding): float32 copies of
@@ -101,23 +104,27 @@ class ActorMemory:
     shared_gradients: int  # the test gradients a gradient task read, mapped from then on
     gradient_task: int
     rounding: int = 0  # a bf16 step's float32 copies of one parameter (after the backward)
+    base_copy: int = 0  # NPO's / the KL term's frozen base model, during an unlearning task
 
     def total(self, runtime: int = 0) -> int:
         """The peak: what stays (runtime, weights, mapped object-store pages) plus the larger
         of an unlearning step and a gradient task."""
-        unlearning = self.gradients + self.optimizer + max(self.activations, self.rounding)
+        unlearning = (self.gradients + self.optimizer + self.base_copy
+                      + max(self.activations, self.rounding))
         stays = runtime + self.weights + self.shared_weights + self.shared_gradients
         return stays + max(unlearning, self.gradient_task)
 
 
 def actor_memory(model: torch.nn.Module, *, optimizer: str, rows: int, tokens: int,
                  weights_dtype: str = "fp32", checkpointing: bool = False,
-                 weight_sets: int = 1, test_sets: int = 0, on_cpu: bool = True) -> ActorMemory:
+                 weight_sets: int = 1, test_sets: int = 0, on_cpu: bool = True,
+                 base_copy: bool = False) -> ActorMemory:
     """The formula for one actor studying `model` with the given settings.
 
     `rows` x `tokens`: the largest micro-batch an unlearning step runs; `weight_sets`: how many
     shared weight sets the actor reads (base, checkpoints); `test_sets`: J, the test gradients a
-    gradient task reads (0: no gradient method)."""
+    gradient task reads (0: no gradient method); `base_copy`: an unlearning method keeps a
+    frozen copy of the base model (needs_base_copy of its settings)."""
     b = BYTES[weights_dtype]
     p = sum(t.numel() for t in model.parameters())
     shape = Shape.of(model.config)
@@ -130,7 +137,14 @@ def actor_memory(model: torch.nn.Module, *, optimizer: str, rows: int, tokens: i
         shared_gradients=test_sets * p * 4 if on_cpu else 0,
         gradient_task=(p * b + p * 4) if test_sets else 0,
         rounding=rounding_bytes(model, optimizer, b),
+        base_copy=p * b if base_copy else 0,
     )
+
+
+def needs_base_copy(settings) -> bool:
+    """Whether unlearning with these settings (an UnlearnSpec) keeps a frozen copy of the base
+    model: NPO's base losses and the KL term's base logits come from one."""
+    return settings.objective == "npo" or settings.kl_weight > 0
 
 
 MMAP_THRESHOLD = 1 << 20  # bytes: allocations this large get pages of their own

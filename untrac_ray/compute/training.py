@@ -114,7 +114,7 @@ def find_trained_model(spec: JobSpec) -> Path | None:
     folder = trained_model_dir(spec)
     record = folder / TRAIN_RECORD
     if has_weights(folder) and record.is_file():
-        if json.loads(record.read_text()).get("model_key") == model_key(spec):
+        if json.loads(record.read_text(encoding="utf-8")).get("model_key") == model_key(spec):
             return folder
     return None
 
@@ -136,7 +136,7 @@ def ensure_pretrained(
     folder = pretrained_dir(spec)
     record = folder / TRAIN_RECORD
     if has_weights(folder) and record.is_file():
-        if json.loads(record.read_text()).get("model_key") == pretrain_key(spec):
+        if json.loads(record.read_text(encoding="utf-8")).get("model_key") == pretrain_key(spec):
             return folder
     sets = [
         TokenizedSet.from_table(
@@ -220,14 +220,14 @@ def _train_and_save(
         "parameters": sum(p.numel() for p in model.parameters()),
         "checkpoints": checkpoints,
     }
-    (folder / TRAIN_RECORD).write_text(json.dumps(record, indent=2))
+    (folder / TRAIN_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
 
 
 def read_train_record(folder: str | Path) -> dict:
     """What `train` recorded about a model folder (steps, loss, checkpoints), or {}."""
     record = Path(folder, TRAIN_RECORD)
-    return json.loads(record.read_text()) if record.is_file() else {}
+    return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
 
 
 def train_base_model(

@@ -4,6 +4,12 @@
 weighted one, `Npo`) and, when the spec asks for them, the terms on the kept sets (`Retain`:
 their loss, and the KL divergence from the base model). The optimizers and batch orders it
 shares with training are optim.py's.
+
+NPO and the KL term compare the model with the base model: a frozen copy of its weights
+taken before the first step (`frozen_base`). The copy runs as the ascending model does, in
+train mode, and each of its forwards draws the dropout masks the model's forward on the same
+batch then draws (`base_forward`: it replays torch's generator state), so at step one NPO's
+log-ratio and the KL term are exactly 0 with dropout on.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ class Retain:
     Each step draws `batch_size` rows uniformly from all kept sets together, from its own
     seeded stream (the unlearned set's batch order is the same with or without it). On that
     batch the step lowers `weight` x their mean token loss and `kl_weight` x the mean over
-    their tokens of KL(base model || model), the base model being `reference` (a frozen copy
-    taken before the first step)."""
+    their tokens of KL(base model || model), the base model being `reference` (frozen_base,
+    run with the masks of the model's forward on the same batch: base_forward)."""
 
     def __init__(self, sets: list[TokenizedSet], weight: float, batch_size: int,
                  seed: int, kl_weight: float = 0.0,
@@ -60,34 +66,57 @@ class Retain:
 
 
 class Npo:
-    """Negative preference optimization's weights (arXiv 2404.05868). NPO minimizes
+    """Negative preference optimization (arXiv 2404.05868). NPO minimizes
     (2/beta) * mean over rows of log(1 + (p(row) / p_base(row))^beta), p a row's likelihood
     (its summed token loss l: p = exp(-l)); its gradient is gradient ascent on each row's
     summed loss weighted by w = 2 * sigmoid(-beta * (l - l_base)): 1 at the base model, and
     falling toward 0 as the row is forgotten, so the ascent slows instead of diverging.
 
-    The step ascends sum(w * l) / tokens: NPO's gradient scaled by rows / tokens, so that at
-    the first step (and for beta -> 0) it is exactly the paper's ascent on the mean token
-    loss, at the same learning rate. l_base: each row's summed loss under the base model,
-    in eval mode, taken once before the first step."""
+    The step descends sum over rows of NPO's row loss / tokens: NPO's gradient scaled by
+    rows / tokens, so that at the first step (and for beta -> 0) it is exactly the paper's
+    ascent on the mean token loss, at the same learning rate. l_base: each row's summed loss
+    under `reference` (the base model, frozen_base), computed with the step's own dropout
+    masks (base_forward)."""
 
-    def __init__(self, model: torch.nn.Module, data: TokenizedSet, beta: float,
-                 batch_size: int, device: torch.device | str) -> None:
-        self.beta = beta
-        was_training = model.training
-        model.eval()
-        sums = []
-        with torch.no_grad():
-            for start in range(0, len(data), batch_size):
-                rows = np.arange(start, min(start + batch_size, len(data)))
-                sums.append(token_losses(model, data.batch(rows, device))[0].float())
-        model.train(was_training)
-        self.base = torch.cat(sums)
+    def __init__(self, beta: float, reference: torch.nn.Module) -> None:
+        self.beta, self.reference = beta, reference
 
-    def weights(self, sums: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        """w for each row of a batch (`sums`: their summed losses now; no gradient)."""
-        base = self.base[torch.as_tensor(rows)].to(sums.device)
-        return 2 * torch.sigmoid(-self.beta * (sums.detach().float() - base))
+    def base_sums(self, batch: dict[str, torch.Tensor],
+                  device: torch.device | str) -> torch.Tensor:
+        """Each row's summed loss under the base model, with the masks that the model's next
+        forward draws (call it just before that forward)."""
+        return row_cross_entropy(*base_forward(self.reference, batch, device))[0]
+
+
+def npo_row_losses(sums: torch.Tensor, base_sums: torch.Tensor, beta: float) -> torch.Tensor:
+    """(2/beta) * log(1 + (p / p_base)^beta) for each row, from the rows' summed token losses
+    under the model (`sums`, with their gradient) and the base model: (2/beta) log 2 at the
+    base model."""
+    log_ratio = base_sums.detach().float() - sums.float()  # log p - log p_base
+    return (2 / beta) * torch.nn.functional.softplus(beta * log_ratio)
+
+
+def frozen_base(model: torch.nn.Module) -> torch.nn.Module:
+    """The base model beside `model` for NPO and the KL term: a frozen copy of its weights (a
+    second copy in memory: compute/memory.py counts it), in train mode like the ascending
+    model (its dropout on), without gradient checkpointing (it never runs a backward pass)."""
+    reference = copy.deepcopy(model).train().requires_grad_(False)
+    if getattr(reference, "is_gradient_checkpointing", False):
+        reference.gradient_checkpointing_disable()
+    return reference
+
+
+def base_forward(reference: torch.nn.Module, batch: dict[str, torch.Tensor],
+                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base model's logits and labels on `batch` (no gradient), drawing the dropout masks
+    that the model's next forward draws: torch's generator is put back as it was, so the
+    model's forward on the same batch then draws the same ones, and its stream of masks is
+    that of a run without the base model."""
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if (
+        device.type == "cuda") else []
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():
+        return logits_and_labels(reference, batch)
 
 
 def _micro_batches(parts: list[tuple[TokenizedSet, np.ndarray]], micro_batch_size: int | None,
@@ -104,14 +133,15 @@ def _micro_batches(parts: list[tuple[TokenizedSet, np.ndarray]], micro_batch_siz
 def _backward_forget(model: torch.nn.Module, data: TokenizedSet, rows: np.ndarray,
                      micro_batch_size: int | None, device: torch.device | str,
                      npo: Npo | None = None) -> float:
-    """Backpropagate minus the mean token loss of `rows` (with `npo`: each row's summed loss
-    weighted by NPO's weight), in micro-batches; returns that mean token loss."""
+    """Backpropagate minus the mean token loss of `rows` (with `npo`: instead, the sum of
+    NPO's row losses over the tokens), in micro-batches; returns that mean token loss."""
     batches, n_tokens = _micro_batches([(data, rows)], micro_batch_size, device)
     total = 0.0
-    for chunk, batch in batches:
+    for _, batch in batches:
+        base = npo.base_sums(batch, device) if npo is not None else None
         sums, _ = token_losses(model, batch)
-        weighted = (npo.weights(sums, chunk) * sums).sum() if npo is not None else sums.sum()
-        (-weighted / n_tokens).backward()
+        loss = -sums.sum() if npo is None else npo_row_losses(sums, base, npo.beta).sum()
+        (loss / n_tokens).backward()
         total += float(sums.detach().sum())
     return total / n_tokens
 
@@ -132,13 +162,13 @@ def _backward_kept(model: torch.nn.Module, retain: Retain, micro_batch_size: int
     plus kl_weight x their mean KL from the base model."""
     batches, n_tokens = _micro_batches(retain.draw(), micro_batch_size, device)
     for _, batch in batches:
+        if retain.kl_weight > 0:  # before the model's forward: the same dropout masks
+            reference_logits, _ = base_forward(retain.reference, batch, device)
         logits, labels = logits_and_labels(model, batch)
         loss = logits.new_zeros((), dtype=torch.float32)
         if retain.weight > 0:
             loss = loss + retain.weight * row_cross_entropy(logits, labels)[0].sum()
         if retain.kl_weight > 0:
-            with torch.no_grad():
-                reference_logits, _ = logits_and_labels(retain.reference, batch)
             loss = loss + retain.kl_weight * kl_from_reference(logits, reference_logits, labels)
         (loss / n_tokens).backward()
 
@@ -213,17 +243,14 @@ def unlearn(
     optimizer = make_optimizer(settings.optimizer, model.parameters(), settings.learning_rate,
                                seed=settings.seed)
     kept = None
+    kl = bool(retain) and settings.kl_weight > 0
+    # the base model, frozen: one second copy of the weights for NPO and the KL term
+    reference = frozen_base(model) if kl or settings.objective == "npo" else None
     if retain and (settings.retain_weight > 0 or settings.kl_weight > 0):
-        reference = None
-        if settings.kl_weight > 0:  # the base model, frozen: a second copy of the weights
-            reference = copy.deepcopy(model).eval().requires_grad_(False)
         kept = Retain(retain, settings.retain_weight,
                       settings.retain_batch_size or settings.batch_size, settings.seed,
                       settings.kl_weight, reference)
-    npo = None
-    if settings.objective == "npo":
-        npo = Npo(model, data, settings.npo_beta,
-                  settings.micro_batch_size or settings.batch_size, device)
+    npo = Npo(settings.npo_beta, reference) if settings.objective == "npo" else None
     model.train()
     schedule = batch_schedule(len(data), settings.batch_size, total, settings.seed)
     step = 0

@@ -42,7 +42,7 @@ def check_model_folder(path: str) -> None:
 def folder_config(path: str | Path) -> dict[str, Any]:
     """A model folder's config.json as a mapping ({} when it cannot be read)."""
     try:
-        config = json.loads(Path(path, "config.json").read_text())
+        config = json.loads(Path(path, "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}

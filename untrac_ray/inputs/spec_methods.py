@@ -65,7 +65,8 @@ class UnlearnSpec(StrictModel):
         "ascent", description="what each step does to the unlearned set: ascent (the "
         "paper's gradient ascent on its mean token loss) or npo (negative preference "
         "optimization, arXiv 2404.05868: each row's ascent weighted by 2*sigmoid(-beta * its "
-        "summed loss rise over the base model's), which slows as the row is forgotten)")
+        "summed loss rise over the base model's), which slows as the row is forgotten; keeps "
+        "a frozen copy of the base model)")
     npo_beta: float = Field(0.1, gt=0, description="NPO's beta (objective: npo)")
     kl_weight: float = Field(
         0.0, ge=0, description="each step also lowers the KL divergence from the base "

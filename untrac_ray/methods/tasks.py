@@ -153,8 +153,8 @@ class LdoTask:
 @dataclass(frozen=True)
 class SubsetTask:
     """Train from the initial weights on the training sets in `kept` (subset number `subset`
-    of the linear datamodeling score, methods/lds.py) with the base model's schedule and
-    `seed`, then evaluate `evaluate`."""
+    of the linear datamodeling score: plans.plan_lds, results/lds.py) with the base model's
+    schedule and `seed`, then evaluate `evaluate`."""
 
     subset: int
     kept: tuple[str, ...]

@@ -431,4 +431,4 @@ def write_output(fmt: str, frame: pd.DataFrame | None, data: Any,
     if output is None:
         write_stdout(text)
     else:
-        Path(output).write_text(text)
+        Path(output).write_text(text, encoding="utf-8")

@@ -9,7 +9,7 @@ the run it continues.
 
 `run_tasks` is the one way tasks run durably: restore those a run already holds (a resumed
 job), run the rest on an engine, and store each result in the run as it finishes
-(task_store.py). The engine starts only if some task is left.
+(results/task_store.py). The engine starts only if some task is left.
 """
 
 from __future__ import annotations

@@ -236,7 +236,8 @@ def _trial_error(trial) -> str:
     text = None
     with contextlib.suppress(Exception):
         local = trial.error_file
-        text = Path(local).read_text() if local and Path(local).is_file() else None
+        if local and Path(local).is_file():
+            text = Path(local).read_text(encoding="utf-8", errors="replace")
     if not text:
         with contextlib.suppress(Exception):
             text = trial.get_error()

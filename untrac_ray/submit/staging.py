@@ -197,7 +197,7 @@ def stage_job(
             if metric and metric.split(":")[0] in where:
                 s.objective.function = f"{where[metric.split(':')[0]]}:{metric.split(':')[1]}"
         text, secrets = to_placeholders(staged.to_yaml())
-        (folder / STAGED_SPEC).write_text(text)
+        (folder / STAGED_SPEC).write_text(text, encoding="utf-8")
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
