@@ -162,7 +162,9 @@ def _full_specs() -> list[JobSpec]:
                         "training": {"output_dir": "/tmp/pre"}},
         "training": {"checkpoints": [1], "output_dir": "/tmp/out"},
         "data": {"train": data, "test": [{"name": "b", "source": "b.csv", "group": "g"}]},
-        "methods": {"untrac": unlearn, "untrac_inv": unlearn, "ldo": {"seeds": [0]}, "lds": {},
+        # steps: same, as a setting hashed only when not its default (KEYED_UNLESS_DEFAULT)
+        "methods": {"untrac": unlearn, "untrac_inv": unlearn,
+                    "ldo": {"seeds": [0], "steps": "same"}, "lds": {"steps": "same"},
                     "graddot": {}, "gradcos": {}, "tracin": {}, "ekfac": {}},
         "evaluation": {}, "resources": {"address": "auto"}, "tracking": {"uri": "sqlite:///x"},
         "search": {"space": {"untrac.learning_rate": [1e-5, 1e-4]},

@@ -41,8 +41,7 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 def total_training_steps(sets: list[TokenizedSet], cfg: TrainingSpec) -> int:
     """Optimizer steps of a training run over `sets`: max_steps, else epochs over all rows."""
-    n_rows = sum(len(s) for s in sets)
-    return cfg.max_steps or cfg.epochs * math.ceil(n_rows / cfg.batch_size)
+    return cfg.total_steps(sum(len(s) for s in sets))
 
 
 def train_model(

@@ -84,9 +84,24 @@ NOT_IN_RESULTS_KEY: dict[str, Any] = {
 }
 
 
+# Settings added after results were stored, with the default that gives the results of before:
+# hashed only when set otherwise, so that runs stored before them keep their keys (and resume).
+KEYED_UNLESS_DEFAULT: dict[tuple[str, ...], Any] = {
+    ("methods", "ldo", "steps"): "epochs",
+    ("methods", "lds", "steps"): "epochs",
+}
+
+
 def results_key_material(spec: JobSpec) -> dict[str, Any]:
-    """What the results key hashes: the spec without NOT_IN_RESULTS_KEY, plus `on_gpu`."""
+    """What the results key hashes: the spec without NOT_IN_RESULTS_KEY (and without the
+    settings of KEYED_UNLESS_DEFAULT left at their default), plus `on_gpu`."""
     material = spec.model_dump(mode="json", exclude=NOT_IN_RESULTS_KEY)
+    for (*parents, leaf), default in KEYED_UNLESS_DEFAULT.items():
+        node: Any = material
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(leaf, default) == default:
+            node.pop(leaf, None)
     material["on_gpu"] = spec.resources.gpus_per_actor > 0
     return material
 

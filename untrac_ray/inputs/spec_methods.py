@@ -109,13 +109,28 @@ class UnlearnSpec(StrictModel):
         return self.epochs * math.ceil(n_rows / self.batch_size)
 
 
+# How long a retraining without some training sets runs (methods.ldo.steps, methods.lds.steps):
+# epochs (the paper's): training.epochs over the rows that remain, so fewer optimizer steps
+# than the full training; same: exactly as many optimizer steps as the full training took
+# (the remaining rows seen more often), so a set's influence is not the steps it added.
+RetrainSteps = Literal["epochs", "same"]
+STEPS_DEFAULT = "epochs"
+STEPS_HELP = ("epochs: training.epochs over the remaining rows (fewer steps when a set is "
+              "left out); same: as many optimizer steps as the full training took")
+
+
 class LdoSpec(StrictModel):
-    """Leave-dataset-out retraining, the ground truth: one retraining per training set and seed."""
+    """Leave-dataset-out retraining, the ground truth: one retraining per training set and seed.
+
+    `steps` says how long the retraining without a set runs (RetrainSteps): on sets of
+    unequal size, `epochs` leaves a big set's retraining with far fewer steps, and part of
+    its influence is only the steps it added; `same` holds the step count."""
 
     seeds: list[int] | None = Field(
         None, description="training seeds; the ground truth is the mean over them "
         "(default: training.seed)", min_length=1,
     )
+    steps: RetrainSteps = Field(STEPS_DEFAULT, description=STEPS_HELP)
 
 
 class LdsSpec(StrictModel):
@@ -141,6 +156,8 @@ class LdsSpec(StrictModel):
     noise_seed: int | None = Field(None, description="default: the largest seed + 1")
     bootstrap: int = Field(1000, ge=100, description="resamples of the subsets for the "
                            "95% interval")
+    steps: RetrainSteps = Field(STEPS_DEFAULT, description=STEPS_HELP + " (each subset's "
+                                "retraining)")
 
     @model_validator(mode="after")
     def _noise_within(self) -> LdsSpec:

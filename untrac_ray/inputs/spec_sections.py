@@ -6,6 +6,7 @@ a search's in spec_search.py, the whole job in spec.py.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,6 +80,10 @@ class TrainingSpec(StrictModel):
     output_dir: str | None = Field(
         None, description="where to save the model; default: the cache, keyed by spec hash"
     )
+
+    def total_steps(self, n_rows: int) -> int:
+        """Optimizer steps of a training over n_rows rows: max_steps, else epochs over them."""
+        return self.max_steps or self.epochs * math.ceil(n_rows / self.batch_size)
 
     def checkpoint_steps(self, total_steps: int) -> list[int]:
         """Steps at which `train` keeps a checkpoint (for TracIn), within the run."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from untrac_ray.inputs.errors import SpecError
 from untrac_ray.inputs.spec import JobSpec
-from untrac_ray.inputs.spec_sections import KEPT_SEPARATOR
+from untrac_ray.inputs.spec_sections import KEPT_SEPARATOR, TrainingSpec
 from untrac_ray.methods.cells import average_members, cell, influence_rows
 from untrac_ray.methods.schedule import eval_schedules, headline_point
 from untrac_ray.methods.tasks import (
@@ -89,21 +89,50 @@ def plan_unlearning(spec: JobSpec, method: str, train: list[str], test: list[str
     return plan
 
 
-def plan_ldo(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
-    """Leave-dataset-out: per seed, one training on all sets and one without each set."""
+def retraining_steps(spec: JobSpec, mode: str, train: list[str],
+                     n_rows: dict[str, int]) -> int | None:
+    """The `steps` of every retraining task on some of the training sets (methods.ldo.steps
+    or lds.steps `mode`): epochs, None (training's own: epochs over the rows it keeps, fewer
+    steps than the full training's); same, the full training's optimizer steps."""
+    return spec.training.total_steps(sum(n_rows[k] for k in train)) if mode == "same" else None
+
+
+def steps_taken(result: TaskResult, training: TrainingSpec, n_rows: dict[str, int],
+                kept: tuple[str, ...]) -> int:
+    """The optimizer steps a retraining took, as it reported them (the payload of
+    tasks.retrain); a result stored before it reported them: the steps it was planned for."""
+    if isinstance(result.payload, dict) and "steps" in result.payload:
+        return int(result.payload["steps"])
+    task = result.task
+    return task.steps if task.steps is not None else training.total_steps(
+        sum(n_rows[k] for k in kept))
+
+
+def plan_ldo(spec: JobSpec, train: list[str], test: list[str],
+             n_rows: dict[str, int]) -> MethodPlan:
+    """Leave-dataset-out: per seed, one training on all sets and one without each set, each
+    for the steps methods.ldo.steps says (n_rows: each training set's rows). Per seed, the
+    rows of extras["ldo_seeds"] record the optimizer steps of the full retraining
+    (steps_full) and of the one without the set (steps)."""
     seeds = spec.methods.ldo.seeds or [spec.training.seed]
-    tasks = [LdoTask(left_out, tuple(train), tuple(test), spec.training, seed)
+    steps = retraining_steps(spec, spec.methods.ldo.steps, train, n_rows)
+    kept_of = {left_out: tuple(n for n in train if n != left_out) for left_out in [None, *train]}
+    tasks = [LdoTask(left_out, tuple(train), tuple(test), spec.training, seed, steps)
              for seed in seeds for left_out in [None, *train]]
     plan = MethodPlan(["ldo"], tasks, lambda results, base: [])
 
     def assemble(results: list[TaskResult], base: dict[str, float]) -> list[dict]:
         per_seed = []
         for seed in seeds:
-            ours = {r.task.left_out: r.losses[0] for r in results if r.task.seed == seed}
+            mine = [r for r in results if r.task.seed == seed]
+            ours = {r.task.left_out: r.losses[0] for r in mine}
+            took = {r.task.left_out: steps_taken(r, spec.training, n_rows,
+                                                 kept_of[r.task.left_out]) for r in mine}
             for k in train:
                 for j in test:
                     per_seed.append({"seed": seed, "train_set": k, "test_set": j,
-                                     "loss_full": ours[None][j], "loss_without": ours[k][j]})
+                                     "loss_full": ours[None][j], "loss_without": ours[k][j],
+                                     "steps_full": took[None], "steps": took[k]})
         plan.extras["ldo_seeds"] = per_seed
         rows = []
         for k in train:
@@ -146,11 +175,13 @@ def draw_subsets(train: list[str], n: int, keep: float, seed: int) -> list[tuple
     return [tuple(train[i] for i in sorted(idx)) for idx in picked]
 
 
-def plan_lds(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
+def plan_lds(spec: JobSpec, train: list[str], test: list[str],
+             n_rows: dict[str, int]) -> MethodPlan:
     """The linear datamodeling score's ground truth: every subset retrained with every seed,
-    and the first `noise_subsets` once more with the noise seed. Its rows (one per subset,
-    seed and test set: the retrained model's loss) go to extras["lds_subsets"]; it has no
-    cells of its own (results/lds.py scores every method's cells against them)."""
+    and the first `noise_subsets` once more with the noise seed, each for the steps
+    methods.lds.steps says. Its rows (one per subset, seed and test set: the retrained
+    model's loss and its optimizer steps) go to extras["lds_subsets"]; it has no cells of its
+    own (results/lds.py scores every method's cells against them)."""
     lds = spec.methods.lds
     subsets = draw_subsets(train, lds.subsets, lds.keep, lds.sample_seed)
     if len(subsets) < 4:
@@ -159,9 +190,10 @@ def plan_lds(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
                         "score needs at least 4 (4 or more training sets)")
     seeds = spec.methods.lds_seeds(spec.training.seed)
     noise = spec.methods.lds_noise_seed(spec.training.seed)
-    tasks = [SubsetTask(i, kept, tuple(test), spec.training, seed)
+    steps = retraining_steps(spec, lds.steps, train, n_rows)
+    tasks = [SubsetTask(i, kept, tuple(test), spec.training, seed, steps)
              for seed in seeds for i, kept in enumerate(subsets)]
-    tasks += [SubsetTask(i, subsets[i], tuple(test), spec.training, noise)
+    tasks += [SubsetTask(i, subsets[i], tuple(test), spec.training, noise, steps)
               for i in range(min(lds.noise_subsets, len(subsets)))]
     plan = MethodPlan(["lds"], tasks, lambda results, base: [])
 
@@ -169,7 +201,9 @@ def plan_lds(spec: JobSpec, train: list[str], test: list[str]) -> MethodPlan:
         plan.extras["lds_subsets"] = [
             {"subset": r.task.subset, "seed": r.task.seed,
              "role": "noise" if r.task.seed == noise and noise not in seeds else "truth",
-             "kept": KEPT_SEPARATOR.join(r.task.kept), "test_set": j, "loss": float(r.losses[0][j])}
+             "kept": KEPT_SEPARATOR.join(r.task.kept), "test_set": j,
+             "loss": float(r.losses[0][j]), "steps": steps_taken(r, spec.training, n_rows,
+                                                                  r.task.kept)}
             for r in results for j in test]
         return []
 
@@ -243,9 +277,9 @@ def plan_methods(
     enabled = spec.methods.enabled()
     plans = []
     if "ldo" in enabled:
-        plans.append(plan_ldo(spec, train, test))
+        plans.append(plan_ldo(spec, train, test, n_rows))
     if "lds" in enabled:
-        plans.append(plan_lds(spec, train, test))
+        plans.append(plan_lds(spec, train, test, n_rows))
     if "ekfac" in enabled:
         plans.append(plan_ekfac(spec, train, test))
     if {"graddot", "gradcos", "tracin"} & set(enabled):

@@ -28,6 +28,9 @@ from untrac_ray.inputs.spec_sections import TrainingSpec
 from untrac_ray.inputs.tokenization import TokenizedSet
 
 BASE = "base"
+# A task field added after results were stored: it is in a task's key (results/task_store.py)
+# only when it differs from its default, so that tasks stored before keep their keys.
+KEYED_WHEN_SET = "keyed_when_set"
 
 
 class Bench(Protocol):
@@ -134,50 +137,64 @@ class UnlearnTask:
         return reached
 
 
+def _steps_field() -> Any:
+    """A retraining's optimizer steps: None, training's own (epochs over the rows it keeps, or
+    max_steps); a number (methods.ldo.steps / lds.steps `same`), exactly that many steps."""
+    return field(default=None, metadata={KEYED_WHEN_SET: True})
+
+
 @dataclass(frozen=True)
 class LdoTask:
     """Train from the initial weights on `train` minus `left_out` (None: all of them) with the
-    base model's schedule and `seed`, then evaluate `evaluate`."""
+    base model's schedule and `seed` (for `steps` optimizer steps when given), then evaluate
+    `evaluate`."""
 
     left_out: str | None
     train: tuple[str, ...]
     evaluate: tuple[str, ...]
     training: TrainingSpec
     seed: int
+    steps: int | None = _steps_field()
 
     def run(self, bench: Bench) -> Output:
         kept = tuple(n for n in self.train if n != self.left_out)
-        return retrain(bench, kept, self.evaluate, self.training, self.seed)
+        return retrain(bench, kept, self.evaluate, self.training, self.seed, self.steps)
 
 
 @dataclass(frozen=True)
 class SubsetTask:
     """Train from the initial weights on the training sets in `kept` (subset number `subset`
     of the linear datamodeling score: plans.plan_lds, results/lds.py) with the base model's
-    schedule and `seed`, then evaluate `evaluate`."""
+    schedule and `seed` (for `steps` optimizer steps when given), then evaluate `evaluate`."""
 
     subset: int
     kept: tuple[str, ...]
     evaluate: tuple[str, ...]
     training: TrainingSpec
     seed: int
+    steps: int | None = _steps_field()
 
     def run(self, bench: Bench) -> Output:
-        return retrain(bench, self.kept, self.evaluate, self.training, self.seed)
+        return retrain(bench, self.kept, self.evaluate, self.training, self.seed, self.steps)
 
 
 def retrain(bench: Bench, kept: tuple[str, ...], evaluate: tuple[str, ...],
-            training: TrainingSpec, seed: int) -> Output:
+            training: TrainingSpec, seed: int, steps: int | None = None) -> Output:
     """Train the initial weights of `seed` on the `kept` sets as the base model was trained
-    (same schedule, that seed), and evaluate `evaluate`: LDO's and LDS's retraining."""
+    (same schedule, that seed; `steps`: that many optimizer steps, the learning-rate schedule
+    spread over them), and evaluate `evaluate`: LDO's and LDS's retraining. The payload
+    says how many steps it took ({"steps": n})."""
     from untrac_ray.compute.training import train_model
 
     bench.reset(init_weights_name(seed))
-    cfg = training.model_copy(update={"seed": seed})
-    train_model(bench.model, [bench.datasets[n] for n in kept], cfg, device=bench.device,
-                rank=bench.rank)
+    update: dict[str, Any] = {"seed": seed}
+    if steps is not None:
+        update["max_steps"] = steps
+    cfg = training.model_copy(update=update)
+    taken = train_model(bench.model, [bench.datasets[n] for n in kept], cfg, device=bench.device,
+                        rank=bench.rank)
     losses, _ = bench.evaluate(evaluate)
-    return Output({0: losses})
+    return Output({0: losses}, payload={"steps": len(taken)})
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import numpy as np
 
 from untrac_ray.inputs.errors import RunAdopted
 from untrac_ray.inputs.fingerprints import spec_hash
-from untrac_ray.methods.tasks import TaskResult
+from untrac_ray.methods.tasks import KEYED_WHEN_SET, TaskResult
 
 FOLDER = "tasks"  # the artifact folder of a run that holds its finished tasks
 SUFFIX = ".npz"
@@ -46,8 +46,11 @@ def _plain(value: Any) -> Any:
 
 
 def task_settings(task: Any) -> dict[str, Any]:
-    """Every field of a task (a frozen dataclass), with its kind: what decides its result."""
-    fields = {f.name: _plain(getattr(task, f.name)) for f in dataclasses.fields(task)}
+    """Every field of a task (a frozen dataclass), with its kind: what decides its result. A
+    field marked KEYED_WHEN_SET (added after results were stored) counts only when it is not
+    its default, so the keys of tasks stored before it existed stay the same."""
+    fields = {f.name: _plain(getattr(task, f.name)) for f in dataclasses.fields(task)
+              if not (f.metadata.get(KEYED_WHEN_SET) and getattr(task, f.name) == f.default)}
     return {"kind": type(task).__name__, **fields}
 
 

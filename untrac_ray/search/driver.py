@@ -179,8 +179,10 @@ def run_search(
         _check_fits(spec)
         data = session.data
         base_tasks = [EvalTask((n,)) for n in dict.fromkeys(data.train + data.test)]
-        ldo_plan = plan_ldo(spec, data.train, data.test) if compute_truth else None
-        lds_plan = plan_lds(spec, data.train, data.test) if compute_lds else None
+        ldo_plan = (plan_ldo(spec, data.train, data.test, session.n_rows) if compute_truth
+                    else None)
+        lds_plan = (plan_lds(spec, data.train, data.test, session.n_rows) if compute_lds
+                    else None)
         ldo_tasks = ldo_plan.tasks if ldo_plan is not None else []
         lds_tasks = lds_plan.tasks if lds_plan is not None else []
         with SearchRun(spec, uri, tags, run_id=previous and previous["parent_run_id"],
