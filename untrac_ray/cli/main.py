@@ -95,7 +95,13 @@ def _print_matrices(outcome) -> None:
 
 
 @app.command(rich_help_panel=RUN)
-def validate(job: JobFile, settings: Settings = None) -> None:
+def validate(
+    job: JobFile,
+    settings: Settings = None,
+    exact: Annotated[bool, typer.Option(
+        "--exact", help="count every set's rows exactly (a pass over every shard) instead "
+        "of estimating them")] = False,
+) -> None:
     """Check a job and what it names; print it resolved, and what it will do.
 
     Data, columns, subsets, the model folder and its tokenizer, cache_dir; the resolved spec
@@ -107,10 +113,10 @@ def validate(job: JobFile, settings: Settings = None) -> None:
 
     try:
         spec = load_spec(job, settings or ())
-        check_job(spec)
+        surveys = check_job(spec, exact=exact)
         sys.stdout.write(spec.to_yaml())
         sys.stdout.flush()
-        for line in job_summary(spec):
+        for line in job_summary(spec, surveys):
             err_console.print(line, highlight=False, soft_wrap=True)
     except UntracError as err:
         raise fail(err) from None

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from untrac_ray.inputs.sources import source_fingerprint
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import is_uri
 
@@ -42,7 +43,7 @@ def pretrain_key(spec: JobSpec) -> str:
         spec.model.model_dump(), spec.tokenizer.model_dump(),
         spec.pretraining.training.model_dump(exclude={"output_dir"}),
         [ds.model_dump() for ds in spec.pretraining.data],
-        [file_fingerprint(ds.source) for ds in spec.pretraining.data],
+        [source_fingerprint(ds) for ds in spec.pretraining.data],
     )
 
 
@@ -55,7 +56,7 @@ def model_key(spec: JobSpec) -> str:
         spec.tokenizer.model_dump(),
         spec.training.model_dump(exclude={"output_dir"}),
         [ds.model_dump() for ds in spec.data.train],
-        [file_fingerprint(ds.source) for ds in spec.data.train],
+        [source_fingerprint(ds) for ds in spec.data.train],
     )
 
 

@@ -5,12 +5,12 @@ subset, model weights, a tokenizer, a cache folder that cannot be written. On a 
 of these fails only after minutes of start-up (Ray workers, MLflow, tokenizing), with a long
 traceback. `check_job` finds them in a second and raises one clear line (an UntracError).
 
-What is read: `validate` reads local datasets whole (`load_dataset_rows`: every row, to check
-columns, empty sets and subsets; cheap for the sizes a laptop holds). `run` checks only that
-they exist and their header, as for datasets at a URI, which are never downloaded here (see
-`check_dataset_header`): a run reads the rows anyway when it tokenizes them (once, then from
-its cache), and a big corpus should not be read twice. The model folder and tokenizer folder
-are listed, not loaded.
+What is read: `run` checks that each dataset's shards exist and their headers (Parquet
+footers, a CSV header, the first lines of JSON Lines: `check_dataset_header`); it reads the
+rows anyway when it tokenizes them. `validate` also surveys each set (survey.py: rows from
+metadata or estimated from the first MB of a few shards, and a few thousand rows), which says
+how big it is and finds empty sets and missing subsets in seconds whatever its size. The
+model folder and tokenizer folder are listed, not loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from untrac_ray.inputs.data import check_dataset_header, load_dataset_rows
+from untrac_ray.inputs.data import check_dataset_header
 from untrac_ray.inputs.errors import DataError, SpecError
 from untrac_ray.inputs.model_folder import (
     check_model_folder,
@@ -30,6 +30,7 @@ from untrac_ray.inputs.model_folder import (
 )
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import DatasetSpec, is_uri
+from untrac_ray.inputs.survey import SetSurvey, survey_dataset
 
 BYTE_VOCAB = 257  # the byte-level tokenizer's ids: 256 bytes and <|endoftext|>
 TOKENIZER_FILES = (
@@ -43,12 +44,13 @@ TOKENIZER_FILES = (
 )
 
 
-def check_job(spec: JobSpec, read_rows: bool = True) -> None:
+def check_job(spec: JobSpec, survey: bool = True, exact: bool = False
+              ) -> dict[str, SetSurvey]:
     """Raise an UntracError (one line, naming the key) for what the job would fail on.
 
-    Checks every dataset (data.train, data.test, pretraining.data; with read_rows, local ones
-    are read whole), the model folder (model.path), the tokenizer folder (tokenizer kind
-    pretrained) and cache_dir.
+    Checks every dataset (data.train, data.test, pretraining.data; with `survey`, surveyed:
+    their rows, counted exactly with `exact`), the model folder (model.path), the tokenizer
+    folder (tokenizer kind pretrained) and cache_dir. Returns the surveys, by dataset name.
     """
     text = spec.text_datasets()
     if text and spec.model.config is not None and is_encoder_decoder(spec.model.config):
@@ -56,9 +58,12 @@ def check_job(spec: JobSpec, read_rows: bool = True) -> None:
     roles = [("data.train", spec.data.train), ("data.test", spec.data.test)]
     if spec.pretraining is not None:
         roles.append(("pretraining.data", spec.pretraining.data))
+    surveys: dict[str, SetSurvey] = {}
     for key, datasets in roles:
         for ds in datasets:
-            check_dataset(ds, key, read_rows)
+            found = check_dataset(ds, key, survey, exact)
+            if found is not None:
+                surveys[ds.name] = found
     if spec.model.path is not None:
         check_model_folder(spec.model.path)
         if text and folder_is_encoder_decoder(spec.model.path):
@@ -69,16 +74,18 @@ def check_job(spec: JobSpec, read_rows: bool = True) -> None:
         check_tokenizer_fits(spec)
     if spec.cache_dir is not None:
         check_cache_dir(spec.cache_dir)
+    return surveys
 
 
-def check_dataset(ds: DatasetSpec, key: str, read_rows: bool = True) -> None:
-    """Raise DataError, prefixed with the spec key (e.g. data.test), unless `ds` can be read
-    (its rows too with read_rows, for a local file)."""
+def check_dataset(ds: DatasetSpec, key: str, survey: bool = True, exact: bool = False
+                  ) -> SetSurvey | None:
+    """Raise DataError, prefixed with the spec key (e.g. data.test), unless `ds` can be read;
+    with `survey`, its survey (survey.py)."""
     try:
-        if is_uri(ds.source) or not read_rows:
+        if not survey:
             check_dataset_header(ds)
-        else:
-            load_dataset_rows(ds)
+            return None
+        return survey_dataset(ds, exact=exact)
     except DataError as err:
         raise DataError(f"{key}: {err}") from None
 

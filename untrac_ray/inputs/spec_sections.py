@@ -7,7 +7,6 @@ a search's in spec_search.py, the whole job in spec.py.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -120,7 +119,9 @@ class DatasetSpec(StrictModel):
     """One named dataset: where its rows come from and what kind of rows they are."""
 
     name: str = Field(min_length=1)
-    source: str = Field(min_length=1, description="CSV, JSON Lines, Parquet or a datasets folder")
+    source: str = Field(min_length=1, description="a file, a folder of shards or a glob "
+                        "(local or a URI): Parquet, CSV, JSON Lines (.gz/.zst too), or a "
+                        "datasets save_to_disk folder")
     format: Literal["csv", "jsonl", "parquet", "hf_disk"] | None = None
     kind: Literal["text", "prompt_target"] = "prompt_target"
     subset: str | None = Field(None, description="keep rows whose subset_column equals this")
@@ -128,6 +129,10 @@ class DatasetSpec(StrictModel):
         None, gt=0, description="keep the first max_rows rows (after subset), e.g. to cut a "
         "set to a size"
     )
+    sample_rows: int | None = Field(
+        None, gt=0, description="keep a seeded sample of this many rows drawn uniformly from "
+        "the whole set (every shard; after subset); the set is the sample for every method")
+    sample_seed: int = Field(0, description="the seed of sample_rows' draw")
     group: str | None = Field(
         None, description="test sets only: the test set this one is a subset of; scores "
         "average the Pearsons of a test set's subsets first, then the test sets (the paper's "
@@ -145,21 +150,12 @@ class DatasetSpec(StrictModel):
                              "surrounding spaces")
         return name
 
-    def resolved_format(self) -> str:
-        """The format given, or the one the source's suffix implies."""
-        if self.format:
-            return self.format
-        lower = self.source.lower().split("?", 1)[0].rstrip("/")  # a URI's ?query aside
-        for suffix, fmt in ((".csv", "csv"), (".jsonl", "jsonl"), (".json", "jsonl"),
-                            (".parquet", "parquet"), (".pq", "parquet")):
-            if lower.endswith(suffix):
-                return fmt
-        if not is_uri(self.source) and Path(self.source).is_dir():
-            return "hf_disk"
-        raise ValueError(
-            f"cannot tell the format of {self.source!r}; set format to one of "
-            + ", ".join(DATA_FORMATS)
-        )
+    @model_validator(mode="after")
+    def _one_cut(self) -> DatasetSpec:
+        if self.max_rows is not None and self.sample_rows is not None:
+            raise ValueError("give max_rows (the first rows) or sample_rows (a seeded sample "
+                             "of the whole set), not both")
+        return self
 
 
 class DataSpec(StrictModel):

@@ -72,7 +72,7 @@ class PreparedData:
 
 def prepare_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> PreparedData:
     """Load and tokenize every dataset once (cached as Arrow files under cache_dir)."""
-    check_job(spec, read_rows=False)  # bad data, model or cache_dir: one line, before work
+    check_job(spec, survey=False)  # bad data, model or cache_dir: one line, before work
     tok = tokenizer or load_tokenizer(spec.tokenizer, spec.model.path)
     tables = {
         ds.name: tokenized_dataset(ds, tok, spec.tokenizer, spec.cache_dir)

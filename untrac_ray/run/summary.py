@@ -1,8 +1,10 @@
 """What a job will do, said before it runs (`validate`): the model and its parameters, the
 tokenizer and its vocabulary, each set's rows and tokens, and the tasks each method will run.
 
-The sets are tokenized as `run` tokenizes them, in memory (validate leaves nothing behind); a
-set at a URI is not downloaded here and is counted when it runs.
+Each set is surveyed (inputs/survey.py: rows from metadata, or estimated from the first MB
+of a few shards) and the rows read are tokenized as `run` tokenizes them, in memory (validate
+leaves nothing behind): a set read whole is counted exactly, a bigger one estimated from them,
+and the line says so ("about 41.2M tokens ..., estimated from 2,000 rows").
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from collections import Counter
 import numpy as np
 
 from untrac_ray.compute.modeling import auto_class, config_from_dict
-from untrac_ray.compute.training import total_training_steps
-from untrac_ray.inputs.data import load_dataset_rows
+from untrac_ray.inputs.preflight import check_job
 from untrac_ray.inputs.spec import JobSpec
-from untrac_ray.inputs.spec_sections import is_uri
+from untrac_ray.inputs.spec_sections import DatasetSpec
+from untrac_ray.inputs.survey import SetSurvey
 from untrac_ray.inputs.tokenization import (
     IGNORE_INDEX,
     TokenizedSet,
@@ -47,8 +49,9 @@ def _count(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def job_summary(spec: JobSpec) -> list[str]:
-    """A few lines: model, tokenizer, one per dataset, the tasks of each method."""
+def job_summary(spec: JobSpec, surveys: dict[str, SetSurvey] | None = None) -> list[str]:
+    """A few lines: model, tokenizer, one per dataset, the tasks of each method. `surveys`
+    are check_job's (each set surveyed again when left out)."""
     tok = load_tokenizer(spec.tokenizer, spec.model.path)
     kind, n_params = parameters(spec, tok)
     where = (f"at {spec.model.path}" if spec.model.path else "built from model.config")
@@ -58,39 +61,56 @@ def job_summary(spec: JobSpec) -> list[str]:
     source = ("the model folder's own" if own else f"from {spec.tokenizer.path}"
               if spec.tokenizer.kind == "pretrained" else "byte-level")
     lines.append(f"tokenizer: {source}, {len(tok):,} token ids")
-    sets: dict[str, TokenizedSet] = {}
+    surveys = surveys if surveys is not None else check_job(spec)
+    n_rows: dict[str, int] = {}
     for role, datasets in (("data.train", spec.data.train), ("data.test", spec.data.test)):
         for ds in datasets:
-            if is_uri(ds.source):
-                lines.append(f"{role} {ds.name}: at a URI, read when the job runs")
-                continue
-            source = load_dataset_rows(ds)
-            rows = source.num_rows
-            table = tokenize_rows(ds, source, tok, spec.tokenizer)  # in memory: no cache
-            data = TokenizedSet.from_table(ds.name, table, tok.pad_token_id)
-            sets[ds.name] = data
-            tokens = int(len(data.input_ids))
-            if ds.kind == "text":
-                shape = (f"{rows:,} rows of text, {tokens:,} tokens in {len(data):,} blocks "
-                         f"of {spec.tokenizer.block_size}")
-            else:
-                labelled = int((data.labels != IGNORE_INDEX).sum())
-                shape = (f"{rows:,} prompt/target rows, {tokens:,} tokens "
-                         f"({labelled:,} in targets)")
-            lines.append(f"{role} {ds.name}: {shape}")
-    lines.append("tasks: " + "; ".join(method_tasks(spec, sets)))
+            line, n_rows[ds.name] = describe_set(ds, surveys[ds.name], tok, spec)
+            lines.append(f"{role} {ds.name}: {line}")
+    lines.append("tasks: " + "; ".join(method_tasks(spec, n_rows)))
     return lines
 
 
-def method_tasks(spec: JobSpec, sets: dict[str, TokenizedSet]) -> list[str]:
+def describe_set(ds: DatasetSpec, survey: SetSurvey, tok, spec: JobSpec) -> tuple[str, int]:
+    """One line on a set's size (exact when its rows were all read, else estimated from the
+    rows read), and the rows (text: blocks) the job's tasks will count."""
+    data = tokenize_rows(ds, survey.peek, tok, spec.tokenizer) if survey.peek.num_rows else None
+    sets = TokenizedSet.from_table(ds.name, data, tok.pad_token_id) if data else None
+    tokens = int(len(sets.input_ids)) if sets is not None else 0
+    labelled = int((sets.labels != IGNORE_INDEX).sum()) if sets is not None else 0
+    about = ""
+    if not survey.complete:  # scale the rows read up to the rows the job keeps
+        scale = survey.kept / max(survey.peek.num_rows, 1)
+        tokens, labelled = int(tokens * scale), int(labelled * scale)
+        about = "about "
+    block = spec.tokenizer.block_size
+    units = max(tokens // block, 1) if ds.kind == "text" else survey.kept
+    rows = f"{'' if survey.exact else 'about '}{_count(survey.rows)} rows"
+    if survey.shards > 1:
+        rows += f" in {survey.shards:,} shards"
+    if survey.kept < survey.rows:
+        cut = "sample_rows" if ds.sample_rows else "max_rows"
+        rows = f"{survey.kept:,} rows ({cut}) of {rows}"
+    if ds.kind == "text":
+        shape = (f"{rows} of text, {about}{_count(tokens)} tokens in {about}{_count(units)} "
+                 f"blocks of {block}")
+    else:
+        shape = (f"{rows} of prompt/target, {about}{_count(tokens)} tokens "
+                 f"({about}{_count(labelled)} in targets)")
+    if about:
+        shape += f", estimated from {survey.peek.num_rows:,} rows"
+    return shape.replace("rows of prompt/target", "prompt/target rows"), units
+
+
+def method_tasks(spec: JobSpec, n_rows: dict[str, int]) -> list[str]:
     """Each method and how many tasks it runs (its unlearning trajectories, retrainings,
-    gradient or EK-FAC tasks), the base losses first."""
+    gradient or EK-FAC tasks), the base losses first; `n_rows` are each set's rows (text:
+    blocks)."""
     train = [d.name for d in spec.data.train]
     test = [d.name for d in spec.data.test]
-    n_rows = {name: len(sets[name]) if name in sets else 1 for name in [*train, *test]}
     checkpoints = []
-    if "tracin" in spec.methods.enabled() and all(n in sets for n in train):
-        total = total_training_steps([sets[n] for n in train], spec.training)
+    if "tracin" in spec.methods.enabled():
+        total = spec.training.total_steps(sum(n_rows[n] for n in train))
         checkpoints = [{"step": s, "learning_rate": spec.training.learning_rate}
                        for s in spec.training.checkpoint_steps(total)]
     out = []
