@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from untrac_ray.inputs.sources import source_fingerprint
+from untrac_ray.inputs.sources import Shard, list_shards
 from untrac_ray.inputs.spec import JobSpec
-from untrac_ray.inputs.spec_sections import is_uri
+from untrac_ray.inputs.spec_sections import DatasetSpec, is_uri
 
 
 def spec_hash(*parts: Any) -> str:
@@ -34,6 +34,23 @@ def file_fingerprint(source: str) -> str:
         else:
             digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
+
+
+def source_fingerprint(ds: DatasetSpec, shards: list[Shard] | None = None) -> str:
+    """A short hash that changes when the source's shards change: their names and sizes,
+    and the content of local files up to 64 MB (larger files and remote ones by size and
+    modification time)."""
+    shards = shards if shards is not None else list_shards(ds)
+    digest = hashlib.blake2b(digest_size=8)
+    for shard in shards:
+        digest.update(f"{shard.path}\0{shard.size}\0".encode())
+        if shard.format == "hf_disk" or (not is_uri(shard.path) and Path(shard.path).is_dir()):
+            digest.update(file_fingerprint(shard.path).encode())
+        elif not is_uri(shard.path) and shard.size <= 64 * 2**20:
+            digest.update(Path(shard.path).read_bytes())
+        else:
+            digest.update(str(shard.mtime_ns).encode())
+    return digest.hexdigest()
 
 
 def pretrain_key(spec: JobSpec) -> str:

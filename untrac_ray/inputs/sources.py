@@ -1,7 +1,7 @@
 """Where a dataset's rows are: its `source` (a file, a folder of shards or a glob, local or at
 a URI that pyarrow's filesystems open: s3://, gs://, hdfs://, file://) turned into a sorted
-list of shards, each with its format and compression, and the fingerprint that says when
-they changed. Reading the shards is data.py's job; nothing here reads a row.
+list of shards, each with its format and compression. Reading the shards is data.py's job;
+nothing here reads a row (fingerprints.source_fingerprint says when the shards changed).
 
 A shard's format comes from its suffix (`.parquet`/`.pq`, `.csv`, `.jsonl`/`.json`/`.ndjson`,
 each optionally compressed: `.gz`, `.zst`, `.bz2`, `.lz4`), or from the dataset's `format` for
@@ -13,10 +13,8 @@ under it (hidden files, `_SUCCESS` markers and the like left out).
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from untrac_ray.inputs.errors import DataError
 from untrac_ray.inputs.spec_sections import DATA_FORMATS, DatasetSpec, is_uri
@@ -26,7 +24,6 @@ COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd",
 FORMAT_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": None,
                    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
 GLOB_CHARS = "*?["
-SMALL_FILE = 64 * 2**20  # files up to this size are fingerprinted by content, others by stat
 
 
 @dataclass(frozen=True)
@@ -171,22 +168,3 @@ def list_shards(ds: DatasetSpec) -> list[Shard]:
         what = f"no files match {source}" if pattern else f"no data files in the folder {source}"
         raise DataError(f"{where}: {what}")
     return shards
-
-
-def source_fingerprint(ds: DatasetSpec, shards: list[Shard] | None = None) -> str:
-    """A short hash that changes when the source's shards change: their names and sizes,
-    and the content of local files up to 64 MB (larger files and remote ones by size and
-    modification time)."""
-    from untrac_ray.inputs.fingerprints import file_fingerprint  # it imports this module
-
-    shards = shards if shards is not None else list_shards(ds)
-    digest = hashlib.blake2b(digest_size=8)
-    for shard in shards:
-        digest.update(f"{shard.path}\0{shard.size}\0".encode())
-        if shard.format == "hf_disk" or (not is_uri(shard.path) and Path(shard.path).is_dir()):
-            digest.update(file_fingerprint(shard.path).encode())
-        elif not is_uri(shard.path) and shard.size <= SMALL_FILE:
-            digest.update(Path(shard.path).read_bytes())
-        else:
-            digest.update(str(shard.mtime_ns).encode())
-    return digest.hexdigest()
