@@ -20,6 +20,7 @@ from pathlib import Path
 
 from untrac_ray.inputs.data import check_dataset_header, load_dataset_rows
 from untrac_ray.inputs.errors import DataError, SpecError
+from untrac_ray.inputs.hub import model_folder
 from untrac_ray.inputs.model_folder import (
     check_model_folder,
     encoder_decoder_refusal,
@@ -47,8 +48,8 @@ def check_job(spec: JobSpec, read_rows: bool = True) -> None:
     """Raise an UntracError (one line, naming the key) for what the job would fail on.
 
     Checks every dataset (data.train, data.test, pretraining.data; with read_rows, local ones
-    are read whole), the model folder (model.path), the tokenizer folder (tokenizer kind
-    pretrained) and cache_dir.
+    are read whole), the model folder (model.path; a Hub id resolved to its snapshot folder),
+    the tokenizer folder (tokenizer kind pretrained) and cache_dir.
     """
     text = spec.text_datasets()
     if text and spec.model.config is not None and is_encoder_decoder(spec.model.config):
@@ -59,12 +60,13 @@ def check_job(spec: JobSpec, read_rows: bool = True) -> None:
     for key, datasets in roles:
         for ds in datasets:
             check_dataset(ds, key, read_rows)
-    if spec.model.path is not None:
-        check_model_folder(spec.model.path)
-        if text and folder_is_encoder_decoder(spec.model.path):
+    folder = model_folder(spec.model)
+    if folder is not None:
+        check_model_folder(folder)
+        if text and folder_is_encoder_decoder(folder):
             raise SpecError(encoder_decoder_refusal(*text[0]))
     if spec.tokenizer.kind == "pretrained":
-        check_tokenizer_folder(spec.tokenizer.path)
+        check_tokenizer_folder(spec.tokenizer.path or folder)
     if spec.model.path is not None:
         check_tokenizer_fits(spec)
     if spec.cache_dir is not None:
@@ -99,7 +101,7 @@ def check_tokenizer_fits(spec: JobSpec) -> None:
     byte-level tokenizer only for a model of the byte vocabulary (one this tool built from
     model.config), and a pretrained one with no id beyond the model's embeddings. A model
     read with another tokenizer than its own gives losses on text it never saw that way."""
-    path = spec.model.path
+    path = model_folder(spec.model)
     config = folder_config(path)
     size = vocab_size(config)
     if size is None:
@@ -118,7 +120,7 @@ def check_tokenizer_fits(spec: JobSpec) -> None:
     tokens = len(load_tokenizer(spec.tokenizer, path))
     if tokens > size:
         raise SpecError(
-            f"tokenizer.path: the tokenizer at {spec.tokenizer.path} has {tokens} "
+            f"tokenizer.path: the tokenizer at {spec.tokenizer.path or path} has {tokens} "
             f"token ids, but the model at {path} embeds only {size}: ids from {size} on have "
             "no embedding; use the tokenizer the model was trained with")
 
