@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def put_in_cache(cache: Path, repo_id: str, folder: Path, commit: str,
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch, saved) -> Path:
+def cache(tmp_path, monkeypatch, saved) -> Iterator[Path]:
     """A Hugging Face cache holding HUB_ID at C1 (refs/main) and C2, offline; the Hub's
     client fails the test if anything asks the network."""
     import huggingface_hub
@@ -90,12 +91,16 @@ def cache(tmp_path, monkeypatch, saved) -> Path:
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
+    asked = []  # what reached the Hub's client (the resolution may catch what it raises)
+
     def no_network(*args, **kwargs):
+        asked.append(args)
         raise AssertionError("the network was asked while HF_HUB_OFFLINE is set")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
-    return cache
+    yield cache
+    assert not asked, "the Hub was asked while HF_HUB_OFFLINE is set"
 
 
 def move_main(cache: Path, commit: str) -> None:
