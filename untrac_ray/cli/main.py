@@ -63,7 +63,8 @@ def _quiet_libraries(
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Not HF_HUB_OFFLINE: local folders load with local_files_only; only a Hub id in
+    # model.path asks the Hub (inputs/hub.py), and the user's HF_HUB_OFFLINE=1 forbids that.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -23,6 +23,7 @@ from untrac_ray.compute.modeling import (
 from untrac_ray.compute.optim import batch_schedule, make_optimizer, seed_dropout
 from untrac_ray.inputs.errors import NonFiniteLossError
 from untrac_ray.inputs.fingerprints import model_key, pretrain_key
+from untrac_ray.inputs.hub import model_folder
 from untrac_ray.inputs.model_folder import has_weights
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import TrainingSpec
@@ -162,7 +163,7 @@ def initial_model(
     if spec.pretraining is not None:
         return load_model(str(ensure_pretrained(spec, tokenizer, on_step)))
     if spec.model.config is None:
-        return load_model(spec.model.path)
+        return load_model(model_folder(spec.model))
     config = config_from_dict(spec.model.config, len(tokenizer), tokenizer.eos_token_id)
     return build_model(config, seed=seed)
 

@@ -1,5 +1,6 @@
 """Fingerprints: content hashes of what decides a result, so that a cached model, a stored
-task or a run to resume is reused only when it would come out the same.
+task or a run to resume is reused only when it would come out the same. A Hub model is keyed
+by its commit (inputs/hub.py), never by a branch name.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from untrac_ray.inputs.hub import model_commit, model_folder
 from untrac_ray.inputs.sources import Shard, list_shards
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import DatasetSpec, is_uri
@@ -53,11 +55,24 @@ def source_fingerprint(ds: DatasetSpec, shards: list[Shard] | None = None) -> st
     return digest.hexdigest()
 
 
+def model_material(spec: JobSpec) -> dict[str, Any]:
+    """The model section as keys hash it: a Hub model's revision replaced by the commit it
+    names (so main and that commit key alike, and a new commit on main keys anew), a
+    revision left at main on a local folder or a config left out (keys from before it)."""
+    material = spec.model.model_dump(mode="json")
+    commit = model_commit(spec.model)
+    if commit is not None:
+        material["revision"] = commit
+    elif material.get("revision") == "main":
+        material.pop("revision")
+    return material
+
+
 def pretrain_key(spec: JobSpec) -> str:
     """Hash of what decides the pretrained starting point (model, tokenizer, pretraining)."""
     assert spec.pretraining is not None
     return spec_hash(
-        spec.model.model_dump(), spec.tokenizer.model_dump(),
+        model_material(spec), spec.tokenizer.model_dump(),
         spec.pretraining.training.model_dump(exclude={"output_dir"}),
         [ds.model_dump() for ds in spec.pretraining.data],
         [source_fingerprint(ds) for ds in spec.pretraining.data],
@@ -68,8 +83,8 @@ def model_key(spec: JobSpec) -> str:
     """Hash of everything that decides the trained base model (model, tokenizer, data)."""
     return spec_hash(
         pretrain_key(spec) if spec.pretraining else None,
-        spec.model.model_dump(),
-        file_fingerprint(spec.model.path) if spec.model.finetune else None,
+        model_material(spec),
+        file_fingerprint(model_folder(spec.model)) if spec.model.finetune else None,
         spec.tokenizer.model_dump(),
         spec.training.model_dump(exclude={"output_dir"}),
         [ds.model_dump() for ds in spec.data.train],
@@ -104,7 +119,9 @@ NOT_IN_RESULTS_KEY: dict[str, Any] = {
 
 # Settings added after results were stored, with the default that gives the results of before:
 # hashed only when set otherwise, so that runs stored before them keep their keys (and resume).
+# (model.revision: a Hub model's is keyed as its commit, see model_material.)
 KEYED_UNLESS_DEFAULT: dict[tuple[str, ...], Any] = {
+    ("model", "revision"): "main",
     ("methods", "ldo", "steps"): "epochs",
     ("methods", "lds", "steps"): "epochs",
 }
@@ -114,6 +131,7 @@ def results_key_material(spec: JobSpec) -> dict[str, Any]:
     """What the results key hashes: the spec without NOT_IN_RESULTS_KEY (and without the
     settings of KEYED_UNLESS_DEFAULT left at their default), plus `on_gpu`."""
     material = spec.model_dump(mode="json", exclude=NOT_IN_RESULTS_KEY)
+    material["model"] = model_material(spec)
     for (*parents, leaf), default in KEYED_UNLESS_DEFAULT.items():
         node: Any = material
         for part in parents:

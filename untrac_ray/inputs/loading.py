@@ -1,7 +1,8 @@
 """Loading a job spec: YAML read as UTF-8, `${NAME}` filled in from the environment, `--set
 key.path=value` overrides applied, validated into a JobSpec (one line naming each bad key, an
 unknown one with the nearest known key), relative paths made absolute from the job file's
-folder. A YAML syntax error is reported as `file:line:column: the problem`.
+folder (but for a Hugging Face Hub id in model.path, kept as it is). A YAML syntax error is
+reported as `file:line:column: the problem`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from untrac_ray.inputs.errors import SpecError
+from untrac_ray.inputs.hub import is_hub_id
 from untrac_ray.inputs.redaction import expand_env
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import is_uri
@@ -83,7 +85,11 @@ def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
             return p
         return str((base / p).resolve())
 
-    spec.model.path = absolute(spec.model.path)
+    if not is_hub_id(spec.model.path, base):  # a Hub id stays as it is (inputs/hub.py)
+        spec.model.path = absolute(spec.model.path)
+        tok = spec.tokenizer
+        if tok.kind == "pretrained" and not tok.path:  # a local folder after all: its own
+            tok.path = spec.model.path
     if spec.tokenizer.path:
         spec.tokenizer.path = absolute(spec.tokenizer.path)
     spec.training.output_dir = absolute(spec.training.output_dir)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from untrac_ray.inputs.data import check_dataset_header
 from untrac_ray.inputs.errors import DataError, SpecError
+from untrac_ray.inputs.hub import model_folder
 from untrac_ray.inputs.model_folder import (
     check_model_folder,
     encoder_decoder_refusal,
@@ -49,8 +50,9 @@ def check_job(spec: JobSpec, survey: bool = True, exact: bool = False
     """Raise an UntracError (one line, naming the key) for what the job would fail on.
 
     Checks every dataset (data.train, data.test, pretraining.data; with `survey`, surveyed:
-    their rows, counted exactly with `exact`), the model folder (model.path), the tokenizer
-    folder (tokenizer kind pretrained) and cache_dir. Returns the surveys, by dataset name.
+    their rows, counted exactly with `exact`), the model folder (model.path; a Hub id resolved
+    to its snapshot folder), the tokenizer folder (tokenizer kind pretrained) and cache_dir.
+    Returns the surveys, by dataset name.
     """
     text = spec.text_datasets()
     if text and spec.model.config is not None and is_encoder_decoder(spec.model.config):
@@ -64,12 +66,13 @@ def check_job(spec: JobSpec, survey: bool = True, exact: bool = False
             found = check_dataset(ds, key, survey, exact)
             if found is not None:
                 surveys[ds.name] = found
-    if spec.model.path is not None:
-        check_model_folder(spec.model.path)
-        if text and folder_is_encoder_decoder(spec.model.path):
+    folder = model_folder(spec.model)
+    if folder is not None:
+        check_model_folder(folder)
+        if text and folder_is_encoder_decoder(folder):
             raise SpecError(encoder_decoder_refusal(*text[0]))
     if spec.tokenizer.kind == "pretrained":
-        check_tokenizer_folder(spec.tokenizer.path)
+        check_tokenizer_folder(spec.tokenizer.path or folder)
     if spec.model.path is not None:
         check_tokenizer_fits(spec)
     if spec.cache_dir is not None:
@@ -106,7 +109,7 @@ def check_tokenizer_fits(spec: JobSpec) -> None:
     byte-level tokenizer only for a model of the byte vocabulary (one this tool built from
     model.config), and a pretrained one with no id beyond the model's embeddings. A model
     read with another tokenizer than its own gives losses on text it never saw that way."""
-    path = spec.model.path
+    path = model_folder(spec.model)
     config = folder_config(path)
     size = vocab_size(config)
     if size is None:
@@ -125,7 +128,7 @@ def check_tokenizer_fits(spec: JobSpec) -> None:
     tokens = len(load_tokenizer(spec.tokenizer, path))
     if tokens > size:
         raise SpecError(
-            f"tokenizer.path: the tokenizer at {spec.tokenizer.path} has {tokens} "
+            f"tokenizer.path: the tokenizer at {spec.tokenizer.path or path} has {tokens} "
             f"token ids, but the model at {path} embeds only {size}: ids from {size} on have "
             "no embedding; use the tokenizer the model was trained with")
 

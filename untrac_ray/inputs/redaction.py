@@ -7,7 +7,9 @@ One rule, `redact(text)`, for any text:
   password, credential, ...) becomes `***`;
 - every secret value this process has learnt becomes `***`: the passwords and secret query
   values of the URIs it was given (`learn`), and the values of the environment's credential
-  variables (`learn_environment`: MLFLOW_TRACKING_PASSWORD, RAY_AUTH_TOKEN, AWS_SECRET_...).
+  variables (`learn_environment`: MLFLOW_TRACKING_PASSWORD, RAY_AUTH_TOKEN, AWS_SECRET_...,
+  HF_TOKEN);
+- a Hugging Face token (`hf_` and 30 or more letters and digits) becomes `***`, learnt or not.
 
 The CLI wraps stdout and stderr in `RedactingStream` before anything else runs, so every line a
 command prints, and every line Ray forwards from its workers, goes through the rule; what goes
@@ -42,6 +44,7 @@ _SECRET_PARAM = re.compile(
 _SECRET_ENV = re.compile(
     r"(?i)(PASSWORD|PASSWD|TOKEN|SECRET|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY)")
 _NOT_SECRET_ENV = re.compile(r"(?i)(_PATH|_FILE|_DIR|_ID|_MODE|_URI|_URL)$")
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
 _ENV_REF = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)\}")
 
 _learnt: set[str] = set()
@@ -98,6 +101,8 @@ def redact(text: str) -> str:
     for secret in sorted(_learnt, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, MASK)
+    if "hf_" in text:
+        text = _HF_TOKEN.sub(MASK, text)
     return text
 
 

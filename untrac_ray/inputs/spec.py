@@ -14,6 +14,7 @@ from __future__ import annotations
 import yaml
 from pydantic import Field, model_validator
 
+from untrac_ray.inputs.hub import is_hub_id
 from untrac_ray.inputs.spec_methods import MethodsSpec
 from untrac_ray.inputs.spec_search import SearchSpec
 from untrac_ray.inputs.spec_sections import (
@@ -96,7 +97,8 @@ class JobSpec(StrictModel):
     @model_validator(mode="after")
     def _tokenizer_of_the_model(self) -> JobSpec:
         """A model folder is read with its own tokenizer unless the spec names another; a
-        model built from model.config with the byte-level one."""
+        model built from model.config with the byte-level one. For a Hub model tokenizer.path
+        stays null: the snapshot folder of its commit, known once resolved (inputs/hub.py)."""
         tok = self.tokenizer
         if tok.kind is None:
             tok.kind = "pretrained" if self.model.path else "byte"
@@ -104,7 +106,8 @@ class JobSpec(StrictModel):
             if not self.model.path:
                 raise ValueError("tokenizer.path: the model is built from model.config, which "
                                  "has no tokenizer: give a local tokenizer folder")
-            tok.path = self.model.path
+            if not is_hub_id(self.model.path):
+                tok.path = self.model.path
         return self
 
     @model_validator(mode="after")

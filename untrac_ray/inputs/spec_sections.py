@@ -9,8 +9,16 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
+from untrac_ray.inputs.hub import DEFAULT_REVISION, looks_like_hub_id
 from untrac_ray.inputs.redaction import redact
 
 Optimizer = Literal["adam", "sgd", "adafactor"]
@@ -93,13 +101,20 @@ class TrainingSpec(StrictModel):
 
 
 class ModelSpec(StrictModel):
-    """The model under study: a local Hugging Face folder, or a config to train from scratch."""
+    """The model under study: a local Hugging Face folder or a Hub id (inputs/hub.py), or a
+    config to train from scratch."""
 
-    path: str | None = None
+    path: str | None = Field(None, description="a local model folder, or a Hugging Face Hub "
+                             "id (org/name) resolved through the Hugging Face cache")
+    revision: str = Field(DEFAULT_REVISION, min_length=1, description="with a Hub id in "
+                          "path: the branch, tag or commit to use (the job pins its commit)")
     config: dict[str, Any] | None = None
     finetune: bool = Field(
         False, description="fine-tune the model at `path` on the training sets before study"
     )
+    # (path, revision, commit, snapshot folder) once hub.model_commit / model_folder resolved
+    # a Hub id: the job's one resolution, never dumped (see inputs/hub.py)
+    _hub: tuple | None = PrivateAttr(None)
 
     @property
     def trained_by_job(self) -> bool:
@@ -109,9 +124,13 @@ class ModelSpec(StrictModel):
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         if (self.path is None) == (self.config is None):
-            raise ValueError("give exactly one of 'path' (a local model folder) or 'config'")
+            raise ValueError("give exactly one of 'path' (a local model folder or a Hub id) "
+                             "or 'config'")
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("config needs a 'model_type' (for example gpt2)")
+        if self.revision != DEFAULT_REVISION and not looks_like_hub_id(self.path):
+            raise ValueError("revision: only for a model named by a Hub id in model.path "
+                             "(org/name)")
         return self
 
 

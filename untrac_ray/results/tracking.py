@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from untrac_ray.inputs.errors import RunAdopted, TrackingError
+from untrac_ray.inputs.hub import model_commit
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.results.scores import ARTIFACT as SCORE_TABLE
 from untrac_ray.results.store import (
@@ -42,6 +43,26 @@ from untrac_ray.results.store import (
 def metric_key(*parts: str) -> str:
     """A metric name from parts, with characters MLflow refuses replaced by '_'."""
     return "/".join(re.sub(r"[^\w\-. ]", "_", p) for p in parts)
+
+
+def model_tags(spec: JobSpec) -> dict[str, str]:
+    """The tags naming a run's model: its folder, Hub id or model type, and a Hub model's
+    commit (the one the job pinned; its revision may be a branch)."""
+    tags = {TAG_PREFIX + "model": spec.model.path or spec.model.config["model_type"]}
+    commit = model_commit(spec.model)
+    if commit is not None:
+        tags[TAG_PREFIX + "model_commit"] = commit
+    return tags
+
+
+def spec_params(spec: JobSpec) -> dict[str, str]:
+    """A run's params: the spec's settings as dotted keys, and `model.commit` for a Hub
+    model."""
+    params = flatten(spec.model_dump(mode="json"))
+    commit = model_commit(spec.model)
+    if commit is not None:
+        params["model.commit"] = commit
+    return params
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -118,7 +139,7 @@ class JobRun:
         tags = {
             TAG_PREFIX + "job": self.spec.name,
             TAG_PREFIX + "methods": ",".join(self.spec.methods.enabled()),
-            TAG_PREFIX + "model": self.spec.model.path or self.spec.model.config["model_type"],
+            **model_tags(self.spec),
             TAG_PREFIX + "n_train": str(len(self.spec.data.train)),
             TAG_PREFIX + "n_test": str(len(self.spec.data.test)),
             **self._driver_tags(),
@@ -128,7 +149,7 @@ class JobRun:
             exp_id, run_name=f"{self.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags
         )
         self.run_id = run.info.run_id
-        params = [Param(k, v) for k, v in flatten(self.spec.model_dump(mode="json")).items()]
+        params = [Param(k, v) for k, v in spec_params(self.spec).items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i : i + 100])
         self.log_text(self.spec.to_yaml(), "job.yaml")
@@ -344,7 +365,7 @@ class SearchRun(JobRun):
             TAG_PREFIX + "job": self.spec.name,
             TAG_PREFIX + "kind": "trial",
             TAG_PREFIX + "trial_id": trial_id,
-            TAG_PREFIX + "model": self.spec.model.path or self.spec.model.config["model_type"],
+            **model_tags(self.spec),
             TAG_PREFIX + "n_train": str(len(self.spec.data.train)),
             TAG_PREFIX + "n_test": str(len(self.spec.data.test)),
             **{TAG_PREFIX + k: v for k, v in (tags or {}).items()},

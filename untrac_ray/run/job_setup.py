@@ -25,6 +25,7 @@ from untrac_ray.compute.training import (
     train_base_model,
 )
 from untrac_ray.inputs.errors import InputError, ModelError
+from untrac_ray.inputs.hub import model_folder
 from untrac_ray.inputs.model_folder import check_model_folder
 from untrac_ray.inputs.preflight import check_job
 from untrac_ray.inputs.spec import JobSpec
@@ -73,7 +74,7 @@ class PreparedData:
 def prepare_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> PreparedData:
     """Load and tokenize every dataset once (cached as Arrow files under cache_dir)."""
     check_job(spec, survey=False)  # bad data, model or cache_dir: one line, before work
-    tok = tokenizer or load_tokenizer(spec.tokenizer, spec.model.path)
+    tok = tokenizer or load_tokenizer(spec.tokenizer, model_folder(spec.model))
     tables = {
         ds.name: tokenized_dataset(ds, tok, spec.tokenizer, spec.cache_dir)
         for ds in [*spec.data.train, *spec.data.test]
@@ -84,7 +85,8 @@ def prepare_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase | None = None
 
 
 def resolve_model(spec: JobSpec, data: PreparedData, reporter: Reporter | None = None) -> Path:
-    """The model folder to study: the spec's folder, or the model trained for this spec.
+    """The model folder to study: the spec's folder (a Hub id's snapshot folder at the
+    commit the job pinned, inputs/hub.py), or the model trained for this spec.
 
     A model given as a config, or a folder with `finetune: true`, is trained on the job's
     training sets once (from the config's initialisation, or further from the folder's
@@ -93,8 +95,9 @@ def resolve_model(spec: JobSpec, data: PreparedData, reporter: Reporter | None =
     """
     reporter = reporter or Reporter()
     if spec.model.path is not None and not spec.model.finetune:
-        check_model_folder(spec.model.path)
-        return Path(spec.model.path)
+        folder = model_folder(spec.model)
+        check_model_folder(folder)
+        return Path(folder)
     found = find_trained_model(spec)
     if found is not None:
         reporter.stage(f"reusing the base model trained earlier: {found}")

@@ -14,6 +14,7 @@ from collections import Counter
 import numpy as np
 
 from untrac_ray.compute.modeling import auto_class, config_from_dict
+from untrac_ray.inputs.hub import describe_model, model_folder
 from untrac_ray.inputs.preflight import check_job
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import DatasetSpec
@@ -33,7 +34,7 @@ def parameters(spec: JobSpec, tokenizer) -> tuple[str, int]:
     from transformers import AutoConfig
 
     if spec.model.path is not None:
-        config = AutoConfig.from_pretrained(spec.model.path, local_files_only=True)
+        config = AutoConfig.from_pretrained(model_folder(spec.model), local_files_only=True)
     else:
         config = config_from_dict(spec.model.config, len(tokenizer), tokenizer.eos_token_id)
     with torch.device("meta"):
@@ -52,12 +53,12 @@ def _count(n: float) -> str:
 def job_summary(spec: JobSpec, surveys: dict[str, SetSurvey] | None = None) -> list[str]:
     """A few lines: model, tokenizer, one per dataset, the tasks of each method. `surveys`
     are check_job's (each set surveyed again when left out)."""
-    tok = load_tokenizer(spec.tokenizer, spec.model.path)
+    tok = load_tokenizer(spec.tokenizer, model_folder(spec.model))
     kind, n_params = parameters(spec, tok)
-    where = (f"at {spec.model.path}" if spec.model.path else "built from model.config")
     trained = " (the job trains it first)" if spec.model.trained_by_job else ""
-    lines = [f"model: {kind} {where}, {_count(n_params)} parameters{trained}"]
-    own = spec.tokenizer.kind == "pretrained" and spec.tokenizer.path == spec.model.path
+    lines = [f"model: {kind} {describe_model(spec.model)}, {_count(n_params)} parameters"
+             f"{trained}"]
+    own = spec.tokenizer.kind == "pretrained" and spec.tokenizer.path in (None, spec.model.path)
     source = ("the model folder's own" if own else f"from {spec.tokenizer.path}"
               if spec.tokenizer.kind == "pretrained" else "byte-level")
     lines.append(f"tokenizer: {source}, {len(tok):,} token ids")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from untrac_ray.inputs.errors import InputError
+from untrac_ray.inputs.hub import model_commit
 from untrac_ray.inputs.loading import absolute_sqlite_uri, load_spec
 from untrac_ray.inputs.redaction import has_secret, redact, split_credentials, to_placeholders
 from untrac_ray.inputs.spec import JobSpec
@@ -125,7 +126,9 @@ def stage_job(
 
     Local data files, the model and tokenizer folders are copied (keeping their file names, so
     content fingerprints do not change); URIs are kept, and paths under a `shared` prefix
-    (see `shared_prefixes`) become the cluster's paths, without being read here.
+    (see `shared_prefixes`) become the cluster's paths, without being read here. A Hub model
+    is not copied: its revision is pinned to the commit it names here (model.revision: the
+    40-hex sha), so the head loads that commit, and HF_TOKEN, if set, travels as a secret.
     Raises SpecError for a bad spec, UploadError for a missing file or one that would take
     the upload above `limit` bytes (with `extra_bytes` already used, e.g. by the package).
     """
@@ -134,7 +137,8 @@ def stage_job(
     wanted: dict[str, str] = {}  # local path -> key naming it in the spec
     for ds in _datasets(spec):
         wanted.setdefault(ds.source, f"dataset {ds.name!r}")
-    if spec.model.path:
+    commit = model_commit(spec.model)  # a Hub id: resolved here, pinned in the staged spec
+    if spec.model.path and commit is None:
         wanted.setdefault(spec.model.path, "model.path")
     if spec.tokenizer.path:
         wanted.setdefault(spec.tokenizer.path, "tokenizer.path")
@@ -178,7 +182,9 @@ def stage_job(
         staged = spec.model_copy(deep=True)
         for ds in _datasets(staged):
             ds.source = where[ds.source]
-        if staged.model.path:
+        if commit is not None:
+            staged.model.revision = commit
+        elif staged.model.path:
             staged.model.path = where[staged.model.path]
         if staged.tokenizer.path:
             staged.tokenizer.path = where[staged.tokenizer.path]
@@ -198,6 +204,9 @@ def stage_job(
                 s.objective.function = f"{where[metric.split(':')[0]]}:{metric.split(':')[1]}"
         text, secrets = to_placeholders(staged.to_yaml())
         (folder / STAGED_SPEC).write_text(text, encoding="utf-8")
+        token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+        if commit is not None and token:  # a private or gated model, downloaded on the head
+            secrets["HF_TOKEN"] = token
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
