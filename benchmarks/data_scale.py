@@ -79,6 +79,7 @@ import argparse
 import ast
 import gzip
 import hashlib
+import io
 import json
 import os
 import platform
@@ -386,8 +387,9 @@ class ShardWriter:
         self._parquet = pq.ParquetWriter(self.folder / "parquet" / f"{name}.parquet",
                                          self.schema, compression="snappy")
         if self.jsonl:
-            self._gzip = gzip.open(self.folder / "jsonl" / f"{name}.jsonl.gz", "wt",
-                                   encoding="utf-8", compresslevel=6)
+            raw = gzip.GzipFile(self.folder / "jsonl" / f"{name}.jsonl.gz", "wb",
+                                compresslevel=6, mtime=0)  # mtime 0: the same bytes each time
+            self._gzip = io.TextIOWrapper(raw, encoding="utf-8")
         self.stats.shards += 1
 
     def _flush(self) -> None:
