@@ -1,6 +1,6 @@
 """The data path at scale: four corpora of about 41M tokens each read from shards, tokenized and
 cached by a real `untrac-ray run`, timed and its memory sampled; and a 10x variant read through
-`sample_rows` (issue 32, item 7).
+`sample_rows`.
 
 1. Corpora, generated once into a cache folder outside the repository (`--cache`, default
    ~/.cache/untrac-ray-bench/data_scale) and reused while the marker file beside them
@@ -66,6 +66,7 @@ non-zero when the benchmark itself crashed.
     .venv/bin/python benchmarks/data_scale.py --smoke     # tiny corpora, every case, 1-3 min
     .venv/bin/python benchmarks/data_scale.py --cases a,b --json /tmp/data_scale.json
     .venv/bin/python benchmarks/data_scale.py --smoke --source-form file   # today's reader
+    .venv/bin/python benchmarks/data_scale.py --generate-only   # the corpora alone (cached)
 
 `--source-form` says how a training set names its shards: `glob` (default:
 `.../parquet/*.parquet`, `.../jsonl/*.jsonl.gz`), `folder` (the shards' folder), or `file`
@@ -835,8 +836,11 @@ def stored_tokens(tokenized: Path) -> int | None:
 
     total, found = 0, False
     for path in sorted(tokenized.rglob("*.arrow")):
-        table = feather.read_table(path, columns=["input_ids"], memory_map=True)
-        total += int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
+        try:
+            table = feather.read_table(path, columns=["input_ids"], memory_map=True)
+            total += int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
+        except Exception:  # noqa: BLE001 - another layout: the run's data_tokens count instead
+            return None
         found = True
     return total if found else None
 
@@ -934,14 +938,21 @@ def reference_texts(parquet_folder: Path, max_bytes: float) -> list[str]:
 def tokenizer_rate(model: Path, texts: list[str]) -> Reference:
     """tokenizer(texts) in one call, TOKENIZERS_PARALLELISM on (all cores), timed after a
     small warm-up call."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model)
-    tok(texts[:256])
-    start = time.perf_counter()
-    ids = tok(texts)["input_ids"]
-    seconds = time.perf_counter() - start
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # here only: the job gets the caller's
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+        tok(texts[:256])
+        start = time.perf_counter()
+        ids = tok(texts)["input_ids"]
+        seconds = time.perf_counter() - start
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
     return Reference(len(texts), sum(map(len, texts)), sum(map(len, ids)), seconds,
                      os.cpu_count() or 1)
 
@@ -1081,6 +1092,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"text for the tokenizer's rate (default {REFERENCE_MB:.0f}, "
                              f"smoke {SMOKE_REFERENCE_MB:.0f})")
     parser.add_argument("--interval", type=float, default=0.2, help="memory sampling period, s")
+    parser.add_argument("--generate-only", action="store_true",
+                        help="make (or reuse) the corpora the cases need, print how long it "
+                             "took, and stop")
     args = parser.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in args.cases if c not in CASES]
@@ -1131,6 +1145,8 @@ def main(argv: list[str] | None = None) -> int:
     scales = [1] + ([TEN_X] if "c" in args.cases else [])
     corpora = generate(cache, corpus_params(args), scales)
     print_header(args, corpora)
+    if args.generate_only:
+        return 0
 
     texts = reference_texts(corpora.shard_folder(1, corpora.names[0], "parquet"),
                             args.reference_mb * MB)

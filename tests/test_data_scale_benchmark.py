@@ -204,6 +204,10 @@ def test_stored_tokens_are_counted_in_the_arrow_cache(tmp_path):
                           compression="uncompressed")
     assert ds.stored_tokens(tmp_path) == 8
     assert ds.stored_tokens(tmp_path / "none") is None
+    other = tmp_path / "other"  # another layout (no input_ids): the run's data_tokens instead
+    other.mkdir()
+    feather.write_feather(pa.table({"ids": [1, 2]}), other / "x.arrow")
+    assert ds.stored_tokens(other) is None
 
 
 def case(name: str, **kw) -> ds.CaseResult:
