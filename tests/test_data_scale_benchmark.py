@@ -123,7 +123,7 @@ def test_generation_is_deterministic(generated, tmp_path):
     """Another cache, the same parameters: the same tokenizer and the same shards' bytes."""
     _, params, corpora = generated
     again = ds.generate(tmp_path, params, [1])
-    assert again.reused == {"base": False, "1x": False}
+    assert again.reused == {ds.BASE: False, "1x": False}
     assert ((again.root / "tokenizer" / "tokenizer.json").read_bytes()
             == (corpora.root / "tokenizer" / "tokenizer.json").read_bytes())
     for name in corpora.names:
@@ -138,7 +138,7 @@ def test_generation_is_reused_through_its_marker(generated):
     shard = corpora.shard_folder(1, "torch", "parquet") / "part-00000.parquet"
     before = shard.stat().st_mtime_ns
     again = ds.generate(cache, params, [1])
-    assert again.reused == {"base": True, "1x": True}
+    assert again.reused == {ds.BASE: True, "1x": True}
     assert again.stats["1x"] == corpora.stats["1x"]
     assert shard.stat().st_mtime_ns == before
     marker = json.loads((corpora.root / "1x" / "marker.json").read_text())
