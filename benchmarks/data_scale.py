@@ -50,16 +50,19 @@ cached by a real `untrac-ray run`, timed and its memory sampled; and a 10x varia
    the refusal line as its result and the next case runs. For each case: the data stage's
    seconds and tokens (the run's MLflow metrics `data_seconds`, `data_tokens` when it logs
    them; else the seconds between the run's "> loading and tokenizing datasets" line and the
-   next stage line, and the tokens stored in the cache) and tokens/s, against the tokenizer's
-   own batch rate measured in the same benchmark run (`tokenizer(list_of_texts)` on
-   `--reference-mb` MB of the first corpus, TOKENIZERS_PARALLELISM on, all cores) and their
-   ratio; every 0.2 s (`--interval`) the RSS and PSS (psutil memory_full_info) of the driver
-   and of every descendant (Ray's gcs and raylet, its workers and actors): the driver's peak,
-   and the peak of the sum over all the job's processes (RSS counts the object store's
-   shared pages once per process that touched them, PSS splits them among those processes:
-   the target uses the sum of PSS); bytes per stored token (the size of
-   `<cache_dir>/tokenized` over the tokens stored there: counted in the Arrow files when it
-   holds them, else the run's `data_tokens`); the whole job's wall time; validate's wall time.
+   next stage line, which today also holds Ray's start, and the tokens stored in the cache)
+   and tokens/s, against the tokenizer's own batch rate measured just before each 1x case on
+   the same machine (`tokenizer(list_of_texts)` on `--reference-mb` MB of the first corpus,
+   TOKENIZERS_PARALLELISM on, all cores) and their ratio; the cores other processes kept busy
+   in an idle pause before each case (`--settle` s) and the machine during the run (a warning
+   when others were busy: the timings are skewed then); every 0.2 s (`--interval`) the RSS
+   and PSS (psutil memory_full_info) of the driver and of every descendant (Ray's gcs and
+   raylet, its workers and actors): the driver's peak, and the peak of the sum over all the
+   job's processes (RSS counts the object store's shared pages once per process that touched
+   them, PSS splits them among those processes: the target uses the sum of PSS); bytes per
+   stored token (the size of `<cache_dir>/tokenized` over the tokens stored there: counted in
+   the Arrow files when it holds them, else the run's `data_tokens`); the whole job's wall
+   time; validate's wall time.
 
 Targets (PASS/FAIL, ratios side by side; MB and GB are 10^6 and 10^9 bytes): the driver's peak
 RSS < 2 GB; the sum of the job's processes' PSS < 4 GB; <= 2.2 bytes per stored token;
@@ -105,6 +108,9 @@ from typing import Any
 import numpy as np
 import psutil
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine_load.py
+from machine_load import busy_cores, machine_cpu, others_load  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SITE = Path(sysconfig.get_paths()["purelib"])
@@ -160,6 +166,7 @@ CASES = {
     "c": "10x, sample_rows on each training set, Parquet shards",
 }
 DATA_STAGE = "> loading and tokenizing datasets"
+OTHERS_WARNING = 0.3  # cores other processes keep busy: above it, the timings are skewed
 BASE = "tokenizer, model, test set"  # the generation step before the corpora
 
 
@@ -772,6 +779,9 @@ class CaseResult:
     stored_from: str = ""  # "arrow" | "data_tokens"
     memory: TreeMemory = field(default_factory=TreeMemory)
     validate_memory: TreeMemory = field(default_factory=TreeMemory)
+    reference: Reference | None = None  # the tokenizer's rate, measured just before the case
+    others: float | None = None  # cores others kept busy in an idle pause before the case
+    busy: float | None = None  # cores the whole machine kept busy during the run
     log: str = ""
 
     @property
@@ -798,13 +808,23 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], log: Path, interval: float) -> tuple[int, float,
-                                                                  list[tuple[float, str]],
-                                                                  TreeMemory]:
-    """`untrac-ray <args>` as a subprocess: (exit status, wall seconds, (seconds since start,
-    line) of its output, the memory of its process tree)."""
+@dataclass
+class CliRun:
+    """One `untrac-ray` subprocess: its exit status, wall seconds, output lines (seconds since
+    its start, line), its process tree's memory, and the cores the machine kept busy."""
+
+    rc: int
+    seconds: float
+    lines: list[tuple[float, str]]
+    memory: TreeMemory
+    busy: float | None
+
+
+def run_cli(args: list[str], log: Path, interval: float) -> CliRun:
+    """`untrac-ray <args>` as a subprocess, its output kept in `log` and timestamped, its
+    process tree sampled."""
     lines: list[tuple[float, str]] = []
-    start = time.perf_counter()
+    ticks, start = machine_cpu(), time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "untrac_ray.cli", *args], cwd=REPO,
                             env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
@@ -813,7 +833,8 @@ def run_cli(args: list[str], log: Path, interval: float) -> tuple[int, float,
             lines.append((time.perf_counter() - start, line.rstrip("\n")))
             out.write(line)
         proc.wait()
-    return proc.returncode, time.perf_counter() - start, lines, sampler.memory
+    return CliRun(proc.returncode, time.perf_counter() - start, lines, sampler.memory,
+                  busy_cores(ticks, machine_cpu()))
 
 
 def refusal(lines: list[tuple[float, str]]) -> str:
@@ -865,26 +886,27 @@ def mlflow_metrics(uri: str, experiment: str) -> dict[str, float]:
     return dict(runs[0].data.metrics) if runs else {}
 
 
-def run_case(case: str, job: Path, interval: float) -> CaseResult:
+def run_case(case: str, job: Path, interval: float, reference: Reference | None = None,
+             others: float | None = None) -> CaseResult:
     """validate then run one case's job; the refusal line when either refuses."""
     folder = job.parent
     spec = yaml.safe_load(job.read_text())
-    result = CaseResult(case, CASES[case], log=str(folder / "run.log"))
+    result = CaseResult(case, CASES[case], reference=reference, others=others,
+                        log=str(folder / "run.log"))
     shutil.rmtree(spec["cache_dir"], ignore_errors=True)
     print(f"case {case} ({CASES[case]}): validate ...", flush=True)
-    rc, seconds, lines, memory = run_cli(["validate", str(job)], folder / "validate.log",
-                                         interval)
-    result.validate_seconds, result.validate_memory = seconds, memory
-    if rc != 0:
-        result.refused = f"validate: {refusal(lines)}"
+    done = run_cli(["validate", str(job)], folder / "validate.log", interval)
+    result.validate_seconds, result.validate_memory = done.seconds, done.memory
+    if done.rc != 0:
+        result.refused = f"validate: {refusal(done.lines)}"
         print(f"  refused: {result.refused}", flush=True)
         return result
-    print(f"case {case}: validate {seconds:.1f} s; run ...", flush=True)
+    print(f"case {case}: validate {done.seconds:.1f} s; run ...", flush=True)
     uri = spec["tracking"]["uri"]
-    rc, seconds, lines, memory = run_cli(["run", str(job), "--tracking-uri", uri],
-                                         folder / "run.log", interval)
-    result.run_seconds, result.memory = seconds, memory
-    if rc != 0:
+    done = run_cli(["run", str(job), "--tracking-uri", uri], folder / "run.log", interval)
+    result.run_seconds, result.memory, result.busy = done.seconds, done.memory, done.busy
+    lines = done.lines
+    if done.rc != 0:
         result.refused = f"run: {refusal(lines)}"
         print(f"  refused: {result.refused}", flush=True)
         return result
@@ -904,7 +926,7 @@ def run_case(case: str, job: Path, interval: float) -> CaseResult:
             result.stored_tokens, result.stored_from = counted, "arrow"
         elif result.data_tokens:
             result.stored_tokens, result.stored_from = result.data_tokens, "data_tokens"
-    print(f"case {case}: run {seconds:.1f} s", flush=True)
+    print(f"case {case}: run {done.seconds:.1f} s", flush=True)
     return result
 
 
@@ -995,6 +1017,7 @@ def checks(results: dict[str, CaseResult], reference: Reference | None) -> list[
         if r.refused:
             out.append(Check(case, "refused", r.refused, "-", None))
             continue
+        ref = r.reference or reference
         m = r.memory
         out.append(Check(case, "driver peak RSS", fmt_bytes(m.driver_rss),
                          f"< {DRIVER_TARGET / GB:.0f} GB", m.driver_rss < DRIVER_TARGET))
@@ -1006,10 +1029,10 @@ def checks(results: dict[str, CaseResult], reference: Reference | None) -> list[
             out.append(Check(case, "bytes per stored token", fmt(bpt), f"<= {BYTES_TARGET}",
                              None if bpt is None else bpt <= BYTES_TARGET))
             rate = r.tokens_per_s
-            ratio = rate / reference.tokens_per_s if rate and reference else None
+            ratio = rate / ref.tokens_per_s if rate and ref else None
             out.append(Check(case, "tokenization / tokenizer's batch rate",
                              f"{fmt(rate, ',.0f')} / "
-                             f"{fmt(reference and reference.tokens_per_s, ',.0f')} tok/s = "
+                             f"{fmt(ref and ref.tokens_per_s, ',.0f')} tok/s = "
                              f"{fmt(ratio)}x", f">= {RATE_TARGET}x",
                              None if ratio is None else ratio >= RATE_TARGET))
             out.append(Check(case, "validate wall time", fmt(r.validate_seconds, ".1f", " s"),
@@ -1030,7 +1053,16 @@ def verdict(ok: bool | None) -> str:
 
 def print_case(r: CaseResult, reference: Reference | None) -> None:
     """One case's figures."""
+    reference = r.reference or reference
     print(f"\n== case {r.case}: {r.label}")
+    if r.reference:
+        print(f"  {describe_reference(r.reference)}, measured just before")
+    if r.others is not None or r.busy is not None:
+        print(f"  load: others kept {fmt(r.others)} cores busy in a pause before the case; the "
+              f"machine {fmt(r.busy)} cores during the run")
+        if r.others is not None and r.others > OTHERS_WARNING:
+            print(f"  warning: other processes kept {r.others:.2f} cores busy: the timings are "
+                  "skewed; rerun on a quiet machine")
     print(f"  validate: {fmt(r.validate_seconds, '.1f', ' s')} (peak RSS of its tree "
           f"{fmt_bytes(r.validate_memory.sum_rss)})")
     if r.refused:
@@ -1052,13 +1084,16 @@ def print_case(r: CaseResult, reference: Reference | None) -> None:
           f"stored tokens ({r.stored_from or 'n/a'}) = {fmt(r.bytes_per_token)} bytes a token")
 
 
+def describe_reference(ref: Reference) -> str:
+    return (f"the tokenizer's own batch rate: {ref.tokens:,} tokens of {ref.texts:,} texts "
+            f"({ref.chars / MB:.1f} MB) in {ref.seconds:.2f} s = {ref.tokens_per_s:,.0f} "
+            f"tokens/s (TOKENIZERS_PARALLELISM on, {ref.threads} cores)")
+
+
 def print_report(results: dict[str, CaseResult], reference: Reference | None) -> list[Check]:
     """Each case's figures, then every target side by side with its verdict."""
     if reference:
-        print(f"\n== the tokenizer's own batch rate: {reference.tokens:,} tokens of "
-              f"{reference.texts:,} texts ({reference.chars / MB:.1f} MB) in "
-              f"{reference.seconds:.2f} s = {reference.tokens_per_s:,.0f} tokens/s "
-              f"(TOKENIZERS_PARALLELISM on, {reference.threads} cores)")
+        print(f"\n== {describe_reference(reference)}")
     for r in results.values():
         print_case(r, reference)
     rows = checks(results, reference)
@@ -1099,6 +1134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"text for the tokenizer's rate (default {REFERENCE_MB:.0f}, "
                              f"smoke {SMOKE_REFERENCE_MB:.0f})")
     parser.add_argument("--interval", type=float, default=0.2, help="memory sampling period, s")
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="seconds of idling before each case, to measure the load of other "
+                             "processes (not timed)")
     parser.add_argument("--generate-only", action="store_true",
                         help="make (or reuse) the corpora the cases need, print how long it "
                              "took, and stop")
@@ -1161,12 +1199,15 @@ def main(argv: list[str] | None = None) -> int:
                             args.reference_mb * MB)
     print(f"the tokenizer's own rate on {len(texts):,} texts ...", flush=True)
     reference = tokenizer_rate(corpora.model, texts)
-    del texts
     results = {}
     for case in args.cases:
         job = write_job(cache / "runs" / case, corpora, case, args.source_form,
                         args.sample_rows, cache)
-        results[case] = run_case(case, job, args.interval)
+        others = others_load(args.settle)
+        # the tokenizer's rate again just before each 1x case: the machine's load drifts
+        ref = tokenizer_rate(corpora.model, texts) if case in ("a", "b") else None
+        results[case] = run_case(case, job, args.interval, ref, others)
+    del texts
     rows = print_report(results, reference)
     if args.json:
         figures = {

@@ -243,6 +243,10 @@ def test_the_report_gives_a_verdict_per_target(capsys):
     out = capsys.readouterr().out
     assert "200,000 / 250,000 tok/s = 0.80x" in out and "40.0 s / case a's 100.0 s = 0.40x" in out
     assert out.count("PASS") == 8 and out.count("FAIL") == 5
+    # a case's own reference (measured just before it) goes before the run's
+    own = case("a", reference=ds.Reference(10, 100, 1_000_000, 2.0, 2))  # 500,000 tok/s
+    (rate,) = [c for c in ds.checks({"a": own}, reference) if c.name.startswith("tokenization")]
+    assert rate.ok is False and "= 0.40x" in rate.value
     # case c against b when a is missing; slower than half of it fails
     results = {"b": case("b"), "c": case("c", run_seconds=60.0)}
     (ratio,) = [c for c in ds.checks(results, reference) if c.name.startswith("whole job")]
