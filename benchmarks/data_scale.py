@@ -167,7 +167,7 @@ CASES = {
 }
 DATA_STAGE = "> loading and tokenizing datasets"
 OTHERS_WARNING = 0.3  # cores other processes keep busy: above it, the timings are skewed
-BASE = "tokenizer, model, test set"  # the generation step before the corpora
+BASE = "tokenizer+model+test set"  # the generation step before the corpora
 
 
 # --- Text: docstrings and comments of installed packages ---
