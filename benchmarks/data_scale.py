@@ -284,7 +284,7 @@ def collect_pools(corpora: int, max_chars: int, test_rows: int = TEST_ROWS,
             raise SystemExit(f"no text found for group {group} under {site}")
     stdlib = [STDLIB / n for n in ("collections", "json", "logging", "email", "http",
                                    "importlib", "asyncio", "unittest")]
-    pools[TEST_GROUP] = collect_pool(stdlib, 40 * MAX_CHARS * test_rows, seen)[:test_rows]
+    pools[TEST_GROUP] = collect_pool(stdlib, MAX_CHARS * test_rows, seen)[:test_rows]
     return pools
 
 
