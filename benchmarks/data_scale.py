@@ -1058,8 +1058,9 @@ def print_case(r: CaseResult, reference: Reference | None) -> None:
     if r.reference:
         print(f"  {describe_reference(r.reference)}, measured just before")
     if r.others is not None or r.busy is not None:
-        print(f"  load: others kept {fmt(r.others)} cores busy in a pause before the case; the "
-              f"machine {fmt(r.busy)} cores during the run")
+        during = "" if r.busy is None else f"; the machine {r.busy:.2f} cores during the run"
+        print(f"  load: others kept {fmt(r.others)} cores busy in a pause before the case"
+              + during)
         if r.others is not None and r.others > OTHERS_WARNING:
             print(f"  warning: other processes kept {r.others:.2f} cores busy: the timings are "
                   "skewed; rerun on a quiet machine")
