@@ -164,7 +164,7 @@ def engine_inputs(make_job):
     data = prepare_data(spec)
     config = config_from_dict(spec.model.config, len(data.tokenizer), data.tokenizer.eos_token_id)
     weights = SharedWeights.from_model(build_model(config, seed=0))
-    indices = {n: sample_indices(data.tables[n].num_rows, None, 0) for n in data.tables}
+    indices = {n: sample_indices(data.n_rows[n], None, 0) for n in data.sets}
     return spec, data, {"base": weights}, indices
 
 
@@ -181,7 +181,7 @@ def bench_parts(make_job):
     data = prepare_data(spec)
     config = config_from_dict(spec.model.config, len(data.tokenizer), data.tokenizer.eos_token_id)
     weights = SharedWeights.from_model(build_model(config, seed=0))
-    sets = {name: data.tokenized(name) for name in data.tables}
+    sets = {name: data.tokenized(name) for name in data.sets}
     indices = {name: sample_indices(len(s), None, 0) for name, s in sets.items()}
     return weights, sets, indices
 

@@ -126,7 +126,7 @@ def train(job: JobFile, quiet: Quiet = False, settings: Settings = None) -> None
         spec = load_spec(job, settings or ())
         with CliReporter(quiet) as reporter:
             reporter.stage("loading and tokenizing datasets")
-            data = prepare_data(spec)
+            data = prepare_data(spec, reporter=reporter)
             folder = train_model_for(spec, data, reporter)
     except UntracError as err:
         raise fail(err) from None

@@ -7,6 +7,8 @@ dataset out of a file that holds several (a `dataset` column, by default).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -157,3 +159,37 @@ def load_dataset_rows(ds: DatasetSpec) -> pa.Table:
             )
         out[col] = values.cast(pa.string())
     return pa.table(out)
+
+
+# The reading interface the tokenizer uses (a plan of read units, each read as a stream of
+# record batches). In this form one unit covers the whole source; a streaming reader of
+# shards replaces these four functions.
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """One piece of a dataset's source read on its own (here: the whole source)."""
+
+    source: str
+    index: int = 0
+
+
+def read_plan(ds: DatasetSpec) -> list[ReadUnit]:
+    """The read units of a dataset, in corpus order (metadata only)."""
+    return [ReadUnit(ds.source)]
+
+
+def read_unit(ds: DatasetSpec, unit: ReadUnit) -> Iterator[pa.RecordBatch]:
+    """A unit's rows (the string columns the dataset's kind reads), as record batches."""
+    yield from load_dataset_rows(ds).to_batches(max_chunksize=1024)
+
+
+def source_fingerprint(ds: DatasetSpec) -> str:
+    """A fingerprint of the dataset's source (changes when its files do)."""
+    from untrac_ray.inputs.fingerprints import file_fingerprint
+
+    return file_fingerprint(ds.source)
+
+
+def plan_rows(units: list[ReadUnit]) -> int | None:
+    """The rows a plan yields, where known without reading them (here: not known)."""
+    return None

@@ -66,8 +66,7 @@ def job_summary(spec: JobSpec) -> list[str]:
                 continue
             source = load_dataset_rows(ds)
             rows = source.num_rows
-            table = tokenize_rows(ds, source, tok, spec.tokenizer)  # in memory: no cache
-            data = TokenizedSet.from_table(ds.name, table, tok.pad_token_id)
+            data = tokenize_rows(ds, source, tok, spec.tokenizer)  # in memory: no cache
             sets[ds.name] = data
             tokens = int(len(data.input_ids))
             if ds.kind == "text":
