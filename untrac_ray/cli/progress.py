@@ -144,12 +144,13 @@ class CliReporter:
             from untrac_ray.results.browse import fmt_duration
 
             of = f"/{rows_total:,}" if rows_total else ""
+            rates = f", {rows_done / spent:,.0f} rows/s, {rate:,.0f} tokens/s" if rows_done else ""
             eta = ""
             if rows_total and rows_done and not finished:
                 eta = f", eta {fmt_duration(spent / rows_done * (rows_total - rows_done))}"
             done = " done" if finished else ""
-            self.say(f"tokenizing {name}{done}: {rows_done:,}{of} rows, {tokens:,} tokens, "
-                     f"{rows_done / spent:,.0f} rows/s, {rate:,.0f} tokens/s{eta}")
+            self.say(f"tokenizing {name}{done}: {rows_done:,}{of} rows, {tokens:,} tokens"
+                     f"{rates}{eta}")
 
     def work_started(self, tasks: int, cells: int) -> None:
         self._cells_total, self._cells_done = cells, 0

@@ -16,6 +16,7 @@ set's arrays into the object store once, and the descriptor carries the referenc
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -60,6 +61,9 @@ def _quiet_ordered_data() -> Iterator[None]:
         "enable_progress_bars", "print_on_execution_start", "verbose_stats_logs",
         "enable_auto_log_stats")}
     order = ctx.execution_options.preserve_order
+    logger = logging.getLogger("ray.data")  # "execution finished in ..." lines per set
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     ctx.enable_progress_bars = ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = ctx.enable_auto_log_stats = False
     ctx.execution_options.preserve_order = True
@@ -69,6 +73,7 @@ def _quiet_ordered_data() -> Iterator[None]:
         for name, value in saved.items():
             setattr(ctx, name, value)
         ctx.execution_options.preserve_order = order
+        logger.setLevel(level)
 
 
 def tokenize_on_cluster(

@@ -115,6 +115,7 @@ def prepare_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase | None = None
         if found is not None:
             sets[ds.name] = found
             continue
+        reporter.data_progress(ds.name, 0, None, 0)  # the set begins
         if ray.is_initialized():
             stored = tokenize_on_cluster(ds, tok, spec.tokenizer, spec.cache_dir, progress)
         else:
