@@ -17,6 +17,11 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# A command a test runs as a process (`python -m untrac_ray.cli ...`) imports this checkout's
+# package, not whichever checkout the environment has installed.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_ROOT, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _ROOT)])
 
 TRAIN_GROUPS = {
     "add_one": lambda i: (f"What comes after {i}?", str(i + 1)),

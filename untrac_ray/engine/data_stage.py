@@ -3,9 +3,11 @@
 `tokenize_on_cluster` reads a dataset's read units (inputs/data.py `read_plan`) in parallel
 on the cluster's CPUs: one Ray Data execution per set, a block per unit, whose task reads the
 unit as a stream of record batches and returns each batch tokenized (tokenization.encode_batch)
-as raw NumPy bytes. The driver takes the results in corpus order (preserve_order) and appends
-them to the set's cache folder as they come (token_store.SetWriter): its memory holds a few
-batches, never the corpus. The same code runs on an embedded Ray and on a cluster.
+as raw NumPy bytes. A set at a local path is read on the driver's node (when it has CPUs): the
+file may be nowhere else; a URI, anywhere. The driver takes the results in corpus order
+(preserve_order) and appends them to the set's cache folder as they come
+(token_store.SetWriter): its memory holds a few batches, never the corpus. The same code runs
+on an embedded Ray and on a cluster.
 
 `share_sets` decides how actors read the sets: from the cache folder, memory-mapped, where
 they share the driver's filesystem (one host, no autoscaler); else the driver also puts each
@@ -26,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from untrac_ray.inputs.data import plan_rows, read_plan, read_unit
 from untrac_ray.inputs.errors import DataError
-from untrac_ray.inputs.spec_sections import DatasetSpec, ResourcesSpec, TokenizerSpec
+from untrac_ray.inputs.spec_sections import DatasetSpec, ResourcesSpec, TokenizerSpec, is_uri
 from untrac_ray.inputs.token_store import StoredSet, find_cached, set_folder, write_set
 from untrac_ray.inputs.tokenization import Piece, TokenizedSet, encode_batch, token_dtype
 
@@ -76,6 +78,21 @@ def _quiet_ordered_data() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _where_readable(ds: DatasetSpec) -> dict:
+    """Ray Data's placement of a set's read tasks: anywhere for a URI; for a local path, on
+    the driver's node (the one that surely sees the file) when that node has CPUs to run
+    them, else anywhere (the path must then be on a filesystem every node shares)."""
+    if is_uri(ds.source):
+        return {}
+    here = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n.get("NodeID") == here), {})
+    if node.get("Resources", {}).get("CPU", 0) < 1:
+        return {}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
+
+
 def tokenize_on_cluster(
     ds: DatasetSpec, tok: PreTrainedTokenizerBase, spec: TokenizerSpec, cache_dir: str | None,
     progress: Progress | None = None, *, units: list | None = None, read=read_unit,
@@ -98,7 +115,8 @@ def tokenize_on_cluster(
     with _quiet_ordered_data():
         out = ray.data.from_items([{"unit": i} for i in range(len(units))],
                                   override_num_blocks=len(units))
-        out = out.map_batches(encode_unit, batch_size=1, batch_format="numpy", num_cpus=1)
+        out = out.map_batches(encode_unit, batch_size=1, batch_format="numpy", num_cpus=1,
+                              **_where_readable(ds))
 
         def pieces() -> Iterator[Piece]:
             try:
