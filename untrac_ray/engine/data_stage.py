@@ -32,6 +32,7 @@ from untrac_ray.inputs.spec_sections import DatasetSpec, ResourcesSpec, Tokenize
 from untrac_ray.inputs.token_store import StoredSet, find_cached, set_folder, write_set
 from untrac_ray.inputs.tokenization import Piece, TokenizedSet, encode_batch, token_dtype
 
+BLOCK_BYTES = 4 * 2**20
 # progress(rows_done, rows_total or None, tokens_done) of the set being tokenized
 Progress = Callable[[int, "int | None", int], None]
 
@@ -57,11 +58,12 @@ def _from_row(batch: dict[str, np.ndarray], i: int, dtype: np.dtype, kind: str) 
 
 @contextlib.contextmanager
 def _quiet_ordered_data() -> Iterator[None]:
-    """Ray Data in corpus order (preserve_order), without progress bars or execution logs."""
+    """Ray Data in corpus order (preserve_order), in small blocks, without progress bars or
+    execution logs."""
     ctx = ray.data.DataContext.get_current()
     saved = {name: getattr(ctx, name) for name in (
         "enable_progress_bars", "print_on_execution_start", "verbose_stats_logs",
-        "enable_auto_log_stats")}
+        "enable_auto_log_stats", "target_max_block_size")}
     order = ctx.execution_options.preserve_order
     logger = logging.getLogger("ray.data")  # "execution finished in ..." lines per set
     level = logger.level
@@ -69,6 +71,9 @@ def _quiet_ordered_data() -> Iterator[None]:
     ctx.enable_progress_bars = ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = ctx.enable_auto_log_stats = False
     ctx.execution_options.preserve_order = True
+    # Blocks of about a record batch's tokens, not Ray Data's 128 MiB: the driver holds a few
+    # blocks at a time, so they bound its memory.
+    ctx.target_max_block_size = BLOCK_BYTES
     try:
         yield
     finally:
