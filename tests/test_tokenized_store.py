@@ -231,3 +231,23 @@ def test_the_runs_duration_covers_the_data_stage_and_logs_its_cost(make_job, tra
     assert metrics["data_seconds"] >= 0.5 * 4  # four sets, each tokenized here
     assert metrics["data_tokens"] > 0 and metrics["data_tokens_per_s"] > 0
     assert (run.info.end_time - run.info.start_time) / 1000 >= metrics["data_seconds"]
+
+
+def test_validate_counts_tokens_on_a_sample_of_a_large_set(make_job, monkeypatch):
+    from untrac_ray.inputs.loading import load_spec
+    from untrac_ray.run import summary
+
+    spec = load_spec(make_job())
+    whole = summary.job_summary(spec)
+    assert not any("about" in line for line in whole)
+    monkeypatch.setattr(summary, "SAMPLE_ROWS", 8)  # every set but one is larger
+    sampled = summary.job_summary(spec)
+    assert [line for line in sampled if "about" in line]
+    assert sampled[-1] == whole[-1]  # the same tasks: prompt rows are counted, not estimated
+    exact = {line.split(":")[0]: line for line in whole}
+    for line in sampled:
+        if "about" in line:
+            tokens = int(line.split("about ")[1].split(" tokens")[0].replace(",", ""))
+            true = int(exact[line.split(":")[0]].split("rows, ")[1].split(" tokens")[0]
+                       .replace(",", ""))
+            assert abs(tokens - true) <= 0.25 * true

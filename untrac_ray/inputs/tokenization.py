@@ -226,6 +226,7 @@ class TokenizedSet:
     offsets: np.ndarray  # int64: row i spans offsets[i]:offsets[i+1]
     pad_id: int
     loss_start: np.ndarray | None = None  # per row, leading tokens without a loss; None: none
+    stream_tokens: int | None = None  # a text set: its whole stream (the blocks cut from it)
 
     @classmethod
     def from_arrays(cls, name: str, meta: dict, arrays: dict[str, np.ndarray], pad_id: int
@@ -234,7 +235,7 @@ class TokenizedSet:
         ids = arrays["ids"]
         if meta["kind"] == "text":
             offsets = text_offsets(meta["tokens"], meta["block_size"])
-            return cls(name, ids[: offsets[-1]], offsets, pad_id)
+            return cls(name, ids[: offsets[-1]], offsets, pad_id, None, meta["tokens"])
         return cls(name, ids, np.asarray(arrays["offsets"], dtype=np.int64), pad_id,
                    np.asarray(arrays["loss_start"]))
 

@@ -1,8 +1,9 @@
 """What a job will do, said before it runs (`validate`): the model and its parameters, the
 tokenizer and its vocabulary, each set's rows and tokens, and the tasks each method will run.
 
-The sets are tokenized as `run` tokenizes them, in memory (validate leaves nothing behind); a
-set at a URI is not downloaded here and is counted when it runs.
+The sets are tokenized as `run` tokenizes them, in memory (validate leaves nothing behind): up
+to 2,000 rows each, a seeded sample of a larger set whose token counts are then estimates
+("about"); a set at a URI is not downloaded here and is counted when it runs.
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ from collections import Counter
 import numpy as np
 
 from untrac_ray.compute.modeling import auto_class, config_from_dict
-from untrac_ray.compute.training import total_training_steps
 from untrac_ray.inputs.data import load_dataset_rows
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import is_uri
 from untrac_ray.inputs.tokenization import (
     IGNORE_INDEX,
-    TokenizedSet,
     load_tokenizer,
+    text_offsets,
     tokenize_rows,
 )
 from untrac_ray.methods.plans import plan_methods
+
+SAMPLE_ROWS = 2000  # rows tokenized per set to count its tokens (more: a seeded sample)
 
 
 def parameters(spec: JobSpec, tokenizer) -> tuple[str, int]:
@@ -58,7 +60,7 @@ def job_summary(spec: JobSpec) -> list[str]:
     source = ("the model folder's own" if own else f"from {spec.tokenizer.path}"
               if spec.tokenizer.kind == "pretrained" else "byte-level")
     lines.append(f"tokenizer: {source}, {len(tok):,} token ids")
-    sets: dict[str, TokenizedSet] = {}
+    sizes: dict[str, int] = {}
     for role, datasets in (("data.train", spec.data.train), ("data.test", spec.data.test)):
         for ds in datasets:
             if is_uri(ds.source):
@@ -66,30 +68,39 @@ def job_summary(spec: JobSpec) -> list[str]:
                 continue
             source = load_dataset_rows(ds)
             rows = source.num_rows
-            data = tokenize_rows(ds, source, tok, spec.tokenizer)  # in memory: no cache
-            sets[ds.name] = data
-            tokens = int(len(data.input_ids))
+            sample = source
+            if rows > SAMPLE_ROWS:  # a seeded sample, in corpus order; counts scaled up
+                pick = np.sort(np.random.default_rng(0).choice(rows, SAMPLE_ROWS, replace=False))
+                sample = source.take(pick)
+            data = tokenize_rows(ds, sample, tok, spec.tokenizer)  # in memory: no cache
+            scale = rows / sample.num_rows
+            about = "about " if rows > SAMPLE_ROWS else ""
             if ds.kind == "text":
-                shape = (f"{rows:,} rows of text, {tokens:,} tokens in {len(data):,} blocks "
-                         f"of {spec.tokenizer.block_size}")
+                stream = int(round(data.stream_tokens * scale))
+                size = spec.tokenizer.block_size
+                sizes[ds.name] = len(text_offsets(stream, size)) - 1
+                shape = (f"{rows:,} rows of text, {about}{stream:,} tokens in "
+                         f"{about}{sizes[ds.name]:,} blocks of {size}")
             else:
-                labelled = int((data.labels != IGNORE_INDEX).sum())
-                shape = (f"{rows:,} prompt/target rows, {tokens:,} tokens "
+                sizes[ds.name] = rows
+                tokens = int(round(len(data.input_ids) * scale))
+                labelled = int(round(int((data.labels != IGNORE_INDEX).sum()) * scale))
+                shape = (f"{rows:,} prompt/target rows, {about}{tokens:,} tokens "
                          f"({labelled:,} in targets)")
             lines.append(f"{role} {ds.name}: {shape}")
-    lines.append("tasks: " + "; ".join(method_tasks(spec, sets)))
+    lines.append("tasks: " + "; ".join(method_tasks(spec, sizes)))
     return lines
 
 
-def method_tasks(spec: JobSpec, sets: dict[str, TokenizedSet]) -> list[str]:
+def method_tasks(spec: JobSpec, sizes: dict[str, int]) -> list[str]:
     """Each method and how many tasks it runs (its unlearning trajectories, retrainings,
-    gradient or EK-FAC tasks), the base losses first."""
+    gradient or EK-FAC tasks), the base losses first; `sizes`: each set's token rows."""
     train = [d.name for d in spec.data.train]
     test = [d.name for d in spec.data.test]
-    n_rows = {name: len(sets[name]) if name in sets else 1 for name in [*train, *test]}
+    n_rows = {name: sizes.get(name, 1) for name in [*train, *test]}
     checkpoints = []
-    if "tracin" in spec.methods.enabled() and all(n in sets for n in train):
-        total = total_training_steps([sets[n] for n in train], spec.training)
+    if "tracin" in spec.methods.enabled() and all(n in sizes for n in train):
+        total = spec.training.total_steps(sum(sizes[n] for n in train))
         checkpoints = [{"step": s, "learning_rate": spec.training.learning_rate}
                        for s in spec.training.checkpoint_steps(total)]
     out = []
