@@ -316,9 +316,10 @@ class SearchRun(JobRun):
     """
 
     def __init__(self, spec: JobSpec, tracking_uri: str, tags: dict[str, str] | None = None,
-                 run_id: str | None = None, name: str | None = None) -> None:
+                 run_id: str | None = None, name: str | None = None,
+                 start_time: int | None = None) -> None:
         super().__init__(spec, tracking_uri, {TAG_PREFIX + "kind": "search", **(tags or {})},
-                         run_id=run_id)
+                         run_id=run_id, start_time=start_time)
         self.name = name
         self.experiment_id = ""
         self.interrupted = False  # set when trials are left to resume: the run ends KILLED
