@@ -251,3 +251,12 @@ def test_validate_counts_tokens_on_a_sample_of_a_large_set(make_job, monkeypatch
             true = int(exact[line.split(":")[0]].split("rows, ")[1].split(" tokens")[0]
                        .replace(",", ""))
             assert abs(tokens - true) <= 0.25 * true
+
+
+def test_a_readers_data_error_in_a_ray_data_task_is_one_line(tmp_path, ray_cluster):
+    source = _jsonl(tmp_path / "b.jsonl", [{"body": "no text column"}])
+    ds = DatasetSpec(name="b", source=source, kind="text")
+    with pytest.raises(DataError) as err:
+        tokenize_on_cluster(ds, byte_level_tokenizer(), TokenizerSpec(), str(tmp_path / "c"))
+    assert str(err.value) == f"dataset 'b': column 'text' not found in {source} (columns: body)"
+    assert not list((tmp_path / "c" / "tokenized").iterdir())  # no half cache left behind

@@ -128,17 +128,31 @@ def tokenize_on_cluster(
                 for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
                     for i in range(len(batch["rows"])):
                         yield _from_row(batch, i, dtype, ds.kind)
-            except ray.exceptions.RayTaskError as err:  # a reader's DataError, say
-                cause = err.as_instanceof_cause()
-                if isinstance(cause, DataError):
-                    raise DataError(str(cause).strip().splitlines()[-1]) from None
-                raise
+            except Exception as err:  # a reader's DataError (a missing column, say): its line
+                found = _data_error(err)
+                if found is None:
+                    raise
+                raise DataError(str(found).strip().splitlines()[0]) from None
 
         def on_piece(rows: int, tokens: int) -> None:
             if progress is not None:
                 progress(rows, total, tokens)
 
         return write_set(ds, spec, dtype, folder, pieces(), on_piece)
+
+
+def _data_error(err: BaseException) -> DataError | None:
+    """The DataError a Ray Data task raised, found in the exceptions wrapping it."""
+    stack, seen = [err], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DataError) and not isinstance(e, ray.exceptions.RayTaskError):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
 
 
 def needs_object_store(resources: ResourcesSpec) -> bool:
