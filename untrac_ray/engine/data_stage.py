@@ -67,7 +67,7 @@ def _quiet_ordered_data() -> Iterator[None]:
     order = ctx.execution_options.preserve_order
     logger = logging.getLogger("ray.data")  # "execution finished in ..." lines per set
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)  # a failed task comes back as an exception, said once
     ctx.enable_progress_bars = ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = ctx.enable_auto_log_stats = False
     ctx.execution_options.preserve_order = True
@@ -93,9 +93,7 @@ def _where_readable(ds: DatasetSpec) -> dict:
     node = next((n for n in ray.nodes() if n.get("NodeID") == here), {})
     if node.get("Resources", {}).get("CPU", 0) < 1:
         return {}
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
+    return {"label_selector": {"ray.io/node-id": here}}  # every node's own label
 
 
 def tokenize_on_cluster(
