@@ -187,7 +187,7 @@ def run_bare(work: Workload) -> Timing:
     """The identical work in this process: one Workbench, one thread, tasks one after another."""
     torch.set_num_threads(1)
     start = time.perf_counter()
-    datasets = {n: work.data.tokenized(n) for n in work.data.tables}
+    datasets = {n: work.data.tokenized(n) for n in work.data.sets}
     bench = Workbench(
         {BASE: work.weights}, datasets, work.indices, work.spec.evaluation.batch_size
     )
@@ -221,7 +221,7 @@ def run_engine(work: Workload, actors: int) -> Timing:
     data = work.data
     start = time.perf_counter()
     with Engine(
-        resources, {BASE: work.weights}, data.tables, data.tokenizer.pad_token_id,
+        resources, {BASE: work.weights}, data.sets, data.tokenizer.pad_token_id,
         work.indices, work.spec.evaluation.batch_size, max_useful_actors=len(work.tasks),
     ) as engine:
         if engine.size != actors:
@@ -297,7 +297,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def describe_work(work: Workload, args: argparse.Namespace) -> str:
     settings = work.spec.methods.untrac
     assert settings is not None
-    n_rows = work.data.tables[work.tasks[0].forget].num_rows
+    n_rows = work.data.n_rows[work.tasks[0].forget]
     evals = len(set(work.tasks[0].schedule))
     n_params = sum(a.size for a in work.weights.arrays.values())
     return (f"work: {len(work.base_tasks)} base-eval tasks + {len(work.tasks)} unlearning tasks; "

@@ -44,7 +44,7 @@ def synthetic_set(rows: int, length: int, vocab: int, seed: int = 0) -> Tokenize
     """Rows of random tokens, every token labelled (a packed text set)."""
     ids = np.random.default_rng(seed).integers(1, vocab, size=rows * length, dtype=np.int64)
     offsets = np.arange(0, rows * length + 1, length, dtype=np.int64)
-    return TokenizedSet("synthetic", ids, ids.copy(), offsets, pad_id=0)
+    return TokenizedSet("synthetic", ids, offsets, pad_id=0)
 
 
 def sync(device: torch.device) -> None:

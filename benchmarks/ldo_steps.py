@@ -97,7 +97,7 @@ def run_job_file(job: Path, seed: int, uri: str, ldo_seeds: int | None) -> list[
     truths = {mode: accuracy.truth_from(rows).reindex(index=train, columns=test)
               for mode, rows in seeds_rows.items()}
     data = prepare_data(spec)
-    rows_of = {k: data.tables[k].num_rows for k in train}
+    rows_of = {k: data.n_rows[k] for k in train}
     by_size = sorted(train, key=lambda k: -rows_of[k])
     big, small = by_size[:len(train) // 2], by_size[len(train) // 2:]
 

@@ -306,7 +306,7 @@ def runtime_rss() -> Peak:
 
 def longest_row(data: PreparedData) -> int:
     """Tokens of the longest row of any set: the widest batch an unlearning step can pad to."""
-    return max(int(np.diff(data.tokenized(n).offsets).max()) for n in data.tables)
+    return max(int(np.diff(data.tokenized(n).offsets).max()) for n in data.sets)
 
 
 def formula(model: torch.nn.Module, data: PreparedData,
@@ -338,7 +338,7 @@ class Workload:
 
     def bench_inputs(self) -> dict[str, Any]:
         """What a Workbench (or a ShardedWorkbench) is built from, besides the weights."""
-        return {"datasets": {n: self.data.tokenized(n) for n in self.data.tables},
+        return {"datasets": {n: self.data.tokenized(n) for n in self.data.sets},
                 "eval_indices": eval_sample(self.spec, self.data),
                 "eval_batch_size": self.spec.evaluation.batch_size}
 
@@ -361,7 +361,7 @@ def make_workload(job: Path, model: torch.nn.Module) -> Workload:
     evaluation) as warm-up."""
     spec = load_spec(job)
     data = prepare_data(spec)
-    n_rows = {n: t.num_rows for n, t in data.tables.items()}
+    n_rows = dict(data.n_rows)
     planned = plan_unlearning(spec, "untrac", data.train, data.test, n_rows).tasks
     tasks = [replace(t, evaluate=()) for t in planned if isinstance(t, UnlearnTask)]
     counts = [ascent_tokens(t, data) for t in tasks]
@@ -414,7 +414,7 @@ def run_engine(work: Workload, threads: int) -> tuple[Throughput, float]:
     resources = ResourcesSpec(num_actors=1, cpus_per_actor=threads, gpus_per_actor=gpus)
     inputs = work.bench_inputs()
     start = time.perf_counter()
-    with Engine(resources, {BASE: work.weights}, work.data.tables,
+    with Engine(resources, {BASE: work.weights}, work.data.sets,
                 work.data.tokenizer.pad_token_id, inputs["eval_indices"],
                 inputs["eval_batch_size"], max_useful_actors=1) as engine:
         engine.wait_ready()

@@ -17,6 +17,11 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# A command a test runs as a process (`python -m untrac_ray.cli ...`) imports this checkout's
+# package, not whichever checkout the environment has installed.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_ROOT, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _ROOT)])
 
 TRAIN_GROUPS = {
     "add_one": lambda i: (f"What comes after {i}?", str(i + 1)),
@@ -164,7 +169,7 @@ def engine_inputs(make_job):
     data = prepare_data(spec)
     config = config_from_dict(spec.model.config, len(data.tokenizer), data.tokenizer.eos_token_id)
     weights = SharedWeights.from_model(build_model(config, seed=0))
-    indices = {n: sample_indices(data.tables[n].num_rows, None, 0) for n in data.tables}
+    indices = {n: sample_indices(data.n_rows[n], None, 0) for n in data.sets}
     return spec, data, {"base": weights}, indices
 
 
@@ -181,7 +186,7 @@ def bench_parts(make_job):
     data = prepare_data(spec)
     config = config_from_dict(spec.model.config, len(data.tokenizer), data.tokenizer.eos_token_id)
     weights = SharedWeights.from_model(build_model(config, seed=0))
-    sets = {name: data.tokenized(name) for name in data.tables}
+    sets = {name: data.tokenized(name) for name in data.sets}
     indices = {name: sample_indices(len(s), None, 0) for name, s in sets.items()}
     return weights, sets, indices
 

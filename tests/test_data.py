@@ -1,4 +1,4 @@
-"""Data sources, row kinds and tokenization into Arrow."""
+"""Data sources, row kinds and tokenization."""
 
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ import pytest
 from untrac_ray.inputs.data import load_dataset_rows
 from untrac_ray.inputs.errors import DataError
 from untrac_ray.inputs.spec_sections import DatasetSpec, TokenizerSpec
+from untrac_ray.inputs.token_store import tokenized_dataset
 from untrac_ray.inputs.tokenization import (
     IGNORE_INDEX,
-    TokenizedSet,
     byte_level_tokenizer,
     tokenize_rows,
-    tokenized_dataset,
 )
 
 ROWS = [{"prompt": f"q{i}", "target": str(i), "dataset": "a" if i % 2 else "b"}
@@ -87,8 +86,8 @@ def test_prompt_target_loss_only_on_target():
     tok = byte_level_tokenizer()
     ds = DatasetSpec(name="x", source="unused.csv")
     rows = pa.table({"prompt": ["What comes after 7?"], "target": ["8"]})
-    table = tokenize_rows(ds, rows, tok, TokenizerSpec(max_length=64))
-    ids, labels = table.column("input_ids")[0].as_py(), table.column("labels")[0].as_py()
+    data = tokenize_rows(ds, rows, tok, TokenizerSpec(max_length=64))
+    ids, labels = data.row_ids(0).tolist(), data.batch([0])["labels"][0].tolist()
     taken = [t for t in labels if t != IGNORE_INDEX]
     assert tok.decode(taken[:-1]) == "8" and taken[-1] == tok.eos_token_id
     assert tok.decode(ids[1 : -len(taken)]) == "What comes after 7?\n"
@@ -98,20 +97,19 @@ def test_text_rows_are_packed_into_blocks():
     tok = byte_level_tokenizer()
     ds = DatasetSpec(name="x", source="unused.csv", kind="text")
     rows = pa.table({"text": ["a" * 50, "b" * 50, "c" * 50]})
-    table = tokenize_rows(ds, rows, tok, TokenizerSpec(block_size=32))
-    lengths = [len(x) for x in table.column("input_ids").to_pylist()]
-    assert lengths == [32] * (153 // 32)
-    assert table.column("labels").to_pylist() == table.column("input_ids").to_pylist()
+    data = tokenize_rows(ds, rows, tok, TokenizerSpec(block_size=32))
+    assert list(data.offsets) == [0, 32, 64, 96, 128]  # 153 ids: the partial block dropped
+    assert data.labels is data.input_ids
 
 
 def test_tokenized_cache_and_batches(sources, tmp_path):
     tok = byte_level_tokenizer()
     ds = DatasetSpec(name="x", source=str(sources["parquet"]))
     first = tokenized_dataset(ds, tok, TokenizerSpec(), str(tmp_path / "cache"))
-    assert len(list((tmp_path / "cache" / "tokenized").glob("x-*.arrow"))) == 1
+    assert len(list((tmp_path / "cache" / "tokenized").glob("x-*"))) == 1
     again = tokenized_dataset(ds, tok, TokenizerSpec(), str(tmp_path / "cache"))
-    assert again.equals(first)
-    data = TokenizedSet.from_table("x", first, tok.pad_token_id)
+    assert again == first
+    data = first.open(tok.pad_token_id)
     batch = data.batch([0, 9])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert len(data) == 10

@@ -44,8 +44,7 @@ def sets() -> dict[str, TokenizedSet]:
     out = {}
     for name, rows in ROWS.items():
         table = pa.table({"prompt": [p for p, _ in rows], "target": [t for _, t in rows]})
-        tokens = tokenize_rows(DatasetSpec(name=name, source=f"{name}.csv"), table, tok, spec)
-        out[name] = TokenizedSet.from_table(name, tokens, tok.pad_token_id)
+        out[name] = tokenize_rows(DatasetSpec(name=name, source=f"{name}.csv"), table, tok, spec)
     return out
 
 

@@ -65,12 +65,12 @@ def test_a_task_whose_actor_dies_is_retried_and_finished_tasks_are_kept(
 ):
     spec, data, weights, indices = engine_inputs
     log = str(tmp_path / "starts.log")
-    names = list(data.tables)
+    names = list(data.sets)
     tasks = [LoggedEval((n,), log=log) for n in names]
     crash = CrashOnce(("spell",), log=log, marker=str(tmp_path / "crashed"))
     tasks.insert(2, crash)
     seen = []
-    with Engine(ResourcesSpec(num_actors=2, max_retries=2), weights, data.tables,
+    with Engine(ResourcesSpec(num_actors=2, max_retries=2), weights, data.sets,
                 data.tokenizer.pad_token_id, indices, 16, max_useful_actors=2) as engine:
         results = engine.map(tasks, on_result=lambda r: seen.append(r.task))
     assert Path(crash.marker).exists()
@@ -87,7 +87,7 @@ def test_a_task_whose_actor_dies_is_retried_and_finished_tasks_are_kept(
 
 def test_an_error_in_a_task_stops_the_map_with_that_error(engine_inputs, ray_cluster):
     spec, data, weights, indices = engine_inputs
-    with Engine(ResourcesSpec(num_actors=1), weights, data.tables, data.tokenizer.pad_token_id,
+    with Engine(ResourcesSpec(num_actors=1), weights, data.sets, data.tokenizer.pad_token_id,
                 indices, 16, max_useful_actors=1) as engine:
         with pytest.raises(UntracError, match="no_such_set"):
             engine.map([EvalTask(("no_such_set",))])
@@ -128,7 +128,7 @@ def test_an_engine_that_fails_to_start_its_actors_releases_its_room(engine_input
     _, data, weights, indices = engine_inputs
     before, cpus = _live_groups(), ray.available_resources().get("CPU", 0)
     with pytest.raises(ValueError, match="already taken"):
-        Engine(ResourcesSpec(num_actors=2, placement_timeout_s=5), weights, data.tables,
+        Engine(ResourcesSpec(num_actors=2, placement_timeout_s=5), weights, data.sets,
                data.tokenizer.pad_token_id, indices, 16, max_useful_actors=2,
                actor_options={"name": "untrac-test-one-name"})
     assert _wait_for(lambda: not _live_groups() - before)  # every group it made is gone
@@ -153,12 +153,12 @@ def test_an_autoscaled_pool_withdraws_its_request_when_it_is_released(engine_inp
 
     _, data, weights, indices = engine_inputs
     autoscaled = ResourcesSpec(num_actors=2, autoscale=True)
-    with Engine(autoscaled, weights, data.tables, data.tokenizer.pad_token_id, indices, 16,
+    with Engine(autoscaled, weights, data.sets, data.tokenizer.pad_token_id, indices, 16,
                 max_useful_actors=2, start_timeout_s=60) as engine:
         assert standing() == [{"CPU": 1.0}, {"CPU": 1.0}]
-        assert len(engine.map([EvalTask((n,)) for n in data.tables])) == len(data.tables)
+        assert len(engine.map([EvalTask((n,)) for n in data.sets])) == len(data.sets)
     assert standing() == []
     with pytest.raises(ValueError, match="already taken"):
-        Engine(autoscaled, weights, data.tables, data.tokenizer.pad_token_id, indices, 16,
+        Engine(autoscaled, weights, data.sets, data.tokenizer.pad_token_id, indices, 16,
                max_useful_actors=2, actor_options={"name": "untrac-test-autoscaled"})
     assert standing() == []

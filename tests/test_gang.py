@@ -127,7 +127,7 @@ def llama_inputs(tmp_path):
     data = prepare_data(spec)
     config = config_from_dict(spec.model.config, len(data.tokenizer), data.tokenizer.eos_token_id)
     weights = {"base": SharedWeights.from_model(build_model(config, seed=0))}
-    indices = {n: sample_indices(data.tables[n].num_rows, None, 0) for n in data.tables}
+    indices = {n: sample_indices(data.n_rows[n], None, 0) for n in data.sets}
     return data, weights, indices
 
 
@@ -148,11 +148,11 @@ def test_a_gang_that_loses_a_member_mid_task_is_replaced_and_the_task_retried(
     from untrac_ray.methods.workbench import Workbench
 
     data, weights, indices = llama_inputs
-    names = tuple(data.tables)
+    names = tuple(data.sets)
     task = SlowEval(names, per_row=True, sleep=3.0, marker=str(tmp_path / "ran"))
     retried = []
     resources = ResourcesSpec(actors_per_task=2, max_retries=1)
-    with Engine(resources, weights, data.tables, data.tokenizer.pad_token_id, indices, 16,
+    with Engine(resources, weights, data.sets, data.tokenizer.pad_token_id, indices, 16,
                 max_useful_actors=1) as engine:
         engine.wait_ready()
         (gang,) = engine.actors

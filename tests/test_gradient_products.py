@@ -56,7 +56,7 @@ def setup(tmp_path_factory):
     assert config.resid_pdrop == 0.1
     weights = {name: SharedWeights.from_model(build_model(config, seed=seed))
                for seed, name in enumerate([BASE, "ckpt/2", "ckpt/4"])}
-    indices = {n: sample_indices(data.tables[n].num_rows, 8, 0) for n in data.tables}
+    indices = {n: sample_indices(data.n_rows[n], 8, 0) for n in data.sets}
     return spec, data, weights, indices
 
 
@@ -64,7 +64,7 @@ def setup(tmp_path_factory):
 def engine(setup, ray_cluster):
     """A pool of two actors over the setup's weight sets, shared by the tests below."""
     spec, data, weights, indices = setup
-    with Engine(ResourcesSpec(num_actors=2), weights, data.tables, data.tokenizer.pad_token_id,
+    with Engine(ResourcesSpec(num_actors=2), weights, data.sets, data.tokenizer.pad_token_id,
                 indices, 16, max_useful_actors=2) as pool:
         yield pool
 

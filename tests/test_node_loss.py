@@ -179,12 +179,12 @@ class SlowEval(EvalTask):
 
 def test_a_map_finishes_when_an_actor_is_killed_mid_task(engine_inputs, ray_cluster):
     _, data, weights, indices = engine_inputs
-    names = list(data.tables)
+    names = list(data.sets)
     # the first task is quick; the second is still running when the first result arrives
     tasks = [SlowEval((n,), sleep=5.0 if i == 1 else 0.2) for i, n in enumerate(names)]
     retried, killed = [], []
 
-    with Engine(ResourcesSpec(num_actors=2, max_retries=1), weights, data.tables,
+    with Engine(ResourcesSpec(num_actors=2, max_retries=1), weights, data.sets,
                 data.tokenizer.pad_token_id, indices, 16, max_useful_actors=2) as engine:
         engine.wait_ready()
         labels = {ray.get(a.prepare.remote({})): a for a in engine.actors}  # built: no refs
@@ -249,7 +249,7 @@ def test_a_lost_node_costs_only_its_own_task_one_retry(engine_inputs, cluster):
     tasks = [SlowReader(("spell",), sleep=0.2),
              SlowReader(("double",), reads=("next_number", "twice"), sleep=6.0)]
     retried = []
-    with Engine(ResourcesSpec(cpus_per_actor=1, max_retries=1), weights, data.tables,
+    with Engine(ResourcesSpec(cpus_per_actor=1, max_retries=1), weights, data.sets,
                 data.tokenizer.pad_token_id, indices, 16, max_useful_actors=2) as engine:
         engine.wait_ready()
         assert engine.size == 2
@@ -282,7 +282,7 @@ class AlwaysCrash(EvalTask):
 def test_a_task_that_kills_every_actor_fails_in_one_line(engine_inputs, ray_cluster):
     _, data, weights, indices = engine_inputs
     retried = []
-    with Engine(ResourcesSpec(num_actors=2, max_retries=1), weights, data.tables,
+    with Engine(ResourcesSpec(num_actors=2, max_retries=1), weights, data.sets,
                 data.tokenizer.pad_token_id, indices, 16, max_useful_actors=2) as engine:
         with pytest.raises(UntracError) as caught:
             engine.map([AlwaysCrash(("spell",))],
@@ -300,7 +300,7 @@ def test_a_map_without_any_actor_able_to_start_stops_after_the_start_timeout(
     started = time.monotonic()
     # the pool reserves its actors' room first: none fits, and it says so after the timeout
     with pytest.raises(UntracError, match=r"^no actor could be started in 2 s \(no node"):
-        Engine(ResourcesSpec(num_actors=1, placement_timeout_s=1), weights, data.tables,
+        Engine(ResourcesSpec(num_actors=1, placement_timeout_s=1), weights, data.sets,
                data.tokenizer.pad_token_id, indices, 16, max_useful_actors=1, start_timeout_s=2,
                actor_options={"resources": {"no_such_resource": 1}})
     assert time.monotonic() - started < 30
@@ -330,8 +330,8 @@ def test_a_pool_starts_only_the_actors_that_fit_beside_the_drivers_gpu(engine_in
     holder = EntrypointGpu.remote()
     ray.get(holder.ready.remote())
     resources = ResourcesSpec(gpus_per_actor=1, cpus_per_actor=1, placement_timeout_s=3)
-    names = list(data.tables)
-    with Engine(resources, weights, data.tables, data.tokenizer.pad_token_id, indices, 16,
+    names = list(data.sets)
+    with Engine(resources, weights, data.sets, data.tokenizer.pad_token_id, indices, 16,
                 max_useful_actors=len(names), start_timeout_s=90) as engine:
         assert engine.size == 1 and engine.reservation.wanted == 2
         assert ray.available_resources().get("GPU", 0) == 0  # the pool's and the driver's
@@ -345,7 +345,7 @@ def test_a_pool_starts_only_the_actors_that_fit_beside_the_drivers_gpu(engine_in
     # on an autoscaling cluster every actor asked for is kept: those without room start as
     # nodes join, and the map does not wait for them
     autoscaled = resources.model_copy(update={"autoscale": True, "num_actors": 3})
-    with Engine(autoscaled, weights, data.tables, data.tokenizer.pad_token_id, indices, 16,
+    with Engine(autoscaled, weights, data.sets, data.tokenizer.pad_token_id, indices, 16,
                 max_useful_actors=len(names), start_timeout_s=90) as engine:
         assert engine.size == 3
         assert len(engine.map([EvalTask((n,)) for n in names])) == len(names)

@@ -1,5 +1,6 @@
 """Progress a log can show: `untrac-ray run` with stderr to a file writes plain lines as the
-job goes (training, then one per finished task), whole, never a live bar cut at 80 columns."""
+job goes (tokenizing, training, then one per finished task), whole, never a live bar cut at
+80 columns."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import yaml
 
 from conftest import tiny_spec
 
+DATA_LINE = re.compile(r"^tokenizing (\S+) done: [\d,]+/[\d,]+ rows, [\d,]+ tokens, "
+                       r"[\d,]+ rows/s, [\d,]+ tokens/s$")
 TASK_LINE = re.compile(r"^task (\d+)/(\d+) done: (\S+) in [\d.]+s \(cells \d+/\d+, eta [^)]+\)$")
 
 
@@ -21,7 +24,9 @@ def test_a_run_logging_to_a_file_writes_whole_lines_as_it_goes(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(tiny_spec(tmp_path)))
     log = tmp_path / "stderr.log"
-    env = {**os.environ, "COLUMNS": "80", "UNTRAC_RAY_PROGRESS_S": "0.5"}
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout's package
+    env = {**os.environ, "COLUMNS": "80", "UNTRAC_RAY_PROGRESS_S": "0.5",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     with log.open("w") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "untrac_ray.cli", "run", str(job), "--tracking-uri",
@@ -49,6 +54,11 @@ def test_a_run_logging_to_a_file_writes_whole_lines_as_it_goes(tmp_path):
     assert training and "tokens/s" in training[-1] and training[-1].split()[2].endswith(
         training[-1].split()[2].split("/")[1])  # its last step, with its rate
     assert any(line.startswith("> ") for line in lines)  # the stages
+    # the data stage, each set tokenized: rows, tokens and their rates, before training
+    data = [line for line in lines if DATA_LINE.match(line)]
+    assert {DATA_LINE.match(line)[1] for line in data} == {"add_one", "double", "spell",
+                                                          "next_number", "twice"}
+    assert first_seen[data[-1]] <= first_seen[training[0]]
     assert not any("━" in line or "…" in line for line in lines)  # no bar, nothing cut
     assert "untrac: influence at point" in out and "MLflow run" in out
 

@@ -187,8 +187,8 @@ def llama_inputs(tmp: Path, config: dict[str, Any] = LLAMA) -> dict[str, Any]:
     return {
         "spec": spec,
         "weights": weights,
-        "datasets": {n: data.tokenized(n) for n in data.tables},
-        "indices": {n: sample_indices(data.tables[n].num_rows, None, 0) for n in data.tables},
+        "datasets": {n: data.tokenized(n) for n in data.sets},
+        "indices": {n: sample_indices(data.n_rows[n], None, 0) for n in data.sets},
         "eval_batch_size": 5,
     }
 

@@ -216,6 +216,13 @@ def validate_lines(make_job, source, monkeypatch, *extra, **ds):
                 if line.startswith("data.train corpus:"))
 
 
+def estimated_tokens(line: str) -> float:
+    import re
+
+    number, unit = re.search(r"about ([\d.,]+)(K|M)? tokens", line).groups()
+    return float(number.replace(",", "")) * {"K": 1e3, "M": 1e6, None: 1}[unit]
+
+
 def rows_in(line: str) -> float:
     import re
 
@@ -228,7 +235,9 @@ def test_validate_estimates_a_big_set_and_says_so(big_corpus, make_job, monkeypa
     assert "about" in line and "estimated from" in line and "in 10 shards" in line
     assert abs(rows_in(line) - 60_000) / 60_000 < 0.15
     exact = validate_lines(make_job, big_corpus / "jsonl", monkeypatch, "--exact")
-    assert "60,000 rows" in exact or "60.0K rows" in exact
+    assert "60,000 rows" in exact and "about" not in exact and "estimated" not in exact
+    tokens = int(exact.split(" tokens")[0].rsplit(" ", 1)[1].replace(",", ""))
+    assert abs(tokens - estimated_tokens(line)) / tokens < 0.15  # the estimate was near
     footers = validate_lines(make_job, big_corpus / "parquet", monkeypatch)  # exact, unread
     assert "about" not in footers.split(" of text")[0] and rows_in(footers) == 60_000
     sampled = validate_lines(make_job, big_corpus / "parquet", monkeypatch, sample_rows=500)

@@ -23,7 +23,7 @@ from untrac_ray.compute.training import trained_model_dir
 from untrac_ray.inputs.errors import SpecError
 from untrac_ray.inputs.loading import load_spec, parse_spec
 from untrac_ray.inputs.preflight import check_job
-from untrac_ray.inputs.tokenization import TokenizedSet, byte_level_tokenizer, tokenize_rows
+from untrac_ray.inputs.tokenization import byte_level_tokenizer, tokenize_rows
 from untrac_ray.results.tables import matrix
 
 TINY_T5 = {
@@ -121,11 +121,11 @@ def test_t5_splits_prompt_and_target_and_counts_the_same_tokens():
 
     from untrac_ray.inputs.spec_sections import DatasetSpec, TokenizerSpec
 
-    table = tokenize_rows(DatasetSpec(name="d", source="d.csv"),
+    data = tokenize_rows(DatasetSpec(name="d", source="d.csv"),
                           pa.table({"prompt": [p for p, _ in rows],
                                     "target": [t for _, t in rows]}),
                           tok, TokenizerSpec())
-    batch = TokenizedSet.from_table("d", table, tok.pad_token_id).batch([0, 1])
+    batch = data.batch([0, 1])
     with torch.no_grad():
         sums, counts = token_losses(model, batch)
     assert int(counts.sum()) == label_count(batch) == 1 + 1 + 11 + 1

@@ -121,7 +121,7 @@ def test_sum_aggregate_weighs_a_training_set_by_its_tokens(tmp_path):
     spec = load_spec(_write(tmp_path, unequal_spec(tmp_path)))
     data = prepare_data(spec)
     config = config_from_dict(spec.model.config, len(data.tokenizer), data.tokenizer.eos_token_id)
-    sets = {n: data.tokenized(n) for n in data.tables}
+    sets = {n: data.tokenized(n) for n in data.sets}
     bench = Workbench({"base": SharedWeights.from_model(build_model(config, seed=0))}, sets,
                       {n: sample_indices(len(s), None, 0) for n, s in sets.items()}, 16)
     for name in ("add_one", "negate"):

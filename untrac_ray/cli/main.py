@@ -100,8 +100,9 @@ def validate(
     job: JobFile,
     settings: Settings = None,
     exact: Annotated[bool, typer.Option(
-        "--exact", help="count every set's rows exactly (a pass over every shard) instead "
-        "of estimating them")] = False,
+        "--exact", help="count every set's rows and tokens exactly: tokenize them as run "
+        "does, into the cache run then reuses (minutes on big corpora), instead of "
+        "estimating them")] = False,
 ) -> None:
     """Check a job and what it names; print it resolved, and what it will do.
 
@@ -117,7 +118,7 @@ def validate(
         surveys = check_job(spec, exact=exact)
         sys.stdout.write(spec.to_yaml())
         sys.stdout.flush()
-        for line in job_summary(spec, surveys):
+        for line in job_summary(spec, surveys, exact=exact):
             err_console.print(line, highlight=False, soft_wrap=True)
     except UntracError as err:
         raise fail(err) from None
@@ -133,7 +134,7 @@ def train(job: JobFile, quiet: Quiet = False, settings: Settings = None) -> None
         spec = load_spec(job, settings or ())
         with CliReporter(quiet) as reporter:
             reporter.stage("loading and tokenizing datasets")
-            data = prepare_data(spec)
+            data = prepare_data(spec, reporter=reporter)
             folder = train_model_for(spec, data, reporter)
     except UntracError as err:
         raise fail(err) from None

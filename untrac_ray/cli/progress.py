@@ -1,7 +1,8 @@
 """The CLI's progress display, shared by `run`, `train` (main.py) and `tune` (search.py).
 
 On a terminal: live bars on stderr. Anywhere else (a file, a pipe, a cluster job's log,
-`nohup`, CI): plain lines, whole, as they happen: a training line (step of total, loss,
+`nohup`, CI): plain lines, whole, as they happen: a tokenizing line per dataset (rows, tokens,
+rows/s and tokens/s, ETA when its rows are known) and a training line (step of total, loss,
 tokens/s, ETA) every UNTRAC_RAY_PROGRESS_S seconds and at its first and last step, a line per
 finished task (method, set, seconds, cells so far, ETA), each stage and each retry. Light on
 purpose: rich only, so that `untrac-ray --help` stays fast. The variable is read where a
@@ -59,8 +60,8 @@ class CliReporter:
     live bars on a terminal, plain lines elsewhere (`lines`, default: stderr is not one).
 
     A context manager (the bars run between enter and exit) with the runner's reporter methods:
-    stage, training_step, work_started, task_done, task_retried. `quiet` keeps the bars,
-    lines and stages off (a retried task is still named).
+    stage, data_progress, training_step, work_started, task_done, task_retried. `quiet` keeps
+    the bars, lines and stages off (a retried task is still named).
     """
 
     def __init__(self, quiet: bool, lines: bool | None = None) -> None:
@@ -77,6 +78,8 @@ class CliReporter:
         self._cells = None
         self._train_started = self._last_line = 0.0
         self._train_tokens = 0
+        self._data = self._data_name = None
+        self._data_started = self._data_line = 0.0
         self._tasks = self._tasks_done = 0
         self._work_started = 0.0
 
@@ -117,6 +120,37 @@ class CliReporter:
             eta = f", eta {fmt_duration(spent / step * (total - step))}" if step > 1 else ""
             self.say(f"training: step {step}/{total} ({100 * step / total:.0f}%), loss "
                      f"{loss:.4f}{rate}{eta}")
+
+    def data_progress(self, name: str, rows_done: int, rows_total: int | None, tokens: int,
+                      finished: bool = False) -> None:
+        """A dataset being tokenized: rows (of the total, where known), tokens and tokens/s, an
+        ETA when the total is known; lines at its first call, every interval and its end."""
+        now = time.monotonic()
+        if name != self._data_name:  # a new set
+            self._data_name, self._data_started, self._data_line = name, now, 0.0
+            self._data = None
+        spent = max(now - self._data_started, 1e-9)
+        rate = tokens / spent
+        if not self.lines:
+            if self._data is None:
+                self._data = self.progress.add_task(f"tokenizing {name}", total=rows_total,
+                                                    info="")
+            self.progress.update(self._data, completed=rows_done,
+                                 total=rows_done if finished else rows_total,
+                                 info=f"{tokens:,} tokens, {rate:,.0f} tokens/s")
+            return
+        if finished or not self._data_line or now - self._data_line >= self.interval:
+            self._data_line = now
+            from untrac_ray.results.browse import fmt_duration
+
+            of = f"/{rows_total:,}" if rows_total else ""
+            rates = f", {rows_done / spent:,.0f} rows/s, {rate:,.0f} tokens/s" if rows_done else ""
+            eta = ""
+            if rows_total and rows_done and not finished:
+                eta = f", eta {fmt_duration(spent / rows_done * (rows_total - rows_done))}"
+            done = " done" if finished else ""
+            self.say(f"tokenizing {name}{done}: {rows_done:,}{of} rows, {tokens:,} tokens"
+                     f"{rates}{eta}")
 
     def work_started(self, tasks: int, cells: int) -> None:
         self._cells_total, self._cells_done = cells, 0

@@ -71,6 +71,10 @@ def _live_trials(quiet: bool):
         def training_step(self, step: int, total: int, loss: float, tokens: int = 0) -> None:
             self.before.training_step(step, total, loss, tokens)
 
+        def data_progress(self, name: str, rows_done: int, rows_total: int | None,
+                          tokens: int, finished: bool = False) -> None:
+            self.before.data_progress(name, rows_done, rows_total, tokens, finished)
+
         def search_started(self, name: str, trials: int, settings: list[str], resumed: bool
                            ) -> None:
             self.before.__exit__(None, None, None)

@@ -109,16 +109,16 @@ def gradient_products(
 
 def concat_rows(parts: list[tuple[TokenizedSet, np.ndarray]], name: str) -> TokenizedSet:
     """One TokenizedSet holding the chosen rows of several sets, in order."""
-    ids, labels, lengths = [], [], []
+    ids, starts, lengths = [], [], []
     for data, rows in parts:
         for r in rows:
             s, e = data.offsets[r], data.offsets[r + 1]
-            ids.append(data.input_ids[s:e])
-            labels.append(data.labels[s:e])
+            ids.append(np.asarray(data.input_ids[s:e], dtype=np.int64))
+            starts.append(0 if data.loss_start is None else int(data.loss_start[r]))
             lengths.append(e - s)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return TokenizedSet(name, np.concatenate(ids), np.concatenate(labels), offsets,
-                        parts[0][0].pad_id)
+    loss_start = np.asarray(starts, dtype=np.int32) if any(starts) else None
+    return TokenizedSet(name, np.concatenate(ids), offsets, parts[0][0].pad_id, loss_start)
 
 
 def _kronfluence_task():

@@ -130,7 +130,7 @@ def ensure_pretrained(
     on_step: Callable[[int, int, float, int], None] | None = None,
 ) -> Path:
     """The model after the spec's pretraining stage: trained once, then reused from the cache."""
-    from untrac_ray.inputs.tokenization import tokenized_dataset
+    from untrac_ray.inputs.token_store import tokenized_dataset
 
     assert spec.pretraining is not None
     folder = pretrained_dir(spec)
@@ -139,10 +139,8 @@ def ensure_pretrained(
         if json.loads(record.read_text(encoding="utf-8")).get("model_key") == pretrain_key(spec):
             return folder
     sets = [
-        TokenizedSet.from_table(
-            ds.name, tokenized_dataset(ds, tokenizer, spec.tokenizer, spec.cache_dir),
-            tokenizer.pad_token_id,
-        )
+        tokenized_dataset(ds, tokenizer, spec.tokenizer, spec.cache_dir).open(
+            tokenizer.pad_token_id)
         for ds in spec.pretraining.data
     ]
     config = config_from_dict(spec.model.config, len(tokenizer), tokenizer.eos_token_id)

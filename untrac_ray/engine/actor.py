@@ -1,5 +1,6 @@
 """The actor: `WorkbenchActor`, a Ray actor around one Workbench (or, in a gang, one rank's
-ShardedWorkbench), built from the weight sets and tokenized tables in Ray's object store.
+ShardedWorkbench), built from the weight sets in Ray's object store and the tokenized sets
+(memory-mapped or from the object store: data_stage.py).
 `workbench_from_refs` builds the same bench in any Ray worker (a trial's own process too).
 """
 
@@ -17,13 +18,13 @@ import torch
 from untrac_ray.compute.memory import return_freed_memory
 from untrac_ray.compute.modeling import SharedWeights
 from untrac_ray.compute.precision import configure_tf32
+from untrac_ray.engine.data_stage import open_shared
 from untrac_ray.engine.gang import (
     RankRunner,
     rendezvous_address,
     take_listener,
 )
 from untrac_ray.engine.sharded import Gang, ShardedWorkbench, init_gang
-from untrac_ray.inputs.tokenization import TokenizedSet
 from untrac_ray.methods.tasks import Task, TaskResult
 from untrac_ray.methods.workbench import Workbench
 
@@ -63,17 +64,16 @@ def workbench_from_refs(
     is the gang's, and the memory settings must be the defaults: resources' validation).
 
     `shared` holds {"weights": {name: ref to SharedWeights}, "datasets": {name: ref to a
-    tokenized Arrow table}} (refs nested in a dict reach a remote call unresolved). The tables
-    are read now; each weight set on first use (zero-copy on the node). `precision` is every
+    token_store.StoredSet}} (refs nested in a dict reach a remote call unresolved). The sets
+    are opened now (memory-mapped from the cache, or from the object store: data_stage.py);
+    each weight set on first use (zero-copy on the node). `precision` is every
     task's numerics; `weights_dtype` and `gradient_checkpointing` the model's memory settings
     (ResourcesSpec).
     """
     weights = _ObjectStoreWeights(dict(shared["weights"]))
     names = list(shared["datasets"])
-    tables = ray.get([shared["datasets"][n] for n in names])
-    datasets = {
-        n: TokenizedSet.from_table(n, t, pad_id) for n, t in zip(names, tables, strict=True)
-    }
+    stored = ray.get([shared["datasets"][n] for n in names])
+    datasets = {n: open_shared(s, pad_id) for n, s in zip(names, stored, strict=True)}
     if gang is not None:
         if weights_dtype != "fp32" or gradient_checkpointing:
             raise ValueError("a sharded bench keeps fp32 weights, without gradient "
@@ -89,7 +89,7 @@ def workbench_from_refs(
 class WorkbenchActor:
     """A Ray actor around one Workbench; it builds its model from the shared weights once.
 
-    The object-store references (weights, tokenized tables) reach the actor through method
+    The object-store references (weights, tokenized sets) reach the actor through method
     calls, never its constructor: Ray cannot restart an actor whose constructor arguments live
     in the object store (ray-project/ray#53727). `prepare` builds the Workbench right after
     start (the engine gives an actor tasks only once it has); `run` builds it too, for tasks

@@ -1,11 +1,13 @@
 """Placing work on Ray: a pool of actors, each owning one Workbench, fed tasks as they free up.
 
-The base weights and the tokenized datasets go into Ray's object store once; every actor reads
-them (zero-copy on its node) and keeps its own model. The same code runs on an embedded local
-Ray and on a cluster address. The engine outlives its actors: a task whose actor died (a crash,
-a lost node) runs again on a live one, and a replacement actor joins when resources allow.
-With resources.actors_per_task N > 1 each place in the pool is a gang of N actors running
-every task together on one sharded model (gang.py), replaced whole when a member dies.
+The base weights go into Ray's object store once; every actor reads them (zero-copy on its
+node) and keeps its own model. The tokenized sets travel as small descriptors (data_stage.py):
+an actor memory-maps the cache, or reads the arrays the driver put into the object store. The
+same code runs on an embedded local Ray and on a cluster address. The engine outlives its
+actors: a task whose actor died (a crash, a lost node) runs again on a live one, and a
+replacement actor joins when resources allow. With resources.actors_per_task N > 1 each place
+in the pool is a gang of N actors running every task together on one sharded model (gang.py),
+replaced whole when a member dies.
 
 Starting Ray is ray_start.py; the actor itself, actor.py.
 """
@@ -21,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -42,6 +43,7 @@ from untrac_ray.engine.placement import (
 from untrac_ray.engine.signals import raise_if_stopped
 from untrac_ray.inputs.errors import InputError, UntracError
 from untrac_ray.inputs.spec_sections import ResourcesSpec
+from untrac_ray.inputs.token_store import StoredSet
 from untrac_ray.methods.tasks import Task, TaskResult, needs_of
 
 
@@ -167,7 +169,7 @@ class Engine:
         self,
         resources: ResourcesSpec,
         weights: Mapping[str, SharedWeights | ray.ObjectRef],
-        tables: Mapping[str, pa.Table | ray.ObjectRef],
+        tables: Mapping[str, StoredSet | ray.ObjectRef],
         pad_id: int,
         eval_indices: dict[str, np.ndarray],
         eval_batch_size: int,

@@ -92,12 +92,14 @@ class JobRun:
     owner before its next write and stops with one line (RunAdopted), leaving the run to its
     new owner. The run is created with its driver, heartbeat and owner tags at once, so a
     store that fails right after still leaves a run that shows stale and can be resumed; a
-    failure while opening closes the run FAILED.
+    failure while opening closes the run FAILED. `start_time` (ms since the epoch) is when the
+    job began, so that a new run's duration covers the set-up before it (the data stage).
     """
 
     def __init__(self, spec: JobSpec, tracking_uri: str, tags: dict[str, str] | None = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, start_time: int | None = None):
         self.spec = spec
+        self.start_time = start_time
         self.uri = tracking_uri
         self.extra_tags = tags or {}
         self.client: MlflowClient | None = None
@@ -146,7 +148,8 @@ class JobRun:
             **self.extra_tags,
         }
         run = self.client.create_run(
-            exp_id, run_name=f"{self.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags
+            exp_id, run_name=f"{self.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags,
+            start_time=self.start_time,
         )
         self.run_id = run.info.run_id
         params = [Param(k, v) for k, v in spec_params(self.spec).items()]
@@ -334,9 +337,10 @@ class SearchRun(JobRun):
     """
 
     def __init__(self, spec: JobSpec, tracking_uri: str, tags: dict[str, str] | None = None,
-                 run_id: str | None = None, name: str | None = None) -> None:
+                 run_id: str | None = None, name: str | None = None,
+                 start_time: int | None = None) -> None:
         super().__init__(spec, tracking_uri, {TAG_PREFIX + "kind": "search", **(tags or {})},
-                         run_id=run_id)
+                         run_id=run_id, start_time=start_time)
         self.name = name
         self.experiment_id = ""
         self.interrupted = False  # set when trials are left to resume: the run ends KILLED

@@ -1,19 +1,21 @@
 """The pieces of a job's set-up, shared by `run` and `tune` through session.py: tokenized
 data, the base model (a folder, or trained once for the spec), the weight sets tasks start
 from, the evaluation sample and a ground truth read from an earlier run. Also `Reporter`,
-what a job tells its caller as it goes. Nothing here starts Ray or writes to MLflow.
+what a job tells its caller as it goes. Nothing here starts Ray or writes to MLflow; the data
+are tokenized with Ray Data when Ray is up (engine/data_stage.py).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
+import ray
 from transformers import PreTrainedTokenizerBase
 
 from untrac_ray.compute.evaluation import sample_indices
@@ -24,13 +26,15 @@ from untrac_ray.compute.training import (
     read_train_record,
     train_base_model,
 )
+from untrac_ray.engine.data_stage import tokenize_on_cluster
 from untrac_ray.inputs.errors import InputError, ModelError
 from untrac_ray.inputs.hub import model_folder
 from untrac_ray.inputs.model_folder import check_model_folder
 from untrac_ray.inputs.preflight import check_job
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import GROUND_TRUTH, GROUND_TRUTHS
-from untrac_ray.inputs.tokenization import TokenizedSet, load_tokenizer, tokenized_dataset
+from untrac_ray.inputs.token_store import StoredSet, find_cached, set_folder, tokenized_dataset
+from untrac_ray.inputs.tokenization import TokenizedSet, load_tokenizer
 from untrac_ray.methods.tasks import BASE, init_weights_name
 from untrac_ray.results.runs import read_influence
 from untrac_ray.results.scoring import check_truth_matches, truth_matrix
@@ -48,6 +52,11 @@ class Reporter:
     def training_step(self, step: int, total: int, loss: float, tokens: int = 0) -> None:
         """A model being trained on the driver took a step (of `tokens` labelled tokens)."""
 
+    def data_progress(self, name: str, rows_done: int, rows_total: int | None, tokens: int,
+                      finished: bool = False) -> None:
+        """A dataset being tokenized reached `rows_done` source rows of `rows_total` (None:
+        not known in advance) and `tokens` tokens; `finished` on its last call."""
+
     def work_started(self, tasks: int, cells: int) -> None:
         """The methods' tasks were submitted; they will yield about `cells` influence cells."""
 
@@ -60,28 +69,65 @@ class Reporter:
 
 @dataclass
 class PreparedData:
-    """Tokenized datasets of a job, by name, and the tokenizer that made them."""
+    """Tokenized datasets of a job, by name (in the on-disk cache), and the tokenizer that made
+    them; `seconds` and `tokens_written` (tokens written now, 0 when all came from the cache) say
+    what the data stage cost."""
 
     tokenizer: PreTrainedTokenizerBase
-    tables: dict[str, pa.Table]
+    sets: dict[str, StoredSet]
     train: list[str]
     test: list[str]
+    seconds: float = 0.0
+    tokens_written: int = 0
+    _open: dict[str, TokenizedSet] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_rows(self) -> dict[str, int]:
+        return {name: s.rows for name, s in self.sets.items()}
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.sets.values())
 
     def tokenized(self, name: str) -> TokenizedSet:
-        return TokenizedSet.from_table(name, self.tables[name], self.tokenizer.pad_token_id)
+        """A set's torch-side view, memory-mapped from the cache (opened once)."""
+        if name not in self._open:
+            self._open[name] = self.sets[name].open(self.tokenizer.pad_token_id)
+        return self._open[name]
 
 
-def prepare_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> PreparedData:
-    """Load and tokenize every dataset once (cached as Arrow files under cache_dir)."""
-    check_job(spec, survey=False)  # bad data, model or cache_dir: one line, before work
+def prepare_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase | None = None,
+                 reporter: Reporter | None = None, checked: bool = False) -> PreparedData:
+    """Tokenize every dataset once into the cache under cache_dir (or reuse it): with Ray
+    Data on the cluster's CPUs when Ray is up (engine/data_stage.py), else in this process.
+    `checked`: the caller ran check_job already."""
+    if not checked:
+        check_job(spec, survey=False)  # bad data, model or cache_dir: one line, before work
+    reporter = reporter or Reporter()
     tok = tokenizer or load_tokenizer(spec.tokenizer, model_folder(spec.model))
-    tables = {
-        ds.name: tokenized_dataset(ds, tok, spec.tokenizer, spec.cache_dir)
-        for ds in [*spec.data.train, *spec.data.test]
-    }
-    return PreparedData(
-        tok, tables, [d.name for d in spec.data.train], [d.name for d in spec.data.test]
-    )
+    started, written = time.monotonic(), 0
+    sets: dict[str, StoredSet] = {}
+    for ds in [*spec.data.train, *spec.data.test]:
+        def progress(rows: int, total: int | None, tokens: int, name: str = ds.name) -> None:
+            reporter.data_progress(name, rows, total, tokens)
+
+        folder = set_folder(ds, tok, spec.tokenizer, spec.cache_dir)
+        found = find_cached(ds.name, folder)
+        if found is not None:
+            sets[ds.name] = found
+            continue
+        reporter.data_progress(ds.name, 0, None, 0)  # the set begins
+        if ray.is_initialized():
+            stored = tokenize_on_cluster(ds, tok, spec.tokenizer, spec.cache_dir, progress)
+        else:
+            stored = tokenized_dataset(ds, tok, spec.tokenizer, spec.cache_dir,
+                                       lambda r, t, p=progress: p(r, None, t))
+        reporter.data_progress(ds.name, stored.source_rows, stored.source_rows, stored.tokens,
+                               finished=True)
+        sets[ds.name] = stored
+        written += stored.tokens
+    return PreparedData(tok, sets, [d.name for d in spec.data.train],
+                        [d.name for d in spec.data.test], time.monotonic() - started, written)
 
 
 def resolve_model(spec: JobSpec, data: PreparedData, reporter: Reporter | None = None) -> Path:
@@ -116,7 +162,7 @@ def train_model_for(spec: JobSpec, data: PreparedData, reporter: Reporter | None
 def eval_sample(spec: JobSpec, data: PreparedData) -> dict[str, np.ndarray]:
     """The rows evaluated per dataset (a seeded sample of evaluation.max_examples)."""
     ev = spec.evaluation
-    return {n: sample_indices(t.num_rows, ev.max_examples, ev.seed) for n, t in data.tables.items()}
+    return {n: sample_indices(rows, ev.max_examples, ev.seed) for n, rows in data.n_rows.items()}
 
 
 def load_shared_weights(model_dir: Path, data: PreparedData) -> SharedWeights:

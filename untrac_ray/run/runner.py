@@ -8,6 +8,7 @@ so a job whose driver died continues with `resume` (only the missing tasks run a
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -96,16 +97,28 @@ def run_job(
     keeping the cells and the finished tasks; `resume` continues such a run to FINISHED.
     """
     reporter = reporter or Reporter()
+    began = int(time.time() * 1000)  # the run's start: its duration covers the data stage
     uri = resolve_tracking_uri(tracking_uri, spec)
     check_store(uri)  # seconds, before any data, training or Ray
     previous = find_run_to_resume(spec, uri, resume, reporter)
     with open_session(spec, address=address, reporter=reporter, uri=uri, resume=previous,
                       new_run_if_changed=resume == "if_any") as session:
-        with JobRun(spec, uri, tags, run_id=session.resumed_run) as run:
+        with JobRun(spec, uri, tags, run_id=session.resumed_run, start_time=began) as run:
             for key, value in session.fingerprints.items():
                 run.set_tag(key, value)
             run.set_tag("model_dir", str(session.model_dir))
+            run.log_metrics(data_metrics(session.data))
             return _run_tasks_and_log(session, run, reporter)
+
+
+def data_metrics(data) -> dict[str, float]:
+    """What the data stage cost: data_seconds, data_tokens (tokenized now; 0 when every set
+    came from the cache), data_tokens_per_s, and the tokens of the job's sets."""
+    out = {"data_seconds": data.seconds, "data_tokens": float(data.tokens_written),
+           "data_set_tokens": float(data.tokens)}
+    if data.tokens_written and data.seconds > 0:
+        out["data_tokens_per_s"] = data.tokens_written / data.seconds
+    return out
 
 
 def _cells_of(task) -> int:
@@ -304,7 +317,7 @@ def drill_down(spec, data, results, plans, base_rows, indices) -> pd.DataFrame:
     }
 
     def decode(name: str, row: int) -> str:
-        ids = data.tables[name].column("input_ids")[row].as_py()
+        ids = data.tokenized(name).row_ids(row).tolist()
         return data.tokenizer.decode(ids, skip_special_tokens=True)
 
     return top_examples(base_rows, after, indices, decode, spec.evaluation.top_examples)

@@ -2,8 +2,10 @@
 
 `open_session` does, in this order, what both commands need before their own work (their
 caller has checked the tracking store first, as it must before looking up a run to resume):
-tokenize the data, read a ground-truth run, resolve (or train) the base model, start or join
-Ray, and put the weight sets and tokenized tables into the object store once. Along the way it
+check the inputs, start or join Ray, tokenize the data on it (Ray Data, into the on-disk
+cache), read a ground-truth run, resolve (or train) the base model, and put the weight sets
+(and, where actors may not share the cache's filesystem, the tokenized sets) into the object
+store once. Along the way it
 fingerprints the data and the model; a resumed job refuses in one line if either differs from
 the run it continues.
 
@@ -14,7 +16,6 @@ job), run the rest on an engine, and store each result in the run as it finishes
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,13 +24,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import ray
 
+from untrac_ray.engine.data_stage import needs_object_store, share_sets
 from untrac_ray.engine.pool import Engine
 from untrac_ray.engine.ray_start import ensure_ray
 from untrac_ray.inputs.errors import InputError
 from untrac_ray.inputs.fingerprints import file_fingerprint, results_key, spec_hash
+from untrac_ray.inputs.preflight import check_job
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.methods.tasks import TaskResult
 from untrac_ray.results.store import resolve_tracking_uri
@@ -51,22 +53,11 @@ class ResumeError(InputError):
     """A run cannot be resumed with this job (changed spec, data or model)."""
 
 
-def table_fingerprint(table: pa.Table) -> str:
-    """Content hash of a tokenized table (its Arrow buffers, read in place)."""
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update(str(table.schema).encode())
-    for column in table.columns:
-        for chunk in column.chunks:
-            for buffer in chunk.buffers():
-                if buffer is not None:
-                    digest.update(memoryview(buffer))
-    return digest.hexdigest()
-
-
 @dataclass
 class JobSession:
     """What `run` and `tune` share once set up. `weights` and `tables` are object-store
-    references (put once; every engine and trial reads them)."""
+    references (put once; every engine and trial reads them): `tables` are the tokenized sets'
+    descriptors (engine/data_stage.py share_sets)."""
 
     spec: JobSpec
     uri: str
@@ -82,7 +73,7 @@ class JobSession:
 
     @property
     def n_rows(self) -> dict[str, int]:
-        return {name: table.num_rows for name, table in self.data.tables.items()}
+        return self.data.n_rows
 
     @property
     def job_key(self) -> str:
@@ -149,23 +140,25 @@ def open_session(
             run_id, expected = "", {}
 
     check()
-    reporter.stage("loading and tokenizing datasets")
-    data = prepare_data(spec)
-    fingerprints[DATA_KEY] = spec_hash({n: table_fingerprint(t) for n, t in data.tables.items()})
-    check()
-    truth = load_ground_truth(spec, uri, data.train, data.test) if spec.ground_truth else None
-    model_dir = resolve_model(spec, data, reporter)
-    fingerprints[MODEL_KEY] = file_fingerprint(str(model_dir))
-    check()
-    weights, checkpoints = weight_sets(spec, data, model_dir, methods)
+    check_job(spec, survey=False)  # bad data, model or cache_dir: one line, before Ray
     started_ray = ensure_ray(spec.resources, address)
     try:
+        reporter.stage("loading and tokenizing datasets")
+        data = prepare_data(spec, reporter=reporter, checked=True)
+        fingerprints[DATA_KEY] = spec_hash({n: s.content_hash for n, s in data.sets.items()})
+        check()
+        truth = load_ground_truth(spec, uri, data.train, data.test) if spec.ground_truth else None
+        model_dir = resolve_model(spec, data, reporter)
+        fingerprints[MODEL_KEY] = file_fingerprint(str(model_dir))
+        check()
+        weights, checkpoints = weight_sets(spec, data, model_dir, methods)
         # Each weight set goes into the object store once, even when several names share it.
         by_id = {id(w): ray.put(w) for w in weights.values()}
         weight_refs = {name: by_id[id(w)] for name, w in weights.items()}
-        table_refs = {name: ray.put(t) for name, t in data.tables.items()}
-        del weights, by_id  # the driver keeps only the references
-        yield JobSession(spec, uri, data, model_dir, checkpoints, weight_refs, table_refs,
+        shared = share_sets(data.sets, needs_object_store(spec.resources))
+        set_refs = {name: ray.put(s) for name, s in shared.items()}
+        del weights, by_id, shared  # the driver keeps only the references
+        yield JobSession(spec, uri, data, model_dir, checkpoints, weight_refs, set_refs,
                          eval_sample(spec, data), truth, fingerprints, run_id or None)
     finally:
         if started_ray:

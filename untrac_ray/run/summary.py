@@ -10,6 +10,7 @@ and the line says so ("about 41.2M tokens ..., estimated from 2,000 rows").
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 
@@ -19,13 +20,17 @@ from untrac_ray.inputs.preflight import check_job
 from untrac_ray.inputs.spec import JobSpec
 from untrac_ray.inputs.spec_sections import DatasetSpec
 from untrac_ray.inputs.survey import SetSurvey
+from untrac_ray.inputs.token_store import StoredSet
 from untrac_ray.inputs.tokenization import (
     IGNORE_INDEX,
-    TokenizedSet,
     load_tokenizer,
+    text_offsets,
     tokenize_rows,
 )
 from untrac_ray.methods.plans import plan_methods
+from untrac_ray.run.job_setup import prepare_data
+
+SAMPLE_ROWS = 2000  # rows tokenized per set to count its tokens (more: a seeded sample)
 
 
 def parameters(spec: JobSpec, tokenizer) -> tuple[str, int]:
@@ -50,9 +55,11 @@ def _count(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def job_summary(spec: JobSpec, surveys: dict[str, SetSurvey] | None = None) -> list[str]:
+def job_summary(spec: JobSpec, surveys: dict[str, SetSurvey] | None = None,
+                exact: bool = False) -> list[str]:
     """A few lines: model, tokenizer, one per dataset, the tasks of each method. `surveys`
-    are check_job's (each set surveyed again when left out)."""
+    are check_job's (each set surveyed again when left out). With `exact`, every set is
+    tokenized by the job's data stage into its cache (which `run` then reuses) and counted."""
     tok = load_tokenizer(spec.tokenizer, model_folder(spec.model))
     kind, n_params = parameters(spec, tok)
     trained = " (the job trains it first)" if spec.model.trained_by_job else ""
@@ -62,42 +69,68 @@ def job_summary(spec: JobSpec, surveys: dict[str, SetSurvey] | None = None) -> l
     source = ("the model folder's own" if own else f"from {spec.tokenizer.path}"
               if spec.tokenizer.kind == "pretrained" else "byte-level")
     lines.append(f"tokenizer: {source}, {len(tok):,} token ids")
-    surveys = surveys if surveys is not None else check_job(spec)
+    surveys = surveys if surveys is not None else check_job(spec, exact=exact)
+    stored = tokenized_sets(spec, tok) if exact else {}
     n_rows: dict[str, int] = {}
     for role, datasets in (("data.train", spec.data.train), ("data.test", spec.data.test)):
         for ds in datasets:
-            line, n_rows[ds.name] = describe_set(ds, surveys[ds.name], tok, spec)
+            line, n_rows[ds.name] = describe_set(ds, surveys[ds.name], tok, spec,
+                                                 stored.get(ds.name))
             lines.append(f"{role} {ds.name}: {line}")
     lines.append("tasks: " + "; ".join(method_tasks(spec, n_rows)))
     return lines
 
 
-def describe_set(ds: DatasetSpec, survey: SetSurvey, tok, spec: JobSpec) -> tuple[str, int]:
-    """One line on a set's size (exact when its rows were all read, else estimated from the
-    rows read), and the rows (text: blocks) the job's tasks will count."""
-    data = tokenize_rows(ds, survey.peek, tok, spec.tokenizer) if survey.peek.num_rows else None
-    sets = TokenizedSet.from_table(ds.name, data, tok.pad_token_id) if data else None
-    tokens = int(len(sets.input_ids)) if sets is not None else 0
-    labelled = int((sets.labels != IGNORE_INDEX).sum()) if sets is not None else 0
+def tokenized_sets(spec: JobSpec, tok) -> dict[str, StoredSet]:
+    """Every set of the job tokenized as `run` does (its data stage, on Ray: an embedded one
+    started for it, then shut down), into the cache `run` reads."""
+    from untrac_ray.engine.ray_start import ensure_ray
+
+    started = ensure_ray(spec.resources)
+    try:
+        return prepare_data(spec, tok, checked=True).sets
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def describe_set(ds: DatasetSpec, survey: SetSurvey, tok, spec: JobSpec,
+                 stored: StoredSet | None = None) -> tuple[str, int]:
+    """One line on a set's size (exact when its rows were all read or `stored` counts them,
+    else estimated from the rows read), and the rows (text: blocks) the job's tasks count."""
+    if stored is not None:
+        survey = replace(survey, peek=stored.open(tok.pad_token_id), complete=True)
+        data = survey.peek
+    else:
+        data = (tokenize_rows(ds, survey.peek, tok, spec.tokenizer) if survey.peek.num_rows
+                else None)
+    tokens = labelled = 0
+    if data is not None:
+        tokens = data.stream_tokens or len(data.input_ids) if ds.kind == "text" else len(
+            data.input_ids)
+        labelled = int((data.labels != IGNORE_INDEX).sum())
     about = ""
     if not survey.complete:  # scale the rows read up to the rows the job keeps
         scale = survey.kept / max(survey.peek.num_rows, 1)
-        tokens, labelled = int(tokens * scale), int(labelled * scale)
+        tokens, labelled = int(round(tokens * scale)), int(round(labelled * scale))
         about = "about "
     block = spec.tokenizer.block_size
-    units = max(tokens // block, 1) if ds.kind == "text" else survey.kept
-    rows = f"{'' if survey.exact else 'about '}{_count(survey.rows)} rows"
+    units = len(text_offsets(tokens, block)) - 1 if ds.kind == "text" else survey.kept
+    rows = f"{survey.rows:,} rows" if survey.exact else f"about {_count(survey.rows)} rows"
     if survey.shards > 1:
         rows += f" in {survey.shards:,} shards"
     if survey.kept < survey.rows:
         cut = "sample_rows" if ds.sample_rows else "max_rows"
         rows = f"{survey.kept:,} rows ({cut}) of {rows}"
+    say = _count if about else "{:,}".format  # estimates rounded, counts in full
     if ds.kind == "text":
-        shape = (f"{rows} of text, {about}{_count(tokens)} tokens in {about}{_count(units)} "
+        shape = (f"{rows} of text, {about}{say(tokens)} tokens in {about}{say(units)} "
                  f"blocks of {block}")
     else:
-        shape = (f"{rows} of prompt/target, {about}{_count(tokens)} tokens "
-                 f"({about}{_count(labelled)} in targets)")
+        shape = (f"{rows} of prompt/target, {about}{say(tokens)} tokens "
+                 f"({about}{say(labelled)} in targets)")
     if about:
         shape += f", estimated from {survey.peek.num_rows:,} rows"
     return shape.replace("rows of prompt/target", "prompt/target rows"), units

@@ -42,6 +42,7 @@ from untrac_ray.methods.plans import plan_ldo, plan_lds
 from untrac_ray.methods.tasks import BASE, EvalTask
 from untrac_ray.results.scoring import truth_matrix
 from untrac_ray.results.tables import influence_table
+from untrac_ray.run.runner import data_metrics
 from untrac_ray.run.session import open_session, run_tasks
 from untrac_ray.search.reporting import (
     LOGGERS,
@@ -151,6 +152,7 @@ def run_search(
         raise SearchError("the job has no search section; add `search:` (docs/searches.md) or use "
                           "`untrac-ray run`")
     reporter = reporter or SearchReporter()
+    began = int(time.time() * 1000)  # the parent run's start: it covers the data stage
     search = spec.search
     storage = storage_path(spec)
     previous = find_resumable(spec) if resume else None
@@ -186,10 +188,11 @@ def run_search(
         ldo_tasks = ldo_plan.tasks if ldo_plan is not None else []
         lds_tasks = lds_plan.tasks if lds_plan is not None else []
         with SearchRun(spec, uri, tags, run_id=previous and previous["parent_run_id"],
-                       name=name) as run:
+                       name=name, start_time=began) as run:
             run.set_tag("search", name)
             run.set_tag("model_dir", str(session.model_dir))
             run.set_tag("storage_path", storage)
+            run.log_metrics(data_metrics(session.data))
             for key, value in session.fingerprints.items():
                 run.set_tag(key, value)
             # The driver's own tasks (base losses, LDO once), stored in the parent run as they
