@@ -31,6 +31,7 @@ import pyarrow as pa
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from untrac_ray.inputs.data import refuse_empty_subset
 from untrac_ray.inputs.errors import DataError, SpecError
 from untrac_ray.inputs.spec_sections import DatasetSpec, TokenizerSpec
 
@@ -178,7 +179,12 @@ class SetBuilder:
 
     def finish(self) -> tuple[dict, dict[str, np.ndarray]]:
         """(meta, arrays): arrays holds offsets and loss_start of prompt_target rows (and the
-        ids when kept in memory). Raises DataError when no token carries a loss."""
+        ids when kept in memory). Raises DataError when the set had no rows (a subset that
+        matched none names the values there are) or no token carries a loss."""
+        if self.source_rows == 0:
+            if self.ds.subset is not None:
+                refuse_empty_subset(self.ds)
+            raise DataError(f"dataset {self.ds.name!r}: no rows in {self.ds.source}")
         arrays: dict[str, np.ndarray] = {}
         meta = {"kind": self.ds.kind, "dtype": self.dtype.name, "tokens": self.tokens,
                 "source_rows": self.source_rows}
