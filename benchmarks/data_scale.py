@@ -32,8 +32,9 @@ cached by a real `untrac-ray run`, timed and its memory sampled; and a 10x varia
    no corpus), `test.jsonl`. Generation prints its progress and its seconds: at the defaults
    on 2 cores 3.2 minutes (reading the text 83 s, the tokenizer and the model 6 s, the pools'
    tokens 23 s, the 1x corpora 38 s, the 10x 43 s), a peak RSS of 0.84 GB; 0.5 GB on disk for
-   the 1x corpora (both forms), 3.1 GB for the 10x. Case c's sample, 10,000 rows of each of 8
-   shards, is 80,000 rows a corpus: 12-21% of a 1x corpus's rows.
+   the 1x corpora (both forms), 3.1 GB for the 10x. Case c's sample is 10,000 rows of each
+   corpus, drawn from all of its shards: 1.5-2.6% of a 1x corpus's rows, a tenth of that of
+   the 10x corpus it is drawn from.
 
 2. A tiny model: GPT-2's shape, 2 layers, hidden 64, 2 heads, 128 positions, vocab 4,096,
    random weights, saved with save_pretrained together with the tokenizer (`model/`), so that
@@ -46,11 +47,10 @@ cached by a real `untrac-ray run`, timed and its memory sampled; and a 10x varia
 3. Cases, each a real `untrac-ray validate` and then `untrac-ray run` subprocess, timed:
    (a) 1x, all of it, from the Parquet shards; (b) 1x, all of it, from the gzipped JSONL
    shards; (c) 10x with `sample_rows: 10000` (`--sample-rows`) on each training set. A case
-   that the code refuses (today: shard folders and globs as a source, `sample_rows`) reports
-   the refusal line as its result and the next case runs. For each case: the data stage's
-   seconds and tokens (the run's MLflow metrics `data_seconds`, `data_tokens` when it logs
-   them; else the seconds between the run's "> loading and tokenizing datasets" line and the
-   next stage line, which today also holds Ray's start, and the tokens stored in the cache)
+   that the code refuses reports the refusal line as its result and the next case runs. For
+   each case: the data stage's seconds and tokens (the run's MLflow metrics `data_seconds`,
+   `data_tokens`; when a run lacks them, the seconds between the run's "> loading and
+   tokenizing datasets" line and the next stage line, and the tokens stored in the cache)
    and tokens/s, against the tokenizer's own batch rate measured just before each 1x case on
    the same machine (`tokenizer(list_of_texts)` on `--reference-mb` MB of the first corpus,
    TOKENIZERS_PARALLELISM on, all cores) and their ratio; the cores other processes kept busy
@@ -60,8 +60,8 @@ cached by a real `untrac-ray run`, timed and its memory sampled; and a 10x varia
    raylet, its workers and actors): the driver's peak, and the peak of the sum over all the
    job's processes (RSS counts the object store's shared pages once per process that touched
    them, PSS splits them among those processes: the target uses the sum of PSS); bytes per
-   stored token (the size of `<cache_dir>/tokenized` over the tokens stored there: counted in
-   the Arrow files when it holds them, else the run's `data_tokens`); the whole job's wall
+   stored token (the size of `<cache_dir>/tokenized` over the tokens stored there: the sets'
+   meta.json, else the run's `data_tokens`); the whole job's wall
    time; validate's wall time.
 
 Targets (PASS/FAIL, ratios side by side; MB and GB are 10^6 and 10^9 bytes): the driver's peak
@@ -98,7 +98,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -110,7 +109,7 @@ import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine_load.py
-from machine_load import busy_cores, machine_cpu, others_load  # noqa: E402
+from machine_load import Sampling, busy_cores, machine_cpu, others_load  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SITE = Path(sysconfig.get_paths()["purelib"])
@@ -706,31 +705,14 @@ def process_memory(proc: psutil.Process) -> tuple[int, int | None]:
         return proc.memory_info().rss, None
 
 
-class TreeSampler:
+class TreeSampler(Sampling):
     """Samples, every `interval` seconds in a thread, the RSS and PSS of a process and of all
     its descendants; keeps the driver's peaks and the peaks of the sums."""
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:
         self.pid, self.interval = pid, interval
         self.memory = TreeMemory()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> TreeSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sample()
-            except (psutil.NoSuchProcess, psutil.ZombieProcess):
-                return
-            self._stop.wait(self.interval)
+        self.start_sampling()
 
     def sample(self) -> None:
         root = psutil.Process(self.pid)
@@ -776,7 +758,7 @@ class CaseResult:
     data_from: str = ""  # "mlflow" | "log"
     stored_tokens: int | None = None
     stored_bytes: int | None = None
-    stored_from: str = ""  # "arrow" | "data_tokens"
+    stored_from: str = ""  # "meta.json" | "data_tokens"
     memory: TreeMemory = field(default_factory=TreeMemory)
     validate_memory: TreeMemory = field(default_factory=TreeMemory)
     reference: Reference | None = None  # the tokenizer's rate, measured just before the case
@@ -857,17 +839,13 @@ def stage_seconds(lines: list[tuple[float, str]], stage: str = DATA_STAGE) -> fl
 
 
 def stored_tokens(tokenized: Path) -> int | None:
-    """Tokens stored in the Arrow (feather) files of a tokenized cache (their input_ids), None
-    when it holds none."""
-    import pyarrow.compute as pc
-    import pyarrow.feather as feather
-
+    """Tokens stored in a tokenized cache (the `tokens` of each set folder's meta.json, as
+    untrac_ray/inputs/token_store.py writes it), None when it holds no set."""
     total, found = 0, False
-    for path in sorted(tokenized.rglob("*.arrow")):
+    for meta in sorted(tokenized.glob("*/meta.json")):
         try:
-            table = feather.read_table(path, columns=["input_ids"], memory_map=True)
-            total += int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
-        except Exception:  # noqa: BLE001 - another layout: the run's data_tokens count instead
+            total += int(json.loads(meta.read_text(encoding="utf-8"))["tokens"])
+        except (OSError, ValueError, KeyError):  # not a set's folder: the run's data_tokens
             return None
         found = True
     return total if found else None
@@ -923,7 +901,7 @@ def run_case(case: str, job: Path, interval: float, reference: Reference | None 
     if tokenized.exists():
         result.stored_bytes = folder_bytes(tokenized)
         if counted is not None:
-            result.stored_tokens, result.stored_from = counted, "arrow"
+            result.stored_tokens, result.stored_from = counted, "meta.json"
         elif result.data_tokens:
             result.stored_tokens, result.stored_from = result.data_tokens, "data_tokens"
     print(f"case {case}: run {done.seconds:.1f} s", flush=True)

@@ -66,7 +66,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -80,7 +79,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine_load.py
-from machine_load import busy_cores, machine_cpu, others_load  # noqa: E402
+from machine_load import Sampling, busy_cores, machine_cpu, others_load  # noqa: E402
 
 from untrac_ray.compute.memory import ActorMemory, actor_memory, needs_base_copy
 from untrac_ray.compute.modeling import SharedWeights, build_model, config_from_dict, label_count
@@ -199,7 +198,7 @@ class Peak:
 
 
 @dataclass
-class RssSampler:
+class RssSampler(Sampling):
     """Samples, every `interval` seconds in a thread, the RSS of a process and of its
     descendants whose command line shows `mark`; keeps each one's peak (by pid)."""
 
@@ -211,24 +210,7 @@ class RssSampler:
     samples: int = 0
 
     def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sample()
-            except psutil.NoSuchProcess:  # the driver has exited
-                return
-            self._stop.wait(self.interval)
+        self.start_sampling()
 
     def sample(self) -> None:
         root = psutil.Process(self.pid)

@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
@@ -197,16 +195,22 @@ def test_the_log_gives_the_data_stage_and_the_refusal():
     assert ds.refusal([(0.1, "Killed")]) == "Killed"
 
 
-def test_stored_tokens_are_counted_in_the_arrow_cache(tmp_path):
-    table = pa.table({"input_ids": [[1, 2, 3], [4, 5]], "labels": [[1, 2, 3], [4, 5]]})
-    feather.write_feather(table, tmp_path / "a-1.arrow", compression="uncompressed")
-    feather.write_feather(table.slice(0, 1), tmp_path / "b-2.arrow",
-                          compression="uncompressed")
-    assert ds.stored_tokens(tmp_path) == 8
+def test_stored_tokens_are_counted_in_the_store(tmp_path):
+    from untrac_ray.inputs.spec_sections import DatasetSpec, TokenizerSpec
+    from untrac_ray.inputs.token_store import tokenized_dataset
+    from untrac_ray.inputs.tokenization import byte_level_tokenizer
+
+    source = tmp_path / "t.jsonl"
+    source.write_text("".join(json.dumps({"text": f"row {i} " * 9}) + "\n" for i in range(50)))
+    tok, cache = byte_level_tokenizer(), tmp_path / "cache"
+    total = sum(tokenized_dataset(DatasetSpec(name=n, source=str(source), kind="text"), tok,
+                                  TokenizerSpec(block_size=bs), str(cache)).tokens
+                for n, bs in (("a", 16), ("b", 32)))
+    assert ds.stored_tokens(cache / "tokenized") == total > 0
     assert ds.stored_tokens(tmp_path / "none") is None
-    other = tmp_path / "other"  # another layout (no input_ids): the run's data_tokens instead
-    other.mkdir()
-    feather.write_feather(pa.table({"ids": [1, 2]}), other / "x.arrow")
+    other = tmp_path / "other"  # another layout: the run's data_tokens count instead
+    (other / "x").mkdir(parents=True)
+    (other / "x" / "meta.json").write_text("{}")
     assert ds.stored_tokens(other) is None
 
 
