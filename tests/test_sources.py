@@ -62,12 +62,15 @@ def text_set(source, **kw) -> DatasetSpec:
     return DatasetSpec(name="corpus", source=str(source), kind="text", **kw)
 
 
-@pytest.mark.parametrize("form", ["parquet folder", "jsonl glob", "jsonl folder", "file uri"])
+@pytest.mark.parametrize("form", ["parquet folder", "jsonl glob", "jsonl folder", "file uri",
+                                  "uri with a query"])
 def test_shards_read_as_one_set_in_corpus_order(corpus, form):
     source = {"parquet folder": corpus["parquet"],
               "jsonl glob": f"{corpus['jsonl']}/part-*.jsonl.*",
               "jsonl folder": corpus["jsonl"],
-              "file uri": f"file://{corpus['parquet']}/*.parquet"}[form]
+              "file uri": f"file://{corpus['parquet']}/*.parquet",
+              # a URI's ?query (a token, a region) is neither its path nor a glob
+              "uri with a query": f"file://{corpus['parquet']}/part-*.parquet?token=a?b"}[form]
     ds = text_set(source)
     assert len(list_shards(ds)) == len(SHARDS)
     assert load_dataset_rows(ds).column("text").to_pylist() == ALL_ROWS

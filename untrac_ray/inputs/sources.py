@@ -132,8 +132,14 @@ def list_shards(ds: DatasetSpec) -> list[Shard]:
     from pyarrow import fs
 
     source, where = ds.source, f"dataset {ds.name!r}"
-    base, pattern = _split_glob(source)
-    filesystem, folder = _filesystem(base)
+    # A URI's ?query (credentials, a region) is not part of its path, nor a glob: every
+    # shard's URI carries it on.
+    located, query = source, ""
+    if is_uri(source) and "?" in source:
+        located, rest = source.split("?", 1)
+        query = f"?{rest}"
+    base, pattern = _split_glob(located)
+    filesystem, folder = _filesystem(base + query)
     try:
         info = filesystem.get_file_info(folder)
     except Exception as err:  # noqa: BLE001 - credentials, a bucket that is not there
@@ -154,7 +160,7 @@ def list_shards(ds: DatasetSpec) -> list[Shard]:
                  and (pattern is None or _matches(i.path, folder, pattern))]
     shards = []
     for i in sorted(infos, key=lambda i: i.path):
-        path = _uri_of(base, i.path)
+        path = _uri_of(base, i.path) + query
         fmt, codec = shard_format(i.path, ds.format)
         if fmt is None:
             shard = "" if path == source else f"shard {path!r} in "
