@@ -246,3 +246,16 @@ def test_a_readers_data_error_in_a_ray_data_task_is_one_line(tmp_path, ray_clust
         tokenize_on_cluster(ds, byte_level_tokenizer(), TokenizerSpec(), str(tmp_path / "c"))
     assert str(err.value) == f"dataset 'b': column 'text' not found in {source} (columns: body)"
     assert not list((tmp_path / "c" / "tokenized").iterdir())  # no half cache left behind
+
+
+def test_the_backend_call_gives_the_ids_the_tokenizer_gives(tmp_path):
+    """_encode calls a fast tokenizer's backend directly: the same ids as tok(texts), for the
+    byte tokenizer and a trained BPE (with merges, a pre-tokenizer and unicode text)."""
+    from untrac_ray.inputs.tokenization import _encode
+
+    folder = tmp_path / "bpe"
+    _bpe_folder(folder, _texts(200), 300)
+    texts = [*_texts(50), "héllo wörld ünïcode — dash", "  leading spaces", "", "a\nb\tc"]
+    for tok in (byte_level_tokenizer(), load_tokenizer(TokenizerSpec(kind="pretrained",
+                                                                    path=str(folder)))):
+        assert _encode(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
