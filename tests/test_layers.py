@@ -215,7 +215,8 @@ def test_no_module_uses_another_modules_private_names():
 
 # --- the layers ---------------------------------------------------------------------------------
 
-LAYERS = ("inputs", "compute", "methods", "results", "engine", "run", "search", "submit", "cli")
+LAYERS = ("inputs", "compute", "methods", "results", "engine", "run", "search", "calibrate",
+          "submit", "cli")
 # Third-party packages only some layers may import: MLflow only where results are written and
 # read, Ray only where work is placed.
 ONLY_IN = {"mlflow": ("results",), "ray": ("engine", "run", "search", "submit")}

@@ -132,12 +132,15 @@ def runs(
         raise fail(err) from None
 
 
-def _verdict(record, scores) -> list:
-    """How far to trust a stored run: its agreement tag and its score table."""
+def _verdict(record, scores, uri: str) -> list:
+    """How far to trust a stored run: its agreement tag, its score table and the summary of
+    the calibration it cites (or, for a calibration's own run, its result)."""
     from untrac_ray.results.browse import parse_agreement
+    from untrac_ray.results.calibration import run_calibration
     from untrac_ray.results.verdict import verdict
 
-    return verdict(parse_agreement(record.tags.get("untrac_ray.agreement")), scores)
+    return verdict(parse_agreement(record.tags.get("untrac_ray.agreement")), scores,
+                   run_calibration(record.run_id, uri))
 
 
 def _scores(record, uri):
@@ -183,7 +186,7 @@ def show(
         scores = _scores(record, uri)
         drill = (read_run_table(record.run_id, uri, "examples/top_examples")
                  if examples else None)
-        trust = _verdict(record, scores)
+        trust = _verdict(record, scores, uri)
         if fmt is Format.text:
             names = [Path(p).name for p in list_run_artifacts(record.run_id, uri, "figures")]
             figures = [f"{artifact_folder(record.run_id, uri)}/figures", *names] if names else []
@@ -220,7 +223,7 @@ def report(
     try:
         record, table, partial = _load(run, uri)
         scores = _scores(record, uri)
-        trust = _verdict(record, scores)
+        trust = _verdict(record, scores, uri)
         names = [p for p in list_run_artifacts(record.run_id, uri, "figures")
                  if p.endswith(".png")]
         page = report_html(RunReport(

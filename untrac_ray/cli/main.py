@@ -186,7 +186,8 @@ def run(
     from untrac_ray.cli.render import trust_renderables
     from untrac_ray.results.verdict import verdict
 
-    for line in trust_renderables(verdict(outcome.agreement, outcome.scores)):
+    for line in trust_renderables(verdict(outcome.agreement, outcome.scores,
+                                          outcome.calibration)):
         out_console.print(line, highlight=False)
     if outcome.restored is not None:
         out_console.print("resumed: restored {} of {} tasks".format(*outcome.restored),
@@ -207,6 +208,10 @@ def schema() -> None:
 from untrac_ray.cli.search import register as _register_search  # noqa: E402
 
 _register_search(app, RUN)  # tune
+
+from untrac_ray.cli.calibrate import register as _register_calibrate  # noqa: E402
+
+_register_calibrate(app, RUN)  # calibrate
 
 from untrac_ray.cli.browse import register as _register_browse  # noqa: E402
 

@@ -373,7 +373,7 @@ def read_plan(ds: DatasetSpec) -> list[ReadUnit]:
 
 
 def _nonempty(ds: DatasetSpec, units: list[ReadUnit]) -> list[ReadUnit]:
-    if not units or not any(u.n_rows for u in units):
+    if not units or not any(u.n_rows is None or u.n_rows for u in units):  # None: unknown
         what = f" with {ds.subset_column} == {ds.subset!r}" if ds.subset is not None else ""
         raise DataError(f"dataset {ds.name!r}: no rows{what} in {ds.source}")
     return units

@@ -21,6 +21,7 @@ from untrac_ray.inputs.spec_sections import (
     SHARDED_REFUSED,
     SHARDED_UNLEARNING,
     UNLEARNING_METHODS,
+    CalibrationSpec,
     DataSpec,
     EvaluationSpec,
     GroundTruthSpec,
@@ -45,6 +46,8 @@ class JobSpec(StrictModel):
     data: DataSpec
     methods: MethodsSpec
     ground_truth: GroundTruthSpec | None = None
+    calibration: CalibrationSpec | None = Field(
+        None, description="the calibration that chose this job's method (`calibrate`)")
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourcesSpec = ResourcesSpec()
     tracking: TrackingSpec = TrackingSpec()

@@ -282,6 +282,14 @@ class GroundTruthSpec(StrictModel):
     tracking_uri: str | None = Field(None, description="default: this job's tracking URI")
 
 
+class CalibrationSpec(StrictModel):
+    """The calibration (`untrac-ray calibrate`) whose choice this job runs: its verdict cites
+    what the proxy measured."""
+
+    run_id: str = Field(min_length=1)
+    tracking_uri: str | None = Field(None, description="default: this job's tracking URI")
+
+
 class TrackingSpec(StrictModel):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db")
     experiment: str = "untrac-ray"

@@ -143,16 +143,17 @@ def _process_alive(pid: int) -> bool:
 
 
 def find_resumable_run(tracking_uri: str, spec: JobSpec, spec_key: str,
-                       kind: str | None = None) -> RunRecord:
+                       kind: str | None = None, parent: str | None = None) -> RunRecord:
     """The newest unfinished run of this job (same name and spec hash) that `--resume` can
-    continue: KILLED, FAILED, or RUNNING with its driver gone. TrackingError (one line)
-    when there is none, saying why (nothing unfinished, a live driver, a changed spec)."""
+    continue: KILLED, FAILED, or RUNNING with its driver gone; a top-level run, or one nested
+    under `parent` (a calibration's). TrackingError (one line) when there is none, saying why
+    (nothing unfinished, a live driver, a changed spec)."""
     if not store_exists(tracking_uri):
         raise TrackingError(f"nothing to resume: no MLflow store at {tracking_uri}")
     job = spec.name.replace("'", "")
     records = [r for r in list_runs(tracking_uri, None, f"tags.`{TAG_PREFIX}job` = '{job}'",
                                     limit=200)
-               if r.tags.get(TAG_PREFIX + "kind") == kind and r.parent_id is None]
+               if r.tags.get(TAG_PREFIX + "kind") == kind and r.parent_id == parent]
     where = f"job {spec.name!r} in {tracking_uri}"
     if not records:
         raise TrackingError(f"nothing to resume: no run of {where}; run without --resume")

@@ -71,9 +71,13 @@ METHOD_TITLES = {  # how a method is named to people: figures, the verdict, the 
 
 def method_title(method: str) -> str:
     """A method's name for people (UnTrac-Inv for untrac_inv; the score table's reference and
-    ceiling rows by scores.ROW_TITLES); an unknown one as it is."""
+    ceiling rows by scores.ROW_TITLES; a calibration's variant untrac+kl as UnTrac + kl); an
+    unknown one as it is."""
     from untrac_ray.results.scores import ROW_TITLES
 
+    base, plus, variant = method.partition("+")
+    if plus and base in METHOD_TITLES:
+        return f"{METHOD_TITLES[base]} + {variant.replace('+', ' + ')}"
     return METHOD_TITLES.get(method, ROW_TITLES.get(method, method))
 
 

@@ -90,9 +90,11 @@ def _score_line(r, top: float) -> Line:
                 f"{kind.claim} here: do not rank training sets by it", warning=True)
 
 
-def verdict(agreement: Mapping[str, float], scores: pd.DataFrame | None) -> list[Line]:
+def verdict(agreement: Mapping[str, float], scores: pd.DataFrame | None,
+            calibration: dict | None = None) -> list[Line]:
     """The verdict's lines: agreement, each estimate against each ground truth the run has
-    (the one score table), and what that means; with no ground truth, how to get one."""
+    (the one score table), and what that means; with no ground truth, what the calibration
+    the job cites found on a proxy of it, or else how to get a ground truth."""
     lines = []
     for key, value in agreement.items():
         if value != value:
@@ -106,7 +108,7 @@ def verdict(agreement: Mapping[str, float], scores: pd.DataFrame | None) -> list
     top = headline_rows(scores)
     judged = [s for s in scores_in(scores) if SCORES[s].interval]
     if top.empty or not judged:
-        lines.append(Line(HOW_TO_CHECK))
+        lines.append(calibration_line(calibration) if calibration else Line(HOW_TO_CHECK))
         return lines
     ceilings = {r.score: float(r.value) for r in top[top["kind"] == CEILING].itertuples()}
     for method in dict.fromkeys(top.loc[top["kind"] == ESTIMATE, "method"]):
@@ -120,3 +122,25 @@ def verdict(agreement: Mapping[str, float], scores: pd.DataFrame | None) -> list
                           f"at a time) reach {kind.title} {r.value:+.2f}: how far the "
                           f"{kind.truth} is the sum of one-set effects"))
     return lines
+
+
+def calibration_line(summary: dict) -> Line:
+    """What a calibration (untrac-ray calibrate: a proxy of the job, retrained) found, in one
+    line: the estimate it chose with its held-out score and its lead over the next, or that no
+    estimate was distinguishable there."""
+    score = SCORES[summary["score"]]
+    name = method_title(summary["chosen"])
+    span = interval(summary["low"], summary["high"]) or "(no interval)"
+    text = f"on a proxy of this job, {name} predicted retraining best: {score.title} " \
+           f"{summary['value']:+.2f} {span}"
+    if not summary.get("margin_low", float("nan")) > 0:
+        return Line(f"on a proxy of this job, no estimate was distinguishable from constant or "
+                    f"random cells (the best, {name}: {score.title} {summary['value']:+.2f} "
+                    f"{span})", warning=True)
+    if summary.get("next"):
+        lead = interval(summary["difference_low"], summary["difference_high"]) or ""
+        text += f", ahead of {method_title(summary['next'])} by " \
+                f"{summary['difference']:+.2f} {lead}".rstrip()
+        if not summary["difference_low"] > 0:
+            text += f" (paired: {name} is not told apart from it there)"
+    return Line(text)

@@ -23,13 +23,15 @@ from untrac_ray.methods.cells import average_members, influence_rows
 from untrac_ray.methods.plans import plan_methods
 from untrac_ray.methods.tasks import EkfacTask, EvalTask, LdoTask, TaskResult, UnlearnTask
 from untrac_ray.results import plots
+from untrac_ray.results.calibration import SUMMARY as CALIBRATION_SUMMARY
+from untrac_ray.results.calibration import read_calibration
 from untrac_ray.results.runs import find_resumable_run
 from untrac_ray.results.score_views import headline_rows
 from untrac_ray.results.scores import ESTIMATE, score_frame
 from untrac_ray.results.scoring import agreement, ensemble_agreement, truth_matrix
 from untrac_ray.results.store import TAG_PREFIX, check_store, resolve_tracking_uri
 from untrac_ray.results.tables import influence_table, matrix, top_examples
-from untrac_ray.results.tracking import JobRun, metric_key
+from untrac_ray.results.tracking import PARENT_TAG, JobRun, metric_key
 from untrac_ray.run.job_setup import Reporter
 from untrac_ray.run.session import (
     DATA_KEY,
@@ -58,17 +60,19 @@ class JobOutcome:
     extras: dict = field(default_factory=dict)
     restored: tuple[int, int] | None = None  # a resumed run: (tasks restored, tasks in all)
     agreement: dict[str, float] = field(default_factory=dict)  # scoring.agreement, ensembles
+    calibration: dict | None = None  # the summary of the calibration the job cites
 
 
-def find_run_to_resume(spec: JobSpec, uri: str, resume: Resume, reporter: Reporter
-                       ) -> tuple[str, dict[str, str]] | None:
-    """The run `resume` continues (its id and recorded fingerprints), or None for a new run.
-    "strict" refuses in one line when there is none (or when the data or model changed since,
-    checked by open_session); "if_any" then starts a new run."""
+def find_run_to_resume(spec: JobSpec, uri: str, resume: Resume, reporter: Reporter,
+                       parent: str | None = None) -> tuple[str, dict[str, str]] | None:
+    """The run `resume` continues (its id and recorded fingerprints), or None for a new run;
+    `parent`: one nested under that run. "strict" refuses in one line when there is none (or
+    when the data or model changed since, checked by open_session); "if_any" then starts a
+    new run."""
     if resume is None:
         return None
     try:
-        found = find_resumable_run(uri, spec, results_key(spec))
+        found = find_resumable_run(uri, spec, results_key(spec), parent=parent)
     except TrackingError as err:
         if resume == "strict":
             raise
@@ -100,7 +104,12 @@ def run_job(
     began = int(time.time() * 1000)  # the run's start: its duration covers the data stage
     uri = resolve_tracking_uri(tracking_uri, spec)
     check_store(uri)  # seconds, before any data, training or Ray
-    previous = find_run_to_resume(spec, uri, resume, reporter)
+    calibration = None
+    if spec.calibration is not None:  # a job `calibrate` wrote: its verdict cites the proxy
+        calibration = read_calibration(spec.calibration.run_id,
+                                       spec.calibration.tracking_uri or uri)
+    previous = find_run_to_resume(spec, uri, resume, reporter,
+                                  parent=(tags or {}).get(PARENT_TAG))
     with open_session(spec, address=address, reporter=reporter, uri=uri, resume=previous,
                       new_run_if_changed=resume == "if_any") as session:
         with JobRun(spec, uri, tags, run_id=session.resumed_run, start_time=began) as run:
@@ -108,7 +117,12 @@ def run_job(
                 run.set_tag(key, value)
             run.set_tag("model_dir", str(session.model_dir))
             run.log_metrics(data_metrics(session.data))
-            return _run_tasks_and_log(session, run, reporter)
+            if calibration is not None:
+                run.log_json(calibration, CALIBRATION_SUMMARY)
+                run.set_tag("calibration_run", spec.calibration.run_id)
+            outcome = _run_tasks_and_log(session, run, reporter)
+            outcome.calibration = calibration
+            return outcome
 
 
 def data_metrics(data) -> dict[str, float]:
