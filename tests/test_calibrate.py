@@ -131,6 +131,9 @@ def test_calibrate_resumes_after_sigkill_and_its_job_file_is_cited(folder, ray_c
     shown = runner.invoke(app, ["show", job_run[0].info.run_id, "--tracking-uri", uri])
     assert shown.exit_code == 0, shown.output
     assert "on a proxy of this job" in " ".join(shown.output.split())
+    of_parent = runner.invoke(app, ["show", parent, "--tracking-uri", uri])
+    assert of_parent.exit_code == 0, of_parent.output  # its candidates and its choice
+    assert "held-out LDS" in of_parent.output and "chosen" in of_parent.output
 
 
 def test_the_choice_is_made_on_the_selection_draws_only():
@@ -209,3 +212,19 @@ def test_bad_calibrate_options_are_refused_in_one_line(folder, args, said):
     assert said in result.output and len(result.output.strip().splitlines()) == 1
     assert not (folder / "m.db").exists() or not list(folder.glob("mlartifacts/*/*"))
     assert load_spec(folder / "job.yaml")  # the user's job untouched
+
+
+def test_a_proxy_model_is_fine_tuned_on_the_jobs_sets_with_its_own_tokenizer(folder,
+                                                                              monkeypatch):
+    """--proxy-model FOLDER (a path relative to where the command runs): that model, fine-tuned
+    (so that it can be retrained), its own tokenizer, the training sets sampled."""
+    monkeypatch.chdir(folder)
+    spec = load_spec(folder / "job.yaml")
+    proxy = proxy_spec(spec, proxy_model="model", sample_rows=30)
+    assert proxy.model.path == str(folder / "model") and proxy.model.finetune
+    assert proxy.tokenizer.kind == "pretrained" and proxy.tokenizer.path == str(folder / "model")
+    assert [d.sample_rows for d in proxy.data.train] == [30] * 4
+    assert [d.name for d in proxy.data.test] == [d.name for d in spec.data.test]
+    built = proxy_spec(spec, "tiny")  # from the folder's config.json, its family kept
+    assert built.model.config["model_type"] == "gpt_neox"
+    assert built.model.config["hidden_size"] == 64 and built.tokenizer.path == str(folder / "model")

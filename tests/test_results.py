@@ -96,7 +96,7 @@ def test_the_verdict_says_no_more_than_the_run_shows():
     lines = verdict({"untrac_vs_untrac_inv": 0.2, "untrac_seeds": 0.95}, None)
     assert lines[0].startswith("UnTrac and UnTrac-Inv disagree (Pearson +0.20")
     assert "agreement alone does not show they are right" in lines[1]
-    assert lines[-1] == HOW_TO_CHECK and "ldo" in HOW_TO_CHECK and "compare" in HOW_TO_CHECK
+    assert lines[-1] == HOW_TO_CHECK and "ldo" in HOW_TO_CHECK and "calibrate" in HOW_TO_CHECK
     # what is drawn as a warning: every line that says not to rely on the answer as it is
     assert [line.warning for line in (wide, tracks, not_at_all)] == [True, False, True]
     assert [line.warning for line in lines] == [True, False, False]

@@ -38,7 +38,7 @@ from untrac_ray.results.calibration import (
     unit_tables,
 )
 from untrac_ray.results.runs import find_resumable_run
-from untrac_ray.results.store import check_store, resolve_tracking_uri
+from untrac_ray.results.store import TAG_PREFIX, check_store, resolve_tracking_uri
 from untrac_ray.results.verdict import calibration_line
 from untrac_ray.run.job_setup import Reporter
 from untrac_ray.run.runner import run_job
@@ -168,6 +168,7 @@ def calibrate_job(job: str | Path, overrides: list[str] | tuple[str, ...] = (),
     found = find_calibration(uri, proxy, key)
     words = proxy_words(proxy, options)
     with CalibrationRun(proxy, uri, key, run_id=found.run_id if found else None,
+                        tags={TAG_PREFIX + "methods": ",".join(names)},
                         start_time=int(time.time() * 1000)) as parent:
         if found is None:
             parent.log_json({"candidates": names, "select_seeds": options.select_seeds,

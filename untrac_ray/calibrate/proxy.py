@@ -11,6 +11,7 @@ job's own where the job trains its model, else PROXY_TRAINING.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from untrac_ray.inputs.errors import SpecError
@@ -85,7 +86,9 @@ def proxy_spec(spec: JobSpec, preset: str = DEFAULT_PRESET,
     raw["name"] = f"{spec.name}-proxy"
     raw["ground_truth"] = raw["search"] = None
     if proxy_model is not None:
-        raw["model"] = ModelSpec(path=proxy_model, finetune=True).model_dump(mode="python")
+        local = Path(proxy_model).expanduser()
+        path = str(local.resolve()) if local.exists() else proxy_model  # else a Hub id
+        raw["model"] = ModelSpec(path=path, finetune=True).model_dump(mode="python")
         raw["tokenizer"] = {**raw["tokenizer"], "kind": None, "path": None}
     else:
         if proxy_config is not None:

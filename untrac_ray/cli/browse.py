@@ -178,6 +178,8 @@ def show(
 
     uri = _uri(tracking_uri)
     try:
+        if _show_calibration(run, uri, fmt, output):
+            return
         record, table, partial = _load(run, uri)
         try:
             views = browse.pick_views(table, method, point)
@@ -199,6 +201,24 @@ def show(
         _emit(fmt, browse.cells_frame(views), data, output)
     except (UntracError, OSError) as err:
         raise fail(err) from None
+
+
+def _show_calibration(run: str, uri: str, fmt, output) -> bool:
+    """`show` of a calibration's parent run: its candidates and its choice (a calibration
+    has no matrix of its own; its nested runs do). False for any other run."""
+    from untrac_ray.cli.calibrate import calibration_renderables
+    from untrac_ray.results.calibration import KIND, read_calibration
+    from untrac_ray.results.runs import get_run_record, read_run_table
+
+    record = get_run_record(run, uri)
+    if record.tags.get("untrac_ray.kind") != KIND:
+        return False
+    summary = read_calibration(record.run_id, uri)
+    if fmt is Format.text:
+        _print(calibration_renderables(summary), output)
+    else:
+        _emit(fmt, read_run_table(record.run_id, uri, "calibration_scores"), summary, output)
+    return True
 
 
 def report(

@@ -120,14 +120,16 @@ def register(app: typer.Typer, panel: str) -> None:
         _print(outcome)
 
 
-def _print(outcome) -> None:
+def calibration_renderables(summary: dict) -> list:
+    """A calibration's candidates (selection and held-out score, interval, the choice) and its
+    verdict line: what `calibrate` ends with and `show` of its run prints."""
     from rich.table import Table
 
     from untrac_ray.cli.render import trust_renderables
     from untrac_ray.results.tables import method_title
     from untrac_ray.results.verdict import calibration_line
 
-    s = outcome.summary
+    s = summary
     score = s["score"].upper()
     table = Table(title=f"{score} of each estimate against retraining the proxy "
                   f"(selection draws {s['select_seeds']}, held-out {s['report_seeds']})",
@@ -141,10 +143,12 @@ def _print(outcome) -> None:
             "" if r["choosable"] else "not runnable on the job")
         held = "-" if r["held_out"] != r["held_out"] else f"{r['held_out']:+.2f}"
         table.add_row(method_title(r["candidate"]), f"{r['select']:+.2f}", held, span, mark)
-    out_console.print(table)
-    for line in trust_renderables([calibration_line(s)]):
-        out_console.print(line, highlight=False)
-    out_console.print(f"the proxy: {s['proxy']}", highlight=False)
+    return [table, *trust_renderables([calibration_line(s)]), f"the proxy: {s['proxy']}"]
+
+
+def _print(outcome) -> None:
+    for item in calibration_renderables(outcome.summary):
+        out_console.print(item, highlight=False)
     out_console.print(f"job file with the chosen method: {outcome.job_file}", highlight=False)
     out_console.print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri} "
                       f"({outcome.seconds:.0f} s)", highlight=False)

@@ -31,10 +31,10 @@ from untrac_ray.results.tables import method_title
 TRACKS = 0.5  # a lower bound above this: the estimate tracks the ground truth on this job
 NOISY = 0.5  # a ceiling below this: the ground truth is too noisy to judge an estimate
 HOW_TO_CHECK = (
-    "no ground truth in this run: to measure how far to trust it, retrain without each "
-    "training set on a small proxy (a copy of the job with a small model.config and "
-    "methods: {untrac: {}, ldo: {}}), run it, and `untrac-ray compare` its UnTrac with this "
-    "run's; or give ground_truth.run_id of such a run")
+    "no ground truth in this run: to measure which estimate to trust for it, `untrac-ray "
+    "calibrate JOB` retrains a small proxy of this job and scores every estimate against it, "
+    "then writes the job with the method that did best; or give ground_truth.run_id of a run "
+    "that retrained without each set (methods.ldo)")
 
 
 class Line(str):
