@@ -172,6 +172,7 @@ def _full_specs() -> list[JobSpec]:
                     "ldo": {"seeds": [0], "steps": "same"}, "lds": {"steps": "same"},
                     "graddot": {}, "gradcos": {}, "tracin": {}, "ekfac": {}},
         "evaluation": {}, "resources": {"address": "auto"}, "tracking": {"uri": "sqlite:///x"},
+        "calibration": {"run_id": "c"},
         "search": {"space": {"untrac.learning_rate": [1e-5, 1e-4]},
                    "objective": {"methods": ["untrac"]}, "scheduler": {"kind": "asha"}},
     }

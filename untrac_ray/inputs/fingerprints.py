@@ -109,6 +109,7 @@ NOT_IN_RESULTS_KEY: dict[str, Any] = {
     "name": True,
     "cache_dir": True,
     "tracking": True,
+    "calibration": True,  # which calibration chose the method: cited, it changes no cell
     "training": {"output_dir"},
     "pretraining": {"training": {"output_dir"}},
     "resources": {"address", "num_actors", "cpus_per_actor", "gpus_per_actor", "local_cpus",
