@@ -38,25 +38,27 @@ ARGS = ["--preset", "tiny", "--lds-subsets", "4", "--lds-noise", "0",
         "--candidates", "untrac,untrac+stop,graddot"]
 
 
+def _jsonl(path: Path, texts: list[str]) -> None:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
 @pytest.fixture
 def folder(tmp_path) -> Path:
+    """jobs/your_model.yaml with four training sets (the LDS needs four or more): forum,
+    news and mail as JSON Lines, wiki as Parquet; replies the test set; a GPT-NeoX folder with
+    its own BPE tokenizer."""
     shutil.copy(JOB, tmp_path / "job.yaml")
     (tmp_path / "data").mkdir()
-    forum, wiki, replies = sentences(1, 40), sentences(2, 20), sentences(3, 12)
-    (tmp_path / "data" / "forum.jsonl").write_text("".join(json.dumps({"text": s}) + "\n"
-                                                           for s in forum))
-    pq.write_table(pa.table({"text": wiki}), tmp_path / "data" / "wiki.parquet")
-    (tmp_path / "data" / "replies.jsonl").write_text("".join(json.dumps({"text": s}) + "\n"
-                                                             for s in replies))
-    news, mail = sentences(4, 30), sentences(5, 25)
-    for name, texts in (("news", news), ("mail", mail)):
-        (tmp_path / "data" / f"{name}.jsonl").write_text(
-            "".join(json.dumps({"text": s}) + "\n" for s in texts))
+    texts = {name: sentences(seed, n) for seed, (name, n) in enumerate(
+        [("forum", 40), ("wiki", 20), ("replies", 12), ("news", 30), ("mail", 25)], start=1)}
+    for name in ("forum", "replies", "news", "mail"):
+        _jsonl(tmp_path / "data" / f"{name}.jsonl", texts[name])
+    pq.write_table(pa.table({"text": texts["wiki"]}), tmp_path / "data" / "wiki.parquet")
     raw = yaml.safe_load((tmp_path / "job.yaml").read_text())
     raw["data"]["train"] += [{"name": n, "source": f"data/{n}.jsonl", "kind": "text"}
-                             for n in ("news", "mail")]  # the LDS needs 4 sets or more
+                             for n in ("news", "mail")]
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    write_tokenizer_and_model(tmp_path / "model", forum + wiki + replies + news + mail)
+    write_tokenizer_and_model(tmp_path / "model", [t for v in texts.values() for t in v])
     return tmp_path
 
 
