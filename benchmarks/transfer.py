@@ -61,11 +61,7 @@ def plain_unit(uri: str):
     def run_unit(label: str, spec) -> Unit:
         print(f"[{time.strftime('%H:%M:%S')}] {spec.name} seed {spec.training.seed}: {label}",
               file=sys.stderr, flush=True)
-        out = run_job(spec, uri)
-        ex = out.extras
-        return Unit(out.run_id, out.table, dict(out.seconds_by_method),
-                    pd.DataFrame(ex["lds_subsets"]) if "lds_subsets" in ex else None,
-                    pd.DataFrame(ex["ldo_seeds"]) if "ldo_seeds" in ex else None)
+        return Unit.of(run_job(spec, uri))
     return run_unit
 
 

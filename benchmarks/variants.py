@@ -53,6 +53,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from untrac_ray.calibrate.study import seconds_of
 from untrac_ray.inputs.errors import UntracError
 from untrac_ray.inputs.loading import load_spec
 from untrac_ray.inputs.spec import JobSpec
@@ -207,14 +208,6 @@ def run_variant(spec: JobSpec, seed: int, truth_run: str, settings: dict, uri: s
     s = accuracy.with_settings(s, [])  # validated again
     outcome = run_job(s, uri)
     return outcome.table, dict(outcome.seconds_by_method)
-
-
-def seconds_of(seconds: dict[str, float], method: str) -> float:
-    """A method's actor seconds (the gradient baselines share one label, graddot+gradcos...)."""
-    for label, value in seconds.items():
-        if method in label.split("+"):
-            return value
-    return float("nan")
 
 
 def run_draws(job: Path, pretrain_seeds: list[int], seeds: list[int], phase: str,

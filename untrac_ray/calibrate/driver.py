@@ -126,10 +126,7 @@ def _unit_runner(parent: CalibrationRun, seed: int, uri: str, address: str | Non
                        + ("resuming its run" if resume else "running"))
         outcome = run_job(spec, uri, address, reporter, tags=parent.child_tags(seed, label),
                           resume=resume)
-        extras = outcome.extras
-        unit = Unit(outcome.run_id, outcome.table, dict(outcome.seconds_by_method),
-                    pd.DataFrame(extras["lds_subsets"]) if "lds_subsets" in extras else None,
-                    pd.DataFrame(extras["ldo_seeds"]) if "ldo_seeds" in extras else None)
+        unit = Unit.of(outcome)
         parent.save_unit(seed, label, {"run_id": unit.run_id, "seconds": unit.seconds})
         return unit
 

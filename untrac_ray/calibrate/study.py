@@ -20,13 +20,21 @@ import pandas as pd
 from untrac_ray.calibrate.candidates import Candidate
 from untrac_ray.inputs.errors import UntracError
 from untrac_ray.inputs.spec import JobSpec
-from untrac_ray.inputs.spec_methods import LdoSpec, LdsSpec
+from untrac_ray.inputs.spec_methods import (
+    EkfacSpec,
+    GradientSpec,
+    LdoSpec,
+    LdsSpec,
+    UnlearnSpec,
+)
 from untrac_ray.inputs.spec_sections import GroundTruthSpec
 from untrac_ray.results.score_views import headline_rows
 from untrac_ray.results.scores import CEILING, ESTIMATE, paired_difference, score_frame
 from untrac_ray.results.scoring import truth_matrix
 
 GROUND = "ground truth"  # the label of a draw's first job (the truth and the plain methods)
+METHOD_SPECS = {"untrac": UnlearnSpec, "untrac_inv": UnlearnSpec, "graddot": GradientSpec,
+                "gradcos": GradientSpec, "tracin": GradientSpec, "ekfac": EkfacSpec}
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,15 @@ class Unit:
     seconds: dict[str, float]
     lds_subsets: pd.DataFrame | None = None
     ldo_seeds: pd.DataFrame | None = None
+
+
+    @classmethod
+    def of(cls, outcome) -> Unit:
+        """What a finished run_job returned (run/runner.py JobOutcome), as a unit."""
+        extras = outcome.extras
+        return cls(outcome.run_id, outcome.table, dict(outcome.seconds_by_method),
+                   pd.DataFrame(extras["lds_subsets"]) if "lds_subsets" in extras else None,
+                   pd.DataFrame(extras["ldo_seeds"]) if "ldo_seeds" in extras else None)
 
 
 RunUnit = Callable[[str, JobSpec], Unit]
@@ -80,6 +97,12 @@ def _seeded(spec: JobSpec, seed: int) -> JobSpec:
     return spec
 
 
+def own_settings(spec: JobSpec, method: str):
+    """The job's settings of a method, or that method's defaults where the job has none."""
+    current = getattr(spec.methods, method)
+    return current if current is not None else METHOD_SPECS[method]()
+
+
 def ground_job(spec: JobSpec, seed: int, candidates: list[Candidate], lds: LdsSpec) -> JobSpec:
     """The draw's first job: LDO (the job's settings, one retraining per set with `seed`), the
     LDS (`lds`, its subsets drawn and retrained with `seed`) and every plain candidate (the
@@ -91,9 +114,7 @@ def ground_job(spec: JobSpec, seed: int, candidates: list[Candidate], lds: LdsSp
     for c in candidates:
         if c.variant:
             continue
-        current = getattr(own, c.method)
-        if current is None:
-            current = type(own).model_fields[c.method].annotation.__args__[0]()
+        current = own_settings(spec, c.method)
         if hasattr(current, "seed"):
             current = current.model_copy(update={"seed": seed})
         methods[c.method] = current
@@ -107,10 +128,8 @@ def variant_job(spec: JobSpec, seed: int, candidate: Candidate, truth_run: str,
     """A variant's job: its method alone, the job's settings of it with the variant's on top,
     on the draw's base model, scored against the draw's LDO (read back, not retrained)."""
     s = _seeded(spec, seed)
-    own = getattr(spec.methods, candidate.method)
-    if own is None:
-        own = type(spec.methods).model_fields[candidate.method].annotation.__args__[0]()
-    settings = own.model_copy(update={**candidate.settings, "seed": seed})
+    settings = own_settings(spec, candidate.method).model_copy(
+        update={**candidate.settings, "seed": seed})
     for name in type(spec.methods).model_fields:
         setattr(s.methods, name, settings if name == candidate.method else None)
     s.ground_truth = GroundTruthSpec(run_id=truth_run, tracking_uri=tracking_uri)
